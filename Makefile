@@ -1,0 +1,40 @@
+# cpt-megatron: the two commands are `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RECIPE ?= demo
+DOMAIN ?= code
+export PYTHONUNBUFFERED=1
+
+.PHONY: setup test test-fast lint demo demo-gpu curate preprocess train export clean
+
+$(BIN)/cpt: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# On these machines torch==2.13.0 resolves to the local CPU wheel; keep an existing torch.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,indic]"
+	touch $(BIN)/cpt
+
+setup: $(BIN)/cpt
+
+test: setup
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+lint: setup
+	$(BIN)/ruff check cpt_megatron tests tools bench experiments
+
+demo: setup
+	$(BIN)/cpt demo --domain $(DOMAIN) --out runs/demo
+
+demo-gpu: setup
+	$(BIN)/cpt demo --domain $(DOMAIN) --out runs/demo --device cuda
+
+curate preprocess train export: setup
+	$(BIN)/cpt demo --domain $(DOMAIN) --out runs/demo --only $@
+
+clean:
+	rm -rf runs/demo

