@@ -46,7 +46,17 @@ def emit(summary: dict | None, as_json: bool) -> None:
         print(json.dumps(summary, default=str), flush=True)
 
 
+def _quiet_known_warnings() -> None:
+    import warnings
+
+    # megatron-core warns at import when TE/apex are absent; `cpt env` reports that properly.
+    for pat in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
+                ".*Transformer Engine is not installed.*"):
+        warnings.filterwarnings("ignore", message=pat)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

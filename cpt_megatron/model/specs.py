@@ -1,0 +1,72 @@
+"""Layer specs: which attention / norm / MLP kernels the model uses, and why (shown by `cpt env`).
+
+- Transformer Engine importable -> megatron-core's TE spec (fused norm+linear, TE attention).
+- Otherwise megatron-core's local spec with our `SDPAttention` (never the unfused DotProductAttention,
+  measured 2x slower and 2x the memory on H200) and our SP-capable `RMSNorm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+__all__ = ["KernelChoice", "select_kernels", "layer_spec"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    spec: str  # "te" | "local"
+    attention: str
+    norm: str
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def select_kernels(spec: str = "auto") -> KernelChoice:
+    """spec: 'auto' (TE when importable and CUDA present), 'te', or 'local'."""
+    import torch
+
+    te = _have("transformer_engine") and torch.cuda.is_available()
+    if spec == "te" and not te:
+        raise ValueError("model.spec=te but Transformer Engine is not importable (or no CUDA); use model.spec=auto")
+    if spec not in ("auto", "te", "local"):
+        raise ValueError(f"model.spec must be auto|te|local, got {spec!r}")
+    if spec == "te" or (spec == "auto" and te):
+        return KernelChoice("te", "transformer_engine.DotProductAttention", "transformer_engine.RMSNorm (fused with linear)",
+                            ("Transformer Engine is importable and CUDA is present",))
+    reasons = ["Transformer Engine not importable" if not _have("transformer_engine") else "model.spec=local requested"]
+    if torch.cuda.is_available():
+        attn = "torch SDPA (flash / cuDNN / mem-efficient backend chosen by torch)"
+    else:
+        attn = "torch SDPA (CPU math/flash-cpu kernel)"
+    reasons.append("SDPA instead of megatron-core's unfused DotProductAttention (O(s^2) memory, ~2x slower)")
+    reasons.append("our RMSNorm: megatron-core's WrappedTorchNorm refuses sequence parallel")
+    return KernelChoice("local", attn, "cpt_megatron RMSNorm (fp32 compute, SP-aware)", tuple(reasons))
+
+
+def layer_spec(choice: KernelChoice, qk_layernorm: bool = False):
+    """Return (layer ModuleSpec, final-norm class) for GPTModel."""
+    if choice.spec == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), TENorm
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from cpt_megatron.model.layers import RMSNorm, SDPAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    sub = spec.submodules
+    sub.input_layernorm = RMSNorm
+    sub.pre_mlp_layernorm = RMSNorm
+    sub.self_attention.submodules.core_attention = SDPAttention
+    return spec, RMSNorm

@@ -1,0 +1,13 @@
+"""Runtime: distributed init (torchrun/srun), model-parallel state, seeding, CPU redirects for megatron-core."""
+
+from cpt_megatron.runtime.distributed import (
+    DistEnv,
+    ParallelConfig,
+    destroy_distributed,
+    device,
+    dist_env,
+    init_distributed,
+    seed_all,
+)
+
+__all__ = ["ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "seed_all"]

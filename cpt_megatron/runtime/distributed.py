@@ -1,0 +1,153 @@
+"""Process-group setup from torchrun/srun environments, model-parallel init and seeding: one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+
+import torch
+
+from cpt_megatron.errors import CptError
+
+__all__ = ["ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model is split. DP is whatever the world size leaves: world / (tp * pp)."""
+
+    tp: int = 1
+    """Tensor-parallel size (splits attention heads and MLP columns; keep within a node)."""
+    pp: int = 1
+    """Pipeline-parallel size (splits layers into stages)."""
+    vpp: int | None = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); only with pp > 1. None = no interleaving."""
+    sp: bool = False
+    """Sequence parallel (needs tp > 1): norms/dropout on sequence shards, saves activation memory."""
+    distributed_optimizer: bool = False
+    """Shard optimizer states over DP (ZeRO-1 style, megatron-core DistributedOptimizer)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the DP gradient reduce with backward (GPU; ignored on CPU)."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sp and self.tp == 1:
+            self.sp = False  # megatron-core asserts sp needs tp>1; SP at tp=1 is a no-op
+        if self.vpp is not None and self.pp == 1:
+            raise ValueError("parallel.vpp needs parallel.pp > 1 (virtual stages interleave pipeline stages)")
+
+    def dp(self, world_size: int) -> int:
+        mp = self.tp * self.pp
+        if world_size % mp:
+            raise CptError(
+                f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = {mp}; "
+                "launch a multiple of tp*pp processes"
+            )
+        return world_size // mp
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def dist_env() -> DistEnv:
+    """torchrun variables first (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), then Slurm's (SLURM_PROCID, ...)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    port = int(env.get("MASTER_PORT", "0") or 0)
+    if port == 0:
+        port = _free_port() if world == 1 else 29500
+    return DistEnv(rank, world, local, addr, port)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
+    """Init torch.distributed (NCCL with CUDA, gloo without), megatron-core parallel state and RNGs.
+
+    Without CUDA the CPU redirects (runtime/cpu_redirects.py) are installed first.
+    """
+    from megatron.core import parallel_state
+
+    from cpt_megatron.runtime import cpu_redirects
+
+    denv = dist_env()
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        cpu_redirects.install()
+    if cuda:
+        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", denv.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(denv.master_port))
+        torch.distributed.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=denv.rank,
+            world_size=denv.world_size,
+            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel.dp(denv.world_size)  # clear error when it does not divide
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_all(seed)
+    return denv
+
+
+def seed_all(seed: int) -> None:
+    """Seed python/numpy/torch and the model-parallel RNG (same offsets as Megatron-LM: +100*pp_rank)."""
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from cpt_megatron.runtime.cpu_redirects import seed_model_parallel_rng
+
+        seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

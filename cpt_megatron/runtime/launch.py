@@ -1,0 +1,42 @@
+"""`--nproc N`: re-run the current `cpt` command under torchrun on this machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+__all__ = ["under_launcher", "relaunch", "strip_nproc"]
+
+
+def under_launcher() -> bool:
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run `python -m cpt_megatron <argv>` under torchrun with `nproc` local processes; returns its exit code.
+
+    `argv` must not contain --nproc (the children would relaunch again).
+    """
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "--module", "cpt_megatron", *argv,
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out

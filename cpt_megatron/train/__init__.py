@@ -1,0 +1,1 @@
+"""Training: engine (one step on megatron-core), driver, schedule, EWC, signals, metrics."""
