@@ -1,0 +1,55 @@
+"""`cpt preprocess`: curated JSONL(.gz) -> Megatron .bin/.idx (+ .meta.json)."""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["register"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "preprocess",
+        parents=[subparsers.common],
+        help="tokenize JSONL(.gz) into Megatron .bin/.idx",
+        description="Tokenize curated JSONL(.gz) into Megatron indexed datasets (PREFIX.bin/.idx/.meta.json). "
+        "Resumable: rerunning the same command skips finished shards.",
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or JSONL.gz files")
+    p.add_argument("--tokenizer", required=True, help="tokenizer path (HF dir, tokenizer.json, .model, .gguf)")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (PREFIX_<key> with several keys)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output identical for any value)")
+    p.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
+    p.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY", help="fields to tokenize (default: text)")
+    p.add_argument("--chunk-mb", type=float, default=8.0, help="input MiB per shard (default 8)")
+    p.add_argument("--no-fast", action="store_true", help="always encode with the HF tokenizer (no tiktoken)")
+    p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    from cpt_megatron.data.preprocess import PreprocessConfig, preprocess
+
+    cfg = PreprocessConfig(
+        inputs=args.input,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        workers=args.workers,
+        append_eod=args.append_eod,
+        json_keys=tuple(args.json_keys),
+        chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        fast=not args.no_fast,
+        progress=not args.no_progress,
+        keep_shards=args.keep_shards,
+    )
+    summary = preprocess(cfg)
+    if not args.json:
+        for key, o in summary["outputs"].items():
+            print(
+                f"{key}: {o['documents']:,} docs, {o['tokens']:,} tokens ({o['dtype']}), "
+                f"{o['empty_docs_skipped']:,} empty skipped -> {o['prefix']}.bin/.idx"
+            )
+        print(f"{summary['tokens_per_s']:,} tokens/s in {summary['seconds']} s, encoder: {summary['encoder']}",
+              file=sys.stderr)
+    return summary

@@ -1,0 +1,446 @@
+"""Curated JSONL(.gz) -> Megatron `PREFIX.bin/.idx` + `PREFIX.meta.json`, parallel and resumable.
+
+Flow: the main process cuts each input into chunks of about `chunk_bytes` at line boundaries (the
+chunking depends only on the input, never on the worker count) and hands them to worker processes,
+which parse JSON, tokenize in batches and write one shard pair per chunk and key under
+`PREFIX.shards/`. A shard is finished when its `.done.json` exists; a rerun skips finished shards.
+The shards are then merged in order by streaming into the final files (temp + rename), so the output
+bytes are identical for any `--workers`, and memory stays bounded by a few chunks.
+
+With several `--json-keys`, each key gets its own dataset `PREFIX_<key>` (one key: `PREFIX`), and
+all of them are finalized (Megatron-LM 0.16.1 only finalizes the last one).
+
+No torch or megatron import; transformers is imported only when the tokenizer is not in the
+fast-BPE cache or must be used as the encoder (see `fast_bpe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from cpt_megatron.data import fast_bpe
+from cpt_megatron.data.indexed import IndexWriter, optimal_dtype
+from cpt_megatron.errors import CptError
+from cpt_megatron.utils import write_json
+
+__all__ = ["PreprocessConfig", "preprocess", "output_prefixes", "read_meta"]
+
+_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(kw_only=True)
+class PreprocessConfig:
+    inputs: list[str]
+    """JSONL or JSONL.gz files, one document per line."""
+    tokenizer: str
+    """Tokenizer spec (see cpt_megatron.tokenizer.load)."""
+    out: str
+    """Output prefix: writes PREFIX.bin/.idx/.meta.json (PREFIX_<key>.* with several json keys)."""
+    workers: int = 1
+    """Tokenizer processes; 1 runs in-process. Output bytes do not depend on it."""
+    append_eod: bool = False
+    """Append the tokenizer's EOD id to each (non-empty) document."""
+    json_keys: tuple[str, ...] = ("text",)
+    """Fields to tokenize; each becomes its own dataset."""
+    chunk_bytes: int = 8 << 20
+    """Uncompressed input bytes per shard (changing it invalidates unfinished work)."""
+    batch_docs: int = 1000
+    """Documents per tokenizer call."""
+    fast: bool = True
+    """Use the verified tiktoken encoder for byte-level BPE tokenizers when possible."""
+    progress: bool = True
+    """tqdm bar on stderr."""
+    keep_shards: bool = False
+    """Keep PREFIX.shards/ after a successful merge."""
+
+    def __post_init__(self):
+        if not self.inputs:
+            raise ValueError("inputs: give at least one JSONL(.gz) file")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: must be >= 1")
+        if not self.json_keys:
+            raise ValueError("json_keys: give at least one key, e.g. ['text']")
+        if len(set(self.json_keys)) != len(self.json_keys):
+            raise ValueError(f"json_keys {list(self.json_keys)} has duplicates")
+        self.json_keys = tuple(self.json_keys)
+
+
+def output_prefixes(out: str, json_keys) -> dict[str, str]:
+    keys = list(json_keys)
+    return {keys[0]: out} if len(keys) == 1 else {k: f"{out}_{k}" for k in keys}
+
+
+def read_meta(prefix: str) -> dict | None:
+    p = Path(f"{prefix}.meta.json")
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer set-up (main process; inherited by forked workers)
+
+
+@dataclasses.dataclass
+class _Tok:
+    info: dict  # name, vocab_size, eod_id, sha256
+    fast: fast_bpe.FastBPE | None
+    spec: str
+    hf: object = None
+    encoder_name: str = "hf"
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return self.fast.encode_batch(texts)
+        if self.hf is None:
+            from cpt_megatron.tokenizer.load import load_tokenizer
+
+            self.hf = load_tokenizer(self.spec)
+        return fast_bpe.hf_encode_batch(self.hf, texts)
+
+
+def _setup_tokenizer(cfg: PreprocessConfig, sample_texts) -> _Tok:
+    from cpt_megatron.tokenizer.load import tokenizer_files
+
+    spec = os.path.abspath(cfg.tokenizer)
+    if not os.path.exists(spec):
+        raise CptError(f"tokenizer {cfg.tokenizer!r} not found (give a local tokenizer path; nothing is downloaded)")
+    from cpt_megatron.utils import sha256_file
+
+    sha = {f.name: sha256_file(f) for f in tokenizer_files(spec)}
+    record, fast = fast_bpe.load_cached(sha) if sha else (None, None)
+    if record is not None and (fast is not None or not cfg.fast or not record.get("fast")):
+        info = {k: record[k] for k in ("name", "vocab_size", "eod_id")} | {"sha256": sha}
+        tok = _Tok(info=info, fast=fast if cfg.fast else None, spec=spec)
+        tok.encoder_name = "tiktoken (verified against HF)" if tok.fast else "hf"
+        return tok
+    from cpt_megatron.tokenizer.load import load_tokenizer, tokenizer_info
+
+    hf = load_tokenizer(spec)
+    ti = tokenizer_info(spec, hf)
+    name = ti.name if os.path.exists(ti.name) and not ti.name.startswith(tempfile.gettempdir()) else ""
+    name = name or "/".join(Path(spec).parts[-2:])  # the loader may stage files in a temp dir
+    info = {"name": name, "vocab_size": ti.vocab_size, "eod_id": ti.eod_id, "sha256": ti.sha256}
+    fast, why = (None, "disabled")
+    if cfg.fast:
+        fast, why = fast_bpe.build_and_verify(hf, sample_texts())
+        if sha:
+            fast_bpe.save_cached(sha, {k: info[k] for k in ("name", "vocab_size", "eod_id")} | {"why": why}, fast)
+    tok = _Tok(info=info, fast=fast, spec=spec, hf=hf)
+    tok.encoder_name = "tiktoken (verified against HF)" if fast else f"hf ({why})"
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading input into chunks
+
+
+class _HashingReader:
+    """Wraps a raw file: sha256 of the bytes read (the file as stored, compressed or not)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.pos = f, hashlib.sha256(), 0
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        self.h.update(b)
+        self.pos += len(b)
+        return b
+
+    def readable(self):
+        return True
+
+
+def _open_input(path: str):
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise CptError(f"cannot read input {path}: {e.strerror}") from e
+    hr = _HashingReader(raw)
+    with open(path, "rb") as probe:
+        magic = probe.read(2)
+    stream = gzip.GzipFile(fileobj=hr, mode="rb") if magic == b"\x1f\x8b" else hr
+    return raw, hr, stream
+
+
+def _chunks(paths: list[str], chunk_bytes: int, hashes: dict) -> Iterator[tuple[int, int, int, bytes, int]]:
+    """Yield (shard_idx, file_idx, first_line_no, data, raw_pos) with data ending at a line boundary."""
+    shard, base = 0, 0
+    for fi, path in enumerate(paths):
+        raw, hr, stream = _open_input(path)
+        line_no, rest = 1, b""
+        try:
+            while True:
+                try:
+                    block = stream.read(chunk_bytes)
+                except (OSError, EOFError, gzip.BadGzipFile) as e:
+                    raise CptError(f"{path}: unreadable input near line {line_no}: {e}") from e
+                if not block:
+                    break
+                data = rest + block
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    rest = data
+                    continue
+                rest = data[cut + 1 :]
+                data = data[: cut + 1]
+                yield shard, fi, line_no, data, base + hr.pos
+                shard += 1
+                line_no += data.count(b"\n")
+            if rest:
+                yield shard, fi, line_no, rest, base + hr.pos
+                shard += 1
+        finally:
+            raw.close()
+        hashes[path] = hr.h.hexdigest()
+        base += hr.pos
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side
+
+_WORKER: dict = {}
+
+
+def _init_worker(tok: _Tok, cfg: PreprocessConfig, shard_dir: str, dtype) -> None:
+    _WORKER.update(tok=tok, cfg=cfg, shard_dir=shard_dir, dtype=dtype)
+
+
+def _parse(data: bytes, path: str, first_line: int, keys) -> tuple[dict[str, list[str]], int]:
+    out: dict[str, list[str]] = {k: [] for k in keys}
+    loads = json.loads
+    n = 0
+    for i, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        try:
+            doc = loads(line)
+        except ValueError as e:
+            raise CptError(f"{path}:{first_line + i}: bad JSON ({e}); each line must be one JSON object") from e
+        if not isinstance(doc, dict):
+            raise CptError(f"{path}:{first_line + i}: expected a JSON object, found {type(doc).__name__}")
+        for k in keys:
+            v = doc.get(k, None)
+            if v is None:
+                if k not in doc:
+                    raise CptError(f"{path}:{first_line + i}: no key {k!r} (keys: {sorted(doc)[:8]}); use --json-keys")
+                v = ""
+            if not isinstance(v, str):
+                raise CptError(f"{path}:{first_line + i}: key {k!r} holds {type(v).__name__}, expected a string")
+            out[k].append(v)
+        n += 1
+    return out, n
+
+
+def _encode_shard(task) -> dict:
+    shard, path, first_line, data = task
+    tok: _Tok = _WORKER["tok"]
+    cfg: PreprocessConfig = _WORKER["cfg"]
+    dtype = _WORKER["dtype"]
+    texts_by_key, _ = _parse(data, path, first_line, cfg.json_keys)
+    del data
+    eod = tok.info["eod_id"]
+    stats = {}
+    sdir = Path(_WORKER["shard_dir"])
+    for key, texts in texts_by_key.items():
+        prefix = str(sdir / f"{shard:06d}_{key}")
+        empty = 0
+        with IndexWriter(prefix, dtype) as w:
+            for b in range(0, len(texts), cfg.batch_docs):
+                ids = tok.encode_batch(texts[b : b + cfg.batch_docs])
+                lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+                keep = lengths > 0
+                empty += int((~keep).sum())
+                if not keep.all():
+                    ids = [x for x in ids if x]
+                    lengths = lengths[keep]
+                if cfg.append_eod:
+                    for x in ids:
+                        x.append(eod)
+                    lengths = lengths + 1
+                total = int(lengths.sum())
+                flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total)
+                w.add_documents(flat, lengths)
+            max_id = w.max_token_id
+            res = w.finalize()
+        stats[key] = {"documents": res["documents"], "tokens": res["tokens"], "empty": empty, "max_token_id": max_id}
+    write_json(sdir / f"{shard:06d}.done.json", stats)
+    return {"shard": shard, "stats": stats}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _fingerprint(cfg: PreprocessConfig, tok_sha: dict, dtype) -> dict:
+    files = []
+    for p in cfg.inputs:
+        st = os.stat(p)
+        files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    return {
+        "format": _FORMAT_VERSION,
+        "inputs": files,
+        "tokenizer_sha256": tok_sha,
+        "json_keys": list(cfg.json_keys),
+        "append_eod": cfg.append_eod,
+        "chunk_bytes": cfg.chunk_bytes,
+        "dtype": np.dtype(dtype).name,
+    }
+
+
+def _sample_texts(cfg: PreprocessConfig, n_docs: int = 500, max_bytes: int = 1 << 20):
+    """The first documents of the first input, for verifying the fast encoder against HF."""
+
+    def get() -> list[str]:
+        out: list[str] = []
+        raw, _, stream = _open_input(cfg.inputs[0])
+        try:
+            data = stream.read(max_bytes)
+        finally:
+            raw.close()
+        for line in data.split(b"\n")[:-1][:n_docs]:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                break
+            if isinstance(doc, dict):
+                out.extend(v for k in cfg.json_keys if isinstance(v := doc.get(k), str))
+        return out
+
+    return get
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    """Run the pipeline; returns a summary (one entry per json key, plus timing)."""
+    t_start = time.perf_counter()
+    for p in cfg.inputs:
+        if not os.path.isfile(p):
+            raise CptError(f"input {p} not found")
+        if not os.access(p, os.R_OK):
+            raise CptError(f"cannot read input {p}: permission denied")
+    if cfg.workers > 1:  # workers are processes; HF's own threads would fight them for the cores
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = _setup_tokenizer(cfg, _sample_texts(cfg))
+    dtype = optimal_dtype(tok.info["vocab_size"])
+    prefixes = output_prefixes(cfg.out, cfg.json_keys)
+    shard_dir = Path(f"{cfg.out}.shards")
+    fp = _fingerprint(cfg, tok.info["sha256"], dtype)
+    manifest = shard_dir / "manifest.json"
+    if shard_dir.exists():
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != fp:  # different inputs/tokenizer/options: old shards are useless
+            shutil.rmtree(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    write_json(manifest, fp)
+    _init_worker(tok, cfg, str(shard_dir), dtype)
+
+    total_bytes = sum(os.path.getsize(p) for p in cfg.inputs)
+    bar = _progress(cfg, total_bytes)
+    hashes: dict[str, str] = {}
+    results: dict[int, dict] = {}
+    skipped = 0
+    n_tokens = 0
+    t_tok = time.perf_counter()
+
+    def tasks():
+        nonlocal skipped
+        for shard, fi, line, data, pos in _chunks(cfg.inputs, cfg.chunk_bytes, hashes):
+            done = shard_dir / f"{shard:06d}.done.json"
+            if done.is_file() and all(Path(shard_dir / f"{shard:06d}_{k}.idx").is_file() for k in cfg.json_keys):
+                results[shard] = {"shard": shard, "stats": json.loads(done.read_text())}
+                skipped += 1
+                yield None, pos, results[shard]
+            else:
+                yield (shard, cfg.inputs[fi], line, data), pos, None
+
+    def on_done(res: dict, pos: int) -> None:
+        nonlocal n_tokens
+        results[res["shard"]] = res
+        n_tokens += sum(s["tokens"] for s in res["stats"].values())
+        if bar is not None:
+            bar.update(pos - bar.n)
+            el = time.perf_counter() - t_tok
+            bar.set_postfix_str(f"{n_tokens / max(el, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
+
+    try:
+        if cfg.workers == 1:
+            for task, pos, done in tasks():
+                on_done(done if done is not None else _encode_shard(task), pos)
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork")  # workers inherit the tokenizer: no re-import, light start
+            with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(tok, cfg, str(shard_dir), dtype)) as pool:
+                pending: deque = deque()
+                for task, pos, done in tasks():
+                    pending.append((done if done is not None else pool.apply_async(_encode_shard, (task,)), pos))
+                    while len(pending) > 2 * cfg.workers:  # bounded: never more than a few chunks in flight
+                        r, p = pending.popleft()
+                        on_done(r if isinstance(r, dict) else r.get(), p)
+                while pending:
+                    r, p = pending.popleft()
+                    on_done(r if isinstance(r, dict) else r.get(), p)
+    finally:
+        if bar is not None:
+            bar.close()
+    t_merge = time.perf_counter()
+
+    summary: dict = {"outputs": {}, "encoder": tok.encoder_name, "workers": cfg.workers, "shards": len(results),
+                     "shards_skipped": skipped}
+    order = sorted(results)
+    for key, prefix in prefixes.items():
+        with IndexWriter(prefix, dtype) as w:
+            for s in order:
+                w.add_index(shard_dir / f"{s:06d}_{key}")
+            res = w.finalize()
+        st = [results[s]["stats"][key] for s in order]
+        meta = {
+            "format": "megatron-indexed",
+            "prefix": os.path.abspath(prefix),
+            "json_key": key,
+            "tokenizer": tok.info,
+            "dtype": np.dtype(dtype).name,
+            "append_eod": cfg.append_eod,
+            "documents": res["documents"],
+            "tokens": res["tokens"],
+            "empty_docs_skipped": sum(x["empty"] for x in st),
+            "max_token_id": max((x["max_token_id"] for x in st), default=-1),
+            "bin_bytes": os.path.getsize(f"{prefix}.bin"),
+            "sources": [{"path": os.path.abspath(p), "sha256": hashes.get(p), "bytes": os.path.getsize(p)}
+                        for p in cfg.inputs],
+            "encoder": tok.encoder_name,
+        }
+        write_json(f"{prefix}.meta.json", meta)
+        summary["outputs"][key] = {k: meta[k] for k in ("prefix", "documents", "tokens", "empty_docs_skipped",
+                                                          "max_token_id", "dtype")}
+    if not cfg.keep_shards:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    t_end = time.perf_counter()
+    tokens = sum(o["tokens"] for o in summary["outputs"].values())
+    summary.update(tokens=tokens, seconds=round(t_end - t_start, 3), tokenize_seconds=round(t_merge - t_tok, 3),
+                   merge_seconds=round(t_end - t_merge, 3), tokens_per_s=round(tokens / max(t_end - t_start, 1e-9)))
+    return summary
+
+
+def _progress(cfg: PreprocessConfig, total: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, mininterval=0.5,
+                smoothing=0.1, disable=None)
