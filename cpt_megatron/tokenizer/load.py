@@ -85,12 +85,24 @@ def _load(spec: str):
 
 
 def _from_sentencepiece(path: Path):
-    from transformers import LlamaTokenizerFast
+    """A SentencePiece `.model` -> a fast tokenizer that encodes exactly like sentencepiece.
 
-    try:
-        tok = LlamaTokenizerFast(vocab_file=str(path), legacy=False, add_bos_token=False)
-    except TypeError:
-        tok = LlamaTokenizerFast(vocab_file=str(path))
+    transformers 5.x builds a broken 3-token tokenizer from LlamaTokenizerFast(vocab_file=...) for
+    Mistral's `.model.v1`, so the conversion is done here with `tokenizers` (see sentencepiece.py).
+    Special-token strings in plain text (a literal "<unk>" in WikiText) are encoded as text, not as
+    control ids (`split_special_tokens=True`): documents must not inject EOS/BOS, and round trips hold.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from cpt_megatron.tokenizer.sentencepiece import sentencepiece_to_tokenizers
+
+    backend, special = sentencepiece_to_tokenizers(path)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=True,
+        **special,
+    )
     if len(tok) == 0:
         raise CptError(f"SentencePiece model {path} produced an empty tokenizer")
     return tok

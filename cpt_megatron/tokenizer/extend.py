@@ -1,0 +1,388 @@
+"""Extend a BPE tokenizer with domain tokens so that ordinary encoding uses them and old ids never move.
+
+Method: continued BPE training. Each domain word (a pre-token, in the model's own alphabet: byte-level
+characters for GPT-2/Llama 3/SmolLM2, "▁"-prefixed pieces for Llama 2/Mistral SentencePiece) is first
+split exactly as the BASE tokenizer splits it. BPE training then continues from that state: the most
+frequent adjacent pair across the domain corpus becomes a new merge and a new token, repeatedly. The
+chosen pieces are therefore frequent in the domain AND fragmented by the base (a pair only exists where
+the base stopped merging).
+
+Why this is consistent: the new merges are appended after the base merges, so they have the lowest
+priority. Base merges only combine base tokens, so encoding with the extended model runs every base
+merge first (identical to the base encoding), then the new merges in order, exactly as in training.
+So every new token is reachable by ordinary encoding of plain text (no `add_tokens`, no special
+"added token" matching), text the new merges never touch encodes to the same ids as before, and
+decode(encode(x)) == x holds whenever it holds for the base (tokens are still concatenations of bytes
+or pieces; byte-fallback and unknown tokens are never merged).
+
+A separately trained domain BPE would not do: its pieces are often unreachable through the base's
+merge path (the base splits "xabcd" as "xa"+"bcd", so a piece "abc" never fires).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from cpt_megatron.errors import CptError
+
+__all__ = [
+    "ExtendResult",
+    "extend_tokenizer",
+    "extend_backend",
+    "iter_text",
+    "subtoken_map",
+    "new_token_ids",
+]
+
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_SPLIT_METASPACE = re.compile(r"▁[^▁]*|[^▁]+")
+
+
+@dataclasses.dataclass
+class ExtendResult:
+    """What `extend_tokenizer` did; `to_dict()` is the CLI's JSON summary and `extension.json`."""
+
+    out_dir: str
+    base: str
+    style: str  # "byte-level" or "sentencepiece"
+    base_vocab_size: int  # len(base tokenizer)
+    vocab_size: int  # len(new tokenizer)
+    num_new_tokens: int
+    num_new_chars: int  # single characters added to the vocab (SentencePiece style: were byte fallback)
+    num_merges_added: int  # includes merges whose result already was a base token
+    first_new_id: int
+    num_domain_words: int
+    num_unique_words: int
+    domain_tokens_before: int
+    domain_tokens_after: int  # on the training text, from the training simulation
+    stop_reason: str
+    sample_new_tokens: list[str]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def iter_text(paths: Iterable[str | os.PathLike], max_chars: int | None = None) -> Iterator[str]:
+    """Lines of the input files (JSONL: the string fields of each record), up to `max_chars` in all."""
+    total = 0
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"input {p} not found (give plain-text or .jsonl files)")
+        with open(p, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if p.suffix == ".jsonl":
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    line = "\n".join(v for v in rec.values() if isinstance(v, str)) + "\n"
+                yield line
+                total += len(line)
+                if max_chars is not None and total >= max_chars:
+                    return
+
+
+def _style(tj: dict) -> str:
+    model = tj["model"]
+    if model.get("type") != "BPE":
+        raise CptError(
+            f"extend supports BPE tokenizers (byte-level or SentencePiece-BPE); this one is {model.get('type')}"
+        )
+    if model.get("byte_fallback") or "▁" in json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")]):
+        return "sentencepiece"
+    return "byte-level"
+
+
+def _words(backend, lines: Iterable[str], style: str) -> Counter:
+    """Pre-tokens in the model's alphabet with their frequencies."""
+    counts: Counter = Counter()
+    norm, pre = backend.normalizer, backend.pre_tokenizer
+    for line in lines:
+        s = norm.normalize_str(line) if norm is not None else line
+        pieces = [p for p, _ in pre.pre_tokenize_str(s)] if pre is not None else [s]
+        if style == "sentencepiece":
+            for p in pieces:
+                counts.update(_SPLIT_METASPACE.findall(p))
+        else:
+            counts.update(pieces)
+    return counts
+
+
+def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, min_frequency: int = 3,
+                   max_token_chars: int = 24):
+    """Continued BPE training on `lines`; returns (new tokenizers.Tokenizer, stats dict).
+
+    `num_new_tokens` counts new vocabulary entries (ids); merges whose result already is a base token
+    cost nothing. Stops early when the best pair is rarer than `min_frequency`.
+    """
+    from tokenizers import Tokenizer
+
+    if num_new_tokens < 1:
+        raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
+    tj = json.loads(base_backend.to_str())
+    style = _style(tj)
+    model = tj["model"]
+    vocab: dict[str, int] = model["vocab"]
+    added_ids = [t["id"] for t in tj.get("added_tokens", [])]
+    next_id = max(list(vocab.values()) + added_ids) + 1
+    first_new_id = next_id
+    barrier_ids = {t["id"] for t in tj.get("added_tokens", [])}
+    if model.get("unk_token") in vocab:
+        barrier_ids.add(vocab[model["unk_token"]])
+
+    word_counts = _words(base_backend, lines, style)
+    if not word_counts:
+        raise CptError("the domain input is empty: nothing to learn new tokens from")
+    bpe = base_backend.model
+    words: list[list[str]] = []
+    freqs: list[int] = []
+    new_chars: Counter = Counter()
+    for w, c in word_counts.items():
+        toks = bpe.tokenize(w)
+        syms = []
+        for t in toks:
+            if t.id in barrier_ids or (style == "sentencepiece" and _BYTE_PIECE.match(t.value)):
+                syms.append(None)  # never merged: byte fallback / unknown
+            else:
+                syms.append(t.value)
+        if style == "sentencepiece" and None in syms:
+            for ch in w:
+                if ch not in vocab:
+                    new_chars[ch] += c
+        words.append(syms)
+        freqs.append(c)
+    tokens_before = sum(len(s) * f for s, f in zip(words, freqs))
+
+    new_tokens: list[str] = []
+    new_merges: list[tuple[str, str]] = []
+    # SentencePiece style: characters the base only knows as byte fallback become single-char pieces
+    # first (at most a quarter of the budget); a char in the vocab is used directly, no merge needed.
+    added_chars = []
+    if style == "sentencepiece" and new_chars:
+        for ch, c in new_chars.most_common(num_new_tokens // 4):
+            if c < min_frequency:
+                break
+            vocab[ch] = next_id
+            next_id += 1
+            added_chars.append(ch)
+            new_tokens.append(ch)
+        if added_chars:
+            for i, w in enumerate(word_counts):
+                if None in words[i]:
+                    words[i] = _with_new_chars([t.value for t in bpe.tokenize(w)], vocab)
+
+    pair_count: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, (syms, f) in enumerate(zip(words, freqs)):
+        for a, b in zip(syms, syms[1:]):
+            if a is not None and b is not None:
+                pair_count[(a, b)] += f
+                where.setdefault((a, b), set()).add(i)
+    heap = [(-c, p) for p, c in pair_count.items()]
+    heapq.heapify(heap)
+
+    stop = "budget"
+    while len(new_tokens) < num_new_tokens:
+        if not heap:
+            stop = "no more pairs"
+            break
+        neg, pair = heapq.heappop(heap)
+        c = pair_count.get(pair, 0)
+        if c != -neg:
+            if c > 0:
+                heapq.heappush(heap, (-c, pair))
+            continue
+        if c < min_frequency:
+            stop = f"best pair occurs < min_frequency={min_frequency} times"
+            break
+        a, b = pair
+        merged = a + b
+        if len(merged) > max_token_chars:
+            pair_count[pair] = 0  # too long a token: skip this pair for good
+            continue
+        new_merges.append(pair)
+        if merged not in vocab:
+            vocab[merged] = next_id
+            next_id += 1
+            new_tokens.append(merged)
+        for i in where.pop(pair, ()):
+            syms, f = words[i], freqs[i]
+            out = _merge(syms, a, b, merged)
+            if out is syms:
+                continue
+            for p in zip(syms, syms[1:]):
+                if p[0] is not None and p[1] is not None:
+                    pair_count[p] -= f
+            for p in zip(out, out[1:]):
+                if p[0] is not None and p[1] is not None:
+                    pair_count[p] += f
+                    where.setdefault(p, set()).add(i)
+                    heapq.heappush(heap, (-pair_count[p], p))
+            words[i] = out
+        pair_count.pop(pair, None)
+
+    merges = model["merges"]
+    if merges and isinstance(merges[0], str):
+        merges.extend(f"{a} {b}" for a, b in new_merges)
+    else:
+        merges.extend([a, b] for a, b in new_merges)
+    new_backend = Tokenizer.from_str(json.dumps(tj))
+    stats = {
+        "style": style,
+        "num_new_tokens": len(new_tokens),
+        "num_new_chars": len(added_chars),
+        "num_merges_added": len(new_merges),
+        "first_new_id": first_new_id,
+        "num_domain_words": sum(freqs),
+        "num_unique_words": len(words),
+        "domain_tokens_before": tokens_before,
+        "domain_tokens_after": sum(len(s) * f for s, f in zip(words, freqs)),
+        "stop_reason": stop,
+        "new_tokens": new_tokens,
+    }
+    return new_backend, stats
+
+
+def _with_new_chars(values: list[str], vocab: dict) -> list:
+    """Base token values of a word -> symbols; byte pieces of a character now in `vocab` become it."""
+    out: list = []
+    buf = bytearray()
+    for v in values:
+        if not _BYTE_PIECE.match(v):
+            out.append(v)
+            continue
+        buf.append(int(v[3:5], 16))
+        lead = buf[0]
+        need = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
+        if len(buf) >= need:
+            ch = bytes(buf).decode("utf-8", errors="replace")
+            out.extend([ch] if len(ch) == 1 and ch in vocab else [None] * len(buf))
+            buf.clear()
+    out.extend([None] * len(buf))
+    return out
+
+
+def _merge(syms: list, a: str, b: str, merged: str) -> list:
+    out = []
+    i, n, changed = 0, len(syms), False
+    while i < n:
+        if i + 1 < n and syms[i] == a and syms[i + 1] == b:
+            out.append(merged)
+            i += 2
+            changed = True
+        else:
+            out.append(syms[i])
+            i += 1
+    return out if changed else syms
+
+
+def extend_tokenizer(base: str | os.PathLike, inputs: list[str | os.PathLike], num_new_tokens: int,
+                     out_dir: str | os.PathLike, *, min_frequency: int = 3, max_chars: int | None = None,
+                     overwrite: bool = False) -> ExtendResult:
+    """Learn up to `num_new_tokens` domain tokens from `inputs` and save an HF tokenizer dir at `out_dir`.
+
+    Old ids keep their strings; new ids start at the old `len(tokenizer)`. `out_dir/extension.json`
+    records the base, inputs and new tokens; load the result with `load_tokenizer(out_dir)`.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from cpt_megatron.tokenizer.load import load_tokenizer
+    from cpt_megatron.utils import atomic_dir, write_json
+
+    base_tok = load_tokenizer(base)
+    backend, stats = extend_backend(
+        base_tok.backend_tokenizer, iter_text(inputs, max_chars), num_new_tokens, min_frequency=min_frequency
+    )
+    special = {k: getattr(base_tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if getattr(base_tok, k, None) is not None}
+    new_tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=bool(getattr(base_tok, "split_special_tokens", False)),
+        model_max_length=base_tok.model_max_length,
+        **special,
+    )
+    _check_old_ids(base_tok, new_tok)
+    new_tokens = stats.pop("new_tokens")
+    result = ExtendResult(
+        out_dir=str(out_dir),
+        base=str(base),
+        base_vocab_size=len(base_tok),
+        vocab_size=len(new_tok),
+        sample_new_tokens=[_show(backend, t) for t in new_tokens[:20]],
+        **stats,
+    )
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        new_tok.save_pretrained(str(tmp))
+        write_json(Path(tmp) / "extension.json", {
+            **result.to_dict(),
+            "inputs": [str(p) for p in inputs],
+            "method": "continued BPE: base segmentation, then most frequent domain pairs as appended merges",
+            "new_tokens": [_show(backend, t) for t in new_tokens],
+        })
+    return result
+
+
+def _show(backend, piece: str) -> str:
+    """A new token as readable text (byte-level pieces decoded; partial UTF-8 shown with U+FFFD)."""
+    tid = backend.token_to_id(piece)
+    return backend.decode([tid], skip_special_tokens=False) if tid is not None else piece
+
+
+def _check_old_ids(base_tok, new_tok) -> None:
+    old, new = base_tok.get_vocab(), new_tok.get_vocab()
+    moved = [t for t, i in old.items() if new.get(t) != i]
+    if moved:
+        raise AssertionError(f"extension moved {len(moved)} existing ids, e.g. {moved[:3]}")
+
+
+def new_token_ids(base_tok, new_tok) -> list[int]:
+    """Ids of `new_tok` that `base_tok` does not have (the rows a resized embedding must add)."""
+    base_vocab = base_tok.get_vocab()
+    return sorted(i for t, i in new_tok.get_vocab().items() if base_vocab.get(t) != i)
+
+
+def subtoken_map(base_tok, new_tok) -> dict[int, list[int]]:
+    """For each token id new in `new_tok`: the BASE token ids its string splits into.
+
+    Used to initialize new embedding rows (`cpt resize-embeddings --init subtoken-mean`: the mean of
+    these base rows). When both tokenizers share the model alphabet (any tokenizer made by
+    `extend_tokenizer`), the split is the base BPE model's own segmentation of the piece, i.e. exactly
+    the base tokens the piece replaces in running text (byte-level pieces map to byte-level tokens,
+    "▁word" to "▁word" pieces, byte-fallback ids included). Otherwise the token's decoded text is
+    encoded by the base tokenizer. Raises if an old id changed its string. An empty list (only for a
+    token whose text is empty) means: fall back to the global mean.
+    """
+    base_vocab = base_tok.get_vocab()
+    new_vocab = new_tok.get_vocab()
+    base_len = len(base_tok)
+    bad = [t for t, i in base_vocab.items() if new_vocab.get(t) != i]
+    if bad:
+        raise CptError(
+            f"{len(bad)} base tokens have different ids in the new tokenizer (e.g. {bad[:3]}); "
+            "subtoken init needs a tokenizer that extends the base (cpt tokenizer extend)"
+        )
+    b_json = json.loads(base_tok.backend_tokenizer.to_str())
+    n_json = json.loads(new_tok.backend_tokenizer.to_str())
+    same_alphabet = all(b_json.get(k) == n_json.get(k) for k in ("normalizer", "pre_tokenizer", "decoder"))
+    bpe = base_tok.backend_tokenizer.model
+    out: dict[int, list[int]] = {}
+    for piece, nid in sorted(new_vocab.items(), key=lambda kv: kv[1]):
+        if base_vocab.get(piece) == nid:
+            continue
+        if nid < base_len:
+            raise CptError(f"new token {piece!r} reuses old id {nid}; new ids must start at {base_len}")
+        if same_alphabet:
+            ids = [t.id for t in bpe.tokenize(piece)]
+        else:
+            ids = base_tok.encode(new_tok.decode([nid]), add_special_tokens=False)
+        out[nid] = ids
+    return out
