@@ -1,0 +1,56 @@
+"""`cpt curate`: normalize, filter, deduplicate and redact a corpus into gzipped JSONL shards."""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["register"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "curate",
+        parents=[subparsers.common],
+        help="curate a corpus: normalize, filter, exact + MinHash dedup, PII (writes shards + report.json)",
+        description="Stages in order: normalize, langid, length, quality, exact_dedup, minhash_dedup, perplexity, pii.",
+    )
+    p.add_argument("--input", "-i", action="append", required=True, help="JSONL(.gz/.zst), Parquet, text file or directory (repeatable)")
+    p.add_argument("--out", "-o", required=True, help="output folder (shards, report.json, rejected/)")
+    p.add_argument("--config", "-c", help="YAML recipe (see recipes/curate/)")
+    p.add_argument("--stages", help="comma list of stages to run (default: the recipe's, else all but langid/perplexity)")
+    p.add_argument("--workers", "-j", type=int, default=1, help="processes for per-document stages (output is identical for any N)")
+    p.add_argument("--lsh", help="redis://host:port[/db][?basename=NAME] for a Redis-backed LSH index (default: in memory)")
+    p.add_argument("--doc-separator", help="regex matching the first line of each document in plain-text inputs, e.g. '^# '")
+    p.add_argument("--text-field", help="JSONL/Parquet text field (default: text)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    from cpt_megatron.curate import curate, load_config
+
+    overrides: dict = {}
+    if args.stages:
+        overrides["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if args.lsh:
+        overrides["lsh"] = args.lsh
+    if args.doc_separator:
+        overrides.setdefault("input", {})["doc_separator"] = args.doc_separator
+    if args.text_field:
+        overrides.setdefault("input", {})["text_field"] = args.text_field
+    cfg = load_config(args.config, overrides)
+    res = curate(args.input, args.out, cfg, workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
+    for line in res.report["malformed_records"][:5]:
+        print(f"cpt curate: malformed: {line}", file=sys.stderr)
+    if not args.json:
+        removed = ", ".join(f"{k} {v}" for k, v in res.removed.items())
+        print(f"read {res.read}, kept {res.kept}, malformed {res.malformed}; removed: {removed}; out {res.out}")
+    return {
+        "read": res.read,
+        "kept": res.kept,
+        "malformed": res.malformed,
+        "removed": res.removed,
+        "out": res.out,
+        "elapsed_s": res.report["elapsed_s"],
+    }

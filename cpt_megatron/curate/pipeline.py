@@ -1,0 +1,419 @@
+"""The curation pipeline: read -> per-document stages (worker processes) -> dedup (in order) -> write.
+
+Per-document work (normalize, langid, length, quality, hashing + MinHash signatures, PII) runs in
+`workers` processes over batches; the decisions that need global state (exact and near-duplicate) are
+made in the parent in input order, so the output is byte-identical for any worker count. At most
+`2 * workers` batches are in flight: memory stays bounded however large the input.
+
+Accounting: every record read is a kept document, a document removed by exactly one stage, or a
+malformed record (with file:line) -- `kept + sum(removed) + malformed == read` is checked at the end.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from cpt_megatron.curate.config import CurateConfig
+from cpt_megatron.curate.readers import DocumentReader, Malformed
+from cpt_megatron.utils import atomic_dir, write_json
+
+__all__ = ["curate", "CurateResult"]
+
+_BATCH = 256
+_MAX_MALFORMED_LISTED = 100
+_REJECT_TEXT_CHARS = 4000
+
+
+@dataclasses.dataclass(slots=True)
+class _Out:
+    """A document after the per-document stages (built in a worker)."""
+
+    id: str
+    source: str
+    position: int
+    text: str
+    chars: list  # [(stage, chars_in, chars_out)]
+    removed: str | None = None
+    reason: str | None = None
+    changes: Counter | None = None
+    lang: dict | None = None
+    route: str | None = None
+    exact: bytes | None = None
+    sig: object = None
+    pii_text: str | None = None
+    pii: Counter | None = None
+
+
+@dataclasses.dataclass
+class CurateResult:
+    read: int
+    kept: int
+    malformed: int
+    removed: dict
+    out: str
+    report: dict
+
+
+class _Worker:
+    """Per-process state: the stage objects, built once per process."""
+
+    def __init__(self, cfg: CurateConfig):
+        from cpt_megatron.curate.filters import LengthFilter
+
+        self.cfg = cfg
+        self.stages = set(cfg.stages)
+        self.length = LengthFilter(cfg.length)
+        self.hasher = None
+        if "minhash_dedup" in self.stages:
+            from cpt_megatron.curate.dedup import MinHasher
+
+            self.hasher = MinHasher(cfg.minhash_dedup)
+
+    def run(self, records: list) -> list:
+        from cpt_megatron.curate.dedup import exact_key
+        from cpt_megatron.curate.filters import quality_reason
+        from cpt_megatron.curate.normalize import normalize_text
+        from cpt_megatron.curate.pii import redact_pii
+
+        cfg, st = self.cfg, self.stages
+        out: list = []
+        for rec in records:
+            if isinstance(rec, Malformed):
+                out.append(rec)
+                continue
+            o = _Out(rec.id, rec.source, rec.position, rec.text, [])
+            text = rec.text
+            if "normalize" in st:
+                text, o.changes = normalize_text(text, cfg.normalize)
+                if rec.bad_bytes:
+                    o.changes["utf8_replaced"] += rec.bad_bytes
+                o.chars.append(("normalize", len(rec.text), len(text)))
+                if not text:
+                    o.removed, o.reason = "normalize", "empty_after_normalize"
+            if o.removed is None and "langid" in st:
+                o.removed, o.reason = self._langid(o, text)
+            if o.removed is None and "length" in st:
+                o.removed, o.reason = self._stage("length", o, text, self.length(text))
+            if o.removed is None and "quality" in st:
+                o.removed, o.reason = self._stage("quality", o, text, quality_reason(text, cfg.quality))
+            o.text = text
+            if o.removed is None:
+                if "exact_dedup" in st:
+                    o.exact = exact_key(text, cfg.exact_dedup.lowercase)
+                if "pii" in st:
+                    o.pii_text, o.pii = redact_pii(text, cfg.pii.types)
+            out.append(o)
+        if self.hasher is not None:
+            live = [o for o in out if isinstance(o, _Out) and o.removed is None]
+            for o, sig in zip(live, self.hasher.signatures([o.text for o in live])):
+                o.sig = sig
+        return out
+
+    @staticmethod
+    def _stage(name: str, o: _Out, text: str, reason: str | None):
+        n = len(text)
+        o.chars.append((name, n, 0 if reason else n))
+        return (name, reason) if reason else (None, None)
+
+    def _langid(self, o: _Out, text: str):
+        from cpt_megatron.curate.langid import identify
+
+        lc = self.cfg.langid
+        r = identify(text, lc)
+        o.lang = {"lang": r.lang, "script": r.script, "lang_score": r.confidence, "code_mixed": r.code_mixed}
+        reason = None
+        if r.lang == "hi-Latn" and lc.romanized_hindi != "keep":
+            if lc.romanized_hindi == "drop":
+                reason = "romanized_hindi"
+            else:
+                o.route = "hi-Latn"
+        elif lc.keep is not None and r.lang not in lc.keep:
+            reason = f"lang={r.lang}"
+        return self._stage("langid", o, text, reason)
+
+
+_WORKER: _Worker | None = None
+
+
+def _init_worker(cfg: CurateConfig) -> None:
+    global _WORKER
+    _WORKER = _Worker(cfg)
+
+
+def _run_batch(records: list) -> list:
+    return _WORKER.run(records)
+
+
+def _batches(reader, size: int):
+    batch = []
+    for rec in reader:
+        batch.append(rec)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _ordered_map(records_iter, cfg: CurateConfig, workers: int):
+    """Yield per-batch results in input order, with at most 2*workers batches in flight."""
+    if workers <= 1:
+        w = _Worker(cfg)
+        for b in records_iter:
+            yield len(b), w.run(b)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
+        pending: collections.deque = collections.deque()
+        for b in records_iter:
+            pending.append((len(b), pool.submit(_run_batch, b)))
+            if len(pending) >= 2 * workers:
+                n, f = pending.popleft()
+                yield n, f.result()
+        while pending:
+            n, f = pending.popleft()
+            yield n, f.result()
+
+
+class _ShardWriter:
+    """Deterministic gzip JSONL shards (mtime 0, no file name in the header)."""
+
+    def __init__(self, folder: Path, shard_docs: int, prefix: str = "shard"):
+        self.folder, self.shard_docs, self.prefix = folder, shard_docs, prefix
+        self.n_in_shard = 0
+        self.files: list[str] = []
+        self._f = None
+        self._raw = None
+
+    def write(self, obj: dict) -> None:
+        if self._f is None or self.n_in_shard >= self.shard_docs:
+            self.close()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / f"{self.prefix}-{len(self.files):05d}.jsonl.gz"
+            self._raw = open(path, "wb")
+            self._f = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
+            self.files.append(str(path))
+            self.n_in_shard = 0
+        self._f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.n_in_shard += 1
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._raw.close()
+            self._f = None
+
+
+class _StageStats:
+    def __init__(self):
+        self.docs_in = self.docs_out = self.chars_in = self.chars_out = 0
+        self.reasons: Counter = Counter()
+
+    def add(self, chars_in: int, chars_out: int, reason: str | None) -> None:
+        self.docs_in += 1
+        self.chars_in += chars_in
+        if reason:
+            self.reasons[reason] += 1
+        else:
+            self.docs_out += 1
+            self.chars_out += chars_out
+
+    def as_dict(self) -> dict:
+        return {
+            "docs_in": self.docs_in,
+            "docs_out": self.docs_out,
+            "chars_in": self.chars_in,
+            "chars_out": self.chars_out,
+            "removed": self.docs_in - self.docs_out,
+            "reasons": dict(sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        }
+
+
+def curate(
+    inputs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    cfg: CurateConfig | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> CurateResult:
+    """Run the pipeline over `inputs` into the folder `out` (written atomically); see module docstring."""
+    cfg = cfg or CurateConfig()
+    reader = DocumentReader(inputs, cfg.input)
+    out = Path(out)
+    t0 = time.time()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        report = _run(reader, tmp, out, cfg, max(1, int(workers)), progress)
+        write_json(tmp / "report.json", report)
+    report["elapsed_s"] = round(time.time() - t0, 3)
+    return CurateResult(report["read"], report["kept"], report["malformed"], report["removed"], str(out), report)
+
+
+def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, workers: int, progress: bool) -> dict:
+    stages = cfg.stages
+    stats = {s: _StageStats() for s in stages}
+    removed = {s: 0 for s in stages}
+    changes: Counter = Counter()
+    pii_counts: Counter = Counter()
+    langs: Counter = Counter()
+    scripts: Counter = Counter()
+    routes: Counter = Counter()
+    code_mixed = 0
+    malformed: list[str] = []
+    n_read = n_malformed = n_kept = 0
+    writers: dict[str | None, _ShardWriter] = {None: _ShardWriter(tmp, cfg.shard_docs)}
+    rejects: dict[str, _ShardWriter] = {}
+    reject_counts: Counter = Counter()
+    seen_exact: set[bytes] = set()
+    near = None
+    if "minhash_dedup" in stages:
+        from cpt_megatron.curate.dedup import NearDupIndex
+
+        base = "cpt_curate:" + hashlib.sha1(str(final_out.resolve()).encode()).hexdigest()[:12]
+        near = NearDupIndex(cfg.minhash_dedup, cfg.lsh, basename=base)
+    scorer = None
+    if "perplexity" in stages:
+        from cpt_megatron.curate.perplexity import PerplexityScorer
+
+        scorer = PerplexityScorer(cfg.perplexity)
+    ppl_pending: list[_Out] = []
+
+    def reject(o: _Out, stage: str, reason: str, extra: dict | None = None) -> None:
+        removed[stage] += 1
+        if reject_counts[stage] < cfg.rejected_samples:
+            reject_counts[stage] += 1
+            w = rejects.setdefault(stage, _ShardWriter(tmp / "rejected", 1 << 62, prefix=stage))
+            rec = {"id": o.id, "source": o.source, "position": o.position, "reason": reason, **(extra or {})}
+            rec["text"] = o.text[:_REJECT_TEXT_CHARS]
+            w.write(rec)
+
+    def finish(o: _Out, ppl: float | None) -> None:
+        nonlocal n_kept
+        if scorer is not None:
+            why = scorer.reason(ppl)
+            stats["perplexity"].add(len(o.text), len(o.text), why)
+            if why:
+                reject(o, "perplexity", why, {"perplexity": ppl})
+                return
+        rec = {"id": o.id, "source": o.source, "position": o.position}
+        text = o.text
+        if "pii" in stages:
+            text = o.pii_text
+            stats["pii"].add(len(o.text), len(text), None)
+            pii_counts.update(o.pii)
+            if o.pii:
+                rec["pii"] = dict(sorted(o.pii.items()))
+        rec["text"] = text
+        if o.lang:
+            rec.update({k: o.lang[k] for k in ("lang", "script", "lang_score")})
+        if ppl is not None:
+            rec["perplexity"] = ppl
+        if o.route:
+            routes[o.route] += 1
+            if o.route not in writers:
+                writers[o.route] = _ShardWriter(tmp / "routes" / o.route, cfg.shard_docs)
+        writers[o.route].write(rec)
+        n_kept += 1
+
+    def flush_ppl() -> None:
+        if ppl_pending:
+            for o, ppl in zip(ppl_pending, scorer.score([o.text for o in ppl_pending])):
+                finish(o, ppl)
+            ppl_pending.clear()
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc="curate", file=sys.stderr, dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        for n_batch, results in _ordered_map(_batches(reader, _BATCH), cfg, workers):
+            n_read += n_batch
+            for o in results:
+                if isinstance(o, Malformed):
+                    n_malformed += 1
+                    if len(malformed) < _MAX_MALFORMED_LISTED:
+                        malformed.append(str(o))
+                    continue
+                if o.changes:
+                    changes.update(o.changes)
+                if o.lang:
+                    langs[o.lang["lang"]] += 1
+                    scripts[o.lang["script"]] += 1
+                    code_mixed += bool(o.lang["code_mixed"])
+                for stage, cin, cout in o.chars:
+                    stats[stage].add(cin, cout, o.reason if stage == o.removed else None)
+                if o.removed:
+                    reject(o, o.removed, o.reason)
+                    continue
+                n = len(o.text)
+                if "exact_dedup" in stages:
+                    dup = o.exact in seen_exact
+                    stats["exact_dedup"].add(n, n, "exact_duplicate" if dup else None)
+                    if dup:
+                        reject(o, "exact_dedup", "exact_duplicate")
+                        continue
+                    seen_exact.add(o.exact)
+                if near is not None:
+                    dup_of, j = near.check_and_add(f"{o.source}:{o.position}", o.sig)
+                    stats["minhash_dedup"].add(n, n, "near_duplicate" if dup_of else None)
+                    if dup_of:
+                        reject(o, "minhash_dedup", "near_duplicate", {"dup_of": dup_of, "jaccard": round(j, 4)})
+                        continue
+                if scorer is not None:
+                    ppl_pending.append(o)
+                    if len(ppl_pending) >= cfg.perplexity.batch_size:
+                        flush_ppl()
+                else:
+                    finish(o, None)
+            if bar is not None:
+                bar.n = reader.bytes_done()
+                rate = n_read / max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{n_read} docs, {rate:,.0f} docs/s, kept {n_kept}", refresh=False)
+                bar.refresh()
+        if scorer is not None:
+            flush_ppl()
+    finally:
+        if bar is not None:
+            bar.close()
+        for w in list(writers.values()) + list(rejects.values()):
+            w.close()
+        if near is not None:
+            near.close()
+
+    total_removed = sum(removed.values())
+    assert n_kept + total_removed + n_malformed == n_read, (n_kept, removed, n_malformed, n_read)
+    rel = lambda p: str(Path(p).relative_to(tmp))  # noqa: E731
+    report = {
+        "read": n_read,
+        "kept": n_kept,
+        "malformed": n_malformed,
+        "removed": removed,
+        "inputs": [str(p) for p in reader.files],
+        "stages": {s: stats[s].as_dict() for s in stages},
+        "normalize_changes": dict(sorted(changes.items())),
+        "pii": dict(sorted(pii_counts.items())),
+        "malformed_records": malformed,
+        "shards": [rel(p) for w in writers.values() for p in w.files],
+        "rejected": {s: rel(w.files[0]) for s, w in sorted(rejects.items())},
+        "config": dataclasses.asdict(cfg),
+    }
+    if "langid" in stages:
+        report["languages"] = dict(sorted(langs.items(), key=lambda kv: (-kv[1], kv[0])))
+        report["scripts"] = dict(sorted(scripts.items(), key=lambda kv: (-kv[1], kv[0])))
+        report["code_mixed"] = code_mixed
+        report["routes"] = dict(sorted(routes.items()))
+    return report

@@ -1,0 +1,211 @@
+"""Streaming readers: JSONL (.jsonl/.gz/.zst), Parquet, plain text with a separator regex, directories.
+
+Every record is either a `Doc` (text, id, source, position) or a `Malformed` (source, line, reason):
+bad lines are reported, never dropped silently and never fatal. `position` is the 1-based line of the
+document's first line (JSONL, plain text) or the 0-based row (Parquet); 0 for one-document files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpt_megatron.curate.config import InputConfig
+from cpt_megatron.errors import CptError
+
+__all__ = ["Doc", "Malformed", "DocumentReader", "read_documents"]
+
+
+@dataclass(slots=True)
+class Doc:
+    text: str
+    id: str
+    source: str
+    position: int
+    bad_bytes: int = 0
+    """Undecodable bytes replaced by U+FFFD while reading (plain text only; JSONL lines are malformed)."""
+
+
+@dataclass(slots=True)
+class Malformed:
+    source: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}"
+
+
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def _open_binary(path: Path):
+    name = path.name.lower()
+    raw = open(path, "rb")
+    if name.endswith(".gz"):
+        return raw, gzip.GzipFile(fileobj=raw)
+    if name.endswith(".zst"):
+        import zstandard
+
+        return raw, io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    return raw, raw
+
+
+class DocumentReader:
+    """Iterate the documents of several inputs in a fixed order; `bytes_done()` drives the progress ETA."""
+
+    def __init__(self, inputs: list[str | os.PathLike], config: InputConfig | None = None):
+        self.config = config or InputConfig()
+        self.files = self._expand(inputs)
+        self.total_bytes = sum(p.stat().st_size for p in self.files)
+        self._done_bytes = 0
+        self._raw = None
+        self._sep = re.compile(self.config.doc_separator) if self.config.doc_separator else None
+
+    def _expand(self, inputs) -> list[Path]:
+        files: list[Path] = []
+        for spec in inputs:
+            p = Path(spec)
+            if p.is_dir():
+                found = sorted(
+                    f for f in p.glob(self.config.glob) if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
+                )
+                if not found:
+                    raise CptError(f"input directory {p} has no files matching {self.config.glob!r}")
+                files.extend(found)
+            elif p.is_file():
+                files.append(p)
+            else:
+                raise CptError(f"input {spec} not found (give JSONL/Parquet/text files or directories)")
+        return files
+
+    def bytes_done(self) -> int:
+        try:
+            return self._done_bytes + (self._raw.tell() if self._raw is not None and not self._raw.closed else 0)
+        except (OSError, ValueError):
+            return self._done_bytes
+
+    def __iter__(self) -> Iterator[Doc | Malformed]:
+        for path in self.files:
+            kind = _kind(path)
+            if kind == "jsonl":
+                yield from self._jsonl(path)
+            elif kind == "parquet":
+                yield from self._parquet(path)
+            elif self._sep is not None:
+                yield from self._separated(path)
+            else:
+                yield from self._whole(path)
+            self._done_bytes += path.stat().st_size
+            self._raw = None
+
+    def _jsonl(self, path: Path) -> Iterator[Doc | Malformed]:
+        src, tf, idf = str(path), self.config.text_field, self.config.id_field
+        raw, f = _open_binary(path)
+        self._raw = raw
+        with raw, f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield Malformed(src, lineno, f"undecodable bytes ({e.reason} at byte {e.start})")
+                    continue
+                except json.JSONDecodeError as e:
+                    yield Malformed(src, lineno, f"bad JSON ({e.msg})")
+                    continue
+                if not isinstance(obj, dict):
+                    yield Malformed(src, lineno, f"expected a JSON object, found {type(obj).__name__}")
+                    continue
+                text = obj.get(tf)
+                if not isinstance(text, str):
+                    why = "missing" if text is None else f"not a string ({type(text).__name__})"
+                    yield Malformed(src, lineno, f"field {tf!r} {why}")
+                    continue
+                doc_id = obj.get(idf)
+                yield Doc(text, str(doc_id) if doc_id is not None else f"{path.name}:{lineno}", src, lineno)
+
+    def _parquet(self, path: Path) -> Iterator[Doc | Malformed]:
+        import pyarrow.parquet as pq
+
+        src, tf, idf = str(path), self.config.text_field, self.config.id_field
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if tf not in names:
+            yield Malformed(src, 0, f"parquet has no column {tf!r} (columns: {names})")
+            return
+        cols = [tf] + ([idf] if idf in names else [])
+        row = 0
+        for batch in pf.iter_batches(batch_size=4096, columns=cols):
+            texts = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(texts)
+            for text, doc_id in zip(texts, ids):
+                if not isinstance(text, str):
+                    yield Malformed(src, row, f"row {row}: column {tf!r} is {'null' if text is None else type(text).__name__}")
+                else:
+                    yield Doc(text, str(doc_id) if doc_id is not None else f"{path.name}:{row}", src, row)
+                row += 1
+
+    @staticmethod
+    def _decode(b: bytes) -> tuple[str, int]:
+        try:
+            return b.decode("utf-8"), 0
+        except UnicodeDecodeError:
+            s = b.decode("utf-8", errors="replace")
+            return s, s.count("\ufffd") - b.decode("utf-8", errors="ignore").count("\ufffd")
+
+    def _separated(self, path: Path) -> Iterator[Doc | Malformed]:
+        src = str(path)
+        raw, f = _open_binary(path)
+        self._raw = raw
+        lines: list[str] = []
+        start, bad = 0, 0
+
+        def flush():
+            text = "".join(lines)
+            return Doc(text, f"{path.name}:{start}", src, start, bad) if text.strip() else None
+
+        with raw, f:
+            for lineno, bline in enumerate(f, 1):
+                line, nbad = self._decode(bline)
+                if self._sep.search(line.rstrip("\r\n")):
+                    if lines and (d := flush()) is not None:
+                        yield d
+                    lines, start, bad = [], lineno, 0
+                elif not lines and start == 0:
+                    start = lineno  # text before the first separator is a document too
+                lines.append(line)
+                bad += nbad
+            if lines and (d := flush()) is not None:
+                yield d
+
+    def _whole(self, path: Path) -> Iterator[Doc | Malformed]:
+        raw, f = _open_binary(path)
+        self._raw = raw
+        with raw, f:
+            text, bad = self._decode(f.read())
+        if text.strip():
+            yield Doc(text, path.name, str(path), 0, bad)
+        else:
+            yield Malformed(str(path), 0, "empty file")
+
+
+def read_documents(inputs: list[str | os.PathLike], config: InputConfig | None = None) -> Iterator[Doc | Malformed]:
+    """All documents and malformed records of `inputs`, in input order."""
+    return iter(DocumentReader(inputs, config))
