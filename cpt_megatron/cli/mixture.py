@@ -1,0 +1,69 @@
+"""`cpt mixture report`: realized token shares, epochs and phases of a mixture, before training."""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["register"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("mixture", help="inspect data mixtures")
+    sub = p.add_subparsers(dest="mixture_command", metavar="<subcommand>")
+    r = sub.add_parser(
+        "report",
+        parents=[subparsers.common],
+        help="token share per source/group, epochs per source, tokens per phase, PNG of the schedule",
+    )
+    r.add_argument("--mixture", required=True, metavar="FILE.yaml", help="YAML of MixtureConfig (sources, alpha, phases...)")
+    r.add_argument("--seq-len", type=int, required=True)
+    r.add_argument("--train-samples", type=int, required=True)
+    r.add_argument("--valid-samples", type=int, default=0)
+    r.add_argument("--cache-dir", default=None, help="megatron index cache (default: a temp dir, removed after)")
+    r.add_argument("--png", default=None, metavar="OUT.png", help="plot the domain share over the run")
+    r.set_defaults(func=run_report)
+    p.set_defaults(func=lambda args: p.print_help())
+
+
+def run_report(args) -> dict:
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from cpt_megatron.data.mixture import build_mixture, mixture_config_from_dict
+    from cpt_megatron.data.preprocess import read_meta
+
+    with open(args.mixture) as f:
+        raw = yaml.safe_load(f) or {}
+    cfg = mixture_config_from_dict(raw.get("mixture", raw) if isinstance(raw, dict) else {})
+    meta = read_meta(cfg.sources[0].prefix)
+    if not meta or "tokenizer" not in meta:
+        raise ValueError(f"{cfg.sources[0].prefix}.meta.json missing: the report reads the tokenizer from it")
+    tok = meta["tokenizer"]
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="cpt-mixture-")
+    try:
+        mix = build_mixture(
+            cfg, seq_len=args.seq_len, train_samples=args.train_samples, valid_samples=args.valid_samples,
+            cache_dir=cache, tokenizer_vocab_size=tok["vocab_size"], eod_id=tok["eod_id"],
+            tokenizer_sha256=tok.get("sha256"),
+        )
+        report = mix.report()
+        if args.png:
+            report["png"] = mix.plot(args.png)
+    finally:
+        if args.cache_dir is None:
+            shutil.rmtree(cache, ignore_errors=True)
+    if not args.json:
+        print(f"{report['tokens']:,} training tokens ({report['train_samples']:,} samples x {report['seq_len']})")
+        print("groups: " + ", ".join(f"{g} {s:.3f}" for g, s in report["groups"].items()))
+        for name, s in report["sources"].items():
+            print(f"  {name:<20} {s['group']:<8} share {s['share']:.3f}  tokens {s['tokens']:>14,}  epochs {s['epochs']:.2f}")
+        for k, ph in enumerate(report["phases"]):
+            print(f"phase {k}: samples [{ph['start']}, {ph['end']}) alpha {ph['alpha']} realized {ph['domain_share']:.3f} "
+                  f"tokens {ph['tokens']:,}")
+        for w in report["warnings"]:
+            print(f"WARNING: {w}")
+        if args.png:
+            print(f"wrote {report['png']}")
+    return json.loads(json.dumps(report))
