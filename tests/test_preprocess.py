@@ -1,0 +1,175 @@
+"""`cpt preprocess`: round trip, worker-count invariance, resumability, bad input, multi-key."""
+
+from __future__ import annotations
+
+import filecmp
+import gzip
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cpt_megatron.cli import main
+from cpt_megatron.data import preprocess as pp
+from cpt_megatron.errors import CptError
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cpt_cache"))
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data, tmp_path_factory):
+    """~400 real documents: MedQuAD pages and WikiText-2 paragraphs, plus two empty docs."""
+    d = tmp_path_factory.mktemp("corpus")
+    text = (shared_data / "domain" / "medquad_qa.txt").read_text()[:1_500_000]
+    docs = [x for x in re.split(r"(?m)^(?=# )", text) if x.strip()][:300]
+    wiki = (shared_data / "general" / "wikitext2_raw_test.txt").read_text().split("\n")[:2000]
+    docs += ["\n".join(wiki[i : i + 20]) for i in range(0, len(wiki), 20)]
+    docs.insert(5, "")
+    docs.insert(50, "")
+    path = d / "c.jsonl"
+    with open(path, "w") as f:
+        for i, t in enumerate(docs):
+            f.write(json.dumps({"id": i, "source": "test", "text": t}) + "\n")
+    return path, docs
+
+
+def _cfg(corpus_path, tok, out, **kw):
+    kw.setdefault("append_eod", True)
+    kw.setdefault("progress", False)
+    return pp.PreprocessConfig(inputs=[str(corpus_path)], tokenizer=str(tok), out=str(out), **kw)
+
+
+def test_round_trip_and_meta(corpus, gpt2_tokenizer_dir, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from cpt_megatron.tokenizer.load import load_tokenizer
+
+    path, docs = corpus
+    s = pp.preprocess(_cfg(path, gpt2_tokenizer_dir, tmp_path / "ds", chunk_bytes=200_000))
+    out = s["outputs"]["text"]
+    kept = [t for t in docs if t]
+    assert out["documents"] == len(kept) and out["empty_docs_skipped"] == 2
+    tok = load_tokenizer(gpt2_tokenizer_dir)
+    ds = IndexedDataset(str(tmp_path / "ds"))
+    assert len(ds) == len(kept)
+    for i in range(0, len(kept), 7):
+        ids = ds[i].tolist()
+        assert ids[-1] == tok.eos_token_id
+        assert ids[:-1] == tok(kept[i], add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == kept[i] + "<|endoftext|>"
+    meta = json.loads((tmp_path / "ds.meta.json").read_text())
+    assert meta["tokenizer"]["vocab_size"] == 50257 and meta["tokenizer"]["eod_id"] == 50256
+    assert set(meta["tokenizer"]["sha256"]) == {"encoder.json", "vocab.bpe"}
+    assert meta["dtype"] == "uint16" and meta["tokens"] == sum(len(ds[i]) for i in range(len(ds)))
+    assert meta["sources"][0]["sha256"] and meta["empty_docs_skipped"] == 2
+    assert not (tmp_path / "ds.shards").exists()
+
+
+def test_same_bytes_any_workers_and_hf_encoder(corpus, gpt2_tokenizer_dir, tmp_path):
+    path, _ = corpus
+    gz = tmp_path / "c.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    pp.preprocess(_cfg(path, gpt2_tokenizer_dir, tmp_path / "w1", workers=1, chunk_bytes=150_000))
+    pp.preprocess(_cfg(gz, gpt2_tokenizer_dir, tmp_path / "w2", workers=2, chunk_bytes=150_000))
+    pp.preprocess(_cfg(path, gpt2_tokenizer_dir, tmp_path / "hf", workers=2, chunk_bytes=400_000, fast=False))
+    for other in ("w2", "hf"):
+        for ext in ("bin", "idx"):
+            assert filecmp.cmp(tmp_path / f"w1.{ext}", tmp_path / f"{other}.{ext}", shallow=False), (other, ext)
+
+
+def test_resume_skips_finished_shards(corpus, gpt2_tokenizer_dir, tmp_path, monkeypatch):
+    path, _ = corpus
+    cfg = _cfg(path, gpt2_tokenizer_dir, tmp_path / "r", chunk_bytes=100_000)
+    ref = _cfg(path, gpt2_tokenizer_dir, tmp_path / "ref", chunk_bytes=100_000)
+    pp.preprocess(ref)
+    real = pp._encode_shard
+    calls = []
+
+    def flaky(task):  # the "interruption": shard 3 fails
+        calls.append(task[0])
+        if task[0] == 3:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(pp, "_encode_shard", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pp.preprocess(cfg)
+    assert not (tmp_path / "r.bin").exists() and not (tmp_path / "r.idx").exists()
+    assert not list(tmp_path.glob("r.bin*")) and not list(tmp_path.glob("r.idx*"))
+    calls.clear()
+
+    def counting(task):
+        calls.append(task[0])
+        return real(task)
+
+    monkeypatch.setattr(pp, "_encode_shard", counting)
+    s = pp.preprocess(cfg)
+    assert s["shards_skipped"] == 3 and calls[0] == 3
+    for ext in ("bin", "idx"):
+        assert filecmp.cmp(tmp_path / f"r.{ext}", tmp_path / f"ref.{ext}", shallow=False)
+
+
+def test_multi_key_each_finalized(shared_data, gpt2_tokenizer_dir, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    lines = (shared_data / "domain" / "gsm8k_test.jsonl").read_text().splitlines()[:100]
+    src = tmp_path / "g.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    s = pp.preprocess(_cfg(src, gpt2_tokenizer_dir, tmp_path / "g", json_keys=("question", "answer")))
+    assert set(s["outputs"]) == {"question", "answer"}
+    for key in ("question", "answer"):
+        ds = IndexedDataset(str(tmp_path / f"g_{key}"))
+        assert len(ds) == 100
+        assert json.loads((tmp_path / f"g_{key}.meta.json").read_text())["json_key"] == key
+
+
+@pytest.mark.parametrize(
+    "content,expect",
+    [
+        ('{"text": "ok"}\n{"text": "fine"}\n{"text": broken\n', r"bad\.jsonl:3: bad JSON"),
+        ('{"text": "ok"}\n[1, 2]\n', r"bad\.jsonl:2: expected a JSON object"),
+        ('{"text": "ok"}\n{"body": "x"}\n', r"bad\.jsonl:2: no key 'text'"),
+        ('{"text": 5}\n', r"bad\.jsonl:1: key 'text' holds int"),
+    ],
+)
+def test_bad_json_names_file_and_line(gpt2_tokenizer_dir, tmp_path, content, expect):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    with pytest.raises(CptError, match=expect):
+        pp.preprocess(_cfg(bad, gpt2_tokenizer_dir, tmp_path / "o"))
+    assert not (tmp_path / "o.bin").exists()
+
+
+def test_cli_errors_are_one_line(gpt2_tokenizer_dir, tmp_path, capsys):
+    corrupt = tmp_path / "x.jsonl.gz"
+    corrupt.write_bytes(b"\x1f\x8b" + b"not gzip at all" * 10)
+    for inp in (tmp_path / "missing.jsonl", corrupt):
+        rc = main(["preprocess", "--input", str(inp), "--tokenizer", str(gpt2_tokenizer_dir), "--out",
+                   str(tmp_path / "o"), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err and inp.name in err, err
+
+
+def test_cli_json_summary(corpus, gpt2_tokenizer_dir, tmp_path, capsys):
+    path, docs = corpus
+    rc = main(["preprocess", "--input", str(path), "--tokenizer", str(gpt2_tokenizer_dir), "--out", str(tmp_path / "c"),
+               "--append-eod", "--workers", "2", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["outputs"]["text"]["documents"] == len([t for t in docs if t])
+
+
+def test_preprocess_import_is_light():
+    code = "import sys, cpt_megatron.data.preprocess, cpt_megatron.cli.preprocess; " \
+           "bad = [m for m in ('torch', 'megatron', 'transformers') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_uint16_array_dtype_for_small_vocab():
+    assert np.dtype(pp.optimal_dtype(50257)).name == "uint16"
