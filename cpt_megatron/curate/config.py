@@ -95,7 +95,7 @@ class LangIdConfig:
     romanized_hindi: str = "keep"
     """What to do with Roman-script Hindi/Hinglish: `keep` (tag lang=hi-Latn), `drop`, or `route`
     (written to routes/hi-Latn/ instead of the main shards; counted as kept)."""
-    code_mixed_min: float = 0.3
+    code_mixed_min: float = 0.2
     """A Roman-script document whose romanized-Hindi word share is in [code_mixed_min, 1-code_mixed_min]
     is counted as code-mixed in the report."""
 

@@ -6,7 +6,6 @@ Each filter returns None to keep the document or a short reason string (counted 
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from cpt_megatron.curate.config import LengthConfig, QualityConfig
 
@@ -60,26 +59,41 @@ def _dup_frac(items: list[str]) -> tuple[float, float]:
     return n_dup / len(items), chars_dup / total_chars
 
 
-def _top_ngram_frac(words: list[str], n: int, total_chars: int) -> float:
-    if len(words) < n:
-        return 0.0
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    gram, count = grams.most_common(1)[0]
-    if count < 2:
-        return 0.0
-    return sum(len(w) for w in gram) * count / total_chars
+def _ngram_ids(ids, n: int):
+    """One int64 id per word n-gram (polynomial hash of word ids; collisions are negligible at 2^64)."""
+    import numpy as np
+
+    h = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+    for k in range(n):
+        h = h * np.uint64(1_000_003) + ids[k : len(ids) - n + 1 + k]
+    return h
 
 
-def _dup_ngram_frac(words: list[str], n: int, total_chars: int) -> float:
-    if len(words) < n:
-        return 0.0
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    covered = bytearray(len(words))
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i : i + n] = b"\x01" * n
-    return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
+def _ngram_fracs(words: list[str], total_chars: int, top_ns, dup_ns) -> tuple[dict, dict]:
+    """{n: top n-gram char share}, {n: duplicated n-gram char share}, vectorized with numpy."""
+    import numpy as np
+
+    vocab: dict[str, int] = {}
+    ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.uint64)
+    lens = np.array([len(w) for w in words], dtype=np.int64)
+    top, dup = {}, {}
+    for n in sorted(set(top_ns) | set(dup_ns)):
+        if len(words) < n:
+            top[n] = dup[n] = 0.0
+            continue
+        g = _ngram_ids(ids, n)
+        uniq, inv, counts = np.unique(g, return_inverse=True, return_counts=True)
+        if n in top_ns:
+            best = int(np.argmax(counts))
+            first = int(np.flatnonzero(inv == best)[0])
+            top[n] = 0.0 if counts[best] < 2 else float(lens[first : first + n].sum() * counts[best]) / total_chars
+        if n in dup_ns:
+            starts = np.flatnonzero(counts[inv] > 1)
+            covered = np.zeros(len(words) + 1, dtype=np.int64)
+            np.add.at(covered, starts, 1)
+            np.add.at(covered, starts + n, -1)
+            dup[n] = float(lens[np.cumsum(covered)[: len(words)] > 0].sum()) / total_chars
+    return top, dup
 
 
 def quality_reason(text: str, q: QualityConfig) -> str | None:
@@ -123,10 +137,14 @@ def quality_reason(text: str, q: QualityConfig) -> str | None:
         return "dup_paragraphs"
     if q.max_dup_para_char_frac is not None and cfrac > q.max_dup_para_char_frac:
         return "dup_paragraph_chars"
-    for n, limit in sorted((q.max_top_ngram_char_frac or {}).items()):
-        if _top_ngram_frac(words, int(n), total_chars) > limit:
-            return f"top_{n}gram"
-    for n, limit in sorted((q.max_dup_ngram_char_frac or {}).items()):
-        if _dup_ngram_frac(words, int(n), total_chars) > limit:
-            return f"dup_{n}gram"
+    tops = {int(n): v for n, v in (q.max_top_ngram_char_frac or {}).items()}
+    dups = {int(n): v for n, v in (q.max_dup_ngram_char_frac or {}).items()}
+    if tops or dups:
+        top, dup = _ngram_fracs(words, total_chars, tops, dups)
+        for n, limit in sorted(tops.items()):
+            if top[n] > limit:
+                return f"top_{n}gram"
+        for n, limit in sorted(dups.items()):
+            if dup[n] > limit:
+                return f"dup_{n}gram"
     return None

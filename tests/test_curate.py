@@ -1,0 +1,275 @@
+"""`cpt curate`: readers, accounting, dedup quality on planted near-duplicates, PII, determinism, Redis."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from cpt_megatron.curate import CurateConfig, curate, load_config
+from cpt_megatron.curate.dedup import MinHasher, shingles
+from cpt_megatron.curate.pii import luhn_valid, redact_pii, verhoeff_valid
+from cpt_megatron.curate.readers import Doc, Malformed, read_documents
+
+
+def _write_jsonl(path, docs):
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+
+
+def _read_out(folder, pattern="shard-*.jsonl.gz"):
+    out = []
+    for p in sorted(folder.glob(pattern)):
+        with gzip.open(p, "rt") as f:
+            out.extend(json.loads(line) for line in f)
+    return out
+
+
+def _gutenberg_docs(shared_data, n_docs: int, lines_per_doc: int = 12, skip: int = 0) -> list[str]:
+    lines = [ln for ln in (shared_data / "general/gutenberg_nltk17_tokenized.txt").read_text().splitlines() if len(ln.split()) > 8]
+    lines = lines[skip:]
+    return [" ".join(lines[i * lines_per_doc : (i + 1) * lines_per_doc]) for i in range(n_docs)]
+
+
+def _edit(text: str, rate: float, rng: random.Random) -> str:
+    words = text.split()
+    for _ in range(max(1, int(len(words) * rate))):
+        i = rng.randrange(len(words))
+        op = rng.random()
+        if op < 0.4:
+            words[i] = rng.choice(["alpha", "beta", "gamma", "delta", "omega", "sigma"])
+        elif op < 0.7:
+            del words[i]
+        else:
+            words.insert(i, rng.choice(["new", "old", "red", "blue"]))
+    return " ".join(words)
+
+
+def _jaccard(a: str, b: str) -> float:
+    sa, sb = set(shingles(a)), set(shingles(b))
+    return len(sa & sb) / len(sa | sb)
+
+
+DEDUP_ONLY = {"stages": ["normalize", "exact_dedup", "minhash_dedup"]}
+
+
+# ---------------------------------------------------------------- readers and accounting
+
+
+def test_readers_all_formats_keep_source_id_position(tmp_path, shared_data):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    _write_jsonl(tmp_path / "a.jsonl", [{"text": "one", "id": "x1"}, {"text": "two"}])
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "three"}) + "\n")
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "four"}\n'))
+    pq.write_table(pa.table({"text": ["five", None], "id": [5, 6]}), tmp_path / "d.parquet")
+    recs = list(read_documents([tmp_path], load_config(overrides={"input": {"glob": "*"}}).input))
+    docs = [r for r in recs if isinstance(r, Doc)]
+    assert [d.text for d in docs] == ["one", "two", "three", "four", "five"]
+    assert docs[0].id == "x1" and docs[1].id == "a.jsonl:2" and docs[1].position == 2 and docs[4].id == "5"
+    assert [str(m).split("/")[-1] for m in recs if isinstance(m, Malformed)] == ["d.parquet:1: row 1: column 'text' is null"]
+
+    # plain text with separators: the real CUAD file, header line starts each contract
+    cfg = load_config(overrides={"input": {"doc_separator": r"^<<< .* >>>$"}}).input
+    it = read_documents([shared_data / "domain/cuad_contracts.txt"], cfg)
+    first, second = next(it), next(it)
+    assert first.text.startswith("<<< 2ThemartComInc") and first.position == 1
+    assert second.text.startswith("<<< ") and second.position > first.position
+    assert "<<< " not in first.text[4:]
+
+
+def test_accounting_invariant_with_malformed_lines(tmp_path, shared_data):
+    docs = _gutenberg_docs(shared_data, 60)
+    p = tmp_path / "in.jsonl"
+    with open(p, "wb") as f:
+        for i, d in enumerate(docs + docs[:5]):  # 5 exact duplicates
+            f.write((json.dumps({"text": d, "id": f"d{i}"}) + "\n").encode())
+            if i == 3:
+                f.write(b'{"text": "broken json\n')
+            if i == 7:
+                f.write(b'{"title": "no text field"}\n')
+            if i == 11:
+                f.write(b'{"text": "bad \xff\xfe bytes"}\n')
+            if i == 13:
+                f.write(b'["not", "an", "object"]\n')
+    res = curate([p], tmp_path / "out", CurateConfig())
+    assert res.read == 69 and res.malformed == 4
+    assert res.kept + sum(res.removed.values()) + res.malformed == res.read
+    assert res.removed["exact_dedup"] == 5
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    lines = [m.split("in.jsonl:")[1] for m in report["malformed_records"]]
+    assert [ln.split(":")[0] for ln in lines] == ["5", "10", "15", "18"]
+    assert "bad JSON" in lines[0] and "'text' missing" in lines[1] and "undecodable" in lines[2]
+    kept = _read_out(tmp_path / "out")
+    assert len(kept) == res.kept and all({"text", "id", "source"} <= set(d) for d in kept)
+    st = report["stages"]
+    for a, b in zip(list(st)[:-1], list(st)[1:]):
+        assert st[a]["docs_out"] == st[b]["docs_in"]
+
+
+# ---------------------------------------------------------------- dedup
+
+
+def test_signatures_equal_datasketch():
+    from datasketch import MinHash
+
+    texts = ["a b c d e f g h i j k", "", "short", "x " * 3000 + "y z"]
+    sig = MinHasher().signatures(texts, chunk=512)
+    for t, s in zip(texts, sig):
+        m = MinHash()
+        for sh in shingles(t):
+            m.update(sh)
+        assert np.array_equal(m.hashvalues, s)
+
+
+def _planted_corpus(shared_data, seed=0):
+    rng = random.Random(seed)
+    base = _gutenberg_docs(shared_data, 300, skip=5000)
+    docs, truth = [{"text": t, "id": f"b{i}"} for i, t in enumerate(base)], set()
+    for k in range(150):
+        i = rng.randrange(len(base))
+        near = rng.random() < 0.6
+        t = _edit(base[i], 0.01 if near else 0.08, rng)
+        j = _jaccard(base[i], t)
+        docs.append({"text": t, "id": f"p{k}"})
+        if j >= 0.8:
+            truth.add(f"p{k}")
+    for k in range(20):
+        docs.append({"text": base[rng.randrange(len(base))], "id": f"e{k}"})
+    return docs, truth
+
+
+def test_planted_near_duplicates_precision_recall(tmp_path, shared_data):
+    docs, truth = _planted_corpus(shared_data)
+    assert 60 <= len(truth) <= 120  # the generator planted both sides of the threshold
+    _write_jsonl(tmp_path / "in.jsonl", docs)
+    res = curate([tmp_path / "in.jsonl"], tmp_path / "out", load_config(overrides=DEDUP_ONLY))
+    assert res.removed["exact_dedup"] == 20  # exact copies always removed, by the exact stage
+    kept = {d["id"] for d in _read_out(tmp_path / "out")}
+    flagged = {d["id"] for d in docs} - kept - {f"e{k}" for k in range(20)}
+    tp = len(flagged & truth)
+    precision, recall = tp / max(1, len(flagged)), tp / len(truth)
+    assert precision >= 0.95 and recall >= 0.9, (precision, recall, len(flagged), len(truth))
+    assert all(d.startswith("b") or d.startswith("p") for d in kept)
+    assert sum(d.startswith("b") for d in kept) == 300  # no original lost
+
+
+def test_workers_1_and_2_byte_identical(tmp_path, shared_data):
+    docs, _ = _planted_corpus(shared_data, seed=1)
+    _write_jsonl(tmp_path / "in.jsonl", docs[:300])
+    outs = []
+    for w in (1, 2):
+        cfg = load_config(overrides={"quality": {"min_words": 20}, "shard_docs": 100})
+        res = curate([tmp_path / "in.jsonl"], tmp_path / f"w{w}", cfg, workers=w)
+        outs.append(tmp_path / f"w{w}")
+        assert res.kept > 100
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert len([f for f in files if f.name.startswith("shard-")]) >= 2
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server binary not found (apt-get install -y redis-server); CI installs it")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    for _ in range(100):
+        try:
+            redis.Redis(port=port).ping()
+            break
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_redis_backend_same_decisions(tmp_path, shared_data, redis_url):
+    docs, _ = _planted_corpus(shared_data, seed=2)
+    _write_jsonl(tmp_path / "in.jsonl", docs)
+    mem = curate([tmp_path / "in.jsonl"], tmp_path / "mem", load_config(overrides=DEDUP_ONLY))
+    red = curate([tmp_path / "in.jsonl"], tmp_path / "red", load_config(overrides={**DEDUP_ONLY, "lsh": redis_url}))
+    assert red.removed == mem.removed and mem.removed["minhash_dedup"] > 50
+    for f in ("shard-00000.jsonl.gz", "rejected/minhash_dedup-00000.jsonl.gz"):
+        assert (tmp_path / "mem" / f).read_bytes() == (tmp_path / "red" / f).read_bytes()
+
+
+# ---------------------------------------------------------------- PII
+
+
+def test_pii_each_type_and_checksums():
+    cases = {
+        "EMAIL": "write to jane.roe+news@mail.example.org today",
+        "PHONE": "call +91 98765 43210 or (415) 555-0199",
+        "IPV4": "host 10.0.12.254 answered",
+        "IPV6": "bind to 2001:db8:85a3::8a2e:370:7334 now",
+        "CREDIT_CARD": "card 4539 1488 0343 6467 expired",
+        "SSN": "SSN 219-09-9999 on file",
+        "AADHAAR": "Aadhaar 2345 6789 0124 linked",
+        "PAN": "PAN ABCPE1234F filed",
+    }
+    for kind, text in cases.items():
+        out, counts = redact_pii(text)
+        assert f"<{kind}>" in out and counts[kind] >= 1, (kind, out)
+        assert not any(ch.isdigit() for ch in out.split(f"<{kind}>")[0][-3:])
+    assert luhn_valid("4539148803436467") and not luhn_valid("4539148803436468")
+    assert verhoeff_valid("234567890124") and not verhoeff_valid("234567890125")
+    # invalid checksums are left alone
+    for text in ("card 4539 1488 0343 6468 expired", "Aadhaar 2345 6789 0125 linked"):
+        assert redact_pii(text)[0] == text
+
+
+def test_pii_leaves_ordinary_numbers_and_dates():
+    text = (
+        "On 2021-03-04 (12/05/2020, 12.03.2021) at 12:30:45 we sold 1,234,567 units for $1,234.56 "
+        "(version 1.2.3, pi 3.14159, ISBN 978-3-16-148410-0, order 1234567890123, year 1999, "
+        "ratio 3:2:1, 100 000 people, room 4111, 5 + 3 = 8, +5 points, 16:9 screens, chapter 10.2.1)."
+    )
+    out, counts = redact_pii(text)
+    assert out == text and not counts
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_json_last_line_and_separator(tmp_path, shared_data, capsys):
+    from cpt_megatron.cli import main
+
+    src = tmp_path / "mq.txt"
+    with open(shared_data / "domain/medquad_qa.txt") as f:
+        head = [next(f) for _ in range(1500)]
+    src.write_text("".join(head))
+    rc = main(["curate", "-i", str(src), "-o", str(tmp_path / "o"), "--doc-separator", "^# ",
+               "--stages", "normalize,exact_dedup,minhash_dedup,pii", "--json", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) >= {"read", "kept", "malformed", "removed", "out"}
+    assert summary["read"] == sum(1 for ln in head if ln.startswith("# "))
+    assert summary["kept"] + sum(summary["removed"].values()) + summary["malformed"] == summary["read"]
+    assert list(summary["removed"]) == ["normalize", "exact_dedup", "minhash_dedup", "pii"]
+    rc = main(["curate", "-i", str(src), "-o", str(tmp_path / "o"), "--stages", "nope"])
+    assert rc == 2
