@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Llama-3-8B continued pretraining: 2 nodes x 8 GPUs (1 node works too: set --nodes=1), TP 2 x DP 8,
 # sequence parallel, distributed optimizer. `cpt estimate --model llama3-8b --gpus 16 --gpu h100 --tp 2
-# --tokens 50e9`: ~48 GiB per GPU, ~3,400 H100-hours at 40% MFU.
+# --tokens 50e9`: ~48 GiB per GPU, ~1,800 H100-hours (~4.7 days) at 40% MFU.
 #
 #   sbatch slurm/cpt_8b.sh                               # from the repo root on a shared filesystem
 #   RECIPE=recipes/my.yaml RUN_NAME=try2 sbatch slurm/cpt_8b.sh
