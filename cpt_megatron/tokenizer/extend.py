@@ -63,6 +63,7 @@ class ExtendResult:
     domain_tokens_before: int
     domain_tokens_after: int  # on the training text, from the training simulation
     stop_reason: str
+    marks_joined: bool  # pre-tokenizer rewritten so combining marks stay inside words
     sample_new_tokens: list[str]
 
     def to_dict(self) -> dict:
@@ -101,13 +102,89 @@ def _style(tj: dict) -> str:
     return "byte-level"
 
 
-def _words(backend, lines: Iterable[str], style: str) -> Counter:
-    """Pre-tokens in the model's alphabet with their frequencies."""
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _add_marks(pattern: str) -> str:
+    r"""Make a pre-tokenizer regex treat combining marks (\p{M}) as letters.
+
+    The GPT-2/Llama 3 patterns split words at every \p{M}: Devanagari vowel signs and viramas are
+    marks, so " किताब" becomes " क", "ि", "त", "ा", "ब" and no merge can ever build a Hindi word.
+    Text without combining marks (English in NFC) pre-tokenizes exactly as before.
+    """
+    out, depth, i = [], 0, 0
+    while i < len(pattern):
+        if pattern[i] == "\\":
+            tok = pattern[i : i + 5] if pattern.startswith(r"\p{L}", i) else pattern[i : i + 2]
+            if tok == r"\p{L}":
+                out.append(r"\p{L}\p{M}" if depth else r"[\p{L}\p{M}]")
+            else:
+                out.append(tok)
+            i += len(tok)
+            continue
+        if pattern[i] == "[":
+            depth += 1
+        elif pattern[i] == "]" and depth:
+            depth -= 1
+        out.append(pattern[i])
+        i += 1
+    return "".join(out)
+
+
+def _join_marks(tj: dict) -> bool:
+    """Rewrite the pre-tokenizer of a tokenizer.json dict in place so marks join words; False if unknown."""
+    pre = tj.get("pre_tokenizer")
+    if pre is None:
+        return False
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        byte_level = dict(pre, use_regex=False)
+        split = {"type": "Split", "pattern": {"Regex": _add_marks(GPT2_PATTERN)}, "behavior": "Isolated",
+                 "invert": False}
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, byte_level]}
+        return True
+    if pre.get("type") == "Sequence":
+        changed = False
+        for p in pre["pretokenizers"]:
+            if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
+                new = _add_marks(p["pattern"]["Regex"])
+                changed |= new != p["pattern"]["Regex"]
+                p["pattern"]["Regex"] = new
+            elif p.get("type") == "ByteLevel" and p.get("use_regex", True):
+                return False  # two regex stages: not a layout we know how to rewrite safely
+        return changed
+    return False
+
+
+def _mark_share(lines: list[str]) -> float:
+    import unicodedata
+
+    letters = marks = 0
+    for line in lines[:2000]:
+        for ch in line:
+            cat = unicodedata.category(ch)
+            letters += cat[0] == "L"
+            marks += cat[0] == "M"
+    return marks / max(1, letters + marks)
+
+
+def _in_scripts(text: str, scripts: tuple[str, ...]) -> bool:
+    import unicodedata
+
+    return any(unicodedata.name(ch, "").startswith(scripts) for ch in text if ch.isalpha() or ch.isprintable())
+
+
+def _words(backend, lines: Iterable[str], style: str, scripts: tuple[str, ...] | None = None) -> Counter:
+    """Pre-tokens in the model's alphabet with their frequencies (only those with a char of `scripts`)."""
     counts: Counter = Counter()
     norm, pre = backend.normalizer, backend.pre_tokenizer
     for line in lines:
         s = norm.normalize_str(line) if norm is not None else line
-        pieces = [p for p, _ in pre.pre_tokenize_str(s)] if pre is not None else [s]
+        if pre is None:
+            pieces = [s]
+        elif scripts:
+            pieces = [p for p, (i, j) in pre.pre_tokenize_str(s) if _in_scripts(s[i:j], scripts)]
+        else:
+            pieces = [p for p, _ in pre.pre_tokenize_str(s)]
         if style == "sentencepiece":
             for p in pieces:
                 counts.update(_SPLIT_METASPACE.findall(p))
@@ -117,18 +194,33 @@ def _words(backend, lines: Iterable[str], style: str) -> Counter:
 
 
 def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, min_frequency: int = 3,
-                   max_token_chars: int = 24):
+                   max_token_chars: int = 24, scripts: tuple[str, ...] | None = None,
+                   join_marks: bool | None = None):
     """Continued BPE training on `lines`; returns (new tokenizers.Tokenizer, stats dict).
 
     `num_new_tokens` counts new vocabulary entries (ids); merges whose result already is a base token
-    cost nothing. Stops early when the best pair is rarer than `min_frequency`.
+    cost nothing. Stops early when the best pair is rarer than `min_frequency`. `scripts` (Unicode
+    name prefixes such as "DEVANAGARI") restricts learning to pre-tokens with a character of those
+    scripts, so general (e.g. English) text keeps its encoding. `join_marks` rewrites a byte-level
+    pre-tokenizer so combining marks stay inside words (needed for Indic scripts); None: on when more
+    than 5% of the domain text's letters are marks.
     """
     from tokenizers import Tokenizer
 
     if num_new_tokens < 1:
         raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
+    lines = list(lines)
     tj = json.loads(base_backend.to_str())
     style = _style(tj)
+    if join_marks is None:
+        join_marks = style == "byte-level" and _mark_share(lines) > 0.05
+    marks_joined = False
+    if join_marks:
+        marks_joined = _join_marks(tj)
+        if not marks_joined:
+            raise CptError("join_marks: this tokenizer's pre-tokenizer is not a regex we can rewrite")
+        # base segmentation is now computed with the rewritten pre-tokenizer (base merges, new word split)
+        base_backend = Tokenizer.from_str(json.dumps(tj))
     model = tj["model"]
     vocab: dict[str, int] = model["vocab"]
     added_ids = [t["id"] for t in tj.get("added_tokens", [])]
@@ -138,7 +230,7 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
     if model.get("unk_token") in vocab:
         barrier_ids.add(vocab[model["unk_token"]])
 
-    word_counts = _words(base_backend, lines, style)
+    word_counts = _words(base_backend, lines, style, scripts)
     if not word_counts:
         raise CptError("the domain input is empty: nothing to learn new tokens from")
     bpe = base_backend.model
@@ -246,6 +338,7 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
         "domain_tokens_before": tokens_before,
         "domain_tokens_after": sum(len(s) * f for s, f in zip(words, freqs)),
         "stop_reason": stop,
+        "marks_joined": marks_joined,
         "new_tokens": new_tokens,
     }
     return new_backend, stats
@@ -286,6 +379,7 @@ def _merge(syms: list, a: str, b: str, merged: str) -> list:
 
 def extend_tokenizer(base: str | os.PathLike, inputs: list[str | os.PathLike], num_new_tokens: int,
                      out_dir: str | os.PathLike, *, min_frequency: int = 3, max_chars: int | None = None,
+                     scripts: tuple[str, ...] | None = None, join_marks: bool | None = None,
                      overwrite: bool = False) -> ExtendResult:
     """Learn up to `num_new_tokens` domain tokens from `inputs` and save an HF tokenizer dir at `out_dir`.
 
@@ -299,7 +393,8 @@ def extend_tokenizer(base: str | os.PathLike, inputs: list[str | os.PathLike], n
 
     base_tok = load_tokenizer(base)
     backend, stats = extend_backend(
-        base_tok.backend_tokenizer, iter_text(inputs, max_chars), num_new_tokens, min_frequency=min_frequency
+        base_tok.backend_tokenizer, iter_text(inputs, max_chars), num_new_tokens, min_frequency=min_frequency,
+        scripts=tuple(s.upper() for s in scripts) if scripts else None, join_marks=join_marks,
     )
     special = {k: getattr(base_tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                if getattr(base_tok, k, None) is not None}
