@@ -82,6 +82,8 @@ def transformer_config(arch: ModelArch, parallel, opts: ModelOptions, kernels: K
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=cuda,
         variable_seq_lengths=False,
+        # gloo's batched isend/irecv corrupts interleaved-1F1B (vpp) exchanges on CPU; plain p2p is exact
+        batch_p2p_comm=cuda,
         calculate_per_token_loss=True,  # exact token-mean loss whatever the layout / microbatching
     )
     if opts.recompute == "selective":
