@@ -1,0 +1,204 @@
+"""`cpt export-hf`: megatron-core torch_dist checkpoint (imported or trained, any layout) -> HF directory.
+
+Only model keys are read (optimizer state is never touched), one (key, layer) slice at a time.
+safetensors shards are written by a streaming writer: shapes are known up front, so each shard's
+header is written first and tensor bytes follow one by one. Peak RSS ~ the largest megatron tensor
+slice (e.g. one layer's fc1 or the embedding) plus the HF tensor cut from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import torch
+
+from cpt_megatron.checkpoint import mapping
+from cpt_megatron.checkpoint.io import (
+    DTYPES,
+    TOKENIZER_DIR,
+    arch_from_ckpt,
+    ckpt_tensor_keys,
+    dtype_name,
+    read_ckpt_tensor,
+    read_meta,
+    single_process_group,
+)
+from cpt_megatron.errors import CptError
+from cpt_megatron.utils import atomic_dir, write_json
+
+__all__ = ["export_hf", "parse_size", "write_safetensors_streaming", "model_card"]
+
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def parse_size(s: str | int) -> int:
+    if isinstance(s, int):
+        return s
+    t = s.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("GIB", 2**30), ("MIB", 2**20), ("B", 1)):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise CptError(f"--max-shard-size: cannot parse {s!r} (e.g. 5GB, 500MB)") from None
+
+
+def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple, torch.dtype]], produce) -> None:
+    """Write a safetensors file whose tensors come one at a time from `produce(name) -> tensor`."""
+    header, offset = {}, 0
+    for name, shape, dt in entries:
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
+        header[name] = {"dtype": _ST_DTYPE[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dt in entries:
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dt:
+                raise AssertionError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dt}")
+            f.write(t.contiguous().view(torch.uint8).numpy().data)
+            del t
+
+
+def model_card(meta: dict, arch, dtype: str) -> str:
+    src = meta.get("source", {}) or {}
+    base = meta.get("base_model") or src.get("path", "unknown")
+    lines = [
+        "---", "library_name: transformers", f"base_model: {base}", "tags: [cpt-megatron, continued-pretraining]",
+        "---", "", "# Continued-pretraining checkpoint", "",
+        f"Exported by cpt-megatron from a megatron-core checkpoint. Architecture: {arch.model_type}, "
+        f"{arch.num_layers} layers, hidden {arch.hidden_size}, vocab {arch.vocab_size}, dtype {dtype}.", "",
+        f"- Base model: `{base}`",
+    ]
+    if meta.get("tokenizer_extension"):
+        ext = meta["tokenizer_extension"]
+        lines.append(f"- Tokenizer: extended from {ext.get('base_vocab_size')} to {ext.get('vocab_size')} tokens "
+                     f"(new rows initialized with `{ext.get('init')}`)")
+    tr = meta.get("training") or {}
+    if tr:
+        if "mixture" in tr:
+            mix = tr["mixture"]
+            mix_s = ", ".join(f"{k}: {v}" for k, v in mix.items()) if isinstance(mix, dict) else str(mix)
+            lines.append(f"- Data mixture: {mix_s}")
+        if "tokens_trained" in tr:
+            lines.append(f"- Tokens trained: {tr['tokens_trained']:,}" if isinstance(tr["tokens_trained"], int)
+                         else f"- Tokens trained: {tr['tokens_trained']}")
+        for k, v in tr.items():
+            if k not in ("mixture", "tokens_trained"):
+                lines.append(f"- {k}: {v}")
+    else:
+        lines.append("- Training: none recorded (converted checkpoint)")
+    ev = meta.get("eval") or {}
+    if ev:
+        lines += ["", "## Final evaluation", "", "| metric | value |", "|---|---|"]
+        for k, v in ev.items():
+            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(dir)`.", ""]
+    return "\n".join(lines)
+
+
+def _hf_config(meta: dict, arch, dt: torch.dtype) -> dict:
+    cfg = dict(meta["hf_config"])
+    cfg["vocab_size"] = arch.vocab_size
+    keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+    for k in keys:
+        cfg[k] = dtype_name(dt)
+    return cfg
+
+
+def _generation_config(cfg: dict) -> dict:
+    out = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    out["transformers_version"] = cfg.get("transformers_version", "")
+    return out
+
+
+def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
+              max_shard_size: str | int = "5GB", overwrite: bool = False, verify: bool = True,
+              verify_tol: float | None = None) -> dict:
+    """Write an HF checkpoint dir at `out` from the megatron checkpoint `ckpt`; returns a summary."""
+    t0 = time.time()
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    arch = arch_from_ckpt(ckpt)
+    limit = parse_size(max_shard_size)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CptError(f"output {out} already exists; pass --overwrite to replace it")
+    with single_process_group():
+        md = ckpt_tensor_keys(ckpt)
+        names = mapping.hf_names(arch)
+        if arch.tie_word_embeddings:
+            names = [n for n in names if n != "lm_head.weight"]
+        needed = {mapping.hf_source(arch, n)[0] for n in names}
+        missing = sorted(needed - set(md))
+        if missing:
+            raise CptError(f"{ckpt}: missing model tensors {missing} (is this a model checkpoint for this config?)")
+        if dtype is not None and dtype not in DTYPES:
+            raise CptError(f"--dtype must be bf16 or fp32, got {dtype!r}")
+        out_dt = DTYPES[dtype] if dtype else md[mapping.EMBED_KEY].dtype
+        emb_rows = md[mapping.EMBED_KEY].global_shape[0]
+        if emb_rows < arch.vocab_size:
+            raise CptError(f"{ckpt}: embedding has {emb_rows} rows but the tokenizer/config needs {arch.vocab_size}")
+        shapes = mapping.hf_shapes(arch)
+        el = torch.empty((), dtype=out_dt).element_size()
+        shards, cur, cur_bytes = [], [], 0
+        for n in names:
+            b = int(torch.Size(shapes[n]).numel()) * el
+            if cur and cur_bytes + b > limit:
+                shards.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append((n, shapes[n], out_dt))
+            cur_bytes += b
+        shards.append(cur)
+        cache: dict = {}
+
+        def produce(name: str) -> torch.Tensor:
+            key, layer = mapping.hf_source(arch, name)
+            if cache.get("id") != (key, layer):
+                cache.clear()
+                cache["t"] = read_ckpt_tensor(ckpt, key, md[key], layer)
+                cache["id"] = (key, layer)
+            return mapping.to_hf(arch, name, cache["t"]).to(out_dt).contiguous()
+
+        total = sum(int(torch.Size(shapes[n]).numel()) * el for n in names)
+        weight_map = {}
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            for i, entries in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors_streaming(tmp / fname, entries, produce)
+                weight_map.update({n: fname for n, _, _ in entries})
+            cache.clear()
+            write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                              "weight_map": weight_map})
+            cfg = _hf_config(meta, arch, out_dt)
+            write_json(tmp / "config.json", cfg)
+            write_json(tmp / "generation_config.json", _generation_config(cfg))
+            tok_dir = ckpt / (meta.get("tokenizer") or TOKENIZER_DIR)
+            tok_files = sorted(p for p in tok_dir.iterdir() if p.is_file()) if tok_dir.is_dir() else []
+            for f in tok_files:
+                shutil.copy2(f, tmp / f.name)
+            (tmp / "README.md").write_text(model_card(meta, arch, dtype_name(out_dt)))
+            summary = {"out": str(out), "shards": len(shards), "bytes": total, "dtype": dtype_name(out_dt),
+                       "vocab_size": arch.vocab_size, "tokenizer_files": [f.name for f in tok_files],
+                       "seconds_convert": round(time.time() - t0, 2)}
+            if verify:
+                from cpt_megatron.checkpoint.verify import check_parity, verify_checkpoint
+
+                res = verify_checkpoint(tmp, ckpt)
+                summary["verify"] = res
+                check_parity(res, arch, tol=verify_tol if out_dt == torch.float32 else max(verify_tol or 0, 5e-2),
+                             what="export")
+    return summary

@@ -1,0 +1,293 @@
+"""Checkpoint I/O: HF shard reading (validated, lazy), cpt_meta.json, and torch_dist read/write helpers.
+
+Everything here touches one tensor at a time: the HF reader memory-maps shards, the torch_dist
+writer is handed memory-mapped staged tensors, and the reader loads one (key, layer) slice per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from cpt_megatron.errors import CptError
+from cpt_megatron.model.arch import ModelArch
+
+__all__ = [
+    "META_NAME", "TOKENIZER_DIR", "read_meta", "arch_from_ckpt", "HFReader", "load_model_weights", "ckpt_tensor_keys",
+    "read_ckpt_tensor", "write_torch_dist", "single_process_group", "DTYPES",
+]
+
+META_NAME = "cpt_meta.json"
+TOKENIZER_DIR = "tokenizer"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
+
+
+# -- cpt_meta.json ---------------------------------------------------------------------------------------
+def read_meta(ckpt_dir: str | os.PathLike) -> dict:
+    """The checkpoint's `cpt_meta.json` (written by import-hf / resize-embeddings, copied by the trainer)."""
+    f = Path(ckpt_dir) / META_NAME
+    if not f.is_file():
+        raise CptError(f"{ckpt_dir}: no {META_NAME}; is this a checkpoint written by `cpt import-hf` or `cpt train`?")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CptError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from e
+
+
+def arch_from_ckpt(ckpt_dir: str | os.PathLike) -> ModelArch:
+    """ModelArch of a checkpoint; `vocab_size` is the TRUE vocab (tokenizer rows, an extended one included)."""
+    meta = read_meta(ckpt_dir)
+    cfg = dict(meta["hf_config"])
+    cfg["vocab_size"] = int(meta.get("vocab_size", cfg["vocab_size"]))
+    return ModelArch.from_hf_config(cfg, source=str(Path(ckpt_dir) / META_NAME))
+
+
+# -- HF checkpoints --------------------------------------------------------------------------------------
+class HFReader:
+    """Lazy, validated access to the tensors of an HF checkpoint directory.
+
+    Accepts `model.safetensors.index.json` + shards, a single `model.safetensors`, or `pytorch_model*.bin`
+    (with or without index). Missing/corrupt shards and index entries naming absent files are CptErrors.
+    """
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        self.dir = Path(hf_dir)
+        if not self.dir.is_dir():
+            raise CptError(f"HF checkpoint directory not found: {self.dir}")
+        self.weight_map: dict[str, str] = {}
+        self._open: dict[str, object] = {}
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            idx = self.dir / index_name
+            if idx.is_file():
+                try:
+                    self.weight_map = dict(json.loads(idx.read_text())["weight_map"])
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CptError(f"{idx}: not a valid index (expected a 'weight_map' object): {e}") from e
+                break
+        else:
+            for single in ("model.safetensors", "pytorch_model.bin"):
+                if (self.dir / single).is_file():
+                    self.weight_map = {n: single for n in self._names_in(single)}
+                    break
+            else:
+                raise CptError(
+                    f"{self.dir}: no weights found (expected model.safetensors[.index.json] or pytorch_model*.bin)"
+                )
+        self.shards = sorted(set(self.weight_map.values()))
+        missing = [s for s in self.shards if not (self.dir / s).is_file()]
+        if missing:
+            raise CptError(f"{self.dir}: the index names shard file(s) that do not exist: {', '.join(missing)}")
+
+    def _names_in(self, shard: str) -> list[str]:
+        if shard.endswith(".safetensors"):
+            return list(self._safe(shard).keys())
+        return list(self._bin(shard).keys())
+
+    def _safe(self, shard: str):
+        from safetensors import safe_open
+
+        if shard not in self._open:
+            try:
+                self._open[shard] = safe_open(str(self.dir / shard), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CptError(f"{self.dir / shard}: corrupt or truncated safetensors shard ({e})") from e
+        return self._open[shard]
+
+    def _bin(self, shard: str):
+        if shard not in self._open:
+            try:
+                self._open[shard] = torch.load(self.dir / shard, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:
+                raise CptError(f"{self.dir / shard}: corrupt or unreadable PyTorch shard ({e})") from e
+        return self._open[shard]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise CptError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
+        try:
+            if shard.endswith(".safetensors"):
+                return self._safe(shard).get_tensor(name)
+            return self._bin(shard)[name]
+        except CptError:
+            raise
+        except Exception as e:
+            raise CptError(f"{self.dir / shard}: cannot read tensor {name!r} (corrupt shard?): {e}") from e
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shard = self.weight_map[name]
+        if shard.endswith(".safetensors"):
+            return tuple(self._safe(shard).get_slice(name).get_shape())
+        return tuple(self._bin(shard)[name].shape)
+
+    def dtype(self) -> torch.dtype:
+        return self.get(self.names()[0]).dtype
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Cheap integrity check: header parses and the data section has the length the header implies."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CptError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CptError(f"{path}: corrupt safetensors header (length {n} > file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as e:
+            raise CptError(f"{path}: corrupt safetensors header ({e.msg})") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CptError(f"{path}: truncated or corrupt safetensors shard (expected {8 + n + end} bytes, found {size})")
+
+
+# -- torch.distributed for dist_checkpointing ------------------------------------------------------------
+@contextlib.contextmanager
+def single_process_group():
+    """dist_checkpointing needs torch.distributed: a 1-rank gloo group unless one exists (then reuse it)."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    from cpt_megatron.runtime import cpu_redirects
+    from cpt_megatron.runtime.distributed import _free_port
+
+    if not torch.cuda.is_available():
+        cpu_redirects.install()
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, extra_state: list[str]) -> int:
+    """Write (spec, tensor) pairs as a megatron-core torch_dist checkpoint at `out_dir`; returns bytes staged.
+
+    Each converted tensor is streamed to `staging` and re-opened memory-mapped, so the state dict handed to
+    `dist_checkpointing.save` holds no tensor data in anonymous memory (only pages being written are resident).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    staging.mkdir(parents=True, exist_ok=True)
+    sharded, nbytes = {}, 0
+    for n, (spec, t) in enumerate(tensors):
+        f = staging / f"{n:06d}.pt"
+        torch.save(t.contiguous().clone() if t.storage_offset() or not t.is_contiguous() else t, f)
+        nbytes += t.numel() * t.element_size()
+        del t
+        mm = torch.load(f, mmap=True, weights_only=True)
+        if spec.layer is None:
+            st = ShardedTensor.from_rank_offsets(spec.key, mm, replica_id=0)
+            sharded[spec.key] = st
+        else:
+            st = ShardedTensor.from_rank_offsets(spec.key, mm, (0, spec.layer, num_layers), replica_id=0,
+                                                 prepend_axis_num=1)
+            sharded[f"{spec.key}.{spec.layer}"] = st
+    for key in extra_state:
+        for i in range(num_layers):
+            sharded[f"{key}.{i}"] = ShardedObject(key, None, (num_layers,), (i,), replica_id=0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(sharded, str(out_dir))
+    del sharded
+    return nbytes
+
+
+def ckpt_tensor_keys(ckpt_dir: str | os.PathLike) -> dict:
+    """{key: ShardedTensor metadata (global shape, dtype)} for the tensors in a torch_dist checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    if not (Path(ckpt_dir) / "metadata.json").is_file():
+        raise CptError(f"{ckpt_dir}: not a megatron-core distributed checkpoint (no metadata.json)")
+    return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+
+
+def read_ckpt_tensor(ckpt_dir, key: str, meta, layer: int | None) -> torch.Tensor:
+    """One global tensor (one layer's slice for stacked layer keys) from a torch_dist checkpoint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    shape = tuple(meta.global_shape)
+    if layer is None:
+        st = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
+    else:
+        # a (1, ...) slice with an explicit layer offset (no prepend axis: that legacy path wants every layer)
+        st = ShardedTensor.from_rank_offsets(key, torch.empty((1, *shape[1:]), dtype=meta.dtype),
+                                             (0, layer, shape[0]), replica_id=0)
+    out = dist_checkpointing.load({"t": st}, str(ckpt_dir), validate_access_integrity=False)
+    return out["t"] if layer is None else out["t"][0]
+
+
+# -- training/runtime side ------------------------------------------------------------------------------
+def _ckpt_object_keys(ckpt_dir) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(ckpt_dir)).read_metadata()
+    return {k.split("/shard_")[0] for k in md.state_dict_metadata}
+
+
+def load_model_weights(chunks, ckpt_dir: str | os.PathLike) -> None:
+    """Load model weights from a torch_dist checkpoint into this rank's chunks, whatever the layout.
+
+    Strict about missing model tensors (CptError naming them); ignores every other key (optimizer state,
+    RNG, ...), so it works on imported and on training checkpoints. Call on every rank (collective).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    ckpt_dir = str(ckpt_dir)
+    available = ckpt_tensor_keys(ckpt_dir)
+    objects = _ckpt_object_keys(ckpt_dir)
+    state = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    missing, skipped = set(), set()
+    for sd in state.values():
+        for k in list(sd):
+            v = sd[k]
+            if isinstance(v, ShardedObject) and v.key not in objects:
+                skipped.add(k)  # e.g. `_extra_state` absent from a foreign checkpoint: keep the module's own
+                del sd[k]
+        base, _ = extract_sharded_base(sd)
+        for v in _leaves(base):
+            if isinstance(v, ShardedTensor) and v.key not in available:
+                missing.add(v.key)
+            elif hasattr(v, "key") and not isinstance(v, (ShardedTensor, ShardedObject)) and v.key not in available:
+                missing.add(v.key)
+    if missing:
+        raise CptError(f"{ckpt_dir}: checkpoint lacks model tensor(s) {sorted(missing)}; it was written for a "
+                       "different architecture (check tie_word_embeddings / qkv bias)")
+    loaded = dist_checkpointing.load(state, ckpt_dir)
+    for i, c in enumerate(chunks):
+        res = c.load_state_dict(loaded[f"model{i}"], strict=False)
+        bad = [k for k in res.missing_keys if not k.endswith("_extra_state")]
+        if bad or res.unexpected_keys:
+            raise CptError(f"{ckpt_dir}: state dict mismatch: missing {bad}, unexpected {res.unexpected_keys}")
+
+
+def _leaves(d):
+    if isinstance(d, dict):
+        for v in d.values():
+            yield from _leaves(v)
+    elif isinstance(d, list):
+        for v in d:
+            yield from _leaves(v)
+    else:
+        yield d

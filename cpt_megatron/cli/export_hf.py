@@ -1,0 +1,29 @@
+"""`cpt export-hf`: megatron-core checkpoint (imported or trained, any layout) -> HF safetensors directory."""
+
+from __future__ import annotations
+
+
+def register(subparsers):
+    p = subparsers.add_parser("export-hf", parents=[subparsers.common],
+                              help="export a megatron-core checkpoint to an HF directory (streaming, verified)")
+    p.add_argument("--ckpt", required=True, help="checkpoint dir (cpt import-hf output or RUN/checkpoints/iter_N)")
+    p.add_argument("--out", required=True, help="output HF directory")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: the checkpoint's dtype")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--verify-tol", type=float, default=None)
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from cpt_megatron.checkpoint.hf_export import export_hf
+
+    out = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                    overwrite=args.overwrite, verify=not args.no_verify, verify_tol=args.verify_tol)
+    v = out.get("verify")
+    msg = f"exported {out['shards']} shard(s), {out['bytes'] / 1e6:.1f} MB {out['dtype']} to {out['out']}"
+    if v:
+        msg += f"; verify max|diff| {v['max_abs_diff']:.3g} top1 {v['top1_agreement']:.4f}"
+    print(msg, flush=True)
+    return out
