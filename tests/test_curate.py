@@ -273,3 +273,35 @@ def test_cli_json_last_line_and_separator(tmp_path, shared_data, capsys):
     assert list(summary["removed"]) == ["normalize", "exact_dedup", "minhash_dedup", "pii"]
     rc = main(["curate", "-i", str(src), "-o", str(tmp_path / "o"), "--stages", "nope"])
     assert rc == 2
+
+
+def test_curate_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, cpt_megatron.curate, cpt_megatron.cli.curate; print('torch' in sys.modules or 'megatron' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_perplexity_stage_scores_and_filters(tmp_path, shared_data, gpt2_tokenizer_dir):
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt_megatron.tokenizer.load import load_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    load_tokenizer(gpt2_tokenizer_dir).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    docs = [{"text": t, "id": i} for i, t in enumerate(_gutenberg_docs(shared_data, 6))]
+    _write_jsonl(tmp_path / "in.jsonl", docs)
+    over = {"stages": ["perplexity"], "perplexity": {"model": str(model_dir), "max_tokens": 64}}
+    res = curate([tmp_path / "in.jsonl"], tmp_path / "a", load_config(overrides=over))
+    ppl = [d["perplexity"] for d in _read_out(tmp_path / "a")]
+    assert res.kept == 6 and all(1.0 < p < 1e6 for p in ppl)
+    cut = sorted(ppl)[2]
+    over["perplexity"]["max_perplexity"] = cut
+    res = curate([tmp_path / "in.jsonl"], tmp_path / "b", load_config(overrides=over))
+    assert res.kept == 3 and res.removed["perplexity"] == 3
