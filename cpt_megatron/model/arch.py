@@ -120,6 +120,10 @@ class ModelArch:
             hf_config=dict(cfg),
         )
 
+    @property
+    def tied(self) -> bool:  # the name cpt_megatron.flops uses
+        return self.tie_word_embeddings
+
     # -- checks ---------------------------------------------------------------------------------------
     def check_seq_len(self, seq_len: int) -> None:
         """Mistral-style sliding windows are not trained: allowed only when they never bind."""

@@ -150,12 +150,16 @@ class Engine:
         t = t.cpu()
         return float(t[0] / t[1].clamp(min=1)), int(t[1])
 
-    def train_step(self, microbatches: list[dict]) -> StepResult:
+    def train_step(self, microbatches: list[dict], grad_hook=None) -> StepResult:
+        """One optimizer step. `grad_hook(engine)` runs after gradients are final (DP-reduced, token-averaged)
+        and before the update: regularizers add their gradient to `param.main_grad` there (EWC / L2-SP)."""
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss, tokens = self._run(microbatches, forward_only=False)
+        if grad_hook is not None:
+            grad_hook(self)
         ok, grad_norm, _ = self.optimizer.step()
         return StepResult(loss, tokens, None if grad_norm is None else float(grad_norm), skipped=not ok)
 
@@ -164,6 +168,11 @@ class Engine:
         for m in self.model:
             m.eval()
         return self._run(microbatches, forward_only=True)
+
+    @property
+    def chunks(self):
+        """The bare GPTModel chunks (inside the DDP wrappers)."""
+        return [m.module for m in self.model]
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:

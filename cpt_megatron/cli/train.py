@@ -1,0 +1,78 @@
+"""`cpt train --recipe R [key=value ...]` and `cpt schedule --recipe R --png out.png`."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers):
+    p = subparsers.add_parser("train", parents=[subparsers.common],
+                              help="continued pretraining from a recipe (torchrun/srun, or --nproc N)")
+    p.add_argument("--recipe", required=True, help="recipe name under recipes/ or a YAML path")
+    p.add_argument("overrides", nargs="*", help="hydra-style overrides, e.g. train.max_steps=8 parallel.tp=2")
+    p.add_argument("--nproc", type=int, default=None, help="spawn this many local processes with torchrun")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and validate the recipe (layout divisibility, memory estimate, data paths); no training")
+    p.set_defaults(func=run)
+    s = subparsers.add_parser("schedule", parents=[subparsers.common], help="draw a recipe's LR schedule")
+    s.add_argument("--recipe", required=True)
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--png", default=None, help="write the LR curve here")
+    s.set_defaults(func=run_schedule)
+
+
+def run(args):
+    from cpt_megatron.config import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from cpt_megatron.train.dryrun import dry_run
+
+        return dry_run(cfg, nproc=args.nproc)
+    from cpt_megatron.runtime.launch import relaunch, strip_nproc, under_launcher
+
+    if args.nproc and not under_launcher():
+        code = relaunch(args.nproc, strip_nproc(sys.argv[1:]))
+        if code:
+            raise SystemExit(code)
+        return None
+    from cpt_megatron.train.driver import train
+
+    res = train(cfg, args.overrides)
+    import torch.distributed  # noqa: F401
+
+    from cpt_megatron.runtime import dist_env
+
+    if dist_env().rank == 0 and args.json:
+        print(__import__("json").dumps({"losses": res.losses, "first_step": res.first_step,
+                                        "last_step": res.last_step, "run_dir": res.run_dir,
+                                        "stopped": res.stopped}), flush=True)
+    if res.exit_code:
+        raise SystemExit(res.exit_code)
+    return None
+
+
+def run_schedule(args):
+    from cpt_megatron.config import load_recipe
+    from cpt_megatron.train.driver import plan_steps
+    from cpt_megatron.train.schedule import lr_at
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    n = plan_steps(cfg)
+    lrs = [lr_at(s, cfg.schedule, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, total_steps=n) for s in range(n)]
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(range(1, n + 1), lrs)
+        ax.set_xlabel("step")
+        ax.set_ylabel("learning rate")
+        ax.set_title(f"{cfg.schedule.type}: warmup {cfg.schedule.warmup}, lr {cfg.optim.lr:g} -> {cfg.optim.min_lr:g}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+        print(f"wrote {args.png}")
+    return {"steps": n, "lr_first": lrs[0], "lr_peak": max(lrs), "lr_last": lrs[-1], "png": args.png}
