@@ -1,0 +1,123 @@
+"""`cpt plot`: training curves and forgetting curves of a run directory (PNGs in RUN/plots/).
+
+- loss.png: training loss and learning rate over steps (RUN/metrics.jsonl), events marked.
+- evals.png: per-source relative change of the eval metric vs. the base model (step 0, RUN/evals.jsonl),
+  domain and general panels; the general panel shows the warn/act thresholds (RUN/config.yaml
+  `monitor` section, else the defaults) and the monitor's warn/act events (RUN/events.jsonl).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cpt_megatron.eval.monitor import MonitorConfig
+from cpt_megatron.utils import read_jsonl
+
+__all__ = ["plot_run", "run_thresholds"]
+
+_EVENT_STYLE = {"warn": ("C1", ":"), "act": ("C3", "--")}
+
+
+def _read(path: Path) -> list[dict]:
+    return read_jsonl(path) if path.is_file() else []
+
+
+def _find_monitor(cfg) -> dict | None:
+    if isinstance(cfg, dict):
+        if isinstance(cfg.get("monitor"), dict):
+            return cfg["monitor"]
+        for v in cfg.values():
+            if (found := _find_monitor(v)) is not None:
+                return found
+    return None
+
+
+def run_thresholds(run_dir: str | Path) -> tuple[float, float]:
+    """(warn, act) from RUN/config.yaml's `monitor` section (at any depth), else MonitorConfig defaults."""
+    d = MonitorConfig()
+    path = Path(run_dir) / "config.yaml"
+    if path.is_file():
+        import yaml
+
+        mon = _find_monitor(yaml.safe_load(path.read_text()) or {}) or {}
+        return float(mon.get("warn", d.warn)), float(mon.get("act", d.act))
+    return d.warn, d.act
+
+
+def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
+    """Write RUN/plots/*.png; returns {"plots": [paths], "steps_metrics": n, "evals": n, "events": n}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} not found")
+    metrics = _read(run_dir / "metrics.jsonl")
+    evals = _read(run_dir / "evals.jsonl")
+    events = [e for e in _read(run_dir / "events.jsonl") if e.get("kind") in ("warn", "act")]
+    if not metrics and not evals:
+        raise FileNotFoundError(f"{run_dir} has neither metrics.jsonl nor evals.jsonl; is it a `cpt train` run directory?")
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    written = []
+
+    def mark_events(ax):
+        for kind, (color, ls) in _EVENT_STYLE.items():
+            steps = sorted({e["step"] for e in events if e["kind"] == kind})
+            for i, s in enumerate(steps):
+                ax.axvline(s, color=color, ls=ls, lw=0.9, label=f"{kind} event" if i == 0 else None)
+        for e in events:
+            if e.get("action"):
+                ax.annotate(e["action"], (e["step"], 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                            va="top", ha="right", color="C3")
+
+    if metrics:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [m["step"] for m in metrics if m.get("loss") is not None]
+        ax.plot(steps, [m["loss"] for m in metrics if m.get("loss") is not None], color="C0", lw=1, label="train loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        mark_events(ax)
+        lr = [(m["step"], m["lr"]) for m in metrics if m.get("lr") is not None]
+        if lr:
+            ax2 = ax.twinx()
+            ax2.plot([s for s, _ in lr], [v for _, v in lr], color="C2", lw=1, label="lr")
+            ax2.set_ylabel("learning rate")
+            ax2.legend(loc="upper center", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(out_dir / "loss.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    by_step = {}
+    for rec in evals:
+        by_step[int(rec["step"])] = rec["results"]  # last evaluation per step wins
+    if by_step and 0 in by_step:
+        base = by_step[0]
+        warn, act = run_thresholds(run_dir)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+        for ax, group in zip(axes, ("domain", "general")):
+            for src, b in sorted(base.items()):
+                if b.get("group") != group or b.get(metric) is None:
+                    continue
+                pts = sorted((s, r[src][metric]) for s, r in by_step.items() if r.get(src, {}).get(metric) is not None)
+                ax.plot([s for s, _ in pts], [100 * (v - b[metric]) / b[metric] for _, v in pts], "o-", ms=3, label=src)
+            ax.axhline(0, color="0.5", lw=0.8)
+            if group == "general":
+                ax.axhline(100 * warn, color="C1", ls=":", lw=1, label=f"warn {warn:.0%}")
+                ax.axhline(100 * act, color="C3", ls="--", lw=1, label=f"act {act:.0%}")
+                mark_events(ax)
+            ax.set_title(f"{group}: {metric} change vs base (%)")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out_dir / "evals.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return {"plots": [str(p) for p in written], "metrics_lines": len(metrics), "evals": len(by_step),
+            "events": len(events)}
