@@ -7,7 +7,7 @@ executes the action of the (at most one) event that carries one.
 Regression of one metric of one general source, relative to the baseline (step 0 = base model):
     lower-is-better (ppl, loss, bits_per_byte, bits_per_char): (value - base) / base
     higher-is-better (acc, acc_norm):                          (base - value) / base
-Level: regression >= act -> "act"; >= warn -> "warn"; else "ok".
+Level: regression >= act -> "act"; >= warn -> "warn"; else "ok" (a non-finite value is "act").
 
 Action rule (no action spam):
 - at most ONE action per evaluation: on the event with the largest regression at the "act" level;
@@ -31,6 +31,7 @@ POLICIES = ("warn", "stop", "rollback", "adapt")
 LOWER_IS_BETTER = ("ppl", "loss", "bits_per_byte", "bits_per_char")
 HIGHER_IS_BETTER = ("acc", "acc_norm")
 KINDS = ("baseline", "ok", "warn", "act")
+_EPS = 1e-9  # 10.2 vs 10.0 is (10.2-10)/10 = 0.0199999... in floats: it must count as reaching 2%
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -159,9 +160,9 @@ class ForgettingMonitor:
                                  f"{src!r} (has {sorted(results)}); every evaluation must cover the baseline's sources")
             value, base = float(results[src][m]), float(self.baseline[src][m])
             reg = relative_regression(m, value, base)
-            if not math.isfinite(reg) or reg >= cfg.act:
+            if not math.isfinite(reg) or reg >= cfg.act - _EPS:
                 kind, thr = "act", cfg.act
-            elif reg >= cfg.warn:
+            elif reg >= cfg.warn - _EPS:
                 kind, thr = "warn", cfg.warn
             else:
                 kind, thr = "ok", None
