@@ -104,7 +104,7 @@ def select_checkpoint(run_dir: str | Path, *, max_general_regression: float = 0.
                            f"select needs both (sources: {sorted(evals[step])})")
         score = gain if weights is None else weights["domain"] * gain - weights["general"] * reg
         cands.append({"iter": name, "step": step, "domain_gain": gain, "general_regression": reg, "score": score,
-                      "feasible": reg <= max_general_regression})
+                      "feasible": reg <= max_general_regression + 1e-9})  # float slack, as the monitor
     if not cands:
         raise CptError(f"{run_dir}: no saved checkpoint has an evaluation at its step (checkpoints: "
                        f"{sorted(ckpts.values()) or 'none'}; evaluated steps: {sorted(evals)}); save checkpoints at "
