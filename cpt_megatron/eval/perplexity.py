@@ -124,7 +124,8 @@ def batches_from_text(pieces: Iterable[tuple[str, bool]], tokenizer, *, name: st
     The last partial window is padded (loss_mask 0), so the whole covered text counts. `max_tokens`
     caps the label tokens (a fixed subset: the file's beginning). Windows are dealt round-robin to DP
     ranks and padded with empty windows so every rank runs the same number of microbatches.
-    Byte/char counts cover the text of the labelled tokens (a cut document counts its decoded prefix).
+    Byte/char counts cover all the text taken (its first token is context only; a cut document counts
+    its decoded prefix).
     """
     if seq_len < 1 or micro_batch < 1:
         raise ValueError(f"seq_len={seq_len}, micro_batch={micro_batch}: both must be >= 1")
