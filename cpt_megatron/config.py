@@ -258,6 +258,7 @@ def compose(recipe: str, overrides: list[str] | None = None) -> dict:
             cfg = hydra_compose(config_name=path.stem)
         # Overrides may set keys the recipe leaves at their defaults (no '+' needed); unknown keys are
         # still rejected by load_recipe with their dotted path.
+        OmegaConf.set_struct(cfg, False)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:

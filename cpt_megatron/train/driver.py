@@ -356,7 +356,7 @@ def _prepare_once(cfg: RecipeConfig, rank: int, overrides) -> dict:
 def _common(state: dict, cfg: RecipeConfig) -> dict:
     return {"step": state["step"], "consumed_samples": state["consumed_samples"], "phases": state["phases"],
             "lr_scale": state["lr_scale"], "baseline": state["baseline"], "best": state["best"],
-            "saved_at": time.time(), "train": {"tokens_per_step": cfg.train.global_batch * cfg.data.seq_len}}
+            "train": {"tokens_per_step": cfg.train.global_batch * cfg.data.seq_len}}
 
 
 def _write_config(run_dir: Path, cfg: RecipeConfig, overrides) -> None:

@@ -1,0 +1,124 @@
+"""`cpt train` on the tiny recipe: layout parity, exact resume (exit_interval and signal), DP-size change,
+LR override on resume (issue 7 acceptance; CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cpt_cache")
+
+
+def train(run_dir, cache, *overrides, nproc=1, expect=0):
+    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run_dir}",
+           f"data.cache_dir={cache}", *overrides, "--json"]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == expect, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    return train(tmp_path_factory.mktemp("ref") / "run", cache)
+
+
+def test_reference_run(reference):
+    assert reference["first_step"] == 1 and reference["last_step"] == 8
+    assert reference["losses"][-1] < reference["losses"][0]
+    run = Path(reference["run_dir"])
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000008"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 4, 8]  # step 0 = base-model baseline
+    assert set(evals[0]["results"]) == {"stdlib", "pydoc"}
+    assert (run / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("layout,nproc", [
+    (["parallel.tp=2"], 2), (["parallel.pp=2"], 2), ([], 2), (["parallel.tp=2", "parallel.pp=2"], 4),
+])
+def test_layouts_same_first_losses(tmp_path, cache, reference, layout, nproc):
+    out = train(tmp_path / "run", cache, "train.max_steps=8", "train.exit_interval=3", *layout, nproc=nproc)
+    assert len(out["losses"]) == 3
+    for a, b in zip(out["losses"], reference["losses"][:3]):
+        assert abs(a - b) < 1e-5, (out["losses"], reference["losses"])
+
+
+def test_exit_interval_resume_is_bit_exact(tmp_path, cache, reference):
+    first = train(tmp_path / "run", cache, "train.exit_interval=4")
+    assert first["last_step"] == 4
+    second = train(tmp_path / "run", cache)
+    assert second["first_step"] == 5 and second["last_step"] == 8
+    assert first["losses"] + second["losses"] == reference["losses"]  # bit for bit
+
+
+def test_resume_with_other_dp_continues_same_samples(tmp_path, cache, reference):
+    train(tmp_path / "run", cache, "train.exit_interval=4")
+    second = train(tmp_path / "run", cache, nproc=2)  # dp 1 -> 2
+    assert second["first_step"] == 5
+    for a, b in zip(second["losses"], reference["losses"][4:]):
+        assert abs(a - b) < 1e-5
+    consumed = [json.loads(x)["consumed_samples"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert consumed == [8 * k for k in range(1, 9)]
+
+
+def test_signal_checkpoints_and_exits_75_then_resumes_exactly(tmp_path, cache, reference):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run}",
+           f"data.cache_dir={cache}", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    first = json.loads(out.strip().splitlines()[-1])
+    assert first["stopped"].startswith("preempted") and first["last_step"] < 8
+    second = train(run, cache)
+    assert second["first_step"] == first["last_step"] + 1
+    assert first["losses"] + second["losses"] == reference["losses"]
+
+
+def test_lr_override_on_resume_takes_effect(tmp_path, cache):
+    train(tmp_path / "run", cache, "train.exit_interval=4")
+    train(tmp_path / "run", cache, "optim.lr=5e-4", "optim.min_lr=5e-5")
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    from cpt_megatron.train.schedule import ScheduleConfig, lr_at
+
+    sched = ScheduleConfig(type="cosine", warmup=2)
+    for r in recs[4:]:  # steps 5..8 follow the NEW curve (Megatron-LM#1138 would keep the old max/min lr)
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, sched, lr=5e-4, min_lr=5e-5, total_steps=8))
+
+
+def test_global_batch_must_divide(tmp_path, cache):
+    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={tmp_path}/r",
+           f"data.cache_dir={cache}", "train.global_batch=7"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 2 and "train.global_batch=7 is not divisible" in out.stderr
+
+
+def test_unknown_recipe_key_is_named():
+    from cpt_megatron.config import load_recipe
+    from cpt_megatron.errors import CptError
+
+    with pytest.raises(CptError, match="train.max_stpes"):
+        load_recipe("tiny_cpu", ["train.max_stpes=3"])
