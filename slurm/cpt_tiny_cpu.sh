@@ -17,7 +17,7 @@
 set -euo pipefail
 
 # ---- knobs --------------------------------------------------------------------------------------------
-RECIPE="${RECIPE:-demo}"                          # recipe name (recipes/<name>.yaml) or path
+RECIPE="${RECIPE:-tiny_cpu}"                       # recipe name (recipes/<name>.yaml) or path
 RUN_DIR="${RUN_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/runs/${SLURM_JOB_NAME:-cpt-tiny-cpu}-${SLURM_JOB_ID:-0}}"
                                                   # keep it stable across requeues: the job id survives them
 OVERRIDES="${OVERRIDES:-}"                        # extra hydra overrides, space-separated (e.g. "train.steps=20")

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "slurm"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # The real-trainer tests: which recipe and overrides make `cpt train` a short CPU run.
-TINY_RECIPE = os.environ.get("CPT_SLURM_TEST_RECIPE", "demo")
-TINY_OVERRIDES = os.environ.get("CPT_SLURM_TEST_OVERRIDES", "")
+TINY_RECIPE = os.environ.get("CPT_SLURM_TEST_RECIPE", "tiny_cpu")
+TINY_OVERRIDES = os.environ.get("CPT_SLURM_TEST_OVERRIDES", "train.max_steps=16 checkpoint.save_interval=4")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
