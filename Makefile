@@ -6,7 +6,7 @@ RECIPE ?= demo
 DOMAIN ?= code
 export PYTHONUNBUFFERED=1
 
-.PHONY: setup test test-fast lint demo demo-gpu curate preprocess train export clean
+.PHONY: setup test test-fast lint demo demo-gpu preprocess train export clean
 
 $(BIN)/cpt: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,14 +29,23 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check cpt_megatron tests tools bench experiments
 
+# Reduced pipeline on the embedded tiny recipe (issue 10's full SmolLM2 demo is still open):
+# curate + preprocess stdlib/pydoc -> train 8 steps with eval at 0/4/8 -> select -> plot -> export-hf.
+DEMO_RUN ?= runs/demo
 demo: setup
-	$(BIN)/cpt demo --domain $(DOMAIN) --out runs/demo
+	$(BIN)/cpt train --recipe tiny_cpu run.dir=$(DEMO_RUN)
+	$(BIN)/cpt select --run $(DEMO_RUN) --max-general-regression 1.0
+	$(BIN)/cpt plot --run $(DEMO_RUN)
+	$(BIN)/cpt export-hf --ckpt $(DEMO_RUN)/checkpoints/$$(cat $(DEMO_RUN)/best) --out $(DEMO_RUN)/export --overwrite
 
 demo-gpu: setup
-	$(BIN)/cpt demo --domain $(DOMAIN) --out runs/demo --device cuda
+	$(BIN)/cpt train --recipe tiny_cpu run.dir=$(DEMO_RUN)-gpu model.options.dtype=bf16
 
-curate preprocess train export: setup
-	$(BIN)/cpt demo --domain $(DOMAIN) --out runs/demo --only $@
+preprocess train: setup
+	$(BIN)/cpt train --recipe tiny_cpu run.dir=$(DEMO_RUN) $(if $(filter preprocess,$@),--dry-run,)
+
+export: setup
+	$(BIN)/cpt export-hf --ckpt $(DEMO_RUN)/checkpoints/$$(cat $(DEMO_RUN)/checkpoints/latest) --out $(DEMO_RUN)/export --overwrite
 
 clean:
 	rm -rf runs/demo

@@ -14,16 +14,11 @@ import os
 from pathlib import Path
 
 from cpt_megatron.errors import CptError
+from cpt_megatron.flops import padded_vocab_size  # THE vocab padding rule (one definition)
 
 __all__ = ["ModelArch", "SUPPORTED_MODEL_TYPES", "load_hf_config", "padded_vocab_size"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
-    """THE vocab padding rule (trainer, importer, exporter, estimator): round up to a multiple of divisible_by*tp."""
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
