@@ -2,7 +2,12 @@
 
 from cpt_megatron.model.arch import SUPPORTED_MODEL_TYPES, ModelArch, load_hf_config, padded_vocab_size
 from cpt_megatron.model.build import ModelOptions, build_model, model_dtype, transformer_config
-from cpt_megatron.model.sharding import global_init_tensor, global_shape, load_global_tensors, local_param_specs
+from cpt_megatron.model.sharding import (
+    global_init_tensor,
+    global_shape,
+    load_global_tensors,
+    local_param_specs,
+)
 from cpt_megatron.model.specs import KernelChoice, select_kernels
 
 __all__ = [

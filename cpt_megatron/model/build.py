@@ -97,7 +97,10 @@ def build_model(arch: ModelArch, parallel, opts: ModelOptions | None = None, ker
     """Model chunks for this rank (one per virtual pipeline stage), on the compute device, not DDP-wrapped."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
     opts = opts or ModelOptions()
     kernels = kernels or select_kernels(opts.spec)

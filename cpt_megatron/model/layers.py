@@ -71,7 +71,7 @@ class RMSNorm(torch.nn.Module):
             torch.ones(hidden_size, dtype=config.params_dtype,
                        device="cpu" if config.use_cpu_initialization else torch.cuda.current_device())
         )
-        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x):
         dtype = x.dtype

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 
-
 import torch
 
 __all__ = ["install", "install_if_needed", "is_installed", "CpuRNGStatesTracker", "seed_model_parallel_rng"]

@@ -62,37 +62,38 @@ def _microbatches(dataset, start: int, count: int, dp_rank: int, dp: int, micro:
 
 
 class _Evaluator:
-    """Fixed validation micro-batches per source, evaluated with the training layout (forward-only)."""
+    """Fixed validation micro-batches per source, evaluated in the training layout (forward-only schedules)
+    through cpt_megatron.eval (one definition of loss/ppl/bits-per-byte)."""
 
     def __init__(self, mixture, groups: dict, tokenizer, n_batches: int, micro: int, dp_rank: int, dp: int):
+        from cpt_megatron.eval.perplexity import batches_from_dataset
+
         self.sources = {}
         for name, ds in mixture.valid.items():
             n = min(len(ds), n_batches * micro * dp)
-            n -= n % (micro * dp)
             if n == 0:
                 continue
-            mbs, _ = _microbatches(ds, 0, n, dp_rank, dp, micro)
-            all_tokens = [ds[i]["labels"] for i in range(n)]
-            text = tokenizer.decode(torch.cat([torch.as_tensor(t) for t in all_tokens]).tolist())
-            self.sources[name] = {"mbs": mbs, "group": groups[name], "bytes": len(text.encode()), "chars": len(text)}
+            sb = batches_from_dataset(ds, name=name, group=groups[name], micro_batch=micro, max_samples=n,
+                                      dp_rank=dp_rank, dp=dp)
+            # bytes/chars of the scored text, for tokenizer-independent bits per byte / per char
+            text = tokenizer.decode(torch.cat([torch.as_tensor(ds[i]["labels"]) for i in range(n)]).tolist())
+            sb.num_bytes, sb.num_chars = len(text.encode()), len(text)
+            self.sources[name] = sb
 
     def __call__(self, engine) -> dict:
-        res = {}
-        for name, s in self.sources.items():
-            loss, tokens = engine.eval_step(s["mbs"])
-            nats = loss * tokens
-            res[name] = {"group": s["group"], "loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens,
-                         "bits_per_byte": nats / (math.log(2) * max(1, s["bytes"])),
-                         "bits_per_char": nats / (math.log(2) * max(1, s["chars"]))}
-        return res
+        from cpt_megatron.eval.perplexity import evaluate_sources
+
+        return evaluate_sources(engine.eval_step, self.sources)
 
 
-def _monitor(cfg: RecipeConfig):
-    try:
-        from cpt_megatron.eval.monitor import ForgettingMonitor, MonitorConfig
-    except ImportError:
+def _monitor(cfg: RecipeConfig, groups: dict):
+    """Monitor factory (needs a general validation source; without one, only a warning is printed)."""
+    from cpt_megatron.eval.monitor import ForgettingMonitor, MonitorConfig
+
+    mcfg = MonitorConfig(**cfg.eval.monitor)  # validated up front: a bad key fails before training
+    if "general" not in groups.values():
         return None
-    return lambda baseline: ForgettingMonitor(MonitorConfig(**cfg.eval.monitor), baseline)
+    return lambda baseline: ForgettingMonitor(mcfg, baseline)
 
 
 def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
@@ -101,12 +102,17 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
     from cpt_megatron.checkpoint import arch_from_ckpt, load_model_weights, read_meta
     from cpt_megatron.data.mixture import MixtureConfig, SourceConfig, build_mixture, check_dataset_tokenizer
     from cpt_megatron.model import build_model
+    from cpt_megatron.runtime import dist_env
     from cpt_megatron.tokenizer import load_tokenizer
-    from cpt_megatron.train.checkpointing import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+    from cpt_megatron.train.checkpointing import (
+        iter_name,
+        latest_checkpoint,
+        load_checkpoint,
+        prune_checkpoints,
+        save_checkpoint,
+    )
     from cpt_megatron.train.engine import Engine
     from cpt_megatron.train.metrics import MetricsLogger
-
-    from cpt_megatron.runtime import dist_env
 
     run_dir = Path(cfg.run.dir)
     # Preparation (base import with its own parity check, curation, tokenization) runs on global rank 0
@@ -187,7 +193,7 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
         logger = MetricsLogger(run_dir, arch, S, denv.world_size, rank0, cfg.logging.tensorboard, cfg.logging.wandb,
                                cfg.logging.wandb_mode, to_dict(cfg))
         evaluator = _Evaluator(mixture, groups, tokenizer, cfg.eval.batches, micro, ps.get_data_parallel_rank(), dp)
-        monitor_factory = _monitor(cfg)
+        monitor_factory = _monitor(cfg, groups)
         monitor = None
 
         def evaluate(step):
@@ -201,14 +207,13 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                 monitor = monitor or monitor_factory(state["baseline"])
                 events = monitor.observe(step, res)
                 for ev in events:
-                    logger.write(ev.to_dict() if hasattr(ev, "to_dict") else dict(ev), run_dir / "events.jsonl")
+                    logger.write(ev.to_dict(), run_dir / "events.jsonl")
             if rank0:
                 dom = [f"{n} ppl {r['ppl']:.3f}" for n, r in res.items()]
                 print(f"eval step {step}: " + ", ".join(dom), flush=True)
                 for ev in events:
-                    d = ev.to_dict() if hasattr(ev, "to_dict") else dict(ev)
-                    if d.get("kind") in ("warn", "act"):
-                        print(f"monitor: {d}", flush=True)
+                    if ev.kind in ("warn", "act"):
+                        print(f"monitor: {ev.format()}", flush=True)
             return events
 
         if rank0:
@@ -272,8 +277,7 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                 events = evaluate(state["step"])
             save_now = done or bool(cfg.checkpoint.save_interval and state["step"] % cfg.checkpoint.save_interval == 0)
             for ev in events:
-                action = getattr(ev, "action", None) if not isinstance(ev, dict) else ev.get("action")
-                params = (getattr(ev, "params", None) if not isinstance(ev, dict) else ev.get("params")) or {}
+                action, params = ev.action, ev.params or {}
                 if action == "stop":
                     stopped = f"forgetting monitor stopped the run at step {state['step']}"
                 elif action == "adapt":
@@ -288,7 +292,12 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                         state["lr_scale"] *= float(params["lr_factor"])
                 elif action == "rollback":
                     state["lr_scale"] *= float(params.get("lr_factor", 0.5))
-                    best = latest_checkpoint(run_dir)
+                    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("iter_*"))
+                    target = monitor.rollback_target(saved) if monitor is not None else None
+                    best = (run_dir / "checkpoints" / iter_name(target)) if target is not None else None
+                    if rank0:
+                        print(f"monitor: rollback to {best.name if best else 'nothing (no checkpoint below warn)'}"
+                              f", lr scale {state['lr_scale']:.3g}", flush=True)
                     if best is not None:
                         keep = dict(state)
                         load_checkpoint(best, engine)

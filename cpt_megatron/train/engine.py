@@ -77,7 +77,11 @@ class Engine:
 
     def __init__(self, chunks, parallel, optim: OptimConfig, *, seq_len: int, micro_batch: int):
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.parallel = parallel
