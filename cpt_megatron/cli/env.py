@@ -6,16 +6,21 @@ from __future__ import annotations
 def register(subparsers):
     p = subparsers.add_parser("env", parents=[subparsers.common], help="show versions, devices and kernel choices")
     p.add_argument("--spec", default="auto", choices=["auto", "te", "local"], help="layer spec to resolve")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size to resolve the kernels for")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="kernel option to resolve, e.g. --set fused_ce=chunked (fields of model.options)")
     p.set_defaults(func=run)
 
 
-def collect(spec: str = "auto") -> dict:
+def collect(spec: str = "auto", tp: int = 1, overrides: dict | None = None) -> dict:
     import importlib.metadata as md
     import platform
 
     import torch
 
     from cpt_megatron import __version__
+    from cpt_megatron.model.build import ModelOptions
+    from cpt_megatron.model.kernels import resolve_kernels
     from cpt_megatron.model.specs import _have, select_kernels
 
     def version(dist):
@@ -26,6 +31,7 @@ def collect(spec: str = "auto") -> dict:
 
     cuda = torch.cuda.is_available()
     kernels = select_kernels(spec)
+    plan = resolve_kernels(ModelOptions(spec=spec, **(overrides or {})), tp=tp, spec=kernels.spec)
     apex = _have("apex") and _have("apex.normalization")  # NVIDIA apex, not the unrelated PyPI 'apex'
     return {
         "cpt_megatron": __version__,
@@ -44,13 +50,27 @@ def collect(spec: str = "auto") -> dict:
         "attention": kernels.attention,
         "norm": kernels.norm,
         "reasons": list(kernels.reasons),
+        "kernels": {k: {"choice": v, "reason": plan.reasons.get(k, "")}
+                    for k, v in plan.to_dict().items() if k != "reasons"},
+        "liger_kernel": version("liger-kernel"),
+        "triton": version("triton"),
     }
 
 
 def run(args):
-    info = collect(args.spec)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v.strip()
+    info = collect(args.spec, args.tp, overrides)
     if not args.json:
         for k, v in info.items():
+            if k == "kernels":
+                for name, c in v.items():
+                    print(f"{'kernel.' + name:20s} {c['choice']:28s} {c['reason']}")
+                continue
             print(f"{k:20s} {v}")
         return None
     return info

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from cpt_megatron.model import kernels as _kernels
 from cpt_megatron.model.arch import ModelArch, padded_vocab_size
 from cpt_megatron.model.specs import KernelChoice, layer_spec, select_kernels
 
@@ -28,8 +29,23 @@ class ModelOptions:
     init_std: float = 0.02
     vocab_size: int | None = None
     """Override the vocab size (an extended tokenizer); None = the HF config's."""
+    # Kernel choices (model/kernels.py). "auto" = the fastest available on a CUDA GPU and exactly the
+    # unfused math on CPU; `cpt env` shows what each resolves to and why.
+    attention_backend: str = "auto"
+    """SDPA backend: auto (cuDNN then flash on Hopper, flash first before it) | flash | cudnn | efficient | math."""
+    fused_norm: str = "auto"
+    """RMSNorm: auto | compile (torch.compile'd, same fp32 math) | off."""
+    fused_rope: str = "auto"
+    """RoPE: auto | te (megatron apply_rope_fusion, needs TE) | compile (ours) | off."""
+    fused_swiglu: str = "auto"
+    """SwiGLU: auto | on (megatron bias_swiglu fusion) | off."""
+    fused_ce: str = "auto"
+    """Output layer + loss: auto | liger | compile | chunked (fused linear-CE, TP=1) | off (megatron vocab-parallel CE)."""
+    compile: str = "auto"
+    """torch.compile: auto (each TransformerLayer on GPU, off on CPU) | layer | off."""
 
     def __post_init__(self):
+        _kernels.check_options(self)
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"model.dtype must be auto|bf16|fp32, got {self.dtype!r}")
         if self.recompute not in (None, "selective", "full"):
@@ -42,10 +58,12 @@ def model_dtype(opts: ModelOptions) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[opts.dtype]
 
 
-def transformer_config(arch: ModelArch, parallel, opts: ModelOptions, kernels: KernelChoice | None = None):
+def transformer_config(arch: ModelArch, parallel, opts: ModelOptions, kernels: KernelChoice | None = None,
+                       plan: _kernels.KernelPlan | None = None):
     from megatron.core.transformer import TransformerConfig
 
     kernels = kernels or select_kernels(opts.spec)
+    plan = plan or _kernels.resolve_kernels(opts, tp=parallel.tp, sp=parallel.sp, spec=kernels.spec)
     arch.check_parallel(parallel.tp)
     dtype = model_dtype(opts)
     cuda = torch.cuda.is_available()
@@ -74,10 +92,10 @@ def transformer_config(arch: ModelArch, parallel, opts: ModelOptions, kernels: K
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=True,
         perform_initialization=True,
-        bias_activation_fusion=False,
+        bias_activation_fusion=plan.fused_swiglu == "on",
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=plan.fused_rope == "te",
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=cuda,
@@ -104,9 +122,13 @@ def build_model(arch: ModelArch, parallel, opts: ModelOptions | None = None, ker
 
     opts = opts or ModelOptions()
     kernels = kernels or select_kernels(opts.spec)
-    config = transformer_config(arch, parallel, opts, kernels)
-    spec, final_norm = layer_spec(kernels)
-    vocab = padded_vocab_size(opts.vocab_size or arch.vocab_size, parallel.tp, opts.make_vocab_size_divisible_by)
+    plan = _kernels.resolve_kernels(opts, tp=parallel.tp, sp=parallel.sp, spec=kernels.spec)
+    config = transformer_config(arch, parallel, opts, kernels, plan)
+    if plan.fused_rope == "compile":
+        _kernels.install_rope(config)
+    spec, final_norm = layer_spec(kernels, plan=plan)
+    true_vocab = opts.vocab_size or arch.vocab_size
+    vocab = padded_vocab_size(true_vocab, parallel.tp, opts.make_vocab_size_divisible_by)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
     for vp in range(parallel.vpp or 1):
@@ -131,10 +153,15 @@ def build_model(arch: ModelArch, parallel, opts: ModelOptions | None = None, ker
         # HF-exact rotary frequencies (llama3 scaling with any low/high/original values).
         if hasattr(model, "rotary_pos_emb"):
             model.rotary_pos_emb.inv_freq = arch.rope_inv_freq().to(model.rotary_pos_emb.inv_freq.device)
-        if post and vocab > (opts.vocab_size or arch.vocab_size):
-            _mask_vocab_padding(model, opts.vocab_size or arch.vocab_size, vocab)
+        if post and vocab > true_vocab:
+            _mask_vocab_padding(model, true_vocab, vocab)
+        if post and plan.fused_ce != "off":
+            _kernels.install_fused_ce(model, plan.fused_ce, true_vocab)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        if plan.compile == "layer":
+            _kernels.compile_layers(model)
+        model.kernel_plan = plan  # shown by `cpt env` and the throughput bench
         chunks.append(model)
     return chunks
 
@@ -155,6 +182,8 @@ def _mask_vocab_padding(model, true_vocab: int, padded_vocab: int) -> None:
 
     def hook(_module, _inputs, output):
         logits, bias = output
+        if not torch.is_tensor(logits):  # fused linear-CE: it slices the padding rows off the weight itself
+            return None
         logits = logits.clone()
         logits[..., first_pad:] = torch.finfo(logits.dtype).min
         return logits, bias

@@ -53,20 +53,30 @@ def select_kernels(spec: str = "auto") -> KernelChoice:
     return KernelChoice("local", attn, "cpt_megatron RMSNorm (fp32 compute, SP-aware)", tuple(reasons))
 
 
-def layer_spec(choice: KernelChoice, qk_layernorm: bool = False):
-    """Return (layer ModuleSpec, final-norm class) for GPTModel."""
+def layer_spec(choice: KernelChoice, qk_layernorm: bool = False, plan=None):
+    """Return (layer ModuleSpec, final-norm class or ModuleSpec) for GPTModel.
+
+    `plan` (a kernels.KernelPlan) selects the SDPA backend order and the fused RMSNorm on the local spec;
+    None or an all-default plan gives exactly the plain classes (CPU runs unchanged)."""
     if choice.spec == "te":
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), TENorm
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
     from cpt_megatron.model.layers import RMSNorm, SDPAttention
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
     sub = spec.submodules
-    sub.input_layernorm = RMSNorm
-    sub.pre_mlp_layernorm = RMSNorm
-    sub.self_attention.submodules.core_attention = SDPAttention
-    return spec, RMSNorm
+    norm = RMSNorm
+    if plan is not None and plan.fused_norm == "compile":
+        norm = ModuleSpec(module=RMSNorm, params={"fused": True})
+    attn = SDPAttention
+    if plan is not None and plan.attention_backend != "default":
+        attn = ModuleSpec(module=SDPAttention, params={"backend": plan.attention_backend})
+    sub.input_layernorm = norm
+    sub.pre_mlp_layernorm = norm
+    sub.self_attention.submodules.core_attention = attn
+    return spec, norm
