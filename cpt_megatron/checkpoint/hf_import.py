@@ -50,7 +50,17 @@ def gguf_to_hf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     except ImportError as e:
         raise CptError(f"reading GGUF needs the `gguf` and `accelerate` packages: {e}") from e
     out = Path(out_dir)
-    model.save_pretrained(str(out))
+    # transformers 5 flags GGUF-loaded models as quantized and refuses save_pretrained, although the weights
+    # are already dequantized fp32: write them (and a config without quantization_config) ourselves.
+    from safetensors.torch import save_file
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     tok.save_pretrained(str(out))
     return out
 

@@ -1,0 +1,92 @@
+"""Real model (slow, CI runs it): SmolLM2-135M GGUF -> import + verify -> export -> transformers reload; and
+resize-embeddings after extending its tokenizer on MedQuAD, measured as per-character loss on held-out text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf, tmp_path_factory):
+    from cpt_megatron.checkpoint.hf_import import import_hf
+
+    root = tmp_path_factory.mktemp("smol")
+    res = import_hf(None, root / "mc", gguf=smollm2_gguf)
+    return root, res
+
+
+def test_smollm2_gguf_import_verify_export_reload(smol, smollm2_gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt_megatron.checkpoint.hf_export import export_hf
+
+    root, res = smol
+    v = res["verify"]
+    assert res["num_layers"] == 30 and res["vocab_size"] == 49152 and res["padded_vocab_size"] == 49152
+    assert v["max_abs_diff"] <= 1e-3 and v["top1_agreement"] == 1.0, v
+    ex = export_hf(root / "mc", root / "hf", max_shard_size="200MB")
+    assert ex["verify"]["max_abs_diff"] <= 1e-3 and ex["shards"] >= 2
+    tok = AutoTokenizer.from_pretrained(root / "hf")
+    prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    exported = AutoModelForCausalLM.from_pretrained(root / "hf").generate(prompt, max_new_tokens=8, do_sample=False)
+    original = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                    dtype=torch.float32).generate(prompt, max_new_tokens=8,
+                                                                                  do_sample=False)
+    assert torch.equal(exported, original)
+
+
+@torch.no_grad()
+def per_char_loss(ckpt, text: str, window: int = 256) -> float:
+    """Sum of next-token NLL (nats) over `text` divided by its characters, megatron-core model at TP1."""
+    from cpt_megatron.checkpoint import arch_from_ckpt, load_model_weights
+    from cpt_megatron.checkpoint.verify import megatron_logits
+    from cpt_megatron.model import ModelOptions, build_model
+    from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
+    from cpt_megatron.tokenizer.load import load_tokenizer
+
+    arch = arch_from_ckpt(ckpt)
+    ids = load_tokenizer(ckpt / "tokenizer", cache=False).encode(text, add_special_tokens=False)
+    parallel = ParallelConfig()
+    init_distributed(parallel)
+    try:
+        chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="local"))
+        load_model_weights(chunks, ckpt)
+        nll = 0.0
+        for i in range(0, len(ids) - 1, window):
+            x = torch.tensor(ids[i:i + window + 1]).unsqueeze(0)
+            logits = megatron_logits(chunks, x[:, :-1], arch.vocab_size, parallel)
+            nll += float(torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum"))
+    finally:
+        destroy_distributed()
+    return nll / len(text), len(ids)
+
+
+def test_resize_subtoken_mean_beats_mean_on_medquad(smol, shared_data, tmp_path):
+    from cpt_megatron.checkpoint.resize import resize_embeddings
+    from cpt_megatron.tokenizer.extend import extend_tokenizer
+
+    root, _ = smol
+    text = (shared_data / "domain" / "medquad_qa.txt").read_text()
+    cut = text.index("\n# ", len(text) - 20000)  # held-out: the last documents, never seen by the extension
+    train, held = tmp_path / "train.txt", text[cut + 1:]
+    train.write_text(text[: len(text) - 2_000_000])
+    ext = extend_tokenizer(root / "mc" / "tokenizer", [train], 1000, tmp_path / "tok", max_chars=5_000_000)
+    assert ext.vocab_size > 49152
+    out = {"base": per_char_loss(root / "mc", held)}
+    for init in ("subtoken-mean", "mean"):
+        resize_embeddings(root / "mc", tmp_path / "tok", tmp_path / init, init=init)
+        out[init] = per_char_loss(tmp_path / init, held)
+    report = {k: {"loss_per_char": round(v[0], 4), "tokens": v[1]} for k, v in out.items()}
+    report["chars"] = len(held)
+    print("RESIZE_MEASUREMENT " + json.dumps(report))
+    base, sub, mean = out["base"][0], out["subtoken-mean"][0], out["mean"][0]
+    assert all(math.isfinite(x) for x in (base, sub, mean))
+    assert out["subtoken-mean"][1] < out["base"][1]  # the extension shortens held-out text
+    assert abs(sub - base) < 0.5 * abs(mean - base), report  # subtoken-mean clearly closer to the base model
