@@ -377,8 +377,11 @@ def install_rope(config) -> None:
 
 def compile_layers(model) -> int:
     """nn.Module.compile() on each TransformerLayer in place (state_dict names unchanged). Returns the count."""
+    import torch._dynamo
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
+    # one compiled frame per layer instance: keep dynamo from falling back to eager after 8 layers
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     n = 0
     for m in model.modules():
         if isinstance(m, TransformerLayer):
