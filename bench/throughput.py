@@ -130,7 +130,6 @@ def run_ours(arch, overrides: dict, batches, args, dtype: str):
 
     losses, dt = _timed(step, batches, args.warmup)
     kernels = {k: v for k, v in plan.to_dict().items() if k != "reasons"}
-    del engine, chunks
     return losses, dt, kernels, hf_state
 
 
@@ -191,7 +190,6 @@ def run_hf(cfg: dict, compiled: bool, batches, args, hf_state: dict | None):
         return loss.item()  # one sync per step, as ours
 
     losses, dt = _timed(step, batches, args.warmup)
-    del model, opt
     return losses, dt, {"attn_implementation": "sdpa", "autocast_bf16": bf16, "adamw_fused": dev == "cuda",
                         "torch_compile": compiled}
 
