@@ -181,13 +181,14 @@ def _words(backend, lines: Iterable[str], style: str, scripts: tuple[str, ...] |
         s = norm.normalize_str(line) if norm is not None else line
         if pre is None:
             pieces = [s]
-        elif scripts:
+        elif scripts and style == "byte-level":
             pieces = [p for p, (i, j) in pre.pre_tokenize_str(s) if _in_scripts(s[i:j], scripts)]
         else:
             pieces = [p for p, _ in pre.pre_tokenize_str(s)]
         if style == "sentencepiece":
             for p in pieces:
-                counts.update(_SPLIT_METASPACE.findall(p))
+                words = _SPLIT_METASPACE.findall(p)
+                counts.update(w for w in words if _in_scripts(w, scripts)) if scripts else counts.update(words)
         else:
             counts.update(pieces)
     return counts
