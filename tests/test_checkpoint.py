@@ -195,6 +195,17 @@ def test_training_style_checkpoint_exports(zoo, tmp_path):
     assert "medquad: 0.7" in card and "123,456" in card and "| val_loss | 2.5 |" in card
 
 
+def test_verify_cli_json_and_detects_wrong_weights(zoo, capsys):
+    from cpt_megatron.cli import main
+
+    hf, ck = zoo["llama3"]
+    assert main(["verify", "--hf", str(hf), "--ckpt", str(ck), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"max_abs_diff", "mean_abs_diff", "top1_agreement", "loss_hf", "loss_mcore"} <= set(res)
+    code, line = _cli(["verify", "--hf", str(zoo["mistral"][0]), "--ckpt", str(ck)], capsys)  # other weights
+    assert code == 2 and "parity check FAILED" in line, line
+
+
 # -- bad input ------------------------------------------------------------------------------------------
 def _cli(argv, capsys):
     from cpt_megatron.cli import main
