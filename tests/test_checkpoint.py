@@ -136,6 +136,21 @@ def test_round_trip_bit_exact_and_generates_same(zoo, tmp_path):
         assert torch.equal(g[0], g[1]), fam
 
 
+def test_bf16_import_export(zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    from cpt_megatron.checkpoint.hf_export import export_hf
+    from cpt_megatron.checkpoint.hf_import import import_hf
+
+    hf, _ = zoo["qwen2"]
+    res = import_hf(hf, tmp_path / "mc", dtype="bf16")  # verify rounds the HF side to bf16: like for like
+    assert res["dtype"] == "bfloat16" and res["verify"]["max_abs_diff"] <= TOL
+    export_hf(tmp_path / "mc", tmp_path / "hf")
+    a, b = load_file(hf / "model.safetensors"), load_file(next((tmp_path / "hf").glob("*.safetensors")))
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(a[k].to(torch.bfloat16), b[k]) for k in a)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def _worker_cmd(nproc: int, root: Path, layouts: list) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             __file__, json.dumps({"root": str(root), "layouts": layouts})]

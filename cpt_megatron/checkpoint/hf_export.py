@@ -199,6 +199,5 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
 
                 res = verify_checkpoint(tmp, ckpt)
                 summary["verify"] = res
-                check_parity(res, arch, tol=verify_tol if out_dt == torch.float32 else max(verify_tol or 0, 5e-2),
-                             what="export")
+                check_parity(res, arch, tol=verify_tol, what="export")
     return summary

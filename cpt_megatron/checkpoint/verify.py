@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 
@@ -88,13 +89,35 @@ def megatron_logits(chunks, tokens: torch.Tensor, true_vocab: int, parallel) -> 
     return logits
 
 
-def _hf_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
+def _hf_logits(hf_dir, tokens: torch.Tensor, round_to: torch.dtype | None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     model.eval()
+    _round_params(model, round_to)
     with torch.no_grad():
         return model(tokens).logits.float()
+
+
+def _round_params(model, dtype: torch.dtype | None) -> None:
+    """Round weights through `dtype` (kept fp32): both sides then hold identical values when one side is bf16."""
+    if dtype is None or dtype == torch.float32:
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
+
+
+def _weights_dtype(hf_dir, ckpt_dir) -> torch.dtype:
+    """The lowest precision either side stores (bf16/fp16 when one of them does), for a like-for-like check."""
+    import json
+
+    from cpt_megatron.checkpoint.io import DTYPES, read_meta
+
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    names = [read_meta(ckpt_dir).get("dtype"), cfg.get("dtype") or cfg.get("torch_dtype")]
+    low = [DTYPES[n] for n in names if n in DTYPES and DTYPES[n] != torch.float32]
+    return low[0] if low else torch.float32
 
 
 def _batch(arch: ModelArch, batch: int, seq_len: int, seed: int, text: str | None, ckpt_dir) -> torch.Tensor:
@@ -135,17 +158,21 @@ def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | 
         with _tensor_cuda_noop():
             chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="local"))
         load_model_weights(chunks, ckpt_dir)
+        round_to = _weights_dtype(hf_dir, ckpt_dir)
+        for c in chunks:
+            _round_params(c, round_to)
         tokens = _batch(arch, batch, seq_len, seed, text, ckpt_dir)
         mc = megatron_logits(chunks, tokens, arch.vocab_size, parallel)
         del chunks
         reporter = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
         result = [None]
         if reporter:
-            hf = _hf_logits(hf_dir, tokens)
+            hf = _hf_logits(hf_dir, tokens, round_to)
             if hf.shape[-1] < arch.vocab_size:
                 raise CptError(f"{hf_dir} has {hf.shape[-1]} vocab rows but the checkpoint {arch.vocab_size}")
             result[0] = compare_logits(hf[..., : arch.vocab_size], mc, tokens)
-            result[0].update(tp=tp, pp=pp, vpp=vpp, batch=batch, seq_len=seq_len, model_type=arch.model_type)
+            result[0].update(tp=tp, pp=pp, vpp=vpp, batch=batch, seq_len=seq_len, model_type=arch.model_type,
+                             weights_dtype=str(round_to).replace("torch.", ""))
         torch.distributed.broadcast_object_list(result, src=_reporter_rank())
         return result[0]
     finally:
