@@ -66,3 +66,22 @@ def test_bad_layout_is_one_clear_line():
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "world size 1 is not divisible by tp*pp" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_tied_embeddings_pp2_matches(tmp_path):
+    """SmolLM2-style tied embeddings with PP>1: the first and last stage share the word embeddings."""
+    cfg = json.loads(CONFIG.read_text())
+    cfg.update(tie_word_embeddings=True, vocab_size=1000)
+    path = tmp_path / "tied.json"
+    path.write_text(json.dumps(cfg))
+
+    def run(*flags, nproc=1):
+        cmd = [sys.executable, "-m", "cpt_megatron", "smoke", "--hf-config", str(path), "--steps", "3", "--json", *flags]
+        if nproc > 1:
+            cmd += ["--nproc", str(nproc)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])["losses"]
+
+    ref, pp2 = run(), run("--pp", "2", nproc=2)
+    assert max(abs(a - b) for a, b in zip(ref, pp2)) < 1e-5, (ref, pp2)

@@ -8,7 +8,6 @@ Results are computed on the last pipeline stage (TP rank 0) and broadcast, so ev
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -155,8 +154,7 @@ def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | 
     try:
         if denv.world_size != tp * pp:
             raise CptError(f"verify needs exactly tp*pp = {tp * pp} processes, got {denv.world_size} (use --nproc)")
-        with _tensor_cuda_noop():
-            chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="local"))
+        chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="local"))
         load_model_weights(chunks, ckpt_dir)
         round_to = _weights_dtype(hf_dir, ckpt_dir)
         for c in chunks:
@@ -182,20 +180,6 @@ def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | 
             torch.distributed.destroy_process_group()
 
 
-@contextlib.contextmanager
-def _tensor_cuda_noop():
-    """megatron-core 0.16.1 `LanguageModule.setup_embeddings_and_output_layer` calls `weight.data.cuda()` for
-    tied embeddings with PP > 1 (language_module.py:244); without CUDA make `Tensor.cuda` a no-op while building.
-    TODO: belongs in runtime/cpu_redirects.py (reported to the runtime owner)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    orig = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = orig
 
 
 def _reporter_rank() -> int:

@@ -19,6 +19,9 @@ module. Everything that changes is listed here, in one place:
    optimizers (optimizer.py / distrib_optimizer.py / clip_grads.py) accept only those type strings for
    their parameters. Process-wide, but only in processes that call `install()` (our training and
    conversion workers), and only for the no-argument form.
+   `torch.Tensor.cuda()` returns the tensor itself (there is no CUDA to move to): megatron-core calls it on
+   the tied embedding with PP > 1 (language_module.py: `weight.data = weight.data.cuda()`) and in a few
+   optimizer paths.
 3. The model-parallel RNG tracker is replaced by `CpuRNGStatesTracker`, which keeps one CPU generator
    state per name and swaps it into the global CPU generator inside `fork()` (the same semantics the
    CUDA tracker has for the CUDA generator). `seed_model_parallel_rng()` installs it.
@@ -201,6 +204,10 @@ def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
     return _orig_tensor_type(self, dtype, non_blocking, **kwargs)
 
 
+def _tensor_cuda(self, *args, **kwargs):
+    return self
+
+
 class CpuRNGStatesTracker:
     """Model-parallel RNG tracker for CPU: named generator states swapped into the CPU generator by `fork`."""
 
@@ -280,6 +287,7 @@ def install() -> None:
         if getattr(module, "torch", None) is torch:
             module.torch = _TORCH_ON_CPU
     torch.Tensor.type = _tensor_type
+    torch.Tensor.cuda = _tensor_cuda
     from megatron.core.tensor_parallel import random as mp_random
 
     mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
