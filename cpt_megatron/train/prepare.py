@@ -65,12 +65,12 @@ def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
         gguf = smollm2_gguf() if model_cfg.gguf == "@smollm2" else model_cfg.gguf
         out = cache / f"gguf-{Path(gguf).stem}-{_key(gguf, os.path.getsize(gguf))}"
         if not out.exists():
-            checkpoint.import_hf(None, out, gguf=gguf, dtype="fp32")
+            _record(out, checkpoint.import_hf(None, out, gguf=gguf, dtype="fp32"))
         return str(out)
     if model_cfg.hf:
         out = cache / f"hf-{Path(model_cfg.hf).name}-{_key(str(Path(model_cfg.hf).resolve()))}"
         if not out.exists():
-            checkpoint.import_hf(model_cfg.hf, out, dtype="fp32")
+            _record(out, checkpoint.import_hf(model_cfg.hf, out, dtype="fp32"))
         return str(out)
     # random init from an HF config: build a seeded HF model, save it, import it (same path as real models)
     hf_config = resolve_path(model_cfg.hf_config)
@@ -80,8 +80,15 @@ def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
         hf_dir = cache / (out.name + "-hf")
         tok = resolve_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else None
         _random_hf_model(hf_config, tok, hf_dir, seed)
-        checkpoint.import_hf(hf_dir, out, dtype="fp32", overwrite=True)
+        _record(out, checkpoint.import_hf(hf_dir, out, dtype="fp32", overwrite=True))
     return str(out)
+
+
+def _record(ckpt: Path, summary: dict) -> None:
+    """Keep the import summary (with its parity check) beside the checkpoint for reports."""
+    from cpt_megatron.utils import write_json
+
+    write_json(Path(ckpt) / "import_summary.json", summary)
 
 
 def _random_hf_model(config_path: str, tokenizer: str | None, out: Path, seed: int) -> None:

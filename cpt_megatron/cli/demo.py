@@ -1,0 +1,20 @@
+"""`cpt demo`: the whole pipeline on the embedded default (see cpt_megatron/demo.py)."""
+
+from __future__ import annotations
+
+
+def register(subparsers):
+    p = subparsers.add_parser("demo", parents=[subparsers.common], help="run the full CPT pipeline on real data, offline")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--recipe", default="demo")
+    p.add_argument("--only", default=None, help="rerun one step: curate|analyze|preprocess|mixture|import|train|"
+                                                "select|export|generate")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=4")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from cpt_megatron.demo import run_demo
+
+    return run_demo(args.out, args.recipe, args.overrides, args.only, args.device)
