@@ -54,8 +54,10 @@ def run_demo(out: str = "runs/demo", recipe: str = "demo", overrides: list[str] 
         imp = Path(base) / "import_summary.json"
         if want("import"):
             v = (json.loads(imp.read_text()).get("verify") if imp.exists() else None) or {}
+            check = (f"verify max|logit diff| {v['max_abs_diff']:.2g}, top-1 {v.get('top1_agreement', 0):.3f}"
+                     if "max_abs_diff" in v else "parity was checked when it was imported")
             _say("import", f"{meta.get('hf_config', {}).get('model_type', '?')} base -> {base} "
-                           f"({time.time() - t:.0f}s; verify max|diff| {v.get('max_abs_diff', 'see cpt verify')})")
+                           f"({time.time() - t:.0f}s; {check})")
         summary["artifacts"]["base_checkpoint"] = base
     tok = str(Path(base) / "tokenizer")
 
