@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 __all__ = ["register"]
 
 
@@ -55,13 +53,10 @@ def run(args) -> dict | None:
         return res
     if args.choice:
         raise CptError("--choice is supported with --hf only for now")
-    from cpt_megatron.runtime.launch import relaunch, strip_nproc, under_launcher
+    from cpt_megatron.runtime.launch import relaunched
 
-    if args.nproc and not under_launcher():
-        code = relaunch(args.nproc, strip_nproc(sys.argv[1:]))
-        if code:
-            raise SystemExit(code)
-        return None
+    if relaunched(args.nproc):
+        return None  # rank 0 of the children printed the results
     from cpt_megatron.eval.standalone import evaluate_checkpoint
     from cpt_megatron.train.engine import Engine, OptimConfig
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def register(subparsers):
     p = subparsers.add_parser("train", parents=[subparsers.common],
@@ -29,13 +27,10 @@ def run(args):
         from cpt_megatron.train.dryrun import dry_run
 
         return dry_run(cfg, nproc=args.nproc)
-    from cpt_megatron.runtime.launch import relaunch, strip_nproc, under_launcher
+    from cpt_megatron.runtime.launch import relaunched
 
-    if args.nproc and not under_launcher():
-        code = relaunch(args.nproc, strip_nproc(sys.argv[1:]))
-        if code:
-            raise SystemExit(code)
-        return None
+    if relaunched(args.nproc):
+        return None  # rank 0 of the children printed the results
     from cpt_megatron.train.driver import train
 
     res = train(cfg, args.overrides)

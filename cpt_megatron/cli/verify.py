@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def register(subparsers):
     p = subparsers.add_parser("verify", parents=[subparsers.common],
@@ -23,13 +21,10 @@ def register(subparsers):
 
 
 def run(args):
-    from cpt_megatron.runtime.launch import relaunch, strip_nproc, under_launcher
+    from cpt_megatron.runtime.launch import relaunched
 
-    if args.nproc and not under_launcher():
-        code = relaunch(args.nproc, strip_nproc(sys.argv[1:]))
-        if code:
-            raise SystemExit(code)
-        return None
+    if relaunched(args.nproc):
+        return None  # rank 0 of the children printed the results
     import torch
 
     from cpt_megatron.checkpoint.io import arch_from_ckpt

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-__all__ = ["under_launcher", "relaunch", "strip_nproc"]
+__all__ = ["under_launcher", "relaunch", "strip_nproc", "relaunched"]
 
 
 def under_launcher() -> bool:
@@ -40,3 +40,16 @@ def strip_nproc(argv: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def relaunched(nproc: int | None) -> bool:
+    """For `--nproc N` commands: when not already under a launcher, re-run this command under torchrun and
+    return True (the children print the results); exit with their code on failure. False = run here."""
+    import sys
+
+    if not nproc or under_launcher():
+        return False
+    code = relaunch(nproc, strip_nproc(sys.argv[1:]))
+    if code:
+        raise SystemExit(code)
+    return True
