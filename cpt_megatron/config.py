@@ -259,7 +259,12 @@ def compose(recipe: str, overrides: list[str] | None = None) -> dict:
         # Overrides may set keys the recipe leaves at their defaults (no '+' needed); unknown keys are
         # still rejected by load_recipe with their dotted path.
         OmegaConf.set_struct(cfg, False)
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        for ov in overrides or []:
+            key, eq, raw = ov.lstrip("+").partition("=")
+            if not eq or not key:
+                raise CptError(f"override {ov!r}: expected key=value (e.g. train.max_steps=8)")
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise CptError(f"recipe {path.name}: {str(e).splitlines()[0]}") from e
