@@ -103,13 +103,13 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     if cuda:
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", denv.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(denv.master_port))
+        # The rendezvous address goes in init_method only: exporting MASTER_PORT here would make every later
+        # subprocess of this process (tests, the demo) reuse a port whose store may still be listening.
         torch.distributed.init_process_group(
             backend="nccl" if cuda else "gloo",
             rank=denv.rank,
             world_size=denv.world_size,
-            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     parallel.dp(denv.world_size)  # clear error when it does not divide
