@@ -129,7 +129,7 @@ def run_demo(out: str = "runs/demo", recipe: str = "demo", overrides: list[str] 
                       f"({time.time() - t:.0f}s) -> {run_dir}" if losses else f"already trained -> {run_dir}")
         events = run_dir / "events.jsonl"
         evs = [json.loads(x) for x in events.read_text().splitlines()] if events.exists() else []
-        kinds = {k: sum(e["kind"] == k for e in evs) for k in ("ok", "warn", "act")}
+        kinds = {k: sum(e["kind"] == k for e in evs) for k in ("baseline", "ok", "warn", "act")}
         _say("monitor", f"{len(evs)} events: {kinds}")
         summary["train_seconds"] = round(time.time() - t, 1)
 
