@@ -6,7 +6,7 @@ RECIPE ?= demo
 DOMAIN ?= code
 export PYTHONUNBUFFERED=1
 
-.PHONY: setup test test-fast lint demo demo-gpu preprocess train export clean
+.PHONY: setup test test-fast lint demo demo-gpu curate preprocess train export clean
 
 $(BIN)/cpt: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,23 +29,18 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check cpt_megatron tests tools bench experiments
 
-# Reduced pipeline on the embedded tiny recipe (issue 10's full SmolLM2 demo is still open):
-# curate + preprocess stdlib/pydoc -> train 8 steps with eval at 0/4/8 -> select -> plot -> export-hf.
-DEMO_RUN ?= runs/demo
+# The whole pipeline on SmolLM2-135M: DOMAIN=code (Python stdlib, pydoc replay; works offline anywhere) or
+# DOMAIN=medical (MedQuAD with WikiText-2 replay from ../shared/data).
+DEMO_RECIPE := $(if $(filter medical,$(DOMAIN)),demo_medical,demo)
 demo: setup
-	$(BIN)/cpt train --recipe tiny_cpu run.dir=$(DEMO_RUN)
-	$(BIN)/cpt select --run $(DEMO_RUN) --max-general-regression 1.0
-	$(BIN)/cpt plot --run $(DEMO_RUN)
-	$(BIN)/cpt export-hf --ckpt $(DEMO_RUN)/checkpoints/$$(cat $(DEMO_RUN)/best) --out $(DEMO_RUN)/export --overwrite
+	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --out runs/demo
 
 demo-gpu: setup
-	$(BIN)/cpt train --recipe tiny_cpu run.dir=$(DEMO_RUN)-gpu model.options.dtype=bf16
+	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --out runs/demo --device cuda
 
-preprocess train: setup
-	$(BIN)/cpt train --recipe tiny_cpu run.dir=$(DEMO_RUN) $(if $(filter preprocess,$@),--dry-run,)
-
-export: setup
-	$(BIN)/cpt export-hf --ckpt $(DEMO_RUN)/checkpoints/$$(cat $(DEMO_RUN)/checkpoints/latest) --out $(DEMO_RUN)/export --overwrite
+# rerun one step of the demo
+curate preprocess train export: setup
+	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --out runs/demo --only $@
 
 clean:
 	rm -rf runs/demo

@@ -21,7 +21,8 @@ from cpt_megatron.utils import write_json
 __all__ = ["run_demo", "STEPS"]
 
 STEPS = ("curate", "analyze", "preprocess", "mixture", "import", "train", "select", "export", "generate")
-PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+PROMPTS = {"code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+           "medical": "What are the symptoms of high blood pressure?"}
 
 
 def _say(step: str, msg: str) -> None:
@@ -30,6 +31,7 @@ def _say(step: str, msg: str) -> None:
 
 def run_demo(out: str = "runs/demo", recipe: str = "demo", overrides: list[str] | None = None,
              only: str | None = None, device: str = "cpu") -> dict:
+    prompt = PROMPTS["medical" if "medical" in recipe else "code"]
     if only and only not in STEPS:
         raise CptError(f"--only {only!r}: choose one of {', '.join(STEPS)}")
     t0 = time.time()
@@ -152,11 +154,11 @@ def run_demo(out: str = "runs/demo", recipe: str = "demo", overrides: list[str] 
 
             tk = AutoTokenizer.from_pretrained(export_dir)
             model = AutoModelForCausalLM.from_pretrained(export_dir)
-            ids = tk(PROMPT, return_tensors="pt").input_ids
+            ids = tk(prompt, return_tensors="pt").input_ids
             gen = model.generate(ids, max_new_tokens=40, do_sample=False)
             text = tk.decode(gen[0][ids.shape[1]:], skip_special_tokens=True)
-            _say("generate", "transformers loaded the export; completion:\n" + PROMPT + text)
-            summary["completion"] = PROMPT + text
+            _say("generate", "transformers loaded the export; completion:\n" + prompt + text)
+            summary["completion"] = prompt + text
 
     evals_path = run_dir / "evals.jsonl"
     if evals_path.exists():
