@@ -75,3 +75,35 @@ def test_rollback_policy_reloads_target_and_scales_lr(tmp_path, cache, monkeypat
 
     full = lr_at(2, ScheduleConfig(type="cosine", warmup=2), lr=1e-3, min_lr=1e-4, total_steps=8)
     assert metrics[4]["lr"] == pytest.approx(0.5 * full)
+
+
+def test_nonfinite_gradients_skip_the_update_and_stop_after_max_skipped(tmp_path, cache, monkeypatch):
+    """A NaN gradient (injected through the EWC/L2-SP grad hook slot) skips the update; weights stay finite."""
+    import torch
+
+    from cpt_megatron.train import driver
+    from cpt_megatron.train.engine import Engine
+
+    orig = Engine.train_step
+
+    def poisoned(self, microbatches, grad_hook=None):
+        def hook(engine):
+            if grad_hook is not None:
+                grad_hook(engine)
+            p = next(engine.chunks[0].parameters())
+            (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad).fill_(float("nan"))
+        return orig(self, microbatches, grad_hook=hook)
+
+    monkeypatch.setattr(Engine, "train_step", poisoned)
+    cfg = load_recipe("tiny_cpu", [f"run.dir={tmp_path}/run", f"data.cache_dir={cache}", "train.max_skipped=3"])
+    res = driver.train(cfg)
+    assert res.last_step == 3 and "3 consecutive non-finite" in res.stopped
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["skipped"] for m in metrics)
+    from cpt_megatron.checkpoint import io  # the step-3 checkpoint holds the base weights, finite
+
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_0000003"
+    key = "embedding.word_embeddings.weight"
+    with io.single_process_group():
+        w = io.read_ckpt_tensor(ckpt, key, io.ckpt_tensor_keys(ckpt)[key], None)
+    assert torch.isfinite(w).all()

@@ -164,8 +164,25 @@ class Engine:
         loss, tokens = self._run(microbatches, forward_only=False)
         if grad_hook is not None:
             grad_hook(self)
+        if not self._grads_finite():
+            # bf16/fp32 optimizers have no loss scaler to catch this: skip the update, keep the weights
+            self.optimizer.zero_grad()
+            for m in self.model:
+                m.zero_grad_buffer()
+            return StepResult(loss, tokens, float("nan"), skipped=True)
         ok, grad_norm, _ = self.optimizer.step()
         return StepResult(loss, tokens, None if grad_norm is None else float(grad_norm), skipped=not ok)
+
+    def _grads_finite(self) -> bool:
+        """Collective: True when every rank's gradients are finite (one fused reduction per rank, one all-reduce)."""
+        sums = [g.float().sum() for m in self.model for p in m.parameters()
+                if (g := getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad) is not None]
+        bad = torch.zeros(1, device=sums[0].device if sums else "cpu")
+        if sums:
+            bad = (~torch.isfinite(torch.stack(sums).sum())).float().reshape(1)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return not bool(bad.item())
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict]) -> tuple[float, int]:
