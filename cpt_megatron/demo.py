@@ -43,13 +43,14 @@ def run_demo(out: str = "runs/demo", recipe: str = "demo", overrides: list[str] 
     cfg = load_recipe(recipe, ov)
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"artifacts": {}}
-    want = (lambda s: only is None or only == s)
+
+    def want(step: str) -> bool:
+        return only is None or only == step
 
     from cpt_megatron.train.prepare import prepare_base, prepare_sources
 
     # import + verify first: the base model's tokenizer drives curation lengths and tokenization
-    base = None
-    if want("import") or only is None or True:
+    if True:  # always: later steps need the base checkpoint (cached after the first run)
         t = time.time()
         base = prepare_base(cfg.model, cfg.data.cache_dir, cfg.run.seed)
         meta = json.loads((Path(base) / "cpt_meta.json").read_text())
@@ -97,17 +98,9 @@ def run_demo(out: str = "runs/demo", recipe: str = "demo", overrides: list[str] 
         summary["artifacts"]["tokenizer_report"] = str(out_dir / "analyze" / "report.md")
 
     if want("mixture"):
-        from cpt_megatron.data.mixture import MixtureConfig, SourceConfig, build_mixture
-        from cpt_megatron.tokenizer import load_tokenizer
-        from cpt_megatron.train.driver import plan_steps
+        from cpt_megatron.train.prepare import recipe_mixture
 
-        tk = load_tokenizer(tok)
-        mix = build_mixture(
-            MixtureConfig(sources=[SourceConfig(name=s["name"], prefix=s["prefix"], group=s["group"]) for s in sources],
-                          alpha=cfg.data.alpha, valid_fraction=cfg.data.valid_fraction, seed=cfg.data.seed),
-            seq_len=cfg.data.seq_len, train_samples=plan_steps(cfg) * cfg.train.global_batch, valid_samples=8,
-            cache_dir=str(Path(cfg.data.cache_dir) / "indices"), tokenizer_vocab_size=len(tk),
-            eod_id=int(tk.eos_token_id))
+        mix = recipe_mixture(cfg)
         rep = mix.report()
         shares = ", ".join(f"{k} {v['share']:.2f} ({v['epochs']:.2f} epochs)" for k, v in rep["sources"].items())
         _say("mixture", f"alpha {cfg.data.alpha}: {shares}; {rep['tokens']:,} training tokens")

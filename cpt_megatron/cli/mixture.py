@@ -15,9 +15,12 @@ def register(subparsers) -> None:
         parents=[subparsers.common],
         help="token share per source/group, epochs per source, tokens per phase, PNG of the schedule",
     )
-    r.add_argument("--mixture", required=True, metavar="FILE.yaml", help="YAML of MixtureConfig (sources, alpha, phases...)")
-    r.add_argument("--seq-len", type=int, required=True)
-    r.add_argument("--train-samples", type=int, required=True)
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--recipe", help="a training recipe: its data section, seq_len and planned samples")
+    src.add_argument("--mixture", metavar="FILE.yaml", help="YAML of MixtureConfig (sources, alpha, phases...)")
+    r.add_argument("overrides", nargs="*", help="recipe overrides (with --recipe), e.g. data.alpha=0.5")
+    r.add_argument("--seq-len", type=int, default=None, help="with --mixture (required)")
+    r.add_argument("--train-samples", type=int, default=None, help="with --mixture (required)")
     r.add_argument("--valid-samples", type=int, default=0)
     r.add_argument("--cache-dir", default=None, help="megatron index cache (default: a temp dir, removed after)")
     r.add_argument("--png", default=None, metavar="OUT.png", help="plot the domain share over the run")
@@ -34,6 +37,14 @@ def run_report(args) -> dict:
     from cpt_megatron.data.mixture import build_mixture, mixture_config_from_dict
     from cpt_megatron.data.preprocess import read_meta
 
+    if args.recipe:
+        from cpt_megatron.config import load_recipe
+        from cpt_megatron.train.prepare import recipe_mixture
+
+        mix = recipe_mixture(load_recipe(args.recipe, args.overrides), valid_samples=args.valid_samples or 8)
+        return _show(mix.report() | ({"png": mix.plot(args.png)} if args.png else {}), args)
+    if args.seq_len is None or args.train_samples is None:
+        raise ValueError("--mixture needs --seq-len and --train-samples (or use --recipe R)")
     with open(args.mixture) as f:
         raw = yaml.safe_load(f) or {}
     cfg = mixture_config_from_dict(raw.get("mixture", raw) if isinstance(raw, dict) else {})
@@ -54,6 +65,10 @@ def run_report(args) -> dict:
     finally:
         if args.cache_dir is None:
             shutil.rmtree(cache, ignore_errors=True)
+    return _show(report, args)
+
+
+def _show(report: dict, args) -> dict:
     if not args.json:
         print(f"{report['tokens']:,} training tokens ({report['train_samples']:,} samples x {report['seq_len']})")
         print("groups: " + ", ".join(f"{g} {s:.3f}" for g, s in report["groups"].items()))

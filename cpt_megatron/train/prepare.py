@@ -175,3 +175,23 @@ def prepare_sources(data_cfg, tokenizer: str, workers: int = 1) -> list[dict]:
         entry["prefix"] = str(prefix)
         out.append(entry)
     return out
+
+
+def recipe_mixture(cfg, valid_samples: int = 8):
+    """The training mixture a recipe resolves to (base tokenizer and sources prepared on first use)."""
+    from cpt_megatron.data.mixture import MixtureConfig, SourceConfig, build_mixture
+    from cpt_megatron.tokenizer import load_tokenizer
+    from cpt_megatron.train.driver import plan_steps
+
+    base = prepare_base(cfg.model, cfg.data.cache_dir, cfg.run.seed)
+    tok_spec = resolve_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else str(Path(base) / "tokenizer")
+    sources = prepare_sources(cfg.data, tok_spec)
+    tok = load_tokenizer(tok_spec)
+    mcfg = MixtureConfig(
+        sources=[SourceConfig(name=s["name"], prefix=s["prefix"], group=s["group"], weight=s["weight"],
+                              tokens=s["tokens"]) for s in sources],
+        alpha=cfg.data.alpha, phases=list(cfg.data.phases), valid_fraction=cfg.data.valid_fraction,
+        seed=cfg.data.seed, max_epochs_warn=cfg.data.max_epochs_warn)
+    return build_mixture(mcfg, seq_len=cfg.data.seq_len, train_samples=plan_steps(cfg) * cfg.train.global_batch,
+                         valid_samples=valid_samples, cache_dir=str(Path(cfg.data.cache_dir) / "indices"),
+                         tokenizer_vocab_size=len(tok), eod_id=int(tok.eos_token_id))
