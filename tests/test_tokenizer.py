@@ -111,33 +111,41 @@ def _tokens_per_char(tok, text: str) -> float:
 
 
 def test_gpt2_medquad_extension(gpt2_tokenizer_dir, gpt2_med, medquad_split, shared_data):
+    """Issue 5 acceptance: 1,000 tokens from MedQuAD cut held-out tokens/char >= 10%, WikiText-2 < 1%."""
     base, new = load_tokenizer(gpt2_tokenizer_dir), load_tokenizer(gpt2_med, cache=False)
     assert len(new) == len(base) + 1000
     base_vocab, new_vocab = base.get_vocab(), new.get_vocab()
     assert all(new_vocab[t] == i for t, i in base_vocab.items())  # every old id keeps its string
     assert new_token_ids(base, new) == list(range(len(base), len(base) + 1000))
+    info = json.loads((gpt2_med / "extension.json").read_text())
+    assert 0 < info["num_multiword_tokens"] < 1000  # both kinds won budget (measured: 808 phrases)
 
     held = medquad_split[1].read_text(encoding="utf-8")
     cut = 1 - _tokens_per_char(new, held) / _tokens_per_char(base, held)
-    assert cut >= 0.05, cut  # measured 5.5%; the 10% target is test_gpt2_medquad_ten_percent (xfail)
+    assert cut >= 0.10, cut  # measured 22.1% (within-word merges alone: 5.5%)
 
     wiki = (shared_data / "general/wikitext2_raw_test.txt").read_text(encoding="utf-8")
     n_base, n_new = len(base.encode(wiki)), len(new.encode(wiki))
-    assert abs(n_new - n_base) / n_base < 0.01
+    assert abs(n_new - n_base) / n_base < 0.01  # measured -0.25%
+    # where no new token fires, the encoding is exactly the base one (pre-tokenization unchanged)
+    lines = wiki.splitlines(keepends=True)
+    b_enc = base.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
+    n_enc = new.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
+    untouched = [(b.ids, n.ids) for b, n in zip(b_enc, n_enc) if max(n.ids, default=0) < len(base)]
+    assert len(untouched) > 0.8 * len(lines) and all(b == n for b, n in untouched)
 
     # new tokens come from ordinary encoding of running text, not only when standing alone
     ids = new.encode("This condition is inherited in an autosomal recessive pattern.")
-    assert new_vocab["Ġautosomal"] in ids and new_vocab["Ġrecessive"] in ids
+    assert new_vocab["ĠautosomalĠrecessive"] in ids
+    assert new_vocab["Ġdysplasia"] in new.encode("It is a skeletal dysplasia.")
+    # multi-word tokens match only at word boundaries, like the base pre-tokenizer's words
+    bp = new_vocab["ĠbloodĠpressure"]
+    assert bp in new.encode("high blood pressure.") and bp in new.encode("blood pressure")[1:] + [bp]
+    for text in ("xblood pressure", " blood pressures", " blood  pressure", " blood pressureé"):
+        assert bp not in new.encode(text), text
+        assert new.decode(new.encode(text)) == text
     used = {i for i in new.encode(held) if i >= len(base)}
     assert len(used) > 700, len(used)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 5 asks >= 10%; within-word merges give 5.5% with 1,000 tokens "
-                   "and at most 13.3% with unlimited tokens (MedQuAD held-out: 419k pre-tokens, 484k tokens)")
-def test_gpt2_medquad_ten_percent(gpt2_tokenizer_dir, gpt2_med, medquad_split):
-    held = medquad_split[1].read_text(encoding="utf-8")
-    base, new = load_tokenizer(gpt2_tokenizer_dir), load_tokenizer(gpt2_med, cache=False)
-    assert 1 - _tokens_per_char(new, held) / _tokens_per_char(base, held) >= 0.10
 
 
 def test_subtoken_map_is_the_base_split(gpt2_tokenizer_dir, gpt2_med):
@@ -146,9 +154,51 @@ def test_subtoken_map_is_the_base_split(gpt2_tokenizer_dir, gpt2_med):
     assert sorted(m) == new_token_ids(base, new)
     for nid, ids in m.items():
         assert len(ids) >= 2 and all(i < len(base) for i in ids)
-        assert base.decode(ids) == new.decode([nid])
-    nid = new.get_vocab()["Ġautosomal"]
-    assert m[nid] == base.encode(" autosomal")
+        text = new.decode([nid])
+        assert base.decode(ids) == text
+        if text.strip().count(" "):  # multi-word: exactly the base encoding of its text
+            assert ids == base.encode(text), text
+    vocab = new.get_vocab()
+    assert m[vocab["Ġdysplasia"]] == base.encode(" dysplasia")
+    assert m[vocab["ĠbloodĠpressure"]] == base.encode(" blood pressure") == [base.get_vocab()[t] for t in
+                                                                              ("Ġblood", "Ġpressure")]
+
+
+def test_phrase_regex_boundaries(shared_data):
+    """Phrases match only on base pre-token boundaries; elsewhere pre-tokenization is exactly GPT-2's."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from cpt_megatron.tokenizer.phrases import phrase_lookahead, phrase_regex
+
+    last = {" blood pressure": " pressure", " high blood pressure": " pressure", " 7.5%": "%",
+            " (HPO)": ")", " is (are)": ")", " it's": "'s", "Question:": ":"}
+    pat = phrase_regex([(p, phrase_lookahead(e)) for p, e in last.items()])
+    split = pre_tokenizers.Split(Regex(f"(?:{pat})|{GPT2_PATTERN}"), "isolated")
+    base = pre_tokenizers.Split(Regex(GPT2_PATTERN), "isolated")
+
+    def pieces(pre, text):
+        return [p for p, _ in pre.pre_tokenize_str(text)]
+
+    def ends(ps):
+        out, n = set(), 0
+        for p in ps:
+            n += len(p)
+            out.add(n)
+        return out
+
+    assert pieces(split, "a high blood pressure.") == ["a", " high blood pressure", "."]
+    assert pieces(split, "x blood pressure, 7.5%") == ["x", " blood pressure", ",", " 7.5%"]
+    assert pieces(split, "Question: What is (are) it's") == ["Question:", " What", " is (are)", " it's"]
+    for text in ("xblood pressure", " blood pressures", " blood pressureé", " 7.55%", " 7.5%%", " is (are)?",
+                 "it's (HPO)), 7.5%.", "  blood pressure\n", "Question:: x", " bloodpressure"):
+        got = pieces(split, text)
+        assert "".join(got) == text and ends(got) <= ends(pieces(base, text)), text
+        if "  blood" not in text:
+            assert got == pieces(base, text), text
+    text = (shared_data / "general/wikitext2_raw_test.txt").read_text(encoding="utf-8")[:300_000]
+    text = text.replace(" the ", " high blood pressure (HPO) ")
+    got, ref = pieces(split, text), pieces(base, text)
+    assert ends(got) <= ends(ref) and len(got) < len(ref) - 1000
 
 
 def test_subtoken_map_rejects_unrelated_tokenizers(gpt2_tokenizer_dir, mistral_sp_model):

@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from cpt_megatron.errors import CptError
 
 __all__ = [
@@ -64,6 +66,7 @@ class ExtendResult:
     domain_tokens_after: int  # on the training text, from the training simulation
     stop_reason: str
     marks_joined: bool  # pre-tokenizer rewritten so combining marks stay inside words
+    num_multiword_tokens: int  # phrases such as " blood pressure" (matched at word boundaries)
     sample_new_tokens: list[str]
 
     def to_dict(self) -> dict:
@@ -196,7 +199,8 @@ def _words(backend, lines: Iterable[str], style: str, scripts: tuple[str, ...] |
 
 def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, min_frequency: int = 3,
                    max_token_chars: int = 24, scripts: tuple[str, ...] | None = None,
-                   join_marks: bool | None = None):
+                   join_marks: bool | None = None, multiword: bool | None = None, max_phrase_words: int = 4,
+                   max_phrase_chars: int = 32, common_rank: int = 2000):
     """Continued BPE training on `lines`; returns (new tokenizers.Tokenizer, stats dict).
 
     `num_new_tokens` counts new vocabulary entries (ids); merges whose result already is a base token
@@ -205,6 +209,12 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
     scripts, so general (e.g. English) text keeps its encoding. `join_marks` rewrites a byte-level
     pre-tokenizer so combining marks stay inside words (needed for Indic scripts); None: on when more
     than 5% of the domain text's letters are marks.
+
+    `multiword` (None: on for GPT-2-style byte-level tokenizers without `scripts`) also offers
+    multi-word tokens (" blood pressure"): phrases of up to `max_phrase_words` base pre-tokens and
+    `max_phrase_chars` characters that contain at least one base token with id >= `common_rank` (so
+    " of the" is not one), chosen by their real saving on the domain text; the budget goes to whichever
+    of phrases and within-word merges saves more tokens (see `tokenizer/phrases.py`).
     """
     from tokenizers import Tokenizer
 
@@ -231,7 +241,22 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
     if model.get("unk_token") in vocab:
         barrier_ids.add(vocab[model["unk_token"]])
 
-    word_counts = _words(base_backend, lines, style, scripts)
+    if multiword is None:
+        multiword = _multiword_ok(tj, style, scripts, marks_joined)
+    elif multiword and not _multiword_ok(tj, style, scripts, marks_joined):
+        raise CptError("multi-word tokens need a GPT-2-style byte-level pre-tokenizer without a normalizer "
+                       "(and no scripts / joined marks)")
+    seq = raw_words = None
+    if multiword:
+        from cpt_megatron.tokenizer.phrases import pretoken_ids
+
+        seq, raw_words = pretoken_ids(lines, GPT2_PATTERN)
+        counts = np.bincount(seq[seq >= 0], minlength=len(raw_words)).tolist()
+        to_bytes = _byte_level_map()
+        word_counts = Counter({"".join(to_bytes[b] for b in w.encode("utf-8")): c
+                               for w, c in zip(raw_words, counts)})
+    else:
+        word_counts = _words(base_backend, lines, style, scripts)
     if not word_counts:
         raise CptError("the domain input is empty: nothing to learn new tokens from")
     bpe = base_backend.model
@@ -272,6 +297,80 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
                 if None in words[i]:
                     words[i] = _with_new_chars([t.value for t in bpe.tokenize(w)], vocab)
 
+    phrase_tokens: list[str] = []
+    phrase_regex = None
+    if multiword:
+        index = {w: i for i, w in enumerate(word_counts)}
+        order = [index["".join(to_bytes[b] for b in w.encode("utf-8"))] for w in raw_words]
+        new_tokens_ww, new_merges, phrases, after = _with_phrases(
+            bpe, seq, raw_words, [words[i] for i in order], num_new_tokens - len(new_tokens), vocab,
+            min_frequency=min_frequency, max_token_chars=max_token_chars, max_phrase_words=max_phrase_words,
+            max_phrase_chars=max_phrase_chars, common_rank=common_rank)
+        stop = "budget" if len(new_tokens_ww) + len(phrases) >= num_new_tokens - len(new_tokens) else \
+            "no more frequent pairs or phrases"
+        from cpt_megatron.tokenizer.phrases import phrase_lookahead
+        from cpt_megatron.tokenizer.phrases import phrase_regex as make_regex
+
+        keys = list(word_counts)
+        phrase_tokens = ["".join(keys[order[w]] for w in ph) for ph in phrases]
+        phrase_regex = make_regex([("".join(raw_words[w] for w in ph), phrase_lookahead(raw_words[ph[-1]]))
+                                   for ph in phrases])
+        if phrases:
+            _check_self_reachable(bpe, vocab, barrier_ids)
+    else:
+        new_tokens_ww, new_merges, _, stop = _continued_bpe(
+            words, freqs, vocab, num_new_tokens - len(new_tokens), min_frequency, max_token_chars)
+        after = sum(len(s) * f for s, f in zip(words, freqs))
+    for t in new_tokens_ww:
+        vocab[t] = next_id
+        next_id += 1
+        new_tokens.append(t)
+    if phrase_tokens:
+        for t in phrase_tokens:
+            vocab[t] = next_id
+            next_id += 1
+            new_tokens.append(t)
+        byte_level = dict(tj["pre_tokenizer"], use_regex=False)
+        split = {"type": "Split", "pattern": {"Regex": f"(?:{phrase_regex})|{GPT2_PATTERN}"},
+                 "behavior": "Isolated", "invert": False}
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, byte_level]}
+        model["ignore_merges"] = True  # a phrase pre-token that is in the vocab is one token
+
+    merges = model["merges"]
+    if merges and isinstance(merges[0], str):
+        merges.extend(f"{a} {b}" for a, b in new_merges)
+    else:
+        merges.extend([a, b] for a, b in new_merges)
+    new_backend = Tokenizer.from_str(json.dumps(tj))
+    stats = {
+        "style": style,
+        "num_new_tokens": len(new_tokens),
+        "num_new_chars": len(added_chars),
+        "num_merges_added": len(new_merges),
+        "first_new_id": first_new_id,
+        "num_domain_words": sum(freqs),
+        "num_unique_words": len(words),
+        "domain_tokens_before": tokens_before,
+        "domain_tokens_after": after,
+        "stop_reason": stop,
+        "marks_joined": marks_joined,
+        "num_multiword_tokens": len(phrase_tokens),
+        "new_tokens": new_tokens,
+    }
+    return new_backend, stats
+
+
+def _continued_bpe(words: list[list], freqs: list[int], vocab: dict, budget: int, min_frequency: int,
+                   max_token_chars: int):
+    """Continued BPE on `words` (symbol lists, None = never merged) for up to `budget` new tokens.
+
+    Returns (new token strings, merges, saving of each new token in tokens, stop reason); `words` is
+    updated in place. `vocab` is only read: a merge whose result is already a token costs no budget.
+    """
+    new_tokens: list[str] = []
+    savings: list[int] = []
+    new_merges: list[tuple[str, str]] = []
+    known = set(vocab)
     pair_count: Counter = Counter()
     where: dict[tuple[str, str], set[int]] = {}
     for i, (syms, f) in enumerate(zip(words, freqs)):
@@ -283,7 +382,7 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
     heapq.heapify(heap)
 
     stop = "budget"
-    while len(new_tokens) < num_new_tokens:
+    while len(new_tokens) < budget:
         if not heap:
             stop = "no more pairs"
             break
@@ -302,10 +401,10 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
             pair_count[pair] = 0  # too long a token: skip this pair for good
             continue
         new_merges.append(pair)
-        if merged not in vocab:
-            vocab[merged] = next_id
-            next_id += 1
+        if merged not in known:
+            known.add(merged)
             new_tokens.append(merged)
+            savings.append(c)
         for i in where.pop(pair, ()):
             syms, f = words[i], freqs[i]
             out = _merge(syms, a, b, merged)
@@ -322,27 +421,81 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
             words[i] = out
         pair_count.pop(pair, None)
 
-    merges = model["merges"]
-    if merges and isinstance(merges[0], str):
-        merges.extend(f"{a} {b}" for a, b in new_merges)
-    else:
-        merges.extend([a, b] for a, b in new_merges)
-    new_backend = Tokenizer.from_str(json.dumps(tj))
-    stats = {
-        "style": style,
-        "num_new_tokens": len(new_tokens),
-        "num_new_chars": len(added_chars),
-        "num_merges_added": len(new_merges),
-        "first_new_id": first_new_id,
-        "num_domain_words": sum(freqs),
-        "num_unique_words": len(words),
-        "domain_tokens_before": tokens_before,
-        "domain_tokens_after": sum(len(s) * f for s, f in zip(words, freqs)),
-        "stop_reason": stop,
-        "marks_joined": marks_joined,
-        "new_tokens": new_tokens,
-    }
-    return new_backend, stats
+    return new_tokens, new_merges, savings, stop
+
+
+def _byte_level_map() -> dict[int, str]:
+    """GPT-2's bytes_to_unicode table (byte -> printable character of the byte-level alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _multiword_ok(tj: dict, style: str, scripts, marks_joined: bool) -> bool:
+    """Multi-word tokens are built for a plain GPT-2 ByteLevel pre-tokenizer (its regex is known)."""
+    pre = tj.get("pre_tokenizer") or {}
+    return (style == "byte-level" and not scripts and not marks_joined and tj.get("normalizer") is None
+            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True))
+
+
+def _check_self_reachable(bpe, vocab: dict, skip_ids: set) -> None:
+    """`ignore_merges` is only a no-op for base words if every base token is its own BPE result."""
+    bad = [t for t, i in vocab.items() if i not in skip_ids and [x.value for x in bpe.tokenize(t)] != [t]]
+    if bad:
+        raise CptError(f"multi-word tokens need ignore_merges, which would change how {len(bad)} base tokens "
+                       f"encode (e.g. {bad[:3]}); use multiword=False")
+
+
+def _with_phrases(bpe, seq, raw_words: list[str], syms: list[list], budget: int, vocab: dict, *,
+                  min_frequency: int, max_token_chars: int, max_phrase_words: int, max_phrase_chars: int,
+                  common_rank: int):
+    """Split `budget` between multi-word phrases and within-word merges by saving; see phrases.py.
+
+    `syms[i]`: base symbols of pre-token `raw_words[i]`. Returns (within-word tokens, merges,
+    phrases as word-id tuples, domain tokens after).
+    """
+    from cpt_megatron.tokenizer.phrases import count_ngrams, cover, select_phrases
+
+    cost = np.array([len(s) for s in syms], dtype=np.int64)
+    chars = np.array([len(w) for w in raw_words], dtype=np.int64)
+    ok = np.array([max((vocab.get(t, 0) for t in s if t is not None), default=0) >= common_rank
+                   for s in syms], dtype=bool)
+    cands = count_ngrams(seq, cost, chars, ok, max_words=max_phrase_words, max_chars=max_phrase_chars,
+                         min_count=max(2, min_frequency))
+    ranked = select_phrases(seq, cands, budget, max_words=max_phrase_words)
+
+    def within_words(phrases, n):
+        _, covered = cover(seq, phrases, max_phrase_words)
+        freq = np.bincount(seq[(~covered) & (seq >= 0)], minlength=len(raw_words)).tolist()
+        live = [i for i, f in enumerate(freq) if f]
+        ws = [list(syms[i]) for i in live]
+        fs = [freq[i] for i in live]
+        toks, merges, saved, _ = _continued_bpe(ws, fs, vocab, n, min_frequency, max_token_chars)
+        return toks, merges, saved, sum(len(s) * f for s, f in zip(ws, fs))
+
+    # first pass: within-word savings where no candidate phrase applies, then take the best of both lists
+    _, _, saved, _ = within_words([p for p, _ in ranked], budget)
+    saved = sorted(saved, reverse=True)
+    k = i = 0
+    while k + i < budget and (k < len(ranked) or i < len(saved)):
+        if i >= len(saved) or (k < len(ranked) and ranked[k][1] >= saved[i]):
+            k += 1
+        else:
+            i += 1
+    while True:
+        phrases = [p for p, _ in ranked[:k]]
+        toks, merges, _, after = within_words(phrases, budget - k)
+        if len(toks) + k >= budget or k >= len(ranked):
+            break
+        k = min(len(ranked), budget - len(toks))  # within-word ran out of pairs: more phrases
+    uses, _ = cover(seq, phrases, max_phrase_words)
+    return toks, merges, phrases, after + sum(uses)
 
 
 def _with_new_chars(values: list[str], vocab: dict) -> list:
@@ -381,7 +534,7 @@ def _merge(syms: list, a: str, b: str, merged: str) -> list:
 def extend_tokenizer(base: str | os.PathLike, inputs: list[str | os.PathLike], num_new_tokens: int,
                      out_dir: str | os.PathLike, *, min_frequency: int = 3, max_chars: int | None = None,
                      scripts: tuple[str, ...] | None = None, join_marks: bool | None = None,
-                     overwrite: bool = False) -> ExtendResult:
+                     multiword: bool | None = None, overwrite: bool = False) -> ExtendResult:
     """Learn up to `num_new_tokens` domain tokens from `inputs` and save an HF tokenizer dir at `out_dir`.
 
     Old ids keep their strings; new ids start at the old `len(tokenizer)`. `out_dir/extension.json`
@@ -396,6 +549,7 @@ def extend_tokenizer(base: str | os.PathLike, inputs: list[str | os.PathLike], n
     backend, stats = extend_backend(
         base_tok.backend_tokenizer, iter_text(inputs, max_chars), num_new_tokens, min_frequency=min_frequency,
         scripts=tuple(s.upper() for s in scripts) if scripts else None, join_marks=join_marks,
+        multiword=multiword,
     )
     special = {k: getattr(base_tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                if getattr(base_tok, k, None) is not None}
@@ -421,7 +575,8 @@ def extend_tokenizer(base: str | os.PathLike, inputs: list[str | os.PathLike], n
         write_json(Path(tmp) / "extension.json", {
             **result.to_dict(),
             "inputs": [str(p) for p in inputs],
-            "method": "continued BPE: base segmentation, then most frequent domain pairs as appended merges",
+            "method": "continued BPE: base segmentation, then most frequent domain pairs as appended merges"
+                      + ("; multi-word tokens matched by the pre-tokenizer" if result.num_multiword_tokens else ""),
             "new_tokens": [_show(backend, t) for t in new_tokens],
         })
     return result
@@ -440,6 +595,21 @@ def _check_old_ids(base_tok, new_tok) -> None:
         raise AssertionError(f"extension moved {len(moved)} existing ids, e.g. {moved[:3]}")
 
 
+def _alphabet(tj: dict) -> tuple:
+    """What decides the model's symbol alphabet: normalizer, decoder, byte-level/metaspace mapping.
+
+    A different word-splitting regex (multi-word phrases, joined combining marks) keeps the alphabet.
+    """
+    def flat(p):
+        if not p:
+            return []
+        return [q for x in p.get("pretokenizers", []) for q in flat(x)] if p.get("type") == "Sequence" else [p]
+
+    kinds = sorted(json.dumps({k: v for k, v in p.items() if k in ("type", "replacement", "prepend_scheme")})
+                   for p in flat(tj.get("pre_tokenizer")) if p.get("type") in ("ByteLevel", "Metaspace"))
+    return json.dumps(tj.get("normalizer")), json.dumps(tj.get("decoder")), kinds
+
+
 def new_token_ids(base_tok, new_tok) -> list[int]:
     """Ids of `new_tok` that `base_tok` does not have (the rows a resized embedding must add)."""
     base_vocab = base_tok.get_vocab()
@@ -453,7 +623,8 @@ def subtoken_map(base_tok, new_tok) -> dict[int, list[int]]:
     these base rows). When both tokenizers share the model alphabet (any tokenizer made by
     `extend_tokenizer`), the split is the base BPE model's own segmentation of the piece, i.e. exactly
     the base tokens the piece replaces in running text (byte-level pieces map to byte-level tokens,
-    "▁word" to "▁word" pieces, byte-fallback ids included). Otherwise the token's decoded text is
+    "▁word" to "▁word" pieces, byte-fallback ids included; a multi-word token " blood pressure" to
+    " blood" + " pressure": no base merge crosses a word boundary). Otherwise the token's decoded text is
     encoded by the base tokenizer. Raises if an old id changed its string. An empty list (only for a
     token whose text is empty) means: fall back to the global mean.
     """
@@ -468,7 +639,7 @@ def subtoken_map(base_tok, new_tok) -> dict[int, list[int]]:
         )
     b_json = json.loads(base_tok.backend_tokenizer.to_str())
     n_json = json.loads(new_tok.backend_tokenizer.to_str())
-    same_alphabet = all(b_json.get(k) == n_json.get(k) for k in ("normalizer", "pre_tokenizer", "decoder"))
+    same_alphabet = _alphabet(b_json) == _alphabet(n_json)
     bpe = base_tok.backend_tokenizer.model
     out: dict[int, list[int]] = {}
     for piece, nid in sorted(new_vocab.items(), key=lambda kv: kv[1]):
