@@ -29,8 +29,8 @@ def _all_files(shared: Path) -> list[Path]:
 
 
 def _roundtrip_failures(tok, text: str) -> list[str]:
-    lines = text.splitlines(keepends=True)
-    encs = tok.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
+    lines = list(dict.fromkeys(text.splitlines(keepends=True)))  # a repeated line gives the same result
+    encs = tok.backend_tokenizer.encode_batch_fast(lines, add_special_tokens=False)
     dec = tok.backend_tokenizer.decode_batch([e.ids for e in encs], skip_special_tokens=False)
     return [line for line, d in zip(lines, dec) if d != line]
 
@@ -105,6 +105,11 @@ def test_sentencepiece_model_encodes_like_sentencepiece(mistral_sp_model, shared
 # --- extension: GPT-2 on MedQuAD (issue 5 acceptance) ------------------------------------------------
 
 
+def _line_ids(tok, text: str) -> list[list[int]]:
+    return [e.ids for e in tok.backend_tokenizer.encode_batch(text.splitlines(keepends=True),
+                                                              add_special_tokens=False)]
+
+
 def _tokens_per_char(tok, text: str) -> float:
     lines = text.splitlines(keepends=True)
     return sum(len(e.ids) for e in tok.backend_tokenizer.encode_batch(lines, add_special_tokens=False)) / len(text)
@@ -121,18 +126,17 @@ def test_gpt2_medquad_extension(gpt2_tokenizer_dir, gpt2_med, medquad_split, sha
     assert 0 < info["num_multiword_tokens"] < 1000  # both kinds won budget (measured: 808 phrases)
 
     held = medquad_split[1].read_text(encoding="utf-8")
-    cut = 1 - _tokens_per_char(new, held) / _tokens_per_char(base, held)
+    held_ids = _line_ids(new, held)
+    cut = 1 - sum(map(len, held_ids)) / sum(map(len, _line_ids(base, held)))  # same chars: tokens/char
     assert cut >= 0.10, cut  # measured 22.1% (within-word merges alone: 5.5%)
 
     wiki = (shared_data / "general/wikitext2_raw_test.txt").read_text(encoding="utf-8")
     n_base, n_new = len(base.encode(wiki)), len(new.encode(wiki))
     assert abs(n_new - n_base) / n_base < 0.01  # measured -0.25%
     # where no new token fires, the encoding is exactly the base one (pre-tokenization unchanged)
-    lines = wiki.splitlines(keepends=True)
-    b_enc = base.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
-    n_enc = new.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
-    untouched = [(b.ids, n.ids) for b, n in zip(b_enc, n_enc) if max(n.ids, default=0) < len(base)]
-    assert len(untouched) > 0.8 * len(lines) and all(b == n for b, n in untouched)
+    pairs = list(zip(_line_ids(base, wiki), _line_ids(new, wiki)))
+    untouched = [(b, n) for b, n in pairs if max(n, default=0) < len(base)]
+    assert len(untouched) > 0.8 * len(pairs) and all(b == n for b, n in untouched)
 
     # new tokens come from ordinary encoding of running text, not only when standing alone
     ids = new.encode("This condition is inherited in an autosomal recessive pattern.")
@@ -144,7 +148,7 @@ def test_gpt2_medquad_extension(gpt2_tokenizer_dir, gpt2_med, medquad_split, sha
     for text in ("xblood pressure", " blood pressures", " blood  pressure", " blood pressureé"):
         assert bp not in new.encode(text), text
         assert new.decode(new.encode(text)) == text
-    used = {i for i in new.encode(held) if i >= len(base)}
+    used = {i for ids in held_ids for i in ids if i >= len(base)}
     assert len(used) > 700, len(used)
 
 
@@ -212,7 +216,8 @@ def test_sentencepiece_extension(mistral_sp_model, mistral_med, mistral_hi, medq
     base = load_tokenizer(mistral_sp_model)
     for out in (mistral_med, mistral_hi):
         new = load_tokenizer(out, cache=False)
-        assert all(new.get_vocab()[t] == i for t, i in base.get_vocab().items())
+        new_vocab = new.get_vocab()  # (calling get_vocab() per token was quadratic: minutes)
+        assert all(new_vocab[t] == i for t, i in base.get_vocab().items())
         m = subtoken_map(base, new)
         assert len(m) == len(new) - len(base) > 0
     new = load_tokenizer(mistral_med, cache=False)
@@ -237,8 +242,11 @@ def test_roundtrip_samples_of_all_corpora(gpt2_med, mistral_med, mistral_hi, sha
 
 
 @pytest.mark.slow
-def test_roundtrip_all_corpora_full(gpt2_med, mistral_med, smollm2_hi, shared_data):
-    toks = [load_tokenizer(p, cache=False) for p in (gpt2_med, mistral_med, smollm2_hi)]
+def test_roundtrip_all_corpora_full(gpt2_med, mistral_med, shared_data):
+    """Issue 5: the round trip on all shared corpora, whole, for extended byte-level BPE and SentencePiece.
+
+    (The Hindi SmolLM2 extension is round-tripped on every Indic file, whole, in its own test.)"""
+    toks = [load_tokenizer(p, cache=False) for p in (gpt2_med, mistral_med)]
     for f in _all_files(shared_data):
         text = f.read_text(encoding="utf-8")
         for tok in toks:

@@ -126,7 +126,7 @@ def analyze_text(tok, text: str, *, tokenizer_name: str, source: str, top_k: int
     frequent.sort(key=lambda w: (-len(word_pieces[w]), -word_count[w]))
     most = [
         {"word": w, "count": word_count[w], "tokens": len(word_pieces[w]),
-         "pieces": [tok.decode([i], skip_special_tokens=False) for i in word_pieces[w]]}
+         "pieces": _pieces(tok, word_pieces[w])}
         for w in frequent[:top_k]
     ]
     nt = max(1, num_tokens)
@@ -290,3 +290,15 @@ def plot_fertility(report: dict, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _pieces(tok, ids: list[int]) -> list[str]:
+    """The text each token adds; a token holding only part of a UTF-8 character adds "" and the token
+    that completes it carries the whole character (so the pieces always join to the word)."""
+    out, prev = [], ""
+    for k in range(len(ids)):
+        cur = tok.decode(ids[: k + 1], skip_special_tokens=False)
+        done = cur.rstrip("\ufffd")
+        out.append(done[len(prev):] if done.startswith(prev) else cur[len(prev):])
+        prev = done if done.startswith(prev) else cur
+    return out

@@ -313,6 +313,9 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
 
         keys = list(word_counts)
         phrase_tokens = ["".join(keys[order[w]] for w in ph) for ph in phrases]
+        # a base token never spans two base pre-tokens, but never reuse an existing string anyway
+        keep = [j for j, t in enumerate(phrase_tokens) if t not in vocab and t not in new_tokens_ww]
+        phrases, phrase_tokens = [phrases[j] for j in keep], [phrase_tokens[j] for j in keep]
         phrase_regex = make_regex([("".join(raw_words[w] for w in ph), phrase_lookahead(raw_words[ph[-1]]))
                                    for ph in phrases])
         if phrases:
@@ -410,14 +413,17 @@ def _continued_bpe(words: list[list], freqs: list[int], vocab: dict, budget: int
             out = _merge(syms, a, b, merged)
             if out is syms:
                 continue
+            delta: dict = {}
             for p in zip(syms, syms[1:]):
-                if p[0] is not None and p[1] is not None:
-                    pair_count[p] -= f
+                delta[p] = delta.get(p, 0) - 1
             for p in zip(out, out[1:]):
-                if p[0] is not None and p[1] is not None:
-                    pair_count[p] += f
-                    where.setdefault(p, set()).add(i)
-                    heapq.heappush(heap, (-pair_count[p], p))
+                delta[p] = delta.get(p, 0) + 1
+            for p, d in delta.items():
+                if d and p[0] is not None and p[1] is not None:
+                    pair_count[p] += d * f
+                    if d > 0:  # a lower count is caught lazily when its stale heap entry pops
+                        where.setdefault(p, set()).add(i)
+                        heapq.heappush(heap, (-pair_count[p], p))
             words[i] = out
         pair_count.pop(pair, None)
 
