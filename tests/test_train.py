@@ -122,3 +122,10 @@ def test_unknown_recipe_key_is_named():
 
     with pytest.raises(CptError, match="train.max_stpes"):
         load_recipe("tiny_cpu", ["train.max_stpes=3"])
+
+
+def test_first_use_preparation_under_torchrun(tmp_path):
+    """A fresh cache under --nproc 2: rank 0 imports + curates (its own 1-rank group, launcher env hidden), the
+    other rank waits; regression test for a deadlock on torchrun's agent store and Slurm's rank variables."""
+    out = train(tmp_path / "run", tmp_path / "fresh_cache", "train.max_steps=2", nproc=2)
+    assert out["last_step"] == 2 and len(out["losses"]) == 2

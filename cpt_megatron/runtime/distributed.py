@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -11,7 +12,9 @@ import torch
 
 from cpt_megatron.errors import CptError
 
-__all__ = ["ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device"]
+__all__ = [
+    "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "single_process_env",
+]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -79,6 +82,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID",
+                  "TORCHELASTIC_USE_AGENT_STORE")  # torchrun: init_process_group would join the agent store
+
+
+@contextlib.contextmanager
+def single_process_env():
+    """Hide the launcher's rank variables (torchrun / srun) while one rank does single-process work that sets up
+    its own 1-rank process group (e.g. importing the base model with its parity check before training starts)."""
+    saved = {k: os.environ.pop(k) for k in _LAUNCHER_VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def device() -> torch.device:

@@ -344,9 +344,12 @@ def _prepare_once(cfg: RecipeConfig, rank: int, overrides) -> dict:
             marker.unlink()
         except FileNotFoundError:
             pass
-        base = prepare_base(cfg.model, cfg.data.cache_dir, cfg.run.seed)
-        tok = resolve_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else str(Path(base) / "tokenizer")
-        prepared = {"tag": tag, "base": base, "tokenizer": tok, "sources": prepare_sources(cfg.data, tok)}
+        from cpt_megatron.runtime.distributed import single_process_env
+
+        with single_process_env():  # the importer's parity check runs its own 1-rank group
+            base = prepare_base(cfg.model, cfg.data.cache_dir, cfg.run.seed)
+            tok = resolve_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else str(Path(base) / "tokenizer")
+            prepared = {"tag": tag, "base": base, "tokenizer": tok, "sources": prepare_sources(cfg.data, tok)}
         _write_config(run_dir, cfg, overrides)
         write_json(marker, prepared)
         return prepared
