@@ -200,7 +200,7 @@ def test_gpu_check_script_shellcheck_and_dry_run(tmp_path):
     script = REPO / "scripts" / "gpu_check.sh"
     if subprocess.run(["which", "shellcheck"], capture_output=True).returncode == 0:
         subprocess.run(["shellcheck", str(script)], check=True)
-    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_DRY="1")
+    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_DRY="1", PYTHON=sys.executable)
     res = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "plan.txt").is_file()
