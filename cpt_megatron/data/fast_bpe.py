@@ -19,6 +19,8 @@ import os
 import pickle
 from pathlib import Path
 
+from cpt_megatron.tokenizer.extend import byte_level_map  # GPT-2 byte -> unicode table (one copy)
+
 __all__ = ["FastBPE", "cache_dir", "cache_key", "load_cached", "build_and_verify", "PROBE_TEXTS"]
 
 # Regex of HF's ByteLevel(use_regex=True) pre-tokenizer (= GPT-2's); same as tiktoken's "gpt2" pattern.
@@ -103,7 +105,7 @@ class FastBPE:
         if pattern is None:
             return None, f"unsupported pre-tokenizer {pre.get('type')}"
         vocab: dict[str, int] = model["vocab"]
-        byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_decoder = {c: b for b, c in byte_level_map().items()}
         ranks: dict[bytes, int] = {}
         try:
             for tok, i in vocab.items():
@@ -153,16 +155,6 @@ def _pattern_of(pre: dict) -> str | None:
     return None
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def hf_encode_batch(hf_tok, texts: list[str]) -> list[list[int]]:

@@ -252,7 +252,7 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
 
         seq, raw_words = pretoken_ids(lines, GPT2_PATTERN)
         counts = np.bincount(seq[seq >= 0], minlength=len(raw_words)).tolist()
-        to_bytes = _byte_level_map()
+        to_bytes = byte_level_map()
         word_counts = Counter({"".join(to_bytes[b] for b in w.encode("utf-8")): c
                                for w, c in zip(raw_words, counts)})
     else:
@@ -430,7 +430,7 @@ def _continued_bpe(words: list[list], freqs: list[int], vocab: dict, budget: int
     return new_tokens, new_merges, savings, stop
 
 
-def _byte_level_map() -> dict[int, str]:
+def byte_level_map() -> dict[int, str]:
     """GPT-2's bytes_to_unicode table (byte -> printable character of the byte-level alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     cs = bs[:]
