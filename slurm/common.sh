@@ -147,3 +147,18 @@ cpt_requeue_on_preempt() {
   echo "cpt: scontrol requeue failed (cancelled job, or JobRequeue disabled); resubmit the script to resume" >&2
   return "$rc"
 }
+
+# One training job step, shared by the GPU job scripts: environment, rendezvous, run dir, launch, and
+# requeue on the preemption exit code. Args: RECIPE RUN_DIR "LAYOUT overrides" "extra overrides".
+cpt_train_job() {
+    local recipe=$1 run_dir=$2 rc=0
+    local -a cpt_cmd layout extra
+    cpt_env
+    cpt_rendezvous
+    cpt_run_dir "$run_dir"
+    read -r -a cpt_cmd <<<"$CPT"
+    read -r -a layout <<<"$3"
+    read -r -a extra <<<"$4"
+    cpt_launch "${cpt_cmd[@]}" train --recipe "$recipe" resume=auto run.dir="$run_dir" "${layout[@]}" "${extra[@]}" || rc=$?
+    cpt_requeue_on_preempt "$rc"
+}

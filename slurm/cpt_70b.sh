@@ -36,13 +36,4 @@ export CONTAINER_IMAGE="${CONTAINER_IMAGE:-}"     # pyxis/enroot image; empty = 
 
 # shellcheck source=slurm/common.sh
 source "$CPT_REPO/slurm/common.sh"
-cpt_env
-cpt_rendezvous
-cpt_run_dir "$RUN_DIR"
-
-read -r -a cpt_cmd <<<"$CPT"
-read -r -a layout <<<"$LAYOUT"
-read -r -a extra <<<"$OVERRIDES"
-rc=0
-cpt_launch "${cpt_cmd[@]}" train --recipe "$RECIPE" resume=auto run.dir="$RUN_DIR" "${layout[@]}" "${extra[@]}" || rc=$?
-cpt_requeue_on_preempt "$rc" || exit $?
+cpt_train_job "$RECIPE" "$RUN_DIR" "$LAYOUT" "$OVERRIDES" || exit $?
