@@ -21,7 +21,7 @@ $(BIN)/cpt: pyproject.toml
 setup: $(BIN)/cpt
 
 test: setup
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=25 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
