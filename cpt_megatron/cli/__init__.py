@@ -56,6 +56,10 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cpt_megatron.runtime.launch import report_error
+    from cpt_megatron.runtime.procs import install
+
+    install()  # every child process dies with this one
     _quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CptError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         if getattr(args, "debug", False):
             raise
-        print(f"cpt {args.command}: error: {e}", file=sys.stderr)
+        report_error(f"cpt {args.command}: error: {e}")
         return 2
     emit(summary, getattr(args, "json", False))
     return 0
