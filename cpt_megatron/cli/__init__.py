@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         report_error(f"cpt {args.command}: error: {e}")
         return 2
+    except OSError as e:  # disk full, permissions, read-only file system...: one line naming the path
+        if getattr(args, "debug", False):
+            raise
+        from cpt_megatron.utils import os_error_line
+
+        report_error(f"cpt {args.command}: error: {os_error_line(e)}")
+        return 2
     emit(summary, getattr(args, "json", False))
     return 0
 

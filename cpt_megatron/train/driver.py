@@ -319,7 +319,10 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                 save_now, exit_code = True, PREEMPT_EXIT_CODE
                 stopped = stopped or f"preempted by signal {preempt.signum} after step {state['step']}"
             if save_now:
-                save_checkpoint(run_dir, state["step"], engine, _common(state, cfg), base)
+                from cpt_megatron.train.saveguard import save_guard  # reliability: no partial save left
+
+                with save_guard(run_dir, rank0):
+                    save_checkpoint(run_dir, state["step"], engine, _common(state, cfg), base)
                 if rank0:
                     prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.milestones)
                 logger.reset_clock()
