@@ -3,7 +3,8 @@
 Each module in this package that defines `register(subparsers)` adds one command (or a group).
 Discovery is automatic so commands live next to nothing but their own argument parsing. A command's
 handler returns a JSON-able summary dict; with `--json` it is printed as the last stdout line.
-Library errors (`CptError`, `ValueError`, `FileNotFoundError`) become one line on stderr and exit 2.
+Library errors (`CptError`, `ValueError`, `FileNotFoundError`) and other OS errors (disk full: with the bytes
+free) become one line on stderr and exit 2 (under `--nproc`, printed once by the launching `cpt`).
 """
 
 from __future__ import annotations
