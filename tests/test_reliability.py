@@ -1,6 +1,6 @@
 """Issue 16 fault injection: two trainers on one run.dir, kill -9 inside a save (no orphans, logs cut back on
 resume, stale lock taken over), `--nproc 2` + SIGTERM (exit 75, nothing left running), kill -9 of
-`cpt curate -j 2`. Linux only (process checks read /proc)."""
+`cpt curate -j 2`, training onto a full tmpfs (root only). Linux only (process checks read /proc)."""
 
 from __future__ import annotations
 
@@ -172,3 +172,22 @@ def test_kill9_of_curate_workers_leaves_nothing(tmp_path):
             proc.kill()
     _wait_for(lambda: not any(pid_alive(p) for p in tree), timeout=10, what=f"workers {tree} to exit")
     assert not (tmp_path / "out").exists()  # no final output that looks complete
+
+
+@pytest.mark.slow
+def test_train_on_a_full_disk_is_one_line_and_leaves_no_partial_save(tmp_path, cache):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # one tiny-recipe checkpoint (~80 MB) fits, the second does not
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out, err = cpt_train(mnt / "run", cache, expect=2)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"cpt train: error: no space left to save checkpoint "
+                               f"{mnt / 'run' / 'checkpoints' / '.iter_0000008.tmp'}: ~"), err[-2000:]
+        assert "bytes needed (the size of the last checkpoint), " in line and " bytes free on its file system" in line
+        assert "Traceback" not in err
+        assert sorted(p.name for p in (mnt / "run" / "checkpoints").iterdir()) == ["iter_0000004", "latest"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
