@@ -82,7 +82,7 @@ class RunLock:
             print(f"cpt train: warning: taking over the stale lock {self.path} of a trainer that is gone "
                   f"({_describe(previous)})", file=sys.stderr, flush=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "argv": sys.argv}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
