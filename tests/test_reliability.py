@@ -91,11 +91,13 @@ def test_lock_kill9_in_save_no_orphans_then_resume_logs_each_step_once(tmp_path,
         holder = json.loads((run / ".lock").read_text())
         assert holder["pid"] == trainer.pid
         # 1. a second trainer on the same run.dir refuses with one line naming the holder
-        second = subprocess.run([sys.executable, "-m", "cpt_megatron", *_train_cmd(run, cache)], capture_output=True,
-                                text=True, cwd=REPO, env=ENV, timeout=300)
+        second = subprocess.run([sys.executable, "-m", "cpt_megatron", *_train_cmd(run, cache, "optim.lr=0.123")],
+                                capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
         err = second.stderr.strip().splitlines()
         assert len(err) == 1 and f"pid {trainer.pid}" in err[0] and "is in use by another `cpt train`" in err[0], err
+        config = run / "config.yaml"
+        assert not config.exists() or "0.123" not in config.read_text()  # the refused trainer wrote nothing
         # 5. kill -9 while the forked checkpoint writer of step 8 is alive: nothing is left running
         _wait_for(lambda: _lines(marker) > 0, what="the step-8 checkpoint writer")
         tree = children(trainer.pid, recursive=True)
