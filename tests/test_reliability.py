@@ -83,6 +83,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cpt_cache")
 
 
+@pytest.mark.slow  # two trainings + a refused one: ~40 s on a quiet 2-core machine
 def test_lock_kill9_in_save_no_orphans_then_resume_logs_each_step_once(tmp_path, cache):
     run, marker = tmp_path / "run", tmp_path / "writer.pid"
     trainer = cpt_train(run, cache, hang_step=8, marker=marker, wait=False)
@@ -124,6 +125,7 @@ def test_lock_kill9_in_save_no_orphans_then_resume_logs_each_step_once(tmp_path,
     assert (run / ".lock").read_text() == ""  # a clean exit leaves no holder
 
 
+@pytest.mark.slow  # a 2-rank training
 def test_nproc_sigterm_saves_exits_75_and_leaves_nothing(tmp_path, cache):
     run = tmp_path / "run"
     proc = cpt_train(run, cache, "train.max_steps=40", nproc=2, wait=False)
