@@ -141,6 +141,23 @@ def test_killed_merge_temp_removed_by_rerun_and_failed_preprocess_leaves_no_shar
     assert not Path(f"{tmp_path / 'o'}.shards").exists()
 
 
+def test_preprocess_merge_that_cannot_fit_is_refused_in_one_line(gpt2_tokenizer_dir, tmp_path, monkeypatch):
+    import collections
+
+    from cpt_megatron.data import preprocess as pp
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document number {i} with some words"}) + "\n" for i in range(200)))
+    monkeypatch.setattr(pp.shutil, "disk_usage", lambda p: collections.namedtuple("U", "total used free")(1, 1, 100))
+    cfg = pp.PreprocessConfig(inputs=[str(src)], tokenizer=str(gpt2_tokenizer_dir), out=str(tmp_path / "o"),
+                              progress=False)
+    with pytest.raises(CptError, match=r"not enough space to merge .*o\.shards into .*: [\d,]+ bytes needed, 100 "
+                                       r"bytes free"):
+        pp.preprocess(cfg)
+    assert not list(tmp_path.glob("o_text_document.*"))  # nothing half-merged; shards kept for the rerun
+    assert list((tmp_path / "o.shards").glob("*.done.json"))
+
+
 # ---- 8. bad text -----------------------------------------------------------------------------------------
 
 def _bad_inputs(tmp_path: Path) -> list[Path]:

@@ -411,6 +411,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     summary: dict = {"outputs": {}, "encoder": tok.encoder_name, "workers": cfg.workers, "shards": len(results),
                      "shards_skipped": skipped}
     order = sorted(results)
+    _check_space(shard_dir, prefixes)
     for key, prefix in prefixes.items():
         with IndexWriter(prefix, dtype) as w:
             for s in order:
@@ -443,6 +444,17 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     summary.update(tokens=tokens, seconds=round(t_end - t_start, 3), tokenize_seconds=round(t_merge - t_tok, 3),
                    merge_seconds=round(t_end - t_merge, 3), tokens_per_s=round(tokens / max(t_end - t_start, 1e-9)))
     return summary
+
+
+def _check_space(shard_dir: Path, prefixes: dict[str, str]) -> None:
+    """The merge copies every shard once more: refuse up front, in one line, when that cannot fit."""
+    needed = sum(f.stat().st_size for ext in ("bin", "idx") for f in shard_dir.glob(f"*_*.{ext}"))
+    out_dir = Path(next(iter(prefixes.values()))).parent
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise CptError(f"not enough space to merge {shard_dir} into {out_dir}: {needed:,} bytes needed, {free:,} "
+                       "bytes free; free space or use --out on a bigger file system (finished shards are kept: "
+                       "the rerun resumes)")
 
 
 def _progress(cfg: PreprocessConfig, total: int):
