@@ -114,7 +114,9 @@ def run_demo(out: str = "runs/demo", recipe: str = "demo", overrides: list[str] 
 
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                                  "LOCAL_RANK")}
-        proc = subprocess.run(cmd, text=True, capture_output=True, env=env)
+        from cpt_megatron.runtime.procs import popen_kwargs
+
+        proc = subprocess.run(cmd, text=True, capture_output=True, env=env, **popen_kwargs(new_session=False))
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
             raise CptError(f"training failed (exit {proc.returncode}); see above")

@@ -6,12 +6,61 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file", "sha256_file", "write_json", "append_jsonl", "read_jsonl"]
+__all__ = ["atomic_dir", "atomic_file", "sha256_file", "write_json", "append_jsonl", "read_jsonl", "current_umask",
+           "os_error_line", "lone_surrogate"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate (U+D800-U+DFFF) in `text`, else None. Valid JSON can carry one as a
+    `\\ud800` escape; it cannot be encoded to UTF-8, so readers treat such a record as malformed."""
+    m = _SURROGATE.search(text)
+    return m.start() if m else None
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set-and-return)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _honour_umask(path: str | os.PathLike, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 (private while being written); the renamed result gets the modes a
+    plain open()/mkdir() would have given (0666/0777 & ~umask), like `cp`."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
+
+
+def os_error_line(e: OSError, path: str | os.PathLike | None = None, needed: int | None = None) -> str:
+    """One line for an OS error: what failed, on which path, and for a full disk the bytes needed/free."""
+    import errno
+
+    target = path or e.filename or "?"
+    msg = f"{e.strerror or e}: {target}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        probe = Path(target)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            free = shutil.disk_usage(probe).free
+            msg += f" ({free:,} bytes free" + (f", {needed:,} needed" if needed else "") + "); free space or " \
+                   "point the output to a bigger file system"
+        except OSError:
+            pass
+    return msg
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -30,6 +79,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        _honour_umask(tmp, is_dir=False)
         with open(tmp, mode) as f:
             yield f
             f.flush()
@@ -52,6 +102,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        _honour_umask(tmp, is_dir=True)
         yield tmp
         if path.exists():
             shutil.rmtree(path)

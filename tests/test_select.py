@@ -72,7 +72,9 @@ def test_select_cli_json_and_no_feasible(tmp_path, capsys):
     assert main(["select", "--run", str(run), "--max-general-regression", "0.001"]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint keeps the general regression <= 0.1%" in err and "iter_0000010" in err
-    assert not (run / "best").exists()  # no stale best left behind
+    # issue 16: a failed selection leaves the previous result (best and report) in place
+    assert (run / "best").read_text().strip() == "iter_0000040"
+    assert "Best: **iter_0000040**" in (run / "selection.md").read_text()
 
 
 def test_select_errors(tmp_path, capsys):

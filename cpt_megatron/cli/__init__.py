@@ -3,7 +3,8 @@
 Each module in this package that defines `register(subparsers)` adds one command (or a group).
 Discovery is automatic so commands live next to nothing but their own argument parsing. A command's
 handler returns a JSON-able summary dict; with `--json` it is printed as the last stdout line.
-Library errors (`CptError`, `ValueError`, `FileNotFoundError`) become one line on stderr and exit 2.
+Library errors (`CptError`, `ValueError`, `FileNotFoundError`) and other OS errors (disk full: with the bytes
+free) become one line on stderr and exit 2 (under `--nproc`, printed once by the launching `cpt`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cpt_megatron.runtime.launch import report_error
+    from cpt_megatron.runtime.procs import install
+
+    install()  # every child process dies with this one
     _quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CptError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         if getattr(args, "debug", False):
             raise
-        print(f"cpt {args.command}: error: {e}", file=sys.stderr)
+        report_error(f"cpt {args.command}: error: {e}")
+        return 2
+    except OSError as e:  # disk full, permissions, read-only file system...: one line naming the path
+        if getattr(args, "debug", False):
+            raise
+        from cpt_megatron.utils import os_error_line
+
+        report_error(f"cpt {args.command}: error: {os_error_line(e)}")
         return 2
     emit(summary, getattr(args, "json", False))
     return 0

@@ -18,15 +18,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> dict:
-    from pathlib import Path
-
     from cpt_megatron.errors import CptError
     from cpt_megatron.eval.select import parse_weights, select_checkpoint
 
     res = select_checkpoint(args.run, max_general_regression=args.max_general_regression,
                             weights=parse_weights(args.weights), metric=args.metric)
-    print(Path(args.run, "selection.md").read_text(), end="", flush=True)
-    if res["best"] is None:
+    print(res.pop("report"), end="", flush=True)
+    if res["best"] is None:  # RUN/best and the report on disk stay as the last successful selection left them
         worst = min(res["candidates"], key=lambda c: c["general_regression"])
         raise CptError(f"no checkpoint keeps the general regression <= {args.max_general_regression:.1%} (least: "
                        f"{worst['iter']} at {worst['general_regression']:+.2%}); raise --max-general-regression or "

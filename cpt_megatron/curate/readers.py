@@ -1,8 +1,11 @@
 """Streaming readers: JSONL (.jsonl/.gz/.zst), Parquet, plain text with a separator regex, directories.
 
 Every record is either a `Doc` (text, id, source, position) or a `Malformed` (source, line, reason):
-bad lines are reported, never dropped silently and never fatal. `position` is the 1-based line of the
-document's first line (JSONL, plain text) or the 0-based row (Parquet); 0 for one-document files.
+bad lines are reported, never dropped silently and never fatal. Text that is not valid Unicode is malformed
+wherever it comes from: undecodable bytes (e.g. a Latin-1 .txt; a plain-text document is malformed at its
+first bad line) and lone surrogates (`"\\ud800"` is valid JSON but no UTF-8 encoder accepts it).
+`position` is the 1-based line of the document's first line (JSONL, plain text) or the 0-based row (Parquet);
+0 for one-document files.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from cpt_megatron.curate.config import InputConfig
 from cpt_megatron.errors import CptError
+from cpt_megatron.utils import lone_surrogate
 
 __all__ = ["Doc", "Malformed", "DocumentReader", "read_documents"]
 
@@ -29,7 +33,7 @@ class Doc:
     source: str
     position: int
     bad_bytes: int = 0
-    """Undecodable bytes replaced by U+FFFD while reading (plain text only; JSONL lines are malformed)."""
+    """Always 0: undecodable input is Malformed (kept for callers that still add it to their counts)."""
 
 
 @dataclass(slots=True)
@@ -138,6 +142,10 @@ class DocumentReader:
                     why = "missing" if text is None else f"not a string ({type(text).__name__})"
                     yield Malformed(src, lineno, f"field {tf!r} {why}")
                     continue
+                if b"\\u" in line and (at := lone_surrogate(text)) is not None:  # only an escape makes one
+                    yield Malformed(src, lineno, f"field {tf!r} holds a lone surrogate "
+                                                 f"(U+{ord(text[at]):04X} at character {at})")
+                    continue
                 doc_id = obj.get(idf)
                 yield Doc(text, str(doc_id) if doc_id is not None else f"{path.name}:{lineno}", src, lineno)
 
@@ -163,35 +171,43 @@ class DocumentReader:
                 row += 1
 
     @staticmethod
-    def _decode(b: bytes) -> tuple[str, int]:
-        try:
-            return b.decode("utf-8"), 0
-        except UnicodeDecodeError:
-            s = b.decode("utf-8", errors="replace")
-            return s, s.count("\ufffd") - b.decode("utf-8", errors="ignore").count("\ufffd")
+    def _undecodable(e: UnicodeDecodeError, data: bytes, first_line: int) -> tuple[int, str]:
+        """(line, reason) of the first undecodable byte."""
+        nl = b"\n"
+        col = e.start - data.rfind(nl, 0, e.start) - 1
+        return (first_line + data.count(nl, 0, e.start),
+                f"undecodable bytes (not UTF-8: {e.reason} at byte {col} of the line); convert the file to UTF-8")
 
     def _separated(self, path: Path) -> Iterator[Doc | Malformed]:
         src = str(path)
         raw, f = _open_binary(path)
         self._raw = raw
         lines: list[str] = []
-        start, bad = 0, 0
+        start, bad = 0, None  # bad: the document's first undecodable line, as a Malformed
 
         def flush():
+            if bad is not None:
+                return bad
             text = "".join(lines)
-            return Doc(text, f"{path.name}:{start}", src, start, bad) if text.strip() else None
+            return Doc(text, f"{path.name}:{start}", src, start) if text.strip() else None
 
         with raw, f:
             for lineno, bline in enumerate(f, 1):
-                line, nbad = self._decode(bline)
+                line_bad = None
+                try:
+                    line = bline.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    line = bline.decode("utf-8", errors="replace")  # still split on separators
+                    line_bad = Malformed(src, *self._undecodable(e, bline, lineno))
                 if self._sep.search(line.rstrip("\r\n")):
                     if lines and (d := flush()) is not None:
                         yield d
-                    lines, start, bad = [], lineno, 0
-                elif not lines and start == 0:
-                    start = lineno  # text before the first separator is a document too
+                    lines, start, bad = [], lineno, line_bad
+                else:
+                    if not lines and start == 0:
+                        start = lineno  # text before the first separator is a document too
+                    bad = bad or line_bad
                 lines.append(line)
-                bad += nbad
             if lines and (d := flush()) is not None:
                 yield d
 
@@ -199,9 +215,14 @@ class DocumentReader:
         raw, f = _open_binary(path)
         self._raw = raw
         with raw, f:
-            text, bad = self._decode(f.read())
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield Malformed(str(path), *self._undecodable(e, data, 1))
+            return
         if text.strip():
-            yield Doc(text, path.name, str(path), 0, bad)
+            yield Doc(text, path.name, str(path), 0)
         else:
             yield Malformed(str(path), 0, "empty file")
 

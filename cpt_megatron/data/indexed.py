@@ -20,6 +20,7 @@ import contextlib
 import os
 import shutil
 import struct
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,21 @@ class _Spill:
             os.unlink(self.path)
 
 
+def _remove_dead_temps(prefix: str) -> None:
+    """Temp files a killed writer of `prefix` left behind (PREFIX.bin.tmp<pid> etc. of a pid that is gone)."""
+    import re
+
+    from cpt_megatron.runtime.procs import pid_alive
+
+    p = Path(prefix)
+    pat = re.compile(re.escape(p.name) + r"\.(bin|idx|len|doc)\.tmp(\d+)$")
+    for f in p.parent.glob(f"{glob_escape(p.name)}.*.tmp*"):
+        m = pat.match(f.name)
+        if m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+
+
 class IndexWriter:
     """Streaming writer for one `PREFIX.bin/.idx` pair; each document is one sequence.
 
@@ -152,6 +168,7 @@ class IndexWriter:
             raise ValueError(f"unsupported token dtype {dtype}")
         self.itemsize = np.dtype(self.dtype).itemsize
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temps(self.prefix)
         tag = f".tmp{os.getpid()}"
         self._bin_tmp = f"{self.prefix}.bin{tag}"
         self._idx_tmp = f"{self.prefix}.idx{tag}"

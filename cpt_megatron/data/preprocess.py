@@ -35,7 +35,7 @@ import numpy as np
 from cpt_megatron.data import fast_bpe
 from cpt_megatron.data.indexed import IndexWriter, optimal_dtype
 from cpt_megatron.errors import CptError
-from cpt_megatron.utils import write_json
+from cpt_megatron.utils import lone_surrogate, write_json
 
 __all__ = ["PreprocessConfig", "preprocess", "output_prefixes", "read_meta"]
 
@@ -239,6 +239,10 @@ def _parse(data: bytes, path: str, first_line: int, keys) -> tuple[dict[str, lis
                 v = ""
             if not isinstance(v, str):
                 raise CptError(f"{path}:{first_line + i}: key {k!r} holds {type(v).__name__}, expected a string")
+            if b"\\u" in line and (at := lone_surrogate(v)) is not None:  # same verdict for every encoder
+                raise CptError(f"{path}:{first_line + i}: key {k!r} holds a lone surrogate (U+{ord(v[at]):04X} at "
+                               f"character {at}), which is not valid UTF-8 text; fix the line, or run `cpt curate` "
+                               "first (it counts such lines as malformed)")
             out[k].append(v)
         n += 1
     return out, n
@@ -395,6 +399,10 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 while pending:
                     r, p = pending.popleft()
                     on_done(r if isinstance(r, dict) else r.get(), p)
+    except BaseException:
+        if not any(shard_dir.glob("*.done.json")):  # nothing to resume from: leave no PREFIX.shards behind
+            shutil.rmtree(shard_dir, ignore_errors=True)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -403,6 +411,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     summary: dict = {"outputs": {}, "encoder": tok.encoder_name, "workers": cfg.workers, "shards": len(results),
                      "shards_skipped": skipped}
     order = sorted(results)
+    _check_space(shard_dir, prefixes)
     for key, prefix in prefixes.items():
         with IndexWriter(prefix, dtype) as w:
             for s in order:
@@ -435,6 +444,17 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     summary.update(tokens=tokens, seconds=round(t_end - t_start, 3), tokenize_seconds=round(t_merge - t_tok, 3),
                    merge_seconds=round(t_end - t_merge, 3), tokens_per_s=round(tokens / max(t_end - t_start, 1e-9)))
     return summary
+
+
+def _check_space(shard_dir: Path, prefixes: dict[str, str]) -> None:
+    """The merge copies every shard once more: refuse up front, in one line, when that cannot fit."""
+    needed = sum(f.stat().st_size for ext in ("bin", "idx") for f in shard_dir.glob(f"*_*.{ext}"))
+    out_dir = Path(next(iter(prefixes.values()))).parent
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise CptError(f"not enough space to merge {shard_dir} into {out_dir}: {needed:,} bytes needed, {free:,} "
+                       "bytes free; free space or use --out on a bigger file system (finished shards are kept: "
+                       "the rerun resumes)")
 
 
 def _progress(cfg: PreprocessConfig, total: int):

@@ -10,7 +10,10 @@ Feasible: general_regression <= limit. Rank: feasible first, then by score: doma
 weights the composite w_domain * domain_gain - w_general * general_regression. The Pareto front
 (max gain, min regression) is marked. When a step was evaluated twice (a rollback re-ran it), the
 last evaluation wins: it describes the checkpoint now on disk.
-Writes RUN/best (the iter dir name), RUN/selection.md and RUN/selection.png.
+Writes RUN/selection.md, RUN/selection.png and last RUN/best (the iter dir name), each atomically, and only
+when there is a result: a failed selection (no evaluations, no candidate within the limit, an error while
+writing) leaves the previous RUN/best and report untouched, so `cpt export-hf --ckpt $(cat RUN/best)` keeps
+working.
 """
 
 from __future__ import annotations
@@ -83,10 +86,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
 
 def select_checkpoint(run_dir: str | Path, *, max_general_regression: float = 0.03,
                       weights: dict[str, float] | None = None, metric: str = "ppl", write: bool = True) -> dict:
-    """Rank candidates; returns {"best", "step", "candidates", "metric", ...}; writes best/selection.* when `write`.
-
-    "best" is None when no candidate is within the limit (RUN/best is then removed, not left stale).
-    """
+    """Rank candidates; returns {"best", "step", "candidates", "metric", ...}; writes best/selection.* when `write`
+    and there is a best. "best" is None when no candidate is within the limit (nothing is written then)."""
     run_dir = Path(run_dir)
     evals = load_evals(run_dir)
     if 0 not in evals:
@@ -117,21 +118,20 @@ def select_checkpoint(run_dir: str | Path, *, max_general_regression: float = 0.
     best = cands[0] if cands[0]["feasible"] else None
     summary = {"best": best["iter"] if best else None, "step": best["step"] if best else None, "metric": metric,
                "max_general_regression": max_general_regression, "weights": weights, "candidates": cands}
-    if write:
+    summary["report"] = _markdown(summary)
+    if write and best is not None:
         _write(run_dir, summary)
         summary["files"] = [str(run_dir / n) for n in ("best", "selection.md", "selection.png") if (run_dir / n).exists()]
     return summary
 
 
 def _write(run_dir: Path, summary: dict) -> None:
-    if summary["best"]:
-        with atomic_file(run_dir / "best") as f:
-            f.write(summary["best"] + "\n")
-    elif (run_dir / "best").exists():
-        (run_dir / "best").unlink()
+    """RUN/best last: it only ever names a checkpoint whose report is on disk."""
     with atomic_file(run_dir / "selection.md") as f:
-        f.write(_markdown(summary))
+        f.write(summary["report"])
     _plot(run_dir / "selection.png", summary)
+    with atomic_file(run_dir / "best") as f:
+        f.write(summary["best"] + "\n")
 
 
 def _markdown(summary: dict) -> str:
@@ -177,5 +177,6 @@ def _plot(path: Path, summary: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)

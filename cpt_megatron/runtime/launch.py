@@ -1,30 +1,106 @@
-"""`--nproc N`: re-run the current `cpt` command under torchrun on this machine."""
+"""`--nproc N`: re-run the current `cpt` command under torchrun on this machine.
+
+The launching `cpt` stays in charge of its children:
+- torchrun runs in its own session and dies with us (runtime.procs); its ranks die with torchrun.
+- SIGTERM / SIGUSR1 / SIGINT sent to `cpt` are forwarded to the ranks themselves (not to the torchrun
+  agent, which would SIGTERM them a second time and abort the save); we then wait for them. Ranks that
+  saved on preemption exit 75 and so does `cpt`, so `slurm/common.sh` requeues.
+- A rank's user error is written to a file in CPT_LAUNCH_DIR instead of stderr; `cpt` prints each distinct
+  message once (no per-rank copies, no torchrun ChildFailedError traceback) and, with --json, a JSON line
+  last.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-__all__ = ["under_launcher", "relaunch", "strip_nproc", "relaunched"]
+__all__ = ["PREEMPT_EXIT_CODE", "under_launcher", "relaunch", "strip_nproc", "relaunched", "report_error", "FORWARDED_SIGNALS"]
+
+PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: saved on preemption; the sbatch scripts requeue on it
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_LAUNCH_DIR_ENV = "CPT_LAUNCH_DIR"
 
 
 def under_launcher() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+def report_error(message: str) -> None:
+    """Print a user error (one line) on stderr; under our own --nproc relaunch, hand it to the launching
+    `cpt` instead, which prints every distinct message once."""
+    folder = os.environ.get(_LAUNCH_DIR_ENV)
+    if folder and Path(folder).is_dir():
+        try:
+            Path(folder, f"error.{int(os.environ.get('RANK', '0')):05d}").write_text(message + "\n")
+            return
+        except OSError:
+            pass
+    print(message, file=sys.stderr, flush=True)
+
+
+def _rank_pids(agent: int) -> list[int]:
+    from cpt_megatron.runtime.procs import children
+
+    out = []
+    for pid in children(agent):
+        try:
+            if b"cpt_megatron" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run `python -m cpt_megatron <argv>` under torchrun with `nproc` local processes; returns its exit code.
+    """Run `python -m cpt_megatron <argv>` under torchrun with `nproc` local processes; returns its exit code
+    (75 when the ranks saved on a forwarded preemption signal).
 
     `argv` must not contain --nproc (the children would relaunch again).
     """
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "--module", "cpt_megatron", *argv,
-    ]
+    from cpt_megatron.runtime.procs import popen_kwargs
+
+    cmd = [sys.executable, "-m", "cpt_megatron.runtime.torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           "--module", "cpt_megatron", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory(prefix="cpt-launch-") as folder:
+        env[_LAUNCH_DIR_ENV] = folder
+        proc = subprocess.Popen(cmd, env=env, **popen_kwargs())
+
+        def forward(signum, frame):
+            ranks = _rank_pids(proc.pid)
+            for pid in ranks or [proc.pid]:  # no ranks yet: let torchrun shut down
+                try:
+                    os.kill(pid, signum if ranks else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+        try:
+            while True:
+                try:
+                    code = proc.wait()
+                    break
+                except InterruptedError:
+                    continue
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        errors = [p.read_text().strip() for p in sorted(Path(folder).glob("error.*"))]
+    seen = []
+    for e in errors:
+        if e and e not in seen:
+            seen.append(e)
+            print(e, file=sys.stderr, flush=True)
+    if code and code != PREEMPT_EXIT_CODE and "--json" in argv:  # preempted ranks printed their own line
+        print(json.dumps({"exit_code": code, "error": seen[0] if seen else None}), flush=True)
+    return code
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
@@ -45,8 +121,6 @@ def strip_nproc(argv: list[str]) -> list[str]:
 def relaunched(nproc: int | None) -> bool:
     """For `--nproc N` commands: when not already under a launcher, re-run this command under torchrun and
     return True (the children print the results); exit with their code on failure. False = run here."""
-    import sys
-
     if not nproc or under_launcher():
         return False
     code = relaunch(nproc, strip_nproc(sys.argv[1:]))

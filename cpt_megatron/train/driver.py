@@ -115,6 +115,9 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
     from cpt_megatron.train.metrics import MetricsLogger
 
     run_dir = Path(cfg.run.dir)
+    from cpt_megatron.train.runlock import hold_run_lock  # reliability: one trainer per run.dir
+
+    run_lock = hold_run_lock(run_dir, dist_env().rank)
     # Preparation (base import with its own parity check, curation, tokenization) runs on global rank 0
     # BEFORE the process groups exist: the importer sets up and tears down its own 1-rank group.
     prepared = _prepare_once(cfg, dist_env().rank, overrides)
@@ -190,6 +193,10 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                 print(f"resumed from {resume_from} at step {state['step']} "
                       f"({state['consumed_samples']} samples consumed)", flush=True)
 
+        if rank0:  # reliability: a resumed run logs each step once (records past the checkpoint are redone)
+            from cpt_megatron.train.metrics import cut_logs
+
+            cut_logs(run_dir, state["step"] if resume_from is not None else None)
         logger = MetricsLogger(run_dir, arch, S, denv.world_size, rank0, cfg.logging.tensorboard, cfg.logging.wandb,
                                cfg.logging.wandb_mode, to_dict(cfg))
         evaluator = _Evaluator(mixture, groups, tokenizer, cfg.eval.batches, micro, ps.get_data_parallel_rank(), dp)
@@ -312,7 +319,10 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                 save_now, exit_code = True, PREEMPT_EXIT_CODE
                 stopped = stopped or f"preempted by signal {preempt.signum} after step {state['step']}"
             if save_now:
-                save_checkpoint(run_dir, state["step"], engine, _common(state, cfg), base)
+                from cpt_megatron.train.saveguard import save_guard  # reliability: no partial save left
+
+                with save_guard(run_dir, rank0):
+                    save_checkpoint(run_dir, state["step"], engine, _common(state, cfg), base)
                 if rank0:
                     prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.milestones)
                 logger.reset_clock()
@@ -326,6 +336,8 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
         return TrainResult(losses, first_step + 1, state["step"], str(run_dir), exit_code, stopped)
     finally:
         destroy_distributed()
+        if run_lock is not None:
+            run_lock.release()
 
 
 def _prepare_once(cfg: RecipeConfig, rank: int, overrides) -> dict:

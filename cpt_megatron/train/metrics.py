@@ -14,7 +14,44 @@ import torch
 
 from cpt_megatron import flops
 
-__all__ = ["MetricsLogger", "gpu_kind"]
+__all__ = ["MetricsLogger", "gpu_kind", "cut_logs", "LOG_FILES"]
+
+LOG_FILES = ("metrics.jsonl", "evals.jsonl", "events.jsonl")
+"""The step-keyed logs a run appends to; `cut_logs` keeps them consistent with the checkpoint resumed."""
+
+
+def cut_logs(run_dir: Path, step: int | None) -> dict[str, int]:
+    """Drop log records the resumed run will write again, so every step appears once.
+
+    `step` = the resumed checkpoint's step: records with step <= `step` stay (the evaluation at a saved step
+    ran before its save and is not repeated); None = a start from the base model: all records go (the
+    baseline evaluation at step 0 runs again). A torn last line (killed mid-write) goes too. Each file is
+    rewritten atomically; returns {file name: records dropped} for the files that changed.
+    """
+    from cpt_megatron.utils import atomic_file
+
+    dropped = {}
+    for name in LOG_FILES:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        keep, n = [], 0
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                n += line.strip() != ""
+                continue
+            rec_step = rec.get("step") if isinstance(rec, dict) else None
+            if step is None or (isinstance(rec_step, int) and rec_step > step):
+                n += 1
+            else:
+                keep.append(line)
+        if n:
+            with atomic_file(path) as f:
+                f.writelines(x + "\n" for x in keep)
+            dropped[name] = n
+    return dropped
 
 
 def gpu_kind() -> str:

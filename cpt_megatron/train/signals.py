@@ -11,9 +11,10 @@ import signal
 
 import torch
 
+from cpt_megatron.runtime.launch import PREEMPT_EXIT_CODE
+
 __all__ = ["PREEMPT_EXIT_CODE", "PreemptionHandler"]
 
-PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: the sbatch scripts requeue on it
 
 
 class PreemptionHandler:
