@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_int
+
 import sys
 
 __all__ = ["register"]
@@ -18,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", "-o", required=True, help="output folder (shards, report.json, rejected/)")
     p.add_argument("--config", "-c", help="YAML recipe (see recipes/curate/)")
     p.add_argument("--stages", help="comma list of stages to run (default: the recipe's, else all but langid/perplexity)")
-    p.add_argument("--workers", "-j", type=int, default=1, help="processes for per-document stages (output is identical for any N)")
+    p.add_argument("--workers", "-j", type=positive_int, default=1, help="processes for per-document stages (output is identical for any N)")
     p.add_argument("--lsh", help="redis://host:port[/db][?basename=NAME] for a Redis-backed LSH index (default: in memory)")
     p.add_argument("--doc-separator", help="regex matching the first line of each document in plain-text inputs, e.g. '^# '")
     p.add_argument("--text-field", help="JSONL/Parquet text field (default: text)")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_int
+
 
 def register(subparsers):
     p = subparsers.add_parser("env", parents=[subparsers.common], help="show versions, devices and kernel choices")
     p.add_argument("--spec", default="auto", choices=["auto", "te", "local"], help="layer spec to resolve")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size to resolve the kernels for")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size to resolve the kernels for")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="kernel option to resolve, e.g. --set fused_ce=chunked (fields of model.options)")
     p.set_defaults(func=run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import nonneg_int, positive_int
+
 import json
 
 __all__ = ["register"]
@@ -19,9 +21,9 @@ def register(subparsers) -> None:
     src.add_argument("--recipe", help="a training recipe: its data section, seq_len and planned samples")
     src.add_argument("--mixture", metavar="FILE.yaml", help="YAML of MixtureConfig (sources, alpha, phases...)")
     r.add_argument("overrides", nargs="*", help="recipe overrides (with --recipe), e.g. data.alpha=0.5")
-    r.add_argument("--seq-len", type=int, default=None, help="with --mixture (required)")
-    r.add_argument("--train-samples", type=int, default=None, help="with --mixture (required)")
-    r.add_argument("--valid-samples", type=int, default=0)
+    r.add_argument("--seq-len", type=positive_int, default=None, help="with --mixture (required)")
+    r.add_argument("--train-samples", type=positive_int, default=None, help="with --mixture (required)")
+    r.add_argument("--valid-samples", type=nonneg_int, default=0, help="validation samples (default 0)")
     r.add_argument("--cache-dir", default=None, help="megatron index cache (default: a temp dir, removed after)")
     r.add_argument("--png", default=None, metavar="OUT.png", help="plot the domain share over the run")
     r.set_defaults(func=run_report)

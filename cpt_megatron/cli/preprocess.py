@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_float, positive_int
+
 import sys
 
 __all__ = ["register"]
@@ -18,10 +20,10 @@ def register(subparsers) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or JSONL.gz files")
     p.add_argument("--tokenizer", required=True, help="tokenizer path (HF dir, tokenizer.json, .model, .gguf)")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (PREFIX_<key> with several keys)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output identical for any value)")
+    p.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes (output identical for any value)")
     p.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
     p.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY", help="fields to tokenize (default: text)")
-    p.add_argument("--chunk-mb", type=float, default=8.0, help="input MiB per shard (default 8)")
+    p.add_argument("--chunk-mb", type=positive_float, default=8.0, help="input MiB per shard (default 8)")
     p.add_argument("--no-fast", action="store_true", help="always encode with the HF tokenizer (no tiktoken)")
     p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

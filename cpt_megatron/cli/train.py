@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_int
+
 
 def register(subparsers):
     p = subparsers.add_parser("train", parents=[subparsers.common],
                               help="continued pretraining from a recipe (torchrun/srun, or --nproc N)")
     p.add_argument("--recipe", required=True, help="recipe name under recipes/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="hydra-style overrides, e.g. train.max_steps=8 parallel.tp=2")
-    p.add_argument("--nproc", type=int, default=None, help="spawn this many local processes with torchrun")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="local processes to spawn with torchrun (default parallel.tp*pp*cp when not under a launcher)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve and validate the recipe (layout divisibility, memory estimate, data paths); no training")
     p.set_defaults(func=run)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_float, positive_int
+
 
 def register(subparsers):
     p = subparsers.add_parser("verify", parents=[subparsers.common],
                               help="compare an HF model with a megatron checkpoint (max/mean |logit diff|, top-1, loss)")
     p.add_argument("--hf", required=True, help="HF model directory")
     p.add_argument("--ckpt", required=True, help="megatron-core checkpoint directory")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--vpp", type=int, default=None)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size of the megatron side")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel size of the megatron side")
+    p.add_argument("--vpp", type=positive_int, default=None, help="virtual pipeline stages per rank (pp > 1)")
+    p.add_argument("--batch", type=positive_int, default=2, help="sequences per comparison batch (default 2)")
+    p.add_argument("--seq-len", type=positive_int, default=32, help="tokens per sequence (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
     p.add_argument("--text", default=None, help="a text file to take tokens from (default: random token ids)")
-    p.add_argument("--tol", type=float, default=None, help="fail (exit 2) above this max |diff|; default 1e-4/1e-3")
-    p.add_argument("--nproc", type=int, default=None, help="spawn this many local processes (tp*pp) with torchrun")
+    p.add_argument("--tol", type=positive_float, default=None,
+                   help="fail (exit 2) above this max |logit diff| "
+                   "(default 1e-4 for tiny models with hidden x layers <= 4096, else 1e-3)")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="local processes to spawn with torchrun (default tp*pp when not under a launcher)")
     p.set_defaults(func=run)
 
 
