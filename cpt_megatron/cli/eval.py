@@ -58,7 +58,7 @@ def run(args) -> dict | None:
         raise CptError("--choice is supported with --hf only for now")
     from cpt_megatron.runtime.launch import relaunched
 
-    if relaunched(args.nproc):
+    if relaunched(args.nproc, default=args.tp * args.pp):
         return None  # rank 0 of the children printed the results
     from cpt_megatron.eval.standalone import evaluate_checkpoint
     from cpt_megatron.train.engine import Engine, OptimConfig

@@ -29,7 +29,7 @@ def register(subparsers):
 def run(args):
     from cpt_megatron.runtime.launch import relaunched
 
-    if relaunched(args.nproc):
+    if relaunched(args.nproc, default=args.tp * args.pp):
         return None  # rank 0 of the children printed the results
     from cpt_megatron.runtime import ParallelConfig
     from cpt_megatron.train.smoke import run_smoke

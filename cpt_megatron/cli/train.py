@@ -11,7 +11,7 @@ def register(subparsers):
     p.add_argument("--recipe", required=True, help="recipe name under recipes/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="hydra-style overrides, e.g. train.max_steps=8 parallel.tp=2")
     p.add_argument("--nproc", type=positive_int, default=None,
-                   help="local processes to spawn with torchrun (default parallel.tp*pp*cp when not under a launcher)")
+                   help="local processes to spawn with torchrun (default parallel.tp*pp when not under a launcher)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve and validate the recipe (layout divisibility, memory estimate, data paths); no training")
     p.set_defaults(func=run)
@@ -32,7 +32,7 @@ def run(args):
         return dry_run(cfg, nproc=args.nproc)
     from cpt_megatron.runtime.launch import relaunched
 
-    if relaunched(args.nproc):
+    if relaunched(args.nproc, default=cfg.parallel.tp * cfg.parallel.pp):
         return None  # rank 0 of the children printed the results
     from cpt_megatron.train.driver import train
 
