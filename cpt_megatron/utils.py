@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["atomic_dir", "atomic_file", "sha256_file", "write_json", "append_jsonl", "read_jsonl",
-           "read_text", "read_json", "read_yaml", "iter_jsonl", "check_text_file", "binary_kind", "parse_size"]
+           "read_text", "read_json", "read_yaml", "iter_jsonl", "check_text_file", "binary_kind", "parse_size",
+           "check_gguf"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -73,8 +74,9 @@ def append_jsonl(path: str | os.PathLike, obj) -> None:
         f.write(json.dumps(obj, default=str) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[dict]:
-    return [obj for _, obj in iter_jsonl(path, what)]
+def read_jsonl(path: str | os.PathLike, what: str = "JSONL file",
+               hint: str = "fix or delete that line (a killed run can leave a partial last line)") -> list[dict]:
+    return [obj for _, obj in iter_jsonl(path, what, hint=hint)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,3 +205,16 @@ def parse_size(s: str | int, what: str = "--max-shard-size") -> int:
     if n <= 0:
         raise _user_error(f"{what} {s!r}: must be a positive size, e.g. 5GB")
     return n
+
+
+def check_gguf(path: str | os.PathLike, what: str = "GGUF file") -> Path:
+    """Refuse a missing, empty or non-GGUF file before transformers tries to memory-map it."""
+    p = Path(path)
+    if not p.is_file():
+        raise _user_error(f"{what} {p} not found; give the path of a .gguf model file")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        found = "is empty" if not head else f"does not start with the GGUF magic (starts with {head!r})"
+        raise _user_error(f"{what} {p} {found}: not a GGUF model; re-download or re-copy it")
+    return p

@@ -34,10 +34,10 @@ def run_report(args) -> dict:
     import shutil
     import tempfile
 
-    import yaml
-
     from cpt_megatron.data.mixture import build_mixture, mixture_config_from_dict
     from cpt_megatron.data.preprocess import read_meta
+    from cpt_megatron.errors import CptError
+    from cpt_megatron.utils import read_yaml
 
     if args.recipe:
         from cpt_megatron.config import load_recipe
@@ -47,9 +47,14 @@ def run_report(args) -> dict:
         return _show(mix.report() | ({"png": mix.plot(args.png)} if args.png else {}), args)
     if args.seq_len is None or args.train_samples is None:
         raise ValueError("--mixture needs --seq-len and --train-samples (or use --recipe R)")
-    with open(args.mixture) as f:
-        raw = yaml.safe_load(f) or {}
-    cfg = mixture_config_from_dict(raw.get("mixture", raw) if isinstance(raw, dict) else {})
+    raw = read_yaml(args.mixture, "--mixture", hint="give a mixture YAML (see docs/mixtures.md, recipes/mixtures/)")
+    if not isinstance(raw, dict):
+        raise CptError(f"--mixture {args.mixture}: expected a mapping with sources/alpha/phases, got "
+                       f"{type(raw).__name__}; see docs/mixtures.md")
+    try:
+        cfg = mixture_config_from_dict(raw.get("mixture", raw))
+    except (TypeError, ValueError) as e:
+        raise CptError(f"--mixture {args.mixture}: {e}; see docs/mixtures.md") from None
     meta = read_meta(cfg.sources[0].prefix)
     if not meta or "tokenizer" not in meta:
         raise ValueError(f"{cfg.sources[0].prefix}.meta.json missing: the report reads the tokenizer from it")

@@ -27,8 +27,10 @@ def register(subparsers):
 
 
 def run(args):
+    from cpt_megatron.flops import load_hf_config
     from cpt_megatron.runtime.launch import relaunched
 
+    load_hf_config(args.hf_config)  # a bad config fails here, not in every spawned process
     if relaunched(args.nproc, default=args.tp * args.pp):
         return None  # rank 0 of the children printed the results
     from cpt_megatron.runtime import ParallelConfig

@@ -27,7 +27,9 @@ def register(subparsers):
 
 def run(args):
     from cpt_megatron.runtime.launch import relaunched
+    from cpt_megatron.utils import read_text
 
+    text = read_text(args.text, "--text", max_chars=200_000) if args.text else None  # checked before spawning
     if relaunched(args.nproc, default=args.tp * args.pp):
         return None  # rank 0 of the children printed the results
     import torch
@@ -35,7 +37,6 @@ def run(args):
     from cpt_megatron.checkpoint.io import arch_from_ckpt
     from cpt_megatron.checkpoint.verify import check_parity, verify_checkpoint
 
-    text = open(args.text).read(200_000) if args.text else None
     res = verify_checkpoint(args.hf, args.ckpt, tp=args.tp, pp=args.pp, vpp=args.vpp, batch=args.batch,
                             seq_len=args.seq_len, seed=args.seed, text=text)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(__import__("os").environ.get("RANK", 0))
