@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cpt_megatron.curate.config import InputConfig
 from cpt_megatron.errors import CptError
+from cpt_megatron.utils import check_text_file
 
 __all__ = ["Doc", "Malformed", "DocumentReader", "read_documents"]
 
@@ -92,6 +93,10 @@ class DocumentReader:
                 files.append(p)
             else:
                 raise CptError(f"input {spec} not found (give JSONL/Parquet/text files or directories)")
+        for f in files:  # binary files (images, archives) are refused up front, not curated as text
+            if _kind(f) != "parquet" and not f.name.lower().endswith((".gz", ".zst")):
+                check_text_file(f, "input", hint="give JSONL/Parquet/text files (set input.glob to skip "
+                                "other files of a directory)")
         return files
 
     def bytes_done(self) -> int:
