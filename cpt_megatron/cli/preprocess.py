@@ -15,9 +15,11 @@ def register(subparsers) -> None:
         parents=[subparsers.common],
         help="tokenize JSONL(.gz) into Megatron .bin/.idx",
         description="Tokenize curated JSONL(.gz) into Megatron indexed datasets (PREFIX.bin/.idx/.meta.json). "
-        "Resumable: rerunning the same command skips finished shards.",
+        "Resumable: rerunning the same command skips finished shards. Input is JSONL only (one {\"text\": ...} "
+        "object per line); for raw text run `cpt curate -i FILE.txt -o DIR [--doc-separator REGEX]` first (a text "
+        "file is one document unless --doc-separator splits it) and pass DIR/*.jsonl.gz here.",
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or JSONL.gz files")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or JSONL.gz files (not raw text: see above)")
     p.add_argument("--tokenizer", required=True, help="tokenizer path (HF dir, tokenizer.json, .model, .gguf)")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (PREFIX_<key> with several keys)")
     p.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes (output identical for any value)")

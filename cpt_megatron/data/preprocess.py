@@ -337,7 +337,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         if os.path.getsize(p) == 0:
             raise CptError(f"input {p} is empty: nothing to tokenize; check the file (or the curate run that "
                            "wrote it: its report.json says how many documents were kept)")
-        if not p.endswith((".gz", ".zst")):  # a text file or an image fails here, before any output exists
+        with open(p, "rb") as probe:
+            gz = probe.read(2) == b"\x1f\x8b"
+        if not gz:  # a text file or an image fails here, before any output exists
             next(iter_jsonl(p, "input", hint=_JSONL_HINT), None)
     if cfg.workers > 1:  # workers are processes; HF's own threads would fight them for the cores
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
