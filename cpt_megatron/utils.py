@@ -129,12 +129,13 @@ def read_text(path: str | os.PathLike, what: str = "file", *, max_chars: int | N
               hint: str = "give a UTF-8 text file") -> str:
     """The UTF-8 text of a user-given file (at most `max_chars` characters), or one CptError line."""
     p = check_text_file(path, what, hint)
+    limit = None if max_chars is None else 4 * max_chars + 4  # UTF-8: at most 4 bytes per character
     with open(p, "rb") as f:
-        data = f.read() if max_chars is None else f.read(4 * max_chars + 4)
+        data = f.read() if limit is None else f.read(limit)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        if max_chars is None or e.start < len(data) - 4:  # not merely a character cut at the read limit
+        if len(data) != limit or e.start < len(data) - 4:  # not merely a character cut at the read limit
             raise _decode_error(p, data, e, what, hint) from None
         text = data[: e.start].decode("utf-8")
     return text if max_chars is None else text[:max_chars]
