@@ -402,9 +402,6 @@ def build_mixture(
     eod_mask_loss: bool = False,
 ) -> Mixture:
     """Resolve `cfg` into train/valid datasets. Call on every rank (after torch.distributed init)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     if seq_len < 1 or train_samples < 1 or valid_samples < 0:
         raise ValueError(f"seq_len={seq_len}, train_samples={train_samples}, valid_samples={valid_samples}: "
                          "need seq_len >= 1, train_samples >= 1, valid_samples >= 0")
@@ -412,6 +409,8 @@ def build_mixture(
     if n >= 32767:
         raise ValueError("at most 32766 sources (megatron's dataset ids are int16)")
     metas = [check_dataset_tokenizer(s.prefix, tokenizer_vocab_size, tokenizer_sha256) for s in cfg.sources]
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # after the cheap checks
     for s, m in zip(cfg.sources, metas):
         if m.get("tokenizer") and m["tokenizer"].get("eod_id") not in (None, eod_id):
             raise CptError(f"dataset {s.prefix} uses EOD id {m['tokenizer']['eod_id']}, the model's is {eod_id}")

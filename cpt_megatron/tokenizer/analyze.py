@@ -166,15 +166,17 @@ def _named(specs: list[str]) -> list[tuple[str, str]]:
             pairs.append((name, path))
         else:
             pairs.append((None, s))
-    paths = [Path(p).resolve().parts for _, p in pairs]
+    paths = [Path(p).resolve().parts for n, p in pairs if n is None]
     out = []
-    for (name, spec), parts in zip(pairs, paths):
+    for name, spec in pairs:
         if name is None:
-            for k in range(1, len(parts) + 1):
-                tail = "/".join(parts[-k:])
-                if sum("/".join(q[-k:]) == tail for q in paths) == 1 or k == len(parts):
+            parts = Path(spec).resolve().parts
+            generic = parts[-1] in ("tokenizer", "tokenizer.json", "tokenizer.model", "data")  # name its parent too
+            for k in range(1 + generic, len(parts) + 1):
+                tail = str(Path(*parts[-k:]))
+                if sum(q[-k:] == parts[-k:] for q in paths) == 1:
                     break
-            name = tail if len(parts) > 1 else spec
+            name = tail
         if name in [n for n, _ in out]:
             name = f"{name} ({spec})"
         out.append((name, spec))
