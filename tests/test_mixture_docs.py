@@ -69,10 +69,18 @@ def test_help_describes_every_flag():
     from cpt_megatron.cli import build_parser
 
     root = build_parser()
-    for cmd in ("export-hf", "verify", "smoke", "eval", "import-hf"):
-        p = _sub(root, cmd)
-        bare = [a.option_strings for a in p._actions if a.option_strings and not a.help]
-        assert not bare, f"cpt {cmd}: flags without help: {bare}"
+    bare = []
+
+    def walk(parser, name):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub_name, sub in a.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+            elif not a.help:
+                bare.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+
+    walk(root, "cpt")
+    assert not bare, f"flags without --help text: {bare}"
     tol = next(a for a in _sub(root, "import-hf")._actions if "--verify-tol" in a.option_strings).help
     assert "1e-4" in tol and "hidden x layers <= 4096" in tol and "tiny, 1e-3" not in tol
     curate = " ".join(_sub(root, "curate").format_help().split())

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
                    help="worst allowed relative regression of any general source (0.03 = 3%%)")
     p.add_argument("--weights", default=None, metavar="domain=W,general=W",
                    help="rank by W_d x domain gain - W_g x general regression instead of domain gain")
-    p.add_argument("--metric", default="ppl", choices=("ppl", "loss", "bits_per_byte", "bits_per_char"))
+    p.add_argument("--metric", default="ppl", choices=("ppl", "loss", "bits_per_byte", "bits_per_char"),
+                   help="eval metric the gains and regressions are measured in (default ppl)")
     p.set_defaults(func=run)
 
 

@@ -16,8 +16,8 @@ def register(subparsers):
                    help="resolve and validate the recipe (layout divisibility, memory estimate, data paths); no training")
     p.set_defaults(func=run)
     s = subparsers.add_parser("schedule", parents=[subparsers.common], help="draw a recipe's LR schedule")
-    s.add_argument("--recipe", required=True)
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("--recipe", required=True, help="recipe name under recipes/ or a YAML path")
+    s.add_argument("overrides", nargs="*", help="recipe overrides, e.g. schedule.warmup=10")
     s.add_argument("--png", default=None, help="write the LR curve here")
     s.set_defaults(func=run_schedule)
 
