@@ -290,3 +290,10 @@ def test_readme_tp_examples_fit_smollm2():
     readme = (REPO / "README.md").read_text()
     tps = [int(m) for m in re.findall(r"cpt (?:verify|eval) [^`]*?--tp (\d+)", readme)]
     assert tps and all(3 % tp == 0 for tp in tps), tps
+
+
+def test_mixture_missing_dataset_names_source(tmp_path, capsys):
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"sources:\n  - {{name: med, group: domain, prefix: {tmp_path / 'nope'}}}\nalpha: 1.0\n")
+    rc, out, err = cli(["mixture", "report", "--mixture", mix, "--seq-len", "8", "--train-samples", "8"], capsys)
+    assert_one_line_error(rc, out, err, str(mix), "'med'", f"{tmp_path / 'nope'}.bin/.idx not found", "cpt preprocess")

@@ -55,9 +55,16 @@ def run_report(args) -> dict:
         cfg = mixture_config_from_dict(raw.get("mixture", raw))
     except (TypeError, ValueError) as e:
         raise CptError(f"--mixture {args.mixture}: {e}; see docs/mixtures.md") from None
+    from cpt_megatron.data.indexed import dataset_exists
+
+    for s in cfg.sources:
+        if not dataset_exists(s.prefix):
+            raise CptError(f"--mixture {args.mixture}: source {s.name!r}: dataset {s.prefix}.bin/.idx not found; "
+                           f"run `cpt preprocess --out {s.prefix} ...` first or fix its prefix")
     meta = read_meta(cfg.sources[0].prefix)
     if not meta or "tokenizer" not in meta:
-        raise ValueError(f"{cfg.sources[0].prefix}.meta.json missing: the report reads the tokenizer from it")
+        raise CptError(f"{cfg.sources[0].prefix}.meta.json missing: the report reads the tokenizer from it; "
+                       "re-run `cpt preprocess` for this dataset (it writes the .meta.json)")
     tok = meta["tokenizer"]
     cache = args.cache_dir or tempfile.mkdtemp(prefix="cpt-mixture-")
     try:
