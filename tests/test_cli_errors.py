@@ -297,3 +297,17 @@ def test_mixture_missing_dataset_names_source(tmp_path, capsys):
     mix.write_text(f"sources:\n  - {{name: med, group: domain, prefix: {tmp_path / 'nope'}}}\nalpha: 1.0\n")
     rc, out, err = cli(["mixture", "report", "--mixture", mix, "--seq-len", "8", "--train-samples", "8"], capsys)
     assert_one_line_error(rc, out, err, str(mix), "'med'", f"{tmp_path / 'nope'}.bin/.idx not found", "cpt preprocess")
+
+
+def test_curate_warns_when_a_big_text_file_is_one_document(tmp_path, capsys):
+    big = tmp_path / "corpus.txt"
+    big.write_text("# Doc\nSome words about medicine and health.\n" * 3000)
+    rc, out, err = cli(["curate", "-i", big, "-o", tmp_path / "cur", "--stages", "normalize", "--no-progress",
+                        "--json"], capsys)
+    assert rc == 0, err
+    assert f"{big} is plain text and is read as ONE document" in err and "--doc-separator" in err
+    assert json.loads(out.strip().splitlines()[-1])["read"] == 1
+    rc, out, err = cli(["curate", "-i", big, "-o", tmp_path / "cur2", "--stages", "normalize", "--no-progress",
+                        "--doc-separator", "^# ", "--json"], capsys)
+    assert rc == 0 and "ONE document" not in err
+    assert json.loads(out.strip().splitlines()[-1])["read"] == 3000

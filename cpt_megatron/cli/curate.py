@@ -46,6 +46,15 @@ def run(args) -> dict:
     if args.text_field:
         overrides.setdefault("input", {})["text_field"] = args.text_field
     cfg = load_config(args.config, overrides)
+    if cfg.input.doc_separator is None:
+        from pathlib import Path
+
+        from cpt_megatron.curate.readers import is_plain_text
+
+        for path in args.input:
+            if is_plain_text(path) and Path(path).stat().st_size > 64 << 10:
+                print(f"cpt curate: warning: {path} is plain text and is read as ONE document (no --doc-separator); "
+                      "pass a regex for the first line of each document, e.g. --doc-separator '^# '", file=sys.stderr)
     res = curate(args.input, args.out, cfg, workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
     for line in res.report["malformed_records"][:5]:
         print(f"cpt curate: malformed: {line}", file=sys.stderr)

@@ -20,7 +20,7 @@ from cpt_megatron.curate.config import InputConfig
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import check_text_file
 
-__all__ = ["Doc", "Malformed", "DocumentReader", "read_documents"]
+__all__ = ["Doc", "Malformed", "DocumentReader", "read_documents", "is_plain_text"]
 
 
 @dataclass(slots=True)
@@ -53,6 +53,11 @@ def _kind(path: Path) -> str:
     if name.endswith(".parquet"):
         return "parquet"
     return "text"
+
+
+def is_plain_text(path: str | os.PathLike) -> bool:
+    """True for an input file read as plain text (not JSONL/Parquet by its name)."""
+    return Path(path).is_file() and _kind(Path(path)) == "text"
 
 
 def _open_binary(path: Path):
