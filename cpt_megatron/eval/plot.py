@@ -81,12 +81,15 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
         ax.set_ylabel("loss (nats/token)")
         mark_events(ax)
         lr = [(m["step"], m["lr"]) for m in metrics if m.get("lr") is not None]
+        handles, labels = ax.get_legend_handles_labels()
         if lr:
             ax2 = ax.twinx()
             ax2.plot([s for s, _ in lr], [v for _, v in lr], color="C2", lw=1, label="lr")
             ax2.set_ylabel("learning rate")
-            ax2.legend(loc="upper center", fontsize=8)
-        ax.legend(loc="upper right", fontsize=8)
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        # one legend above the axes: it never hides the curves (both axes share it)
+        ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=4, fontsize=8, frameon=False)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         written.append(out_dir / "loss.png")
