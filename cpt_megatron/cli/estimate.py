@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from cpt_megatron.cli._types import nonneg_float, positive_float, positive_int, token_count
-
 import argparse
 
 from cpt_megatron import estimate as E
 from cpt_megatron import flops as F
+from cpt_megatron.cli._types import nonneg_float, positive_float, positive_int, token_count
 
 
 def register(subparsers) -> None:

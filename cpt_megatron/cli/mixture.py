@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cpt_megatron.cli._types import nonneg_int, positive_int
-
 import json
+
+from cpt_megatron.cli._types import nonneg_int, positive_int
 
 __all__ = ["register"]
 

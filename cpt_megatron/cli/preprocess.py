@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cpt_megatron.cli._types import positive_float, positive_int
-
 import sys
+
+from cpt_megatron.cli._types import positive_float, positive_int
 
 __all__ = ["register"]
 
