@@ -33,7 +33,6 @@ recomputation (that would be HFU), so recomputation lowers MFU, as in PaLM (Chow
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields
@@ -339,11 +338,11 @@ def load_hf_config(path: str | os.PathLike) -> ModelShape:
         p = os.path.join(p, "config.json")
     if not os.path.isfile(p):
         raise FileNotFoundError(f"HF config not found: {p} (pass a config.json or a model directory)")
-    with open(p, encoding="utf-8") as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p} is not valid JSON: {e}") from e
+    from cpt_megatron.utils import read_json
+
+    cfg = read_json(p, "HF config", hint="give an HF config.json or a model directory holding one")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"HF config {p}: expected a JSON object, got {type(cfg).__name__}")
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers keep the LM config inside
         cfg = cfg["text_config"]
     return shape_from_hf_config(cfg, name=os.path.basename(os.path.dirname(os.path.abspath(p))))

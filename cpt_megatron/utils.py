@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["atomic_dir", "atomic_file", "sha256_file", "write_json", "append_jsonl", "read_jsonl", "current_umask",
-           "os_error_line", "lone_surrogate"]
+           "os_error_line", "lone_surrogate", "read_text", "read_json", "read_yaml", "iter_jsonl", "check_text_file",
+           "binary_kind", "parse_size", "check_gguf"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -123,6 +124,148 @@ def append_jsonl(path: str | os.PathLike, obj) -> None:
         f.write(json.dumps(obj, default=str) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: str | os.PathLike, what: str = "JSONL file",
+               hint: str = "fix or delete that line (a killed run can leave a partial last line)") -> list[dict]:
+    return [obj for _, obj in iter_jsonl(path, what, hint=hint)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading user-supplied files: every failure is one CptError line naming the file (and line) and the fix.
+
+_BINARY_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+                 b"%PDF": "a PDF", b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "gzip data",
+                 b"GGUF": "a GGUF model file", b"\x7fELF": "an executable"}
+
+
+def _user_error(msg: str):
+    from cpt_megatron.errors import CptError
+
+    return CptError(msg)
+
+
+def binary_kind(head: bytes) -> str | None:
+    """'a PNG image', ... when `head` (a file's first bytes) is not text; None for (probably) text."""
+    for magic, kind in _BINARY_MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    return "binary data (NUL bytes)" if b"\x00" in head[:8192] else None
+
+
+def check_text_file(path: str | os.PathLike, what: str, hint: str = "give a UTF-8 text file") -> Path:
+    """Refuse a missing, directory or binary `path` (checks the first 8 KiB only); returns it as a Path."""
+    p = Path(path)
+    if p.is_dir():
+        raise _user_error(f"{what} {p} is a directory; {hint}")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8192)
+    except FileNotFoundError:
+        raise _user_error(f"{what} {p} not found; {hint}") from None
+    except OSError as e:
+        raise _user_error(f"{what} {p} cannot be read ({e.strerror}); {hint}") from None
+    kind = binary_kind(head)
+    if kind:
+        raise _user_error(f"{what} {p} is {kind}, not text; {hint}")
+    return p
+
+
+def _decode_error(p: Path, data: bytes, e: UnicodeDecodeError, what: str, hint: str):
+    line = data.count(b"\n", 0, e.start) + 1
+    return _user_error(f"{what} {p}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       f"re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8) or {hint}")
+
+
+def read_text(path: str | os.PathLike, what: str = "file", *, max_chars: int | None = None,
+              hint: str = "give a UTF-8 text file") -> str:
+    """The UTF-8 text of a user-given file (at most `max_chars` characters), or one CptError line."""
+    p = check_text_file(path, what, hint)
+    limit = None if max_chars is None else 4 * max_chars + 4  # UTF-8: at most 4 bytes per character
+    with open(p, "rb") as f:
+        data = f.read() if limit is None else f.read(limit)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(data) != limit or e.start < len(data) - 4:  # not merely a character cut at the read limit
+            raise _decode_error(p, data, e, what, hint) from None
+        text = data[: e.start].decode("utf-8")
+    return text if max_chars is None else text[:max_chars]
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", *, hint: str = "give a JSON file"):
+    """Parse a user-given JSON file; errors name the file, line and column."""
+    p = Path(path)
+    text = read_text(p, what, hint=hint)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _user_error(f"{what} {p}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); {hint}") from None
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file", *, hint: str = "give a YAML file"):
+    """Parse a user-given YAML file (empty -> {}); errors name the file and line."""
+    import yaml
+
+    p = Path(path)
+    text = read_text(p, what, hint=hint)
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise _user_error(f"{what} {p}{where}: not valid YAML ({problem}); {hint}") from None
+
+
+def iter_jsonl(path: str | os.PathLike, what: str = "JSONL file", *, hint: str = "one JSON object per line"
+               ) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; a bad line is one CptError naming file:line."""
+    p = check_text_file(path, what, hint)
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise _user_error(f"{what} {p}:{n}: not UTF-8 (byte 0x{raw[e.start]:02x}); {hint}") from None
+            except json.JSONDecodeError as e:
+                raise _user_error(f"{what} {p}:{n}: not valid JSON ({e.msg} at column {e.colno}); {hint}") from None
+            if not isinstance(obj, dict):
+                raise _user_error(f"{what} {p}:{n}: expected a JSON object, got {type(obj).__name__}; {hint}")
+            yield n, obj
+
+
+_SIZE_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+
+
+def parse_size(s: str | int, what: str = "--max-shard-size") -> int:
+    """'5GB' / '500MiB' / '1e9' / 123 -> bytes (> 0); anything else is one CptError line."""
+    if isinstance(s, int) and not isinstance(s, bool):
+        n = s
+    else:
+        t = str(s).strip().upper().replace("_", "")
+        mult = 1
+        for unit, m in _SIZE_UNITS:
+            if t.endswith(unit):
+                t, mult = t[: -len(unit)].strip(), m
+                break
+        try:
+            n = int(float(t) * mult)
+        except ValueError:
+            raise _user_error(f"{what}: cannot parse {s!r}; give a size like 5GB, 500MB or 2GiB") from None
+    if n <= 0:
+        raise _user_error(f"{what} {s!r}: must be a positive size, e.g. 5GB")
+    return n
+
+
+def check_gguf(path: str | os.PathLike, what: str = "GGUF file") -> Path:
+    """Refuse a missing, empty or non-GGUF file before transformers tries to memory-map it."""
+    p = Path(path)
+    if not p.is_file():
+        raise _user_error(f"{what} {p} not found; give the path of a .gguf model file")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        found = "is empty" if not head else f"does not start with the GGUF magic (starts with {head!r})"
+        raise _user_error(f"{what} {p} {found}: not a GGUF model; re-download or re-copy it")
+    return p

@@ -62,10 +62,11 @@ def test_layout_matches_tp1pp1(name, reference):
 
 
 def test_bad_layout_is_one_clear_line():
-    cmd = [sys.executable, "-m", "cpt_megatron", "smoke", "--hf-config", str(CONFIG), "--steps", "1", "--tp", "3"]
+    cmd = [sys.executable, "-m", "cpt_megatron", "smoke", "--hf-config", str(CONFIG), "--steps", "1", "--tp", "3",
+           "--nproc", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert "world size 1 is not divisible by tp*pp" in out.stderr and "Traceback" not in out.stderr
+    assert "--nproc 2 is not a multiple of tp*pp = 3" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_tied_embeddings_pp2_matches(tmp_path):

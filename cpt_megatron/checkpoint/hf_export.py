@@ -29,27 +29,11 @@ from cpt_megatron.checkpoint.io import (
     single_process_group,
 )
 from cpt_megatron.errors import CptError
-from cpt_megatron.utils import atomic_dir, write_json
+from cpt_megatron.utils import atomic_dir, parse_size, write_json
 
 __all__ = ["export_hf", "parse_size", "write_safetensors_streaming", "model_card"]
 
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def parse_size(s: str | int) -> int:
-    if isinstance(s, int):
-        return s
-    t = s.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("GIB", 2**30), ("MIB", 2**20), ("B", 1)):
-        if t.endswith(unit):
-            try:
-                return int(float(t[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise CptError(f"--max-shard-size: cannot parse {s!r} (e.g. 5GB, 500MB)") from None
 
 
 def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple, torch.dtype]], produce) -> None:

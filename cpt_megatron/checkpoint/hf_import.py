@@ -29,7 +29,7 @@ from cpt_megatron.checkpoint.io import (
 )
 from cpt_megatron.errors import CptError
 from cpt_megatron.model.arch import ModelArch, padded_vocab_size
-from cpt_megatron.utils import atomic_dir, sha256_file, write_json
+from cpt_megatron.utils import atomic_dir, check_gguf, sha256_file, write_json
 
 __all__ = ["import_hf", "gguf_to_hf", "check_hf_checkpoint"]
 
@@ -39,9 +39,7 @@ _IGNORED = ("rotary_emb.inv_freq",)
 
 def gguf_to_hf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Dequantize a GGUF into an fp32 HF checkpoint + tokenizer with transformers (gguf + accelerate needed)."""
-    g = Path(gguf_file)
-    if not g.is_file():
-        raise CptError(f"GGUF file not found: {g}")
+    g = check_gguf(gguf_file, "--gguf")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

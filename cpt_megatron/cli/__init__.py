@@ -16,13 +16,14 @@ import pkgutil
 import sys
 
 from cpt_megatron import __version__
+from cpt_megatron.cli._types import CptArgumentParser
 from cpt_megatron.errors import CptError
 
 __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CptArgumentParser(
         prog="cpt", description="Continued pretraining on megatron-core: curate -> tokenize -> train -> select -> export."
     )
     parser.add_argument("--version", action="version", version=f"cpt-megatron {__version__}")

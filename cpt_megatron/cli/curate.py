@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from cpt_megatron.cli._types import positive_int
+
 __all__ = ["register"]
 
 
@@ -12,15 +14,19 @@ def register(subparsers) -> None:
         "curate",
         parents=[subparsers.common],
         help="curate a corpus: normalize, filter, exact + MinHash dedup, PII (writes shards + report.json)",
-        description="Stages in order: normalize, langid, length, quality, exact_dedup, minhash_dedup, perplexity, pii.",
+        description="Stages in order: normalize, langid, length, quality, exact_dedup, minhash_dedup, perplexity, pii. "
+        "Plain-text inputs: each file is one document unless --doc-separator splits it. The output shards "
+        "(OUT/*.jsonl.gz) are what `cpt preprocess` reads.",
     )
-    p.add_argument("--input", "-i", action="append", required=True, help="JSONL(.gz/.zst), Parquet, text file or directory (repeatable)")
+    p.add_argument("--input", "-i", action="append", required=True, help="JSONL(.gz/.zst), Parquet, text file or directory (repeatable); a plain-text "
+                   "file is ONE document unless --doc-separator is given")
     p.add_argument("--out", "-o", required=True, help="output folder (shards, report.json, rejected/)")
     p.add_argument("--config", "-c", help="YAML recipe (see recipes/curate/)")
     p.add_argument("--stages", help="comma list of stages to run (default: the recipe's, else all but langid/perplexity)")
-    p.add_argument("--workers", "-j", type=int, default=1, help="processes for per-document stages (output is identical for any N)")
+    p.add_argument("--workers", "-j", type=positive_int, default=1, help="processes for per-document stages (output is identical for any N)")
     p.add_argument("--lsh", help="redis://host:port[/db][?basename=NAME] for a Redis-backed LSH index (default: in memory)")
-    p.add_argument("--doc-separator", help="regex matching the first line of each document in plain-text inputs, e.g. '^# '")
+    p.add_argument("--doc-separator", help="regex matching the first line of each document in plain-text inputs, e.g. '^# ' "
+                   "(without it each text file is one document)")
     p.add_argument("--text-field", help="JSONL/Parquet text field (default: text)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -40,6 +46,15 @@ def run(args) -> dict:
     if args.text_field:
         overrides.setdefault("input", {})["text_field"] = args.text_field
     cfg = load_config(args.config, overrides)
+    if cfg.input.doc_separator is None:
+        from pathlib import Path
+
+        from cpt_megatron.curate.readers import is_plain_text
+
+        for path in args.input:
+            if is_plain_text(path) and Path(path).stat().st_size > 64 << 10:
+                print(f"cpt curate: warning: {path} is plain text and is read as ONE document (no --doc-separator); "
+                      "pass a regex for the first line of each document, e.g. --doc-separator '^# '", file=sys.stderr)
     res = curate(args.input, args.out, cfg, workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
     for line in res.report["malformed_records"][:5]:
         print(f"cpt curate: malformed: {line}", file=sys.stderr)

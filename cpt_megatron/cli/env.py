@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_int
+
 
 def register(subparsers):
     p = subparsers.add_parser("env", parents=[subparsers.common], help="show versions, devices and kernel choices")
     p.add_argument("--spec", default="auto", choices=["auto", "te", "local"], help="layer spec to resolve")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size to resolve the kernels for")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size to resolve the kernels for")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="kernel option to resolve, e.g. --set fused_ce=chunked (fields of model.options)")
     p.set_defaults(func=run)
@@ -58,11 +60,21 @@ def collect(spec: str = "auto", tp: int = 1, overrides: dict | None = None) -> d
 
 
 def run(args):
+    import dataclasses
+
+    from cpt_megatron.errors import CptError
+    from cpt_megatron.model.build import ModelOptions
+
+    # the string-valued options (kernel choices); --spec and the layout have their own flags
+    fields = [f.name for f in dataclasses.fields(ModelOptions) if isinstance(f.default, str) and f.name != "spec"]
     overrides = {}
     for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise CptError(f"--set expects FIELD=VALUE, got {item!r}; e.g. --set fused_ce=chunked")
+        if k.strip() not in fields:
+            raise CptError(f"--set {item}: unknown option {k.strip()!r}; choose from {', '.join(fields)} "
+                           "(fields of model.options)")
         overrides[k.strip()] = v.strip()
     info = collect(args.spec, args.tp, overrides)
     if not args.json:

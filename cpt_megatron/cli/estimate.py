@@ -6,13 +6,7 @@ import argparse
 
 from cpt_megatron import estimate as E
 from cpt_megatron import flops as F
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number like 100e9, got {text!r}") from None
+from cpt_megatron.cli._types import nonneg_float, positive_float, positive_int, token_count
 
 
 def register(subparsers) -> None:
@@ -27,20 +21,20 @@ def register(subparsers) -> None:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help=f"preset: {', '.join(F.preset_names())}")
     model.add_argument("--hf-config", metavar="FILE", help="an HF config.json (or a model directory)")
-    p.add_argument("--tokens", type=_float, required=True, help="training tokens, e.g. 100e9")
-    p.add_argument("--gpus", type=int, required=True, help="total GPUs")
+    p.add_argument("--tokens", type=token_count, required=True, help="training tokens, e.g. 100e9")
+    p.add_argument("--gpus", type=positive_int, required=True, help="total GPUs")
     p.add_argument("--gpu", default="h100", help=f"GPU type: {', '.join(F.GPUS)} (default h100)")
-    p.add_argument("--tp", type=int, help="tensor parallel size (omit --tp and --pp to search)")
-    p.add_argument("--pp", type=int, help="pipeline parallel size")
-    p.add_argument("--cp", type=int, default=1, help="context parallel size (default 1)")
-    p.add_argument("--vp", type=int, default=1, help="virtual pipeline stages per rank (default 1)")
-    p.add_argument("--mbs", type=int, default=1, help="micro-batch size (default 1)")
-    p.add_argument("--gbs", type=int, help="global batch size in sequences (checks divisibility)")
-    p.add_argument("--seq", type=int, help="sequence length (default min(model max positions, 8192))")
+    p.add_argument("--tp", type=positive_int, help="tensor parallel size (omit --tp and --pp to search)")
+    p.add_argument("--pp", type=positive_int, help="pipeline parallel size")
+    p.add_argument("--cp", type=positive_int, default=1, help="context parallel size (default 1)")
+    p.add_argument("--vp", type=positive_int, default=1, help="virtual pipeline stages per rank (default 1)")
+    p.add_argument("--mbs", type=positive_int, default=1, help="micro-batch size (default 1)")
+    p.add_argument("--gbs", type=positive_int, help="global batch size in sequences (checks divisibility)")
+    p.add_argument("--seq", type=positive_int, help="sequence length (default min(model max positions, 8192))")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--mfu", type=float, help=f"model FLOPs utilization (default {E.DEFAULT_MFU})")
-    rate.add_argument("--tflops-per-gpu", type=float, help="achieved TFLOP/s per GPU (replaces --mfu)")
-    p.add_argument("--price-per-gpu-hour", type=float, help="price of one GPU-hour")
+    rate.add_argument("--mfu", type=positive_float, help=f"model FLOPs utilization (default {E.DEFAULT_MFU})")
+    rate.add_argument("--tflops-per-gpu", type=positive_float, help="achieved TFLOP/s per GPU (replaces --mfu)")
+    p.add_argument("--price-per-gpu-hour", type=nonneg_float, help="price of one GPU-hour")
     p.add_argument("--currency", default="USD", help="currency code for the cost: USD, INR, EUR... (default USD)")
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True,
                    help="shard fp32 master weights and Adam states over DP x CP (default on)")
@@ -51,7 +45,7 @@ def register(subparsers) -> None:
                    help="attention never stores the s x s scores (TE/SDPA; default on)")
     p.add_argument("--attention-flops", action=argparse.BooleanOptionalAction, default=True,
                    help="count the causal attention term; --no-attention-flops gives plain 6ND")
-    p.add_argument("--headroom", type=float, default=E.DEFAULT_HEADROOM,
+    p.add_argument("--headroom", type=nonneg_float, default=E.DEFAULT_HEADROOM,
                    help="fraction of GPU memory kept free for CUDA context, NCCL, fragmentation (default 0.1)")
     p.set_defaults(func=run)
 

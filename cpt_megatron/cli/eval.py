@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_int
+
 __all__ = ["register"]
 
 
@@ -15,16 +17,17 @@ def register(subparsers) -> None:
                    help=".txt (one document) or .jsonl (one document per line) files; source name = file stem")
     p.add_argument("--group", choices=("general", "domain"), default="general", help="group of the --data sources")
     p.add_argument("--text-key", default="text", help="JSONL field holding the text")
-    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (labels per window)")
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of each file")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="window length in tokens (labels per window)")
+    p.add_argument("--micro-batch", type=positive_int, default=4, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="evaluate only the first N tokens of each file")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's / checkpoint's own)")
     p.add_argument("--choice", nargs="*", default=[], metavar="FILE",
                    help="multiple-choice JSONL benchmarks (HellaSwag/ARC/MMLU layouts; --hf only)")
-    p.add_argument("--choice-limit", type=int, default=None, help="fixed subset size per benchmark")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--nproc", type=int, default=None, help="spawn this many local processes with torchrun (--ckpt)")
+    p.add_argument("--choice-limit", type=positive_int, default=None, help="fixed subset size per benchmark")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size (--ckpt)")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel size (--ckpt)")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="local processes to spawn with torchrun (--ckpt; default tp*pp when not under a launcher)")
     p.set_defaults(func=run)
 
 
@@ -55,7 +58,7 @@ def run(args) -> dict | None:
         raise CptError("--choice is supported with --hf only for now")
     from cpt_megatron.runtime.launch import relaunched
 
-    if relaunched(args.nproc):
+    if relaunched(args.nproc, default=args.tp * args.pp):
         return None  # rank 0 of the children printed the results
     from cpt_megatron.eval.standalone import evaluate_checkpoint
     from cpt_megatron.train.engine import Engine, OptimConfig

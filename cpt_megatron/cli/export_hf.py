@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import byte_size, positive_float
+
 
 def register(subparsers):
     p = subparsers.add_parser("export-hf", parents=[subparsers.common],
@@ -9,10 +11,14 @@ def register(subparsers):
     p.add_argument("--ckpt", required=True, help="checkpoint dir (cpt import-hf output or RUN/checkpoints/iter_N)")
     p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: the checkpoint's dtype")
-    p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-verify", action="store_true")
-    p.add_argument("--verify-tol", type=float, default=None)
+    p.add_argument("--max-shard-size", type=byte_size, default="5GB",
+                   help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the transformers-vs-megatron logit check of the exported directory")
+    p.add_argument("--verify-tol", type=positive_float, default=None,
+                   help="max |logit diff| allowed by the check "
+                   "(default 1e-4 for tiny models with hidden x layers <= 4096, else 1e-3)")
     p.set_defaults(func=run)
 
 

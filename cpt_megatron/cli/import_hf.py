@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_float
+
 
 def register(subparsers):
     p = subparsers.add_parser("import-hf", parents=[subparsers.common],
@@ -13,7 +15,9 @@ def register(subparsers):
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto = the source dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-verify", action="store_true", help="skip the transformers parity check")
-    p.add_argument("--verify-tol", type=float, default=None, help="max |logit diff| allowed (default 1e-4 tiny, 1e-3)")
+    p.add_argument("--verify-tol", type=positive_float, default=None,
+                   help="max |logit diff| allowed by the parity check "
+                   "(default 1e-4 for tiny models with hidden x layers <= 4096, else 1e-3)")
     p.set_defaults(func=run)
 
 

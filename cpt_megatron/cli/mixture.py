@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from cpt_megatron.cli._types import nonneg_int, positive_int
+
 __all__ = ["register"]
 
 
@@ -19,9 +21,9 @@ def register(subparsers) -> None:
     src.add_argument("--recipe", help="a training recipe: its data section, seq_len and planned samples")
     src.add_argument("--mixture", metavar="FILE.yaml", help="YAML of MixtureConfig (sources, alpha, phases...)")
     r.add_argument("overrides", nargs="*", help="recipe overrides (with --recipe), e.g. data.alpha=0.5")
-    r.add_argument("--seq-len", type=int, default=None, help="with --mixture (required)")
-    r.add_argument("--train-samples", type=int, default=None, help="with --mixture (required)")
-    r.add_argument("--valid-samples", type=int, default=0)
+    r.add_argument("--seq-len", type=positive_int, default=None, help="with --mixture (required)")
+    r.add_argument("--train-samples", type=positive_int, default=None, help="with --mixture (required)")
+    r.add_argument("--valid-samples", type=nonneg_int, default=0, help="validation samples (default 0)")
     r.add_argument("--cache-dir", default=None, help="megatron index cache (default: a temp dir, removed after)")
     r.add_argument("--png", default=None, metavar="OUT.png", help="plot the domain share over the run")
     r.set_defaults(func=run_report)
@@ -32,10 +34,10 @@ def run_report(args) -> dict:
     import shutil
     import tempfile
 
-    import yaml
-
     from cpt_megatron.data.mixture import build_mixture, mixture_config_from_dict
     from cpt_megatron.data.preprocess import read_meta
+    from cpt_megatron.errors import CptError
+    from cpt_megatron.utils import read_yaml
 
     if args.recipe:
         from cpt_megatron.config import load_recipe
@@ -45,12 +47,24 @@ def run_report(args) -> dict:
         return _show(mix.report() | ({"png": mix.plot(args.png)} if args.png else {}), args)
     if args.seq_len is None or args.train_samples is None:
         raise ValueError("--mixture needs --seq-len and --train-samples (or use --recipe R)")
-    with open(args.mixture) as f:
-        raw = yaml.safe_load(f) or {}
-    cfg = mixture_config_from_dict(raw.get("mixture", raw) if isinstance(raw, dict) else {})
+    raw = read_yaml(args.mixture, "--mixture", hint="give a mixture YAML (see docs/mixtures.md, recipes/mixtures/)")
+    if not isinstance(raw, dict):
+        raise CptError(f"--mixture {args.mixture}: expected a mapping with sources/alpha/phases, got "
+                       f"{type(raw).__name__}; see docs/mixtures.md")
+    try:
+        cfg = mixture_config_from_dict(raw.get("mixture", raw))
+    except (TypeError, ValueError) as e:
+        raise CptError(f"--mixture {args.mixture}: {e}; see docs/mixtures.md") from None
+    from cpt_megatron.data.indexed import dataset_exists
+
+    for s in cfg.sources:
+        if not dataset_exists(s.prefix):
+            raise CptError(f"--mixture {args.mixture}: source {s.name!r}: dataset {s.prefix}.bin/.idx not found; "
+                           f"run `cpt preprocess --out {s.prefix} ...` first or fix its prefix")
     meta = read_meta(cfg.sources[0].prefix)
     if not meta or "tokenizer" not in meta:
-        raise ValueError(f"{cfg.sources[0].prefix}.meta.json missing: the report reads the tokenizer from it")
+        raise CptError(f"{cfg.sources[0].prefix}.meta.json missing: the report reads the tokenizer from it; "
+                       "re-run `cpt preprocess` for this dataset (it writes the .meta.json)")
     tok = meta["tokenizer"]
     cache = args.cache_dir or tempfile.mkdtemp(prefix="cpt-mixture-")
     try:

@@ -9,7 +9,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plot", parents=[subparsers.common],
                               help="plot a run: loss/lr, domain and general eval curves with monitor events")
     p.add_argument("--run", required=True, metavar="DIR", help="run directory")
-    p.add_argument("--metric", default="ppl", choices=("ppl", "loss", "bits_per_byte", "bits_per_char"))
+    p.add_argument("--metric", default="ppl", choices=("ppl", "loss", "bits_per_byte", "bits_per_char"),
+                   help="eval metric of the domain/general curves (default ppl)")
     p.set_defaults(func=run)
 
 

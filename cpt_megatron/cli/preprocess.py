@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from cpt_megatron.cli._types import positive_float, positive_int
+
 __all__ = ["register"]
 
 
@@ -13,15 +15,17 @@ def register(subparsers) -> None:
         parents=[subparsers.common],
         help="tokenize JSONL(.gz) into Megatron .bin/.idx",
         description="Tokenize curated JSONL(.gz) into Megatron indexed datasets (PREFIX.bin/.idx/.meta.json). "
-        "Resumable: rerunning the same command skips finished shards.",
+        "Resumable: rerunning the same command skips finished shards. Input is JSONL only (one {\"text\": ...} "
+        "object per line); for raw text run `cpt curate -i FILE.txt -o DIR [--doc-separator REGEX]` first (a text "
+        "file is one document unless --doc-separator splits it) and pass DIR/*.jsonl.gz here.",
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or JSONL.gz files")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or JSONL.gz files (not raw text: see above)")
     p.add_argument("--tokenizer", required=True, help="tokenizer path (HF dir, tokenizer.json, .model, .gguf)")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (PREFIX_<key> with several keys)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output identical for any value)")
+    p.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes (output identical for any value)")
     p.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
     p.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY", help="fields to tokenize (default: text)")
-    p.add_argument("--chunk-mb", type=float, default=8.0, help="input MiB per shard (default 8)")
+    p.add_argument("--chunk-mb", type=positive_float, default=8.0, help="input MiB per shard (default 8)")
     p.add_argument("--no-fast", action="store_true", help="always encode with the HF tokenizer (no tiktoken)")
     p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

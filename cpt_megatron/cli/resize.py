@@ -11,7 +11,7 @@ def register(subparsers):
     p.add_argument("--out", required=True, help="output checkpoint dir")
     p.add_argument("--init", default="subtoken-mean", choices=["subtoken-mean", "mean"],
                    help="new rows: mean of the base sub-token rows (default) or the global mean")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
 

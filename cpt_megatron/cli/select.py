@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import nonneg_float
+
 __all__ = ["register"]
 
 
@@ -9,11 +11,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("select", parents=[subparsers.common],
                               help="rank saved checkpoints by domain gain vs general regression; write RUN/best")
     p.add_argument("--run", required=True, metavar="DIR", help="run directory (evals.jsonl, checkpoints/)")
-    p.add_argument("--max-general-regression", type=float, default=0.03,
+    p.add_argument("--max-general-regression", type=nonneg_float, default=0.03,
                    help="worst allowed relative regression of any general source (0.03 = 3%%)")
     p.add_argument("--weights", default=None, metavar="domain=W,general=W",
                    help="rank by W_d x domain gain - W_g x general regression instead of domain gain")
-    p.add_argument("--metric", default="ppl", choices=("ppl", "loss", "bits_per_byte", "bits_per_char"))
+    p.add_argument("--metric", default="ppl", choices=("ppl", "loss", "bits_per_byte", "bits_per_char"),
+                   help="eval metric the gains and regressions are measured in (default ppl)")
     p.set_defaults(func=run)
 
 

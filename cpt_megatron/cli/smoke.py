@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_float, positive_int
+
 
 def register(subparsers):
     p = subparsers.add_parser("smoke", parents=[subparsers.common],
                               help="train a random model from an HF config for N steps (any TP/PP/DP layout)")
     p.add_argument("--hf-config", required=True, help="HF config.json (or its directory)")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (pp > 1)")
+    p.add_argument("--steps", type=positive_int, default=5, help="training steps (default 5)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel size")
+    p.add_argument("--vpp", type=positive_int, default=None, help="virtual pipeline stages per rank (pp > 1)")
     p.add_argument("--sp", action="store_true", help="sequence parallel (tp > 1)")
-    p.add_argument("--distributed-optimizer", action="store_true")
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--nproc", type=int, default=None, help="spawn this many local processes with torchrun")
+    p.add_argument("--distributed-optimizer", action="store_true", help="shard optimizer state over DP")
+    p.add_argument("--seq-len", type=positive_int, default=32, help="tokens per sample (default 32)")
+    p.add_argument("--global-batch", type=positive_int, default=8, help="samples per step (default 8)")
+    p.add_argument("--micro-batch", type=positive_int, default=2, help="samples per forward pass (default 2)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=1234, help="init and data seed")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="parameter dtype (auto: the model options default)")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="local processes to spawn with torchrun (default tp*pp when not under a launcher)")
     p.set_defaults(func=run)
 
 
 def run(args):
+    from cpt_megatron.flops import load_hf_config
     from cpt_megatron.runtime.launch import relaunched
 
-    if relaunched(args.nproc):
+    load_hf_config(args.hf_config)  # a bad config fails here, not in every spawned process
+    if relaunched(args.nproc, default=args.tp * args.pp):
         return None  # rank 0 of the children printed the results
     from cpt_megatron.runtime import ParallelConfig
     from cpt_megatron.train.smoke import run_smoke

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import nonneg_int, positive_int
+
 __all__ = ["register"]
 
 
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
     a.add_argument("--input", "-i", nargs="+", required=True, help="text files (one source each)")
     a.add_argument("--out", "-o", help="folder for report.json, report.md and fertility.png")
     a.add_argument("--reference-lang", help="parallel reference language code (default: eng if an eng_* file is given)")
-    a.add_argument("--max-chars", type=int, default=2_000_000, help="read at most this many chars per file (0: all)")
+    a.add_argument("--max-chars", type=nonneg_int, default=2_000_000, help="read at most this many chars per file (0: all)")
     a.set_defaults(func=run_analyze)
 
     e = sub.add_parser(
@@ -31,10 +33,10 @@ def register(subparsers) -> None:
     )
     e.add_argument("--tokenizer", "-t", required=True, help="base tokenizer (byte-level BPE or SentencePiece BPE)")
     e.add_argument("--input", "-i", nargs="+", required=True, help="domain text files (.txt or .jsonl)")
-    e.add_argument("--add", type=int, required=True, help="maximum number of new tokens")
+    e.add_argument("--add", type=positive_int, required=True, help="maximum number of new tokens")
     e.add_argument("--out", "-o", required=True, help="output HF tokenizer folder")
-    e.add_argument("--min-frequency", type=int, default=3, help="stop when the best pair is rarer than this")
-    e.add_argument("--max-chars", type=int, help="read at most this many characters of domain text")
+    e.add_argument("--min-frequency", type=positive_int, default=3, help="stop when the best pair is rarer than this")
+    e.add_argument("--max-chars", type=positive_int, help="read at most this many characters of domain text")
     e.add_argument("--scripts", help="comma list of Unicode script names (e.g. DEVANAGARI): learn only from "
                    "words in these scripts, so other text keeps its encoding")
     e.add_argument("--join-marks", choices=["auto", "yes", "no"], default="auto",

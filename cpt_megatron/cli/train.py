@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import positive_int
+
 
 def register(subparsers):
     p = subparsers.add_parser("train", parents=[subparsers.common],
                               help="continued pretraining from a recipe (torchrun/srun, or --nproc N)")
     p.add_argument("--recipe", required=True, help="recipe name under recipes/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="hydra-style overrides, e.g. train.max_steps=8 parallel.tp=2")
-    p.add_argument("--nproc", type=int, default=None, help="spawn this many local processes with torchrun")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="local processes to spawn with torchrun (default parallel.tp*pp when not under a launcher)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve and validate the recipe (layout divisibility, memory estimate, data paths); no training")
     p.set_defaults(func=run)
     s = subparsers.add_parser("schedule", parents=[subparsers.common], help="draw a recipe's LR schedule")
-    s.add_argument("--recipe", required=True)
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("--recipe", required=True, help="recipe name under recipes/ or a YAML path")
+    s.add_argument("overrides", nargs="*", help="recipe overrides, e.g. schedule.warmup=10")
     s.add_argument("--png", default=None, help="write the LR curve here")
     s.set_defaults(func=run_schedule)
 
@@ -29,7 +32,7 @@ def run(args):
         return dry_run(cfg, nproc=args.nproc)
     from cpt_megatron.runtime.launch import relaunched
 
-    if relaunched(args.nproc):
+    if relaunched(args.nproc, default=cfg.parallel.tp * cfg.parallel.pp):
         return None  # rank 0 of the children printed the results
     from cpt_megatron.train.driver import train
 

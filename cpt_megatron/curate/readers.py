@@ -21,9 +21,9 @@ from pathlib import Path
 
 from cpt_megatron.curate.config import InputConfig
 from cpt_megatron.errors import CptError
-from cpt_megatron.utils import lone_surrogate
+from cpt_megatron.utils import check_text_file, lone_surrogate
 
-__all__ = ["Doc", "Malformed", "DocumentReader", "read_documents"]
+__all__ = ["Doc", "Malformed", "DocumentReader", "read_documents", "is_plain_text"]
 
 
 @dataclass(slots=True)
@@ -56,6 +56,11 @@ def _kind(path: Path) -> str:
     if name.endswith(".parquet"):
         return "parquet"
     return "text"
+
+
+def is_plain_text(path: str | os.PathLike) -> bool:
+    """True for an input file read as plain text (not JSONL/Parquet by its name)."""
+    return Path(path).is_file() and _kind(Path(path)) == "text"
 
 
 def _open_binary(path: Path):
@@ -96,6 +101,10 @@ class DocumentReader:
                 files.append(p)
             else:
                 raise CptError(f"input {spec} not found (give JSONL/Parquet/text files or directories)")
+        for f in files:  # binary files (images, archives) are refused up front, not curated as text
+            if _kind(f) != "parquet" and not f.name.lower().endswith((".gz", ".zst")):
+                check_text_file(f, "input", hint="give JSONL/Parquet/text files (set input.glob to skip "
+                                "other files of a directory)")
         return files
 
     def bytes_done(self) -> int:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cpt_megatron.errors import CptError
+
 __all__ = [
     "DTYPE_CODES",
     "optimal_dtype",
@@ -70,14 +72,25 @@ class IndexArrays:
             raise ValueError(f"{path}: unknown dtype code {code}")
         self.dtype = _CODE_TO_DTYPE[code]
         self.sequence_count, self.document_count = struct.unpack("<QQ", head[18:34])
+        s, d = self.sequence_count, self.document_count
+        want, have = _HEADER_SIZE + 12 * s + 8 * d, os.path.getsize(path)
+        if have != want:
+            raise CptError(f"{path} is {'truncated' if have < want else 'too long'}: its header says {s} sequences "
+                           f"and {d - 1} documents ({want:,} bytes), the file has {have:,} bytes; re-run "
+                           "`cpt preprocess` for this dataset (an interrupted copy or write leaves this)")
         mm = np.memmap(path, mode="r", dtype=np.uint8)
         off = _HEADER_SIZE
-        s, d = self.sequence_count, self.document_count
         self.lengths = mm[off : off + 4 * s].view(np.int32)
         off += 4 * s
         self.pointers = mm[off : off + 8 * s].view(np.int64)
         off += 8 * s
         self.document_indices = mm[off : off + 8 * d].view(np.int64)
+        bin_path = f"{prefix}.bin"
+        if s and os.path.isfile(bin_path):
+            need = int(self.pointers[-1]) + int(self.lengths[-1]) * np.dtype(self.dtype).itemsize
+            if os.path.getsize(bin_path) < need:
+                raise CptError(f"{bin_path} is truncated: {prefix}.idx needs {need:,} bytes, the file has "
+                               f"{os.path.getsize(bin_path):,}; re-run `cpt preprocess` for this dataset")
 
     @property
     def num_tokens(self) -> int:

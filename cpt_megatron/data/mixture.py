@@ -347,20 +347,27 @@ class Mixture:
                 "sources": sources, "groups": group_share, "phases": phases, "warnings": warnings,
                 "valid_samples": {k: len(v) for k, v in self.valid.items()}}
 
-    def plot(self, path: str, window: int | None = None) -> str:
-        """PNG of the planned alpha and the realized domain share over the run."""
+    def plot(self, path: str) -> str:
+        """PNG of the planned alpha and the realized domain share over the run.
+
+        The realized curve is the cumulative domain share since the start of each phase (samples so far in
+        the phase that are domain / samples so far): it converges to the phase's alpha and stays readable
+        with a few dozen samples, where a per-sample or windowed curve is a 0/1 sawtooth.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         di = np.asarray(self.train.dataset_index)
         is_domain = np.isin(di, [i for i, s in enumerate(self.cfg.sources) if s.group == "domain"]).astype(float)
-        window = window or max(1, len(di) // 200)
-        kernel = np.ones(window) / window
-        realized = np.convolve(is_domain, kernel, mode="valid")
         fig, ax = plt.subplots(figsize=(8, 3.2))
-        ax.plot(np.arange(len(realized)) + window / 2, realized, lw=1, label=f"realized (window {window})")
+        for k in range(len(self.phase_boundaries) - 1):
+            b, e = self.phase_boundaries[k], self.phase_boundaries[k + 1]
+            share = np.cumsum(is_domain[b:e]) / np.arange(1, e - b + 1)
+            ax.step(np.arange(b + 1, e + 1), share, where="post", color="C0", lw=1.2,
+                    label="realized (cumulative within phase)" if k == 0 else None)
         xs, ys = [], []
         for k, a in enumerate(self.phase_alphas):
             xs += [self.phase_boundaries[k], self.phase_boundaries[k + 1]]
@@ -370,6 +377,7 @@ class Mixture:
             ax.axvline(b, color="grey", lw=0.5)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("global training sample")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("domain share of tokens")
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
@@ -394,9 +402,6 @@ def build_mixture(
     eod_mask_loss: bool = False,
 ) -> Mixture:
     """Resolve `cfg` into train/valid datasets. Call on every rank (after torch.distributed init)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     if seq_len < 1 or train_samples < 1 or valid_samples < 0:
         raise ValueError(f"seq_len={seq_len}, train_samples={train_samples}, valid_samples={valid_samples}: "
                          "need seq_len >= 1, train_samples >= 1, valid_samples >= 0")
@@ -404,6 +409,8 @@ def build_mixture(
     if n >= 32767:
         raise ValueError("at most 32766 sources (megatron's dataset ids are int16)")
     metas = [check_dataset_tokenizer(s.prefix, tokenizer_vocab_size, tokenizer_sha256) for s in cfg.sources]
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # after the cheap checks
     for s, m in zip(cfg.sources, metas):
         if m.get("tokenizer") and m["tokenizer"].get("eod_id") not in (None, eod_id):
             raise CptError(f"dataset {s.prefix} uses EOD id {m['tokenizer']['eod_id']}, the model's is {eod_id}")

@@ -35,7 +35,7 @@ import numpy as np
 from cpt_megatron.data import fast_bpe
 from cpt_megatron.data.indexed import IndexWriter, optimal_dtype
 from cpt_megatron.errors import CptError
-from cpt_megatron.utils import lone_surrogate, write_json
+from cpt_megatron.utils import iter_jsonl, lone_surrogate, write_json
 
 __all__ = ["PreprocessConfig", "preprocess", "output_prefixes", "read_meta"]
 
@@ -218,6 +218,10 @@ def _init_worker(tok: _Tok, cfg: PreprocessConfig, shard_dir: str, dtype) -> Non
     _WORKER.update(tok=tok, cfg=cfg, shard_dir=shard_dir, dtype=dtype)
 
 
+_JSONL_HINT = ("preprocess reads JSONL (one {\"text\": ...} object per line); turn raw text into JSONL with "
+               "`cpt curate -i FILE -o DIR` (a text file is one document unless --doc-separator is given)")
+
+
 def _parse(data: bytes, path: str, first_line: int, keys) -> tuple[dict[str, list[str]], int]:
     out: dict[str, list[str]] = {k: [] for k in keys}
     loads = json.loads
@@ -228,7 +232,7 @@ def _parse(data: bytes, path: str, first_line: int, keys) -> tuple[dict[str, lis
         try:
             doc = loads(line)
         except ValueError as e:
-            raise CptError(f"{path}:{first_line + i}: bad JSON ({e}); each line must be one JSON object") from e
+            raise CptError(f"{path}:{first_line + i}: bad JSON ({e}); {_JSONL_HINT}") from e
         if not isinstance(doc, dict):
             raise CptError(f"{path}:{first_line + i}: expected a JSON object, found {type(doc).__name__}")
         for k in keys:
@@ -334,6 +338,13 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             raise CptError(f"input {p} not found")
         if not os.access(p, os.R_OK):
             raise CptError(f"cannot read input {p}: permission denied")
+        if os.path.getsize(p) == 0:
+            raise CptError(f"input {p} is empty: nothing to tokenize; check the file (or the curate run that "
+                           "wrote it: its report.json says how many documents were kept)")
+        with open(p, "rb") as probe:
+            gz = probe.read(2) == b"\x1f\x8b"
+        if not gz:  # a text file or an image fails here, before any output exists
+            next(iter_jsonl(p, "input", hint=_JSONL_HINT), None)
     if cfg.workers > 1:  # workers are processes; HF's own threads would fight them for the cores
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = _setup_tokenizer(cfg, _sample_texts(cfg))
@@ -411,6 +422,11 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     summary: dict = {"outputs": {}, "encoder": tok.encoder_name, "workers": cfg.workers, "shards": len(results),
                      "shards_skipped": skipped}
     order = sorted(results)
+    for key in prefixes:
+        if not sum(results[s]["stats"][key]["documents"] for s in order):
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            raise CptError(f"no documents with text under {key!r} in {', '.join(cfg.inputs)} (all empty or blank); "
+                           "nothing written: check the inputs and --json-keys")
     _check_space(shard_dir, prefixes)
     for key, prefix in prefixes.items():
         with IndexWriter(prefix, dtype) as w:

@@ -14,13 +14,14 @@ text divided by its UTF-8 bytes (or characters) is tokenizer-independent:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+
+from cpt_megatron.utils import check_text_file, iter_jsonl, read_text
 
 __all__ = ["SourceBatches", "evaluate_sources", "batches_from_text", "batches_from_file", "batches_from_dataset",
            "read_documents", "hf_eval_fn"]
@@ -87,30 +88,26 @@ def read_documents(path: str | os.PathLike, *, text_key: str = "text", chunk_byt
     .jsonl: one document per line (`text_key`). .txt: the whole file is one document (the usual
     WikiText convention), yielded in line-aligned pieces of ~chunk_bytes so a token budget can stop early.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval data {path} not found: give a .txt or .jsonl file")
+    hint = "give a UTF-8 .txt (one document) or .jsonl (one document per line) file"
+    path = check_text_file(path, "eval data", hint=hint)
     if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
-                if text_key not in rec:
-                    raise ValueError(f"{path}:{i}: no {text_key!r} field (has {sorted(rec)}); pass --text-key")
-                yield str(rec[text_key]), True
+        for i, rec in iter_jsonl(path, "eval data", hint=hint):
+            if text_key not in rec:
+                raise ValueError(f"{path}:{i}: no {text_key!r} field (has {sorted(rec)}); pass --text-key")
+            yield str(rec[text_key]), True
         return
     buf, size = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            buf.append(line)
-            size += len(line)
-            if size >= chunk_bytes:
-                yield "".join(buf), False
-                buf, size = [], 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                buf.append(line)
+                size += len(line)
+                if size >= chunk_bytes:
+                    yield "".join(buf), False
+                    buf, size = [], 0
+    except UnicodeDecodeError:
+        read_text(path, "eval data", hint=hint)  # raises the error with its line number
+        raise
     yield "".join(buf), True
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpt_megatron.eval.monitor import MonitorConfig
-from cpt_megatron.utils import read_jsonl
+from cpt_megatron.utils import read_jsonl, read_yaml
 
 __all__ = ["plot_run", "run_thresholds"]
 
@@ -19,7 +19,7 @@ _EVENT_STYLE = {"warn": ("C1", ":"), "act": ("C3", "--")}
 
 
 def _read(path: Path) -> list[dict]:
-    return read_jsonl(path) if path.is_file() else []
+    return read_jsonl(path, "run log") if path.is_file() else []
 
 
 def _find_monitor(cfg) -> dict | None:
@@ -37,9 +37,7 @@ def run_thresholds(run_dir: str | Path) -> tuple[float, float]:
     d = MonitorConfig()
     path = Path(run_dir) / "config.yaml"
     if path.is_file():
-        import yaml
-
-        mon = _find_monitor(yaml.safe_load(path.read_text()) or {}) or {}
+        mon = _find_monitor(read_yaml(path, "run config")) or {}
         return float(mon.get("warn", d.warn)), float(mon.get("act", d.act))
     return d.warn, d.act
 
@@ -50,6 +48,7 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -78,15 +77,19 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
         steps = [m["step"] for m in metrics if m.get("loss") is not None]
         ax.plot(steps, [m["loss"] for m in metrics if m.get("loss") is not None], color="C0", lw=1, label="train loss")
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even for short runs
         ax.set_ylabel("loss (nats/token)")
         mark_events(ax)
         lr = [(m["step"], m["lr"]) for m in metrics if m.get("lr") is not None]
+        handles, labels = ax.get_legend_handles_labels()
         if lr:
             ax2 = ax.twinx()
             ax2.plot([s for s, _ in lr], [v for _, v in lr], color="C2", lw=1, label="lr")
             ax2.set_ylabel("learning rate")
-            ax2.legend(loc="upper center", fontsize=8)
-        ax.legend(loc="upper right", fontsize=8)
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        # one legend above the axes: it never hides the curves (both axes share it)
+        ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=4, fontsize=8, frameon=False)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         written.append(out_dir / "loss.png")
@@ -113,6 +116,7 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
                 mark_events(ax)
             ax.set_title(f"{group}: {metric} change vs base (%)")
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()

@@ -35,7 +35,7 @@ def load_evals(run_dir: str | Path) -> dict[int, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a `cpt train` run directory with evaluation enabled?")
     out = {}
-    for rec in read_jsonl(path):
+    for rec in read_jsonl(path, "evals"):
         out[int(rec["step"])] = rec["results"]
     return out
 
@@ -57,7 +57,11 @@ def parse_weights(spec: str | None) -> dict[str, float] | None:
         k, sep, v = part.partition("=")
         if not sep or k.strip() not in ("domain", "general"):
             raise ValueError(f"--weights {spec!r}: expected domain=W,general=W")
-        out[k.strip()] = float(v)
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise ValueError(f"--weights {spec!r}: {k.strip()}={v.strip()!r} is not a number; "
+                             "expected domain=W,general=W, e.g. domain=1,general=2") from None
     return {"domain": out.get("domain", 1.0), "general": out.get("general", 1.0)}
 
 

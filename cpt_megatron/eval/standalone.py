@@ -99,7 +99,9 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, files: Sequence[str | os.PathLi
         raise FileNotFoundError(f"checkpoint {ckpt} not found")
     tok_spec = tokenizer or (ckpt / TOKENIZER_DIR)
     if not Path(tok_spec).exists():
-        raise CptError(f"{ckpt} carries no tokenizer/; pass --tokenizer")
+        raise CptError(f"--tokenizer {tokenizer} not found; give an HF tokenizer dir, tokenizer.json, .model or "
+                       f".gguf, or omit it to use {ckpt}/{TOKENIZER_DIR}" if tokenizer else
+                       f"{ckpt} carries no {TOKENIZER_DIR}/; pass --tokenizer")
     tok = load_tokenizer(tok_spec)
     arch = arch_from_ckpt(ckpt)
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)

@@ -118,11 +118,18 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def relaunched(nproc: int | None) -> bool:
+def relaunched(nproc: int | None, default: int = 1) -> bool:
     """For `--nproc N` commands: when not already under a launcher, re-run this command under torchrun and
-    return True (the children print the results); exit with their code on failure. False = run here."""
+    return True (the children print the results); exit with their code on failure. False = run here.
+    Without --nproc, `default` processes (the layout's tp*pp) are spawned when it is above 1."""
+    nproc = nproc or (default if default > 1 else None)
     if not nproc or under_launcher():
         return False
+    if nproc % default:
+        from cpt_megatron.errors import CptError
+
+        raise CptError(f"--nproc {nproc} is not a multiple of tp*pp = {default}; pass --nproc {default} (or a "
+                       "multiple of it), or omit --nproc to spawn exactly tp*pp processes")
     code = relaunch(nproc, strip_nproc(sys.argv[1:]))
     if code:
         raise SystemExit(code)

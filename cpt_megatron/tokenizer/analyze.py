@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from cpt_megatron.errors import CptError
+from cpt_megatron.utils import check_text_file
 
 __all__ = ["SourceStats", "analyze", "analyze_text", "render_markdown", "plot_fertility", "language_of"]
 
@@ -151,19 +152,35 @@ def analyze_text(tok, text: str, *, tokenizer_name: str, source: str, top_k: int
 
 
 def _read(path: Path, max_chars: int | None) -> str:
-    if not path.is_file():
-        raise FileNotFoundError(f"input {path} not found")
+    check_text_file(path, "input", hint="give plain-text files")
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read(max_chars) if max_chars else f.read()
 
 
-def _names(specs: list[str]) -> list[str]:
-    names = []
+def _named(specs: list[str]) -> list[tuple[str, str]]:
+    """[(column name, tokenizer path)]: `NAME=PATH` keeps NAME; else the shortest path tail that is unique."""
+    pairs = []
     for s in specs:
-        p = Path(s)
-        n = p.name if p.name not in ("tokenizer.json", "data") else f"{p.parent.name}/{p.name}"
-        names.append(n if n not in names else f"{n}#{len(names)}")
-    return names
+        name, sep, path = s.partition("=")
+        if sep and name and "/" not in name and not Path(s).exists():
+            pairs.append((name, path))
+        else:
+            pairs.append((None, s))
+    paths = [Path(p).resolve().parts for n, p in pairs if n is None]
+    out = []
+    for name, spec in pairs:
+        if name is None:
+            parts = Path(spec).resolve().parts
+            generic = parts[-1] in ("tokenizer", "tokenizer.json", "tokenizer.model", "data")  # name its parent too
+            for k in range(1 + generic, len(parts) + 1):
+                tail = str(Path(*parts[-k:]))
+                if sum(q[-k:] == parts[-k:] for q in paths) == 1:
+                    break
+            name = tail
+        if name in [n for n, _ in out]:
+            name = f"{name} ({spec})"
+        out.append((name, spec))
+    return out
 
 
 def analyze(tokenizers: list[str | os.PathLike], inputs: list[str | os.PathLike], *,
@@ -191,10 +208,11 @@ def analyze(tokenizers: list[str | os.PathLike], inputs: list[str | os.PathLike]
             f"reference language {reference_lang!r} has no input file (expected a FLORES-style "
             f"{reference_lang}_Xxxx.* file among --input)"
         )
-    names = _names([str(t) for t in tokenizers])
+    named = _named([str(t) for t in tokenizers])
+    names = [n for n, _ in named]
     rows: list[SourceStats] = []
     overall = []
-    for spec, name in zip(tokenizers, names):
+    for name, spec in named:
         tok = load_tokenizer(spec)
         per = [analyze_text(tok, text, tokenizer_name=name, source=Path(src).name)
                for src, text in texts.items()]
@@ -286,9 +304,9 @@ def plot_fertility(report: dict, path: str | os.PathLike) -> None:
     ax.set_xticklabels(sources, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("tokens per word (per char: unspaced scripts)")
     ax.set_title("Tokenizer fertility")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: covers no bar
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cpt_megatron.errors import CptError
+from cpt_megatron.utils import check_text_file
 
 __all__ = [
     "ExtendResult",
@@ -77,9 +78,7 @@ def iter_text(paths: Iterable[str | os.PathLike], max_chars: int | None = None) 
     """Lines of the input files (JSONL: the string fields of each record), up to `max_chars` in all."""
     total = 0
     for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"input {p} not found (give plain-text or .jsonl files)")
+        p = check_text_file(path, "input", hint="give plain-text or .jsonl files")
         with open(p, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if p.suffix == ".jsonl":
@@ -170,6 +169,20 @@ def _mark_share(lines: list[str]) -> float:
     return marks / max(1, letters + marks)
 
 
+def check_scripts(scripts: tuple[str, ...]) -> tuple[str, ...]:
+    """Upper-cased `scripts`; an unknown name (no Unicode letter's name starts with it) is one CptError."""
+    import unicodedata
+
+    scripts = tuple(s.strip().upper() for s in scripts if s.strip())
+    names = [unicodedata.name(chr(cp), "") for cp in range(0x110000) if chr(cp).isalpha()]
+    unknown = [s for s in scripts if not any(n.startswith(s + " ") for n in names)]
+    if unknown:
+        valid = sorted({n.split()[0] for n in names if n})
+        raise CptError(f"--scripts: unknown script {', '.join(unknown)}; use the first word(s) of Unicode letter "
+                       f"names, one of: {', '.join(valid)}")
+    return scripts
+
+
 def _in_scripts(text: str, scripts: tuple[str, ...]) -> bool:
     import unicodedata
 
@@ -258,6 +271,9 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
     else:
         word_counts = _words(base_backend, lines, style, scripts)
     if not word_counts:
+        if scripts:
+            raise CptError(f"the domain input has no words in the scripts {', '.join(scripts)}: nothing to learn "
+                           "new tokens from; check --scripts against the text (or drop it)")
         raise CptError("the domain input is empty: nothing to learn new tokens from")
     bpe = base_backend.model
     words: list[list[str]] = []
@@ -551,10 +567,11 @@ def extend_tokenizer(base: str | os.PathLike, inputs: list[str | os.PathLike], n
     from cpt_megatron.tokenizer.load import load_tokenizer
     from cpt_megatron.utils import atomic_dir, write_json
 
+    scripts = check_scripts(scripts) if scripts else None
     base_tok = load_tokenizer(base)
     backend, stats = extend_backend(
         base_tok.backend_tokenizer, iter_text(inputs, max_chars), num_new_tokens, min_frequency=min_frequency,
-        scripts=tuple(s.upper() for s in scripts) if scripts else None, join_marks=join_marks,
+        scripts=scripts, join_marks=join_marks,
         multiword=multiword,
     )
     special = {k: getattr(base_tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from cpt_megatron.errors import CptError
-from cpt_megatron.utils import sha256_file
+from cpt_megatron.utils import check_gguf, sha256_file
 
 __all__ = ["load_tokenizer", "tokenizer_info", "TokenizerInfo", "tokenizer_files"]
 
@@ -70,6 +70,7 @@ def _load(spec: str):
         if p.is_file() and (p.suffix == ".model" or ".model." in p.name):
             return _from_sentencepiece(p)
         if p.is_file() and p.suffix == ".gguf":
+            check_gguf(p, "tokenizer")
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         if p.is_dir() and (p / "encoder.json").is_file() and (p / "vocab.bpe").is_file() and not (p / "vocab.json").exists():
             return _from_openai_gpt2(p)
