@@ -14,6 +14,16 @@ from pathlib import Path
 __all__ = ["atomic_dir", "atomic_file", "sha256_file", "write_json", "append_jsonl", "read_jsonl"]
 
 
+def have_module(module: str) -> bool:
+    """True when `module` is importable (found on the path), without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

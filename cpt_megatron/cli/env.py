@@ -21,7 +21,8 @@ def collect(spec: str = "auto", tp: int = 1, overrides: dict | None = None) -> d
     from cpt_megatron import __version__
     from cpt_megatron.model.build import ModelOptions
     from cpt_megatron.model.kernels import resolve_kernels
-    from cpt_megatron.model.specs import _have, select_kernels
+    from cpt_megatron.model.specs import select_kernels
+    from cpt_megatron.utils import have_module
 
     def version(dist):
         try:
@@ -32,7 +33,7 @@ def collect(spec: str = "auto", tp: int = 1, overrides: dict | None = None) -> d
     cuda = torch.cuda.is_available()
     kernels = select_kernels(spec)
     plan = resolve_kernels(ModelOptions(spec=spec, **(overrides or {})), tp=tp, spec=kernels.spec)
-    apex = _have("apex") and _have("apex.normalization")  # NVIDIA apex, not the unrelated PyPI 'apex'
+    apex = have_module("apex") and have_module("apex.normalization")  # NVIDIA apex, not the unrelated PyPI 'apex'
     return {
         "cpt_megatron": __version__,
         "python": platform.python_version(),

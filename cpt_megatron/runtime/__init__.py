@@ -8,6 +8,9 @@ from cpt_megatron.runtime.distributed import (
     dist_env,
     init_distributed,
     seed_all,
+    single_process_env,
+    single_process_group,
 )
 
-__all__ = ["ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "seed_all"]
+__all__ = ["ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "seed_all",
+           "single_process_env", "single_process_group"]
