@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cpt_megatron import flops as F
+from cpt_megatron.errors import CptError
 
 __all__ = [
     "Layout",
@@ -127,7 +128,7 @@ def memory_per_gpu(
     """Memory on the most loaded GPU for this layout (see the module docstring for the model)."""
     m = F.as_shape(arch)
     if recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
+        raise CptError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
     t, p, c = layout.tp, layout.pp, layout.cp
     sp = layout.sp and t > 1
     s = seq_len // c
@@ -221,7 +222,7 @@ def find_layout(
                 continue
             candidates.append(layout)
     if not candidates:
-        raise ValueError(
+        raise CptError(
             f"no valid layout for {gpus} GPUs (cp={cp}, vp={vp}, mbs={mbs}, gbs={gbs}); "
             "pick --gpus divisible by tp*pp*cp, or pass --tp/--pp explicitly"
         )
@@ -273,17 +274,17 @@ def estimate(
     m = F.as_shape(arch)
     spec = F.gpu_spec(gpu)
     if tokens <= 0:
-        raise ValueError(f"tokens must be positive, got {tokens}")
+        raise CptError(f"tokens must be positive, got {tokens}")
     if gpus <= 0:
-        raise ValueError(f"gpus must be positive, got {gpus}")
+        raise CptError(f"gpus must be positive, got {gpus}")
     if mfu is not None and tflops_per_gpu is not None:
-        raise ValueError("give either mfu or tflops_per_gpu, not both")
+        raise CptError("give either mfu or tflops_per_gpu, not both")
     if mfu is not None and not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu} (did you mean --mfu {mfu / 100:g}?)")
+        raise CptError(f"mfu must be in (0, 1], got {mfu} (did you mean --mfu {mfu / 100:g}?)")
     if tflops_per_gpu is not None and tflops_per_gpu <= 0:
-        raise ValueError(f"tflops_per_gpu must be positive, got {tflops_per_gpu}")
+        raise CptError(f"tflops_per_gpu must be positive, got {tflops_per_gpu}")
     if not 0 <= headroom < 1:
-        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+        raise CptError(f"headroom must be in [0, 1), got {headroom}")
     seq = seq_len or min(m.max_position_embeddings, 8192)
 
     # compute
@@ -310,10 +311,10 @@ def estimate(
         t, p = tp or 1, pp or 1
         layout = _make_layout(gpus, t, p, cp, vp, mbs, sp)
         if layout is None:
-            raise ValueError(f"gpus={gpus} is not divisible by tp*pp*cp={t * p * cp}")
+            raise CptError(f"gpus={gpus} is not divisible by tp*pp*cp={t * p * cp}")
         problems = _check_layout(m, layout, seq, gbs)
         if problems:
-            raise ValueError("invalid layout: " + "; ".join(problems))
+            raise CptError("invalid layout: " + "; ".join(problems))
         nmb = None if gbs is None else gbs // (layout.mbs * layout.dp)
         mem = memory_per_gpu(
             m, layout, seq_len=seq, recompute=recompute, distributed_optimizer=distributed_optimizer,

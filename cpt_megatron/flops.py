@@ -39,6 +39,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from cpt_megatron.errors import CptError
+
 __all__ = [
     "ModelShape",
     "GpuSpec",
@@ -86,9 +88,9 @@ class ModelShape:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or v <= 0):
-                raise ValueError(f"model shape: {f.name} must be a positive integer, got {v!r}")
+                raise CptError(f"model shape: {f.name} must be a positive integer, got {v!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise CptError(
                 f"model shape: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads})"
             )
@@ -135,7 +137,7 @@ def dense_matmul_params(arch: Any) -> int:
 def train_flops_per_token(arch: Any, seq_len: int, causal: bool = True) -> float:
     """Model FLOPs per trained token (forward + backward): 6*N_dense + 6*L*s*a*d (causal; 12 if not)."""
     if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+        raise CptError(f"seq_len must be positive, got {seq_len}")
     m = as_shape(arch)
     attention = (6 if causal else 12) * m.num_layers * seq_len * m.num_heads * m.head_dim
     return 6.0 * dense_matmul_params(m) + attention
@@ -185,7 +187,7 @@ def gpu_spec(gpu: str) -> GpuSpec:
     key = gpu.lower().strip()
     key = _GPU_ALIASES.get(key, key)
     if key not in GPUS:
-        raise ValueError(f"unknown GPU type {gpu!r}; known: {', '.join(GPUS)}")
+        raise CptError(f"unknown GPU type {gpu!r}; known: {', '.join(GPUS)}")
     return GPUS[key]
 
 
@@ -197,7 +199,7 @@ def peak_flops(gpu: str) -> float:
 def mfu(tokens_per_s: float, flops_per_token: float, gpu: str, n_gpus: int) -> float:
     """Model FLOPs utilization: tokens_per_s is the whole job's throughput over n_gpus GPUs."""
     if n_gpus <= 0:
-        raise ValueError(f"n_gpus must be positive, got {n_gpus}")
+        raise CptError(f"n_gpus must be positive, got {n_gpus}")
     return tokens_per_s * flops_per_token / (peak_flops(gpu) * n_gpus)
 
 
@@ -306,7 +308,7 @@ def preset_names() -> list[str]:
 def preset(name: str) -> ModelShape:
     key = name.lower().strip().replace("_", "-")
     if key not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(preset_names())} (or pass an HF config.json)")
+        raise CptError(f"unknown model preset {name!r}; known: {', '.join(preset_names())} (or pass an HF config.json)")
     return shape_from_hf_config(PRESETS[key], name=key)
 
 
@@ -314,7 +316,7 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str = "") -> ModelShape:
     """Build a ModelShape from a Llama/Mistral/Qwen2-style HF config dict."""
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in cfg]
     if missing:
-        raise ValueError(f"HF config {name or ''} lacks {', '.join(missing)}; expected a Llama-family config.json")
+        raise CptError(f"HF config {name or ''} lacks {', '.join(missing)}; expected a Llama-family config.json")
     heads = int(cfg["num_attention_heads"])
     archs = set(cfg.get("architectures") or [])
     return ModelShape(
@@ -343,7 +345,7 @@ def load_hf_config(path: str | os.PathLike) -> ModelShape:
         try:
             cfg = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p} is not valid JSON: {e}") from e
+            raise CptError(f"{p} is not valid JSON: {e}") from e
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers keep the LM config inside
         cfg = cfg["text_config"]
     return shape_from_hf_config(cfg, name=os.path.basename(os.path.dirname(os.path.abspath(p))))

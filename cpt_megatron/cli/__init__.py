@@ -3,7 +3,8 @@
 Each module in this package that defines `register(subparsers)` adds one command (or a group).
 Discovery is automatic so commands live next to nothing but their own argument parsing. A command's
 handler returns a JSON-able summary dict; with `--json` it is printed as the last stdout line.
-Library errors (`CptError`, `ValueError`, `FileNotFoundError`) become one line on stderr and exit 2.
+User errors (`CptError`, and a missing/unreadable/existing file or directory) become one line on stderr and
+exit 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cpt: interrupted", file=sys.stderr)
         return 130
-    except (CptError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (CptError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         if getattr(args, "debug", False):
             raise
         print(f"cpt {args.command}: error: {e}", file=sys.stderr)

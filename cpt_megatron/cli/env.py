@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cpt_megatron.errors import CptError
+
 
 def register(subparsers):
     p = subparsers.add_parser("env", parents=[subparsers.common], help="show versions, devices and kernel choices")
@@ -62,7 +64,7 @@ def run(args):
     overrides = {}
     for item in args.set:
         if "=" not in item:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+            raise CptError(f"--set expects FIELD=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v.strip()
     info = collect(args.spec, args.tp, overrides)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from cpt_megatron.errors import CptError
+
 __all__ = ["register"]
 
 
@@ -44,13 +46,13 @@ def run_report(args) -> dict:
         mix = recipe_mixture(load_recipe(args.recipe, args.overrides), valid_samples=args.valid_samples or 8)
         return _show(mix.report() | ({"png": mix.plot(args.png)} if args.png else {}), args)
     if args.seq_len is None or args.train_samples is None:
-        raise ValueError("--mixture needs --seq-len and --train-samples (or use --recipe R)")
+        raise CptError("--mixture needs --seq-len and --train-samples (or use --recipe R)")
     with open(args.mixture) as f:
         raw = yaml.safe_load(f) or {}
     cfg = mixture_config_from_dict(raw.get("mixture", raw) if isinstance(raw, dict) else {})
     meta = read_meta(cfg.sources[0].prefix)
     if not meta or "tokenizer" not in meta:
-        raise ValueError(f"{cfg.sources[0].prefix}.meta.json missing: the report reads the tokenizer from it")
+        raise CptError(f"{cfg.sources[0].prefix}.meta.json missing: the report reads the tokenizer from it")
     tok = meta["tokenizer"]
     cache = args.cache_dir or tempfile.mkdtemp(prefix="cpt-mixture-")
     try:

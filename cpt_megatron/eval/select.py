@@ -53,7 +53,7 @@ def parse_weights(spec: str | None) -> dict[str, float] | None:
     for part in spec.split(","):
         k, sep, v = part.partition("=")
         if not sep or k.strip() not in ("domain", "general"):
-            raise ValueError(f"--weights {spec!r}: expected domain=W,general=W")
+            raise CptError(f"--weights {spec!r}: expected domain=W,general=W")
         out[k.strip()] = float(v)
     return {"domain": out.get("domain", 1.0), "general": out.get("general", 1.0)}
 

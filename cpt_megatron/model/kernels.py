@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from cpt_megatron.config import ATTENTION_BACKENDS, FUSED_CE_CHOICES  # the allowed values live with the type
+from cpt_megatron.errors import CptError
 from cpt_megatron.utils import have_module
 
 __all__ = [
@@ -111,7 +112,7 @@ def resolve_kernels(opts, *, tp: int = 1, sp: bool = False, spec: str = "local",
     rope = opts.fused_rope
     te_rope = cuda and _te_rope()
     if rope == "te" and not te_rope:
-        raise ValueError("model.fused_rope=te needs Transformer Engine's fused RoPE and CUDA; use auto|compile|off")
+        raise CptError("model.fused_rope=te needs Transformer Engine's fused RoPE and CUDA; use auto|compile|off")
     if rope == "auto":
         if not cuda:
             rope, why["fused_rope"] = "off", "CPU: megatron's unfused RoPE (unchanged math)"
@@ -150,7 +151,7 @@ def resolve_kernels(opts, *, tp: int = 1, sp: bool = False, spec: str = "local",
         else:
             ce, why["fused_ce"] = "compile", "liger-kernel not importable: torch.compile'd chunked linear-CE"
     elif ce == "liger" and not liger:
-        raise ValueError("model.fused_ce=liger needs liger-kernel and triton on a CUDA machine "
+        raise CptError("model.fused_ce=liger needs liger-kernel and triton on a CUDA machine "
                          "(pip install 'cpt-megatron[gpu]'); use auto|compile|chunked|off")
     else:
         why["fused_ce"] = f"model.fused_ce={ce} requested"

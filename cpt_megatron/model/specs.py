@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from cpt_megatron.errors import CptError
 from cpt_megatron.utils import have_module
 
 __all__ = ["KernelChoice", "select_kernels", "layer_spec"]
@@ -31,9 +32,9 @@ def select_kernels(spec: str = "auto") -> KernelChoice:
 
     te = have_module("transformer_engine") and torch.cuda.is_available()
     if spec == "te" and not te:
-        raise ValueError("model.spec=te but Transformer Engine is not importable (or no CUDA); use model.spec=auto")
+        raise CptError("model.spec=te but Transformer Engine is not importable (or no CUDA); use model.spec=auto")
     if spec not in ("auto", "te", "local"):
-        raise ValueError(f"model.spec must be auto|te|local, got {spec!r}")
+        raise CptError(f"model.spec must be auto|te|local, got {spec!r}")
     if spec == "te" or (spec == "auto" and te):
         return KernelChoice("te", "transformer_engine.DotProductAttention", "transformer_engine.RMSNorm (fused with linear)",
                             ("Transformer Engine is importable and CUDA is present",))

@@ -219,7 +219,7 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
     from tokenizers import Tokenizer
 
     if num_new_tokens < 1:
-        raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
+        raise CptError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
     lines = list(lines)
     tj = json.loads(base_backend.to_str())
     style = _style(tj)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from cpt_megatron.errors import CptError
 from cpt_megatron.model import ModelOptions, build_model, global_init_tensor, global_shape, load_hf_config
 from cpt_megatron.model.sharding import load_global_tensors, local_param_specs
 from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
@@ -49,7 +50,7 @@ def run_smoke(hf_config: str, *, steps: int, parallel: ParallelConfig, seq_len: 
     try:
         dp = parallel.dp(denv.world_size)
         if global_batch % (micro_batch * dp):
-            raise ValueError(f"global batch {global_batch} must be divisible by micro_batch*dp = {micro_batch}*{dp}")
+            raise CptError(f"global batch {global_batch} must be divisible by micro_batch*dp = {micro_batch}*{dp}")
         chunks = build_model(arch, parallel, ModelOptions(dtype=dtype))
         init_random_weights(chunks, seed, ps.get_tensor_model_parallel_rank(), parallel.tp)
         engine = Engine(chunks, parallel, OptimConfig(lr=lr, min_lr=lr, weight_decay=0.0), seq_len=seq_len,
