@@ -40,6 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may appear anywhere on the line of a command that takes
+    them (`cpt train --recipe R a=1 --nproc 2 b=2`): argparse stops collecting a positional list at the
+    first option, so the rest arrive as unrecognized arguments and are appended here."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        stray = [x for x in extra if x.startswith("-") or "=" not in x]
+        if not stray:
+            args.overrides.extend(extra)
+            return args
+        extra = stray
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def emit(summary: dict | None, as_json: bool) -> None:
     """Print the command's summary: JSON as the last line, or nothing (the command printed itself)."""
     if as_json and summary is not None:
@@ -59,7 +75,7 @@ def _quiet_known_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_known_warnings()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

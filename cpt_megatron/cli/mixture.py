@@ -41,9 +41,12 @@ def run_report(args) -> dict:
 
     if args.recipe:
         from cpt_megatron.config import load_recipe
-        from cpt_megatron.train.prepare import recipe_mixture
+        from cpt_megatron.train.plan import recipe_mixture
+        from cpt_megatron.train.prepare import load_prepared, prepare_command
 
-        mix = recipe_mixture(load_recipe(args.recipe, args.overrides), valid_samples=args.valid_samples or 8)
+        cfg = load_recipe(args.recipe, args.overrides)
+        prepared = load_prepared(cfg, prepare_command(args.recipe, args.overrides))
+        mix = recipe_mixture(cfg, prepared, valid_samples=args.valid_samples or 8)
         return _show(mix.report() | ({"png": mix.plot(args.png)} if args.png else {}), args)
     if args.seq_len is None or args.train_samples is None:
         raise CptError("--mixture needs --seq-len and --train-samples (or use --recipe R)")
