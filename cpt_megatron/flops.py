@@ -33,13 +33,12 @@ recomputation (that would be HFU), so recomputation lowers MFU, as in PaLM (Chow
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
 
 from cpt_megatron.errors import CptError
+from cpt_megatron.model.arch import ModelArch, padded_vocab_size  # noqa: F401  (re-exported)
 
 __all__ = [
     "ModelShape",
@@ -148,10 +147,6 @@ def six_nd_flops(arch: Any, tokens: float) -> float:
     return 6.0 * param_count(arch) * tokens
 
 
-def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
-    """Megatron pads the embedding rows to a multiple of divisible_by * tp (each TP shard aligned)."""
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,39 +308,22 @@ def preset(name: str) -> ModelShape:
 
 
 def shape_from_hf_config(cfg: dict[str, Any], name: str = "") -> ModelShape:
-    """Build a ModelShape from a Llama/Mistral/Qwen2-style HF config dict."""
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in cfg]
-    if missing:
-        raise CptError(f"HF config {name or ''} lacks {', '.join(missing)}; expected a Llama-family config.json")
-    heads = int(cfg["num_attention_heads"])
-    archs = set(cfg.get("architectures") or [])
-    return ModelShape(
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
-        ffn_hidden_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-        tied=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=bool(cfg.get("attention_bias", False)) or bool(archs & _QKV_BIAS_ARCHS),
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
-        name=name or str(cfg.get("_name_or_path") or ""),
-    )
+    """A ModelShape from a Llama/Mistral/Qwen2-style HF config dict, parsed by the trainer's own parser
+    (model/arch.py: same support set, same qkv-bias rule)."""
+    arch = ModelArch.from_hf_config(cfg, source=f"HF config {name}".strip())
+    return _shape_of(arch, name or str(cfg.get("_name_or_path") or ""))
+
+
+def _shape_of(arch: ModelArch, name: str) -> ModelShape:
+    return ModelShape(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+                      num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
+                      head_dim=arch.head_dim, tied=arch.tie_word_embeddings, qkv_bias=arch.qkv_bias,
+                      max_position_embeddings=arch.max_position_embeddings, name=name)
 
 
 def load_hf_config(path: str | os.PathLike) -> ModelShape:
     """Read an HF config.json (or a model directory holding one) into a ModelShape."""
-    p = os.fspath(path)
-    if os.path.isdir(p):
-        p = os.path.join(p, "config.json")
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"HF config not found: {p} (pass a config.json or a model directory)")
-    with open(p, encoding="utf-8") as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CptError(f"{p} is not valid JSON: {e}") from e
-    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers keep the LM config inside
-        cfg = cfg["text_config"]
-    return shape_from_hf_config(cfg, name=os.path.basename(os.path.dirname(os.path.abspath(p))))
+    from cpt_megatron.model.arch import load_hf_config as load_arch
+
+    p = os.path.abspath(os.fspath(path))
+    return _shape_of(load_arch(p), os.path.basename(p if os.path.isdir(p) else os.path.dirname(p)))

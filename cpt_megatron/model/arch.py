@@ -14,11 +14,18 @@ import os
 from pathlib import Path
 
 from cpt_megatron.errors import CptError
-from cpt_megatron.flops import padded_vocab_size  # THE vocab padding rule (one definition)
 
 __all__ = ["ModelArch", "SUPPORTED_MODEL_TYPES", "load_hf_config", "padded_vocab_size"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+"""`architectures` entry -> model_type, for configs that give only the former."""
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
+    """Megatron pads the embedding rows to a multiple of divisible_by * tp (each TP shard aligned)."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -49,7 +56,8 @@ class ModelArch:
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelArch:
-        mt = cfg.get("model_type")
+        mt = cfg.get("model_type") or next((_MODEL_TYPES[a] for a in cfg.get("architectures") or []
+                                            if a in _MODEL_TYPES), None)
         if mt not in SUPPORTED_MODEL_TYPES:
             raise CptError(
                 f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
@@ -167,4 +175,6 @@ def load_hf_config(path: str | os.PathLike) -> ModelArch:
         cfg = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CptError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers keep the LM config inside
+        cfg = cfg["text_config"]
     return ModelArch.from_hf_config(cfg, source=str(f))

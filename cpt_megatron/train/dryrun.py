@@ -99,6 +99,8 @@ def _missing_paths(cfg: RecipeConfig, arch) -> list[str]:
                 check_dataset_tokenizer(s.prefix, arch.vocab_size)
             except CptError as e:
                 problems.append(f"data.sources[{s.name}]: {e}")
+            except (ValueError, OSError) as e:  # e.g. a truncated .idx that numpy cannot map
+                problems.append(f"data.sources[{s.name}]: {s.prefix}.bin/.idx unreadable ({e}); re-run cpt preprocess")
         for i in s.inputs:
             if not i.startswith("@") and not Path(resolve_path(i)).exists():
                 problems.append(f"data.sources[{s.name}].inputs: {i} not found")
