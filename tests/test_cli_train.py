@@ -89,3 +89,63 @@ def test_overrides_may_appear_anywhere():
     with pytest.raises(SystemExit) as e:
         parse_args(build_parser(), ["train", "--recipe", "tiny_cpu", "a=1", "--bogus", "b=2"])
     assert e.value.code == 2
+
+
+def test_prepared_manifest_is_checked_by_content(tmp_path):
+    """`cpt train` trusts the manifest only while every file has the hash `cpt prepare` recorded."""
+    from cpt_megatron.config import load_recipe
+    from cpt_megatron.errors import CptError
+    from cpt_megatron.train.prepare import (
+        _fingerprint,
+        load_prepared,
+        manifest_path,
+        prepare_command,
+        prepare_key,
+    )
+    from cpt_megatron.utils import sha256_file, write_json
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "cpt_meta.json").write_text('{"vocab_size": 50257}')
+    dom, gen = _dataset(tmp_path / "dom", [[5, 6, 7] * 30] * 3), _dataset(tmp_path / "gen", [[8, 9] * 40] * 3)
+    ov = [f"model.base={base}", "model.hf_config=null", f"data.cache_dir={tmp_path}/c",
+          f"data.sources=[{{name: dom, group: domain, prefix: {dom}}}, {{name: gen, group: general, prefix: {gen}}}]"]
+    cfg = load_recipe("tiny_cpu", ov)
+    command = prepare_command("tiny_cpu", ov)
+    with pytest.raises(CptError, match="prepared data for this recipe is missing; run `cpt prepare --recipe tiny_cpu"):
+        load_prepared(cfg, command)
+    write_json(manifest_path(cfg), {
+        "version": 1, "key": prepare_key(cfg), "base": str(base), "base_meta_sha256": sha256_file(base / "cpt_meta.json"),
+        "tokenizer": "@gpt2", "vocab_size": 50257, "eod_id": 50256,
+        "sources": [{"name": n, "prefix": str(p), **_fingerprint(str(p))} for n, p in (("dom", dom), ("gen", gen))]})
+    assert load_prepared(cfg, command)["vocab_size"] == 50257
+    # weights, alpha and the run length are not part of the key: no re-prepare for them
+    assert manifest_path(load_recipe("tiny_cpu", [*ov, "data.alpha=0.3", "train.max_steps=50"])) == manifest_path(cfg)
+    assert manifest_path(load_recipe("tiny_cpu", [*ov, "data.append_eod=false"])) != manifest_path(cfg)
+    idx = tmp_path / "gen.idx"
+    data = idx.read_bytes()
+    idx.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other content
+    with pytest.raises(CptError, match=f"changed since it was prepared: {gen}.bin/.idx \\(source gen\\); run `"):
+        load_prepared(cfg, command)
+    idx.write_bytes(data)
+    (base / "cpt_meta.json").write_text('{"vocab_size": 50304}')
+    with pytest.raises(CptError, match="changed or missing base checkpoint"):
+        load_prepared(cfg, command)
+
+
+def test_preemption_handler_restores_previous_handlers():
+    import signal
+
+    from cpt_megatron.train.signals import PreemptionHandler
+
+    def mine(signum, frame):
+        pass
+
+    old = signal.signal(signal.SIGUSR1, mine)
+    try:
+        h = PreemptionHandler()
+        assert signal.getsignal(signal.SIGUSR1) == h._handle
+        h.restore()
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        signal.signal(signal.SIGUSR1, old)

@@ -64,7 +64,7 @@ def resolve_tokenizer(spec: str) -> str:
 
 
 def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
-    """Return the imported base checkpoint dir for `model` (importing it into the cache on first use)."""
+    """Return the imported base checkpoint dir for `model` (importing it into the cache when missing)."""
     from cpt_megatron import checkpoint
 
     if model_cfg.base:
