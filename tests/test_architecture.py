@@ -69,6 +69,20 @@ def violations(root: Path) -> list[str]:
     return bad
 
 
+def private_reaches(root: Path) -> list[str]:
+    """`from cpt_megatron.X.m import _name` (or `.m._name` access) from another package: use a public name."""
+    bad = []
+    for f in sorted(root.rglob("*.py")):
+        src = f.relative_to(root).parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(f"{root.name}."):
+                dst = node.module.split(".")[1]
+                for a in node.names:
+                    if dst != src and a.name.startswith("_") and not a.name.startswith("__"):
+                        bad.append(f"{f.relative_to(root.parent)}:{node.lineno}: {node.module}.{a.name} is private")
+    return bad
+
+
 def module_cycles(root: Path, package: str) -> list[list[str]]:
     """Import cycles between the modules of one package (e.g. train.driver <-> train.prepare)."""
     edges: dict[str, set[str]] = {}
@@ -98,6 +112,10 @@ def test_package_graph_points_one_way():
     assert violations(PKG) == []
 
 
+def test_no_private_names_across_packages():
+    assert private_reaches(PKG) == []
+
+
 @pytest.mark.parametrize("package", ["train", "checkpoint", "data", "eval", "model", "runtime", "curate", "tokenizer"])
 def test_no_import_cycles_inside_a_package(package):
     assert module_cycles(PKG, package) == []
@@ -122,6 +140,7 @@ def test_checker_catches_planted_back_imports(tmp_path):
         "train/driver.py": "from cpt_megatron.train.prepare import prepare\n",
         "train/prepare.py": "def g():\n    from cpt_megatron.train.driver import plan_steps\n",
         "train/engine.py": "from cpt_megatron.model import build\nfrom cpt_megatron.runtime import dist_env\n",
+        "cli/env.py": "from cpt_megatron.model.specs import _have, select_kernels\n",
     })
     got = violations(root)
     assert any("data/mixture.py:2: data/ must not import train/" in v for v in got), got
@@ -130,3 +149,4 @@ def test_checker_catches_planted_back_imports(tmp_path):
     assert any("config.py:1: config may import only ['errors'], imports model" in v for v in got), got
     assert len(got) == 4, got  # train -> model / runtime is the allowed direction
     assert module_cycles(root, "train") == [["driver", "prepare", "driver"]]
+    assert private_reaches(root) == ["cpt_megatron/cli/env.py:1: cpt_megatron.model.specs._have is private"]
