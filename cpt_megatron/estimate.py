@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cpt_megatron import flops as F
+from cpt_megatron.errors import CptError
 
 __all__ = [
     "Layout",
@@ -127,7 +128,7 @@ def memory_per_gpu(
     """Memory on the most loaded GPU for this layout (see the module docstring for the model)."""
     m = F.as_shape(arch)
     if recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
+        raise CptError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
     t, p, c = layout.tp, layout.pp, layout.cp
     sp = layout.sp and t > 1
     s = seq_len // c
@@ -221,7 +222,7 @@ def find_layout(
                 continue
             candidates.append(layout)
     if not candidates:
-        raise ValueError(
+        raise CptError(
             f"no valid layout for {gpus} GPUs (cp={cp}, vp={vp}, mbs={mbs}, gbs={gbs}); "
             "pick --gpus divisible by tp*pp*cp, or pass --tp/--pp explicitly"
         )
@@ -272,21 +273,46 @@ def estimate(
     """
     m = F.as_shape(arch)
     spec = F.gpu_spec(gpu)
-    if tokens <= 0:
-        raise ValueError(f"tokens must be positive, got {tokens}")
-    if gpus <= 0:
-        raise ValueError(f"gpus must be positive, got {gpus}")
-    if mfu is not None and tflops_per_gpu is not None:
-        raise ValueError("give either mfu or tflops_per_gpu, not both")
-    if mfu is not None and not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu} (did you mean --mfu {mfu / 100:g}?)")
-    if tflops_per_gpu is not None and tflops_per_gpu <= 0:
-        raise ValueError(f"tflops_per_gpu must be positive, got {tflops_per_gpu}")
-    if not 0 <= headroom < 1:
-        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    _check_inputs(tokens, gpus, mfu, tflops_per_gpu, headroom)
     seq = seq_len or min(m.max_position_embeddings, 8192)
+    compute = _compute(m, spec, tokens, seq, mfu, tflops_per_gpu, attention_flops, price_per_gpu_hour)
+    mem_kw = dict(recompute=recompute, distributed_optimizer=distributed_optimizer, flash_attention=flash_attention)
+    if tp is None and pp is None:
+        layout, mem, fits = find_layout(m, gpus=gpus, gpu=gpu, seq_len=seq, cp=cp, vp=vp, mbs=mbs, gbs=gbs, sp=sp,
+                                        headroom=headroom, **mem_kw)
+    else:
+        layout, mem, fits = _given_layout(m, spec, gpus, tp or 1, pp or 1, cp, vp, mbs, gbs, sp, seq, headroom, mem_kw)
+    return {
+        "model": m.name, "params": F.param_count(m), "tokens": tokens, "seq_len": seq, "gpu": spec.name, "gpus": gpus,
+        **compute,
+        "days": compute["gpu_hours"] / gpus / 24,
+        "currency": currency.upper(), "currency_symbol": CURRENCY_SYMBOLS.get(currency.upper(), currency.upper() + " "),
+        "memory_per_gpu_gb": round(mem.total / GIB, 2), "memory": mem.gib(), "params_per_gpu": mem.params_per_gpu,
+        "worst_stage": mem.stage, "gpu_memory_gb": spec.memory_gib,
+        "usable_memory_gb": round(spec.memory_gib * (1 - headroom), 2), "fits": bool(fits),
+        "layout": {**asdict(layout), "searched": tp is None and pp is None},
+        "recompute": recompute, "distributed_optimizer": distributed_optimizer,
+        "notes": _notes(m, layout, fits),
+    }
 
-    # compute
+
+def _check_inputs(tokens, gpus, mfu, tflops_per_gpu, headroom) -> None:
+    if tokens <= 0:
+        raise CptError(f"tokens must be positive, got {tokens}")
+    if gpus <= 0:
+        raise CptError(f"gpus must be positive, got {gpus}")
+    if mfu is not None and tflops_per_gpu is not None:
+        raise CptError("give either mfu or tflops_per_gpu, not both")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise CptError(f"mfu must be in (0, 1], got {mfu} (did you mean --mfu {mfu / 100:g}?)")
+    if tflops_per_gpu is not None and tflops_per_gpu <= 0:
+        raise CptError(f"tflops_per_gpu must be positive, got {tflops_per_gpu}")
+    if not 0 <= headroom < 1:
+        raise CptError(f"headroom must be in [0, 1), got {headroom}")
+
+
+def _compute(m, spec, tokens, seq, mfu, tflops_per_gpu, attention_flops, price_per_gpu_hour) -> dict:
+    """FLOPs of the run, the throughput assumed (MFU or TFLOP/s per GPU), GPU hours and cost."""
     per_token = F.train_flops_per_token(m, seq)
     flops_6nd = F.six_nd_flops(m, tokens)
     total = per_token * tokens if attention_flops else flops_6nd
@@ -297,31 +323,26 @@ def estimate(
         used_mfu = DEFAULT_MFU if mfu is None else mfu
         achieved = spec.peak_bf16_flops * used_mfu
     gpu_hours = total / achieved / 3600
-    cost = None if price_per_gpu_hour is None else gpu_hours * price_per_gpu_hour
+    return {"flops": total, "flops_6nd": flops_6nd, "flops_per_token": per_token, "attention_flops": attention_flops,
+            "mfu": round(used_mfu, 4), "tflops_per_gpu": round(achieved / 1e12, 1), "gpu_hours": gpu_hours,
+            "gpu_hours_6nd": flops_6nd / achieved / 3600,
+            "cost": None if price_per_gpu_hour is None else gpu_hours * price_per_gpu_hour}
 
-    # memory
-    if tp is None and pp is None:
-        layout, mem, fits = find_layout(
-            m, gpus=gpus, gpu=gpu, seq_len=seq, cp=cp, vp=vp, mbs=mbs, gbs=gbs, sp=sp, recompute=recompute,
-            distributed_optimizer=distributed_optimizer, flash_attention=flash_attention, headroom=headroom,
-        )
-        searched = True
-    else:
-        t, p = tp or 1, pp or 1
-        layout = _make_layout(gpus, t, p, cp, vp, mbs, sp)
-        if layout is None:
-            raise ValueError(f"gpus={gpus} is not divisible by tp*pp*cp={t * p * cp}")
-        problems = _check_layout(m, layout, seq, gbs)
-        if problems:
-            raise ValueError("invalid layout: " + "; ".join(problems))
-        nmb = None if gbs is None else gbs // (layout.mbs * layout.dp)
-        mem = memory_per_gpu(
-            m, layout, seq_len=seq, recompute=recompute, distributed_optimizer=distributed_optimizer,
-            flash_attention=flash_attention, num_microbatches=nmb,
-        )
-        fits = mem.total <= spec.memory_gib * GIB * (1 - headroom)
-        searched = False
 
+def _given_layout(m, spec, gpus, t, p, cp, vp, mbs, gbs, sp, seq, headroom, mem_kw):
+    """(layout, memory, fits) of an explicit tp/pp, after checking that it is valid."""
+    layout = _make_layout(gpus, t, p, cp, vp, mbs, sp)
+    if layout is None:
+        raise CptError(f"gpus={gpus} is not divisible by tp*pp*cp={t * p * cp}")
+    problems = _check_layout(m, layout, seq, gbs)
+    if problems:
+        raise CptError("invalid layout: " + "; ".join(problems))
+    nmb = None if gbs is None else gbs // (layout.mbs * layout.dp)
+    mem = memory_per_gpu(m, layout, seq_len=seq, num_microbatches=nmb, **mem_kw)
+    return layout, mem, mem.total <= spec.memory_gib * GIB * (1 - headroom)
+
+
+def _notes(m, layout, fits) -> list[str]:
     notes = []
     if m.num_layers % layout.pp:
         notes.append(
@@ -330,35 +351,4 @@ def estimate(
         )
     if not fits:
         notes.append("does not fit: try --recompute selective|full, a larger --tp/--pp/--cp, or more GPUs")
-    sym = CURRENCY_SYMBOLS.get(currency.upper(), currency.upper() + " ")
-    return {
-        "model": m.name,
-        "params": F.param_count(m),
-        "tokens": tokens,
-        "seq_len": seq,
-        "gpu": spec.name,
-        "gpus": gpus,
-        "flops": total,
-        "flops_6nd": flops_6nd,
-        "flops_per_token": per_token,
-        "attention_flops": attention_flops,
-        "mfu": round(used_mfu, 4),
-        "tflops_per_gpu": round(achieved / 1e12, 1),
-        "gpu_hours": gpu_hours,
-        "gpu_hours_6nd": flops_6nd / achieved / 3600,
-        "days": gpu_hours / gpus / 24,
-        "cost": cost,
-        "currency": currency.upper(),
-        "currency_symbol": sym,
-        "memory_per_gpu_gb": round(mem.total / GIB, 2),
-        "memory": mem.gib(),
-        "params_per_gpu": mem.params_per_gpu,
-        "worst_stage": mem.stage,
-        "gpu_memory_gb": spec.memory_gib,
-        "usable_memory_gb": round(spec.memory_gib * (1 - headroom), 2),
-        "fits": bool(fits),
-        "layout": {**asdict(layout), "searched": searched},
-        "recompute": recompute,
-        "distributed_optimizer": distributed_optimizer,
-        "notes": notes,
-    }
+    return notes

@@ -33,10 +33,12 @@ recomputation (that would be HFU), so recomputation lowers MFU, as in PaLM (Chow
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
+
+from cpt_megatron.errors import CptError
+from cpt_megatron.model.arch import ModelArch, padded_vocab_size  # noqa: F401  (re-exported)
 
 __all__ = [
     "ModelShape",
@@ -85,9 +87,9 @@ class ModelShape:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or v <= 0):
-                raise ValueError(f"model shape: {f.name} must be a positive integer, got {v!r}")
+                raise CptError(f"model shape: {f.name} must be a positive integer, got {v!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise CptError(
                 f"model shape: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads})"
             )
@@ -134,7 +136,7 @@ def dense_matmul_params(arch: Any) -> int:
 def train_flops_per_token(arch: Any, seq_len: int, causal: bool = True) -> float:
     """Model FLOPs per trained token (forward + backward): 6*N_dense + 6*L*s*a*d (causal; 12 if not)."""
     if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+        raise CptError(f"seq_len must be positive, got {seq_len}")
     m = as_shape(arch)
     attention = (6 if causal else 12) * m.num_layers * seq_len * m.num_heads * m.head_dim
     return 6.0 * dense_matmul_params(m) + attention
@@ -145,10 +147,6 @@ def six_nd_flops(arch: Any, tokens: float) -> float:
     return 6.0 * param_count(arch) * tokens
 
 
-def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
-    """Megatron pads the embedding rows to a multiple of divisible_by * tp (each TP shard aligned)."""
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,7 +182,7 @@ def gpu_spec(gpu: str) -> GpuSpec:
     key = gpu.lower().strip()
     key = _GPU_ALIASES.get(key, key)
     if key not in GPUS:
-        raise ValueError(f"unknown GPU type {gpu!r}; known: {', '.join(GPUS)}")
+        raise CptError(f"unknown GPU type {gpu!r}; known: {', '.join(GPUS)}")
     return GPUS[key]
 
 
@@ -196,7 +194,7 @@ def peak_flops(gpu: str) -> float:
 def mfu(tokens_per_s: float, flops_per_token: float, gpu: str, n_gpus: int) -> float:
     """Model FLOPs utilization: tokens_per_s is the whole job's throughput over n_gpus GPUs."""
     if n_gpus <= 0:
-        raise ValueError(f"n_gpus must be positive, got {n_gpus}")
+        raise CptError(f"n_gpus must be positive, got {n_gpus}")
     return tokens_per_s * flops_per_token / (peak_flops(gpu) * n_gpus)
 
 
@@ -305,44 +303,27 @@ def preset_names() -> list[str]:
 def preset(name: str) -> ModelShape:
     key = name.lower().strip().replace("_", "-")
     if key not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(preset_names())} (or pass an HF config.json)")
+        raise CptError(f"unknown model preset {name!r}; known: {', '.join(preset_names())} (or pass an HF config.json)")
     return shape_from_hf_config(PRESETS[key], name=key)
 
 
 def shape_from_hf_config(cfg: dict[str, Any], name: str = "") -> ModelShape:
-    """Build a ModelShape from a Llama/Mistral/Qwen2-style HF config dict."""
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in cfg]
-    if missing:
-        raise ValueError(f"HF config {name or ''} lacks {', '.join(missing)}; expected a Llama-family config.json")
-    heads = int(cfg["num_attention_heads"])
-    archs = set(cfg.get("architectures") or [])
-    return ModelShape(
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
-        ffn_hidden_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-        tied=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=bool(cfg.get("attention_bias", False)) or bool(archs & _QKV_BIAS_ARCHS),
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
-        name=name or str(cfg.get("_name_or_path") or ""),
-    )
+    """A ModelShape from a Llama/Mistral/Qwen2-style HF config dict, parsed by the trainer's own parser
+    (model/arch.py: same support set, same qkv-bias rule)."""
+    arch = ModelArch.from_hf_config(cfg, source=f"HF config {name}".strip())
+    return _shape_of(arch, name or str(cfg.get("_name_or_path") or ""))
+
+
+def _shape_of(arch: ModelArch, name: str) -> ModelShape:
+    return ModelShape(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+                      num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
+                      head_dim=arch.head_dim, tied=arch.tie_word_embeddings, qkv_bias=arch.qkv_bias,
+                      max_position_embeddings=arch.max_position_embeddings, name=name)
 
 
 def load_hf_config(path: str | os.PathLike) -> ModelShape:
     """Read an HF config.json (or a model directory holding one) into a ModelShape."""
-    p = os.fspath(path)
-    if os.path.isdir(p):
-        p = os.path.join(p, "config.json")
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"HF config not found: {p} (pass a config.json or a model directory)")
-    from cpt_megatron.utils import read_json
+    from cpt_megatron.model.arch import load_hf_config as load_arch
 
-    cfg = read_json(p, "HF config", hint="give an HF config.json or a model directory holding one")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"HF config {p}: expected a JSON object, got {type(cfg).__name__}")
-    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers keep the LM config inside
-        cfg = cfg["text_config"]
-    return shape_from_hf_config(cfg, name=os.path.basename(os.path.dirname(os.path.abspath(p))))
+    p = os.path.abspath(os.fspath(path))
+    return _shape_of(load_arch(p), os.path.basename(p if os.path.isdir(p) else os.path.dirname(p)))

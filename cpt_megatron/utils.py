@@ -64,6 +64,16 @@ def os_error_line(e: OSError, path: str | os.PathLike | None = None, needed: int
     return msg
 
 
+def have_module(module: str) -> bool:
+    """True when `module` is importable (found on the path), without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -123,6 +123,7 @@ def main():
               f"train.max_steps={s['steps']}", f"train.global_batch={s['gb']}", f"train.micro_batch={s['mb']}",
               f"optim.lr={s['lr']}", f"optim.min_lr={s['lr'] / 10}", "checkpoint.save_interval=null",
               f"eval.interval={s['steps']}", "logging.progress=false", "model.options.dtype=auto"]
+        cpt("prepare", "--recipe", "smollm2_135m_hindi", *ov)
         cpt("train", "--recipe", "smollm2_135m_hindi", *ov)
         return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
 

@@ -95,14 +95,36 @@ cpt_task_env() {
 }
 
 # --- launch ------------------------------------------------------------------------------------------
+# cpt_container_flags: the pyxis flags for srun (none without CONTAINER_IMAGE), in the array CPT_CONTAINER.
+cpt_container_flags() {
+  CPT_CONTAINER=()
+  if [ -n "${CONTAINER_IMAGE:-}" ]; then
+    CPT_CONTAINER=(--container-image="$CONTAINER_IMAGE" --container-mounts="${CONTAINER_MOUNTS:-$CPT_REPO:$CPT_REPO}"
+                   --container-workdir="$CPT_REPO")
+  fi
+}
+
+# cpt_prepare_step RECIPE [OVERRIDES...]: `cpt prepare` as its own one-task job step (import the base model,
+# curate, tokenize, build the mixture index; resumable, and a quick hash check when already done). Set
+# PREPARE=none when slurm/prepare.sh already ran it on a CPU node (sbatch --dependency=afterok:<its job id>).
+cpt_prepare_step() {
+  if [ "${PREPARE:-step}" = "none" ]; then return 0; fi
+  local recipe=$1
+  shift
+  local -a cpt_cmd
+  read -r -a cpt_cmd <<<"$CPT"
+  cpt_container_flags
+  # SC2086: SRUN_EXTRA_ARGS is a word list.
+  # shellcheck disable=SC2086
+  srun --export=ALL --ntasks=1 --nodes=1 "${CPT_CONTAINER[@]}" ${SRUN_EXTRA_ARGS:-} \
+    "${cpt_cmd[@]}" prepare --recipe "$recipe" "$@"
+}
+
 # cpt_launch CMD [ARGS...]: one task per GPU (or per --ntasks) via srun, each with cpt_task_env applied.
 # Forwards USR1/TERM from the batch shell to the step and returns the step's exit code.
 cpt_launch() {
-  local -a container=()
-  if [ -n "${CONTAINER_IMAGE:-}" ]; then
-    container=(--container-image="$CONTAINER_IMAGE" --container-mounts="${CONTAINER_MOUNTS:-$CPT_REPO:$CPT_REPO}"
-               --container-workdir="$CPT_REPO")
-  fi
+  cpt_container_flags
+  local -a container=("${CPT_CONTAINER[@]}")
   # `bash -c` sources this file inside each task so RANK etc. come from that task's SLURM_* values.
   # SC2016: $CPT_REPO and $@ are expanded by the task's shell. SC2086: SRUN_EXTRA_ARGS is a word list.
   # shellcheck disable=SC2016,SC2086
@@ -148,8 +170,8 @@ cpt_requeue_on_preempt() {
   return "$rc"
 }
 
-# One training job step, shared by the GPU job scripts: environment, rendezvous, run dir, launch, and
-# requeue on the preemption exit code. Args: RECIPE RUN_DIR "LAYOUT overrides" "extra overrides".
+# One training job, shared by the GPU job scripts: environment, rendezvous, run dir, the `cpt prepare` step,
+# the training step, and requeue on the preemption exit code. Args: RECIPE RUN_DIR "LAYOUT overrides" "extra overrides".
 cpt_train_job() {
     local recipe=$1 run_dir=$2 rc=0
     local -a cpt_cmd layout extra
@@ -159,6 +181,7 @@ cpt_train_job() {
     read -r -a cpt_cmd <<<"$CPT"
     read -r -a layout <<<"$3"
     read -r -a extra <<<"$4"
+    cpt_prepare_step "$recipe" run.dir="$run_dir" "${layout[@]}" "${extra[@]}" || return $?
     cpt_launch "${cpt_cmd[@]}" train --recipe "$recipe" resume=auto run.dir="$run_dir" "${layout[@]}" "${extra[@]}" || rc=$?
     cpt_requeue_on_preempt "$rc"
 }

@@ -32,6 +32,7 @@ cpt_run_dir "$RUN_DIR"
 
 read -r -a cpt_cmd <<<"$CPT"
 read -r -a extra <<<"$OVERRIDES"
+cpt_prepare_step "$RECIPE" run.dir="$RUN_DIR" "${extra[@]}" || exit $?   # step 1: data + base model (one task)
 rc=0
 cpt_launch "${cpt_cmd[@]}" train --recipe "$RECIPE" resume=auto run.dir="$RUN_DIR" "${extra[@]}" || rc=$?
 cpt_requeue_on_preempt "$rc" || exit $?

@@ -46,3 +46,51 @@ def mistral_sp_model() -> Path:
     if spec is None:
         pytest.skip("mistral-common not installed")
     return Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+
+
+# -- prepare + train through the CLI (every test that trains uses these) ----------------------------------------
+_PREPARED: set = set()
+_LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def _clean_env(**extra) -> dict:
+    """This process's environment without launcher variables (a test run under torchrun must not leak them)."""
+    return {**{k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}, "OMP_NUM_THREADS": "1", **extra}
+
+
+_PREP_PREFIXES = ("data.sources", "data.append_eod", "data.cache_dir", "model.", "run.seed")
+
+
+def cpt_prepare(cache, *overrides, recipe: str = "tiny_cpu") -> None:
+    """`cpt prepare` once per (recipe, cache, overrides that change the prepared data) in this session."""
+    import subprocess
+    import sys
+
+    key = (recipe, str(cache), tuple(o for o in overrides if o.lstrip("+").startswith(_PREP_PREFIXES)))
+    if key in _PREPARED:
+        return
+    cmd = [sys.executable, "-m", "cpt_megatron", "prepare", "--recipe", recipe, f"data.cache_dir={cache}",
+           *overrides, "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=_clean_env())
+    assert out.returncode == 0, out.stderr[-4000:]
+    _PREPARED.add(key)
+
+
+def cpt_train(run_dir, cache, *overrides, recipe: str = "tiny_cpu", nproc: int = 1, expect: int = 0,
+              env: dict | None = None) -> dict:
+    """Prepare (once, see cpt_prepare), then `cpt train --json`; returns its JSON line (or, when `expect` is
+    not 0, {"returncode", "stderr"})."""
+    import json
+    import subprocess
+    import sys
+
+    cpt_prepare(cache, *overrides, recipe=recipe)
+    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", recipe, f"run.dir={run_dir}",
+           f"data.cache_dir={cache}", *overrides, "--json"]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=_clean_env(**(env or {})))
+    assert out.returncode == expect, out.stderr[-4000:]
+    if expect:
+        return {"returncode": out.returncode, "stderr": out.stderr}
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cpt_megatron import flops as F
+from cpt_megatron.errors import CptError
 
 # Exact parameter counts of the HF checkpoints (model cards / safetensors index totals).
 PUBLISHED = {
@@ -73,11 +74,24 @@ def test_hf_config_roundtrip(tmp_path):
     m = F.load_hf_config(tmp_path)
     assert m.qkv_bias and m.num_kv_heads == 4 and m.head_dim == 128
     assert F.param_count(m) == PUBLISHED["qwen2-7b"]
-    with pytest.raises(FileNotFoundError, match="HF config not found"):
+    with pytest.raises(CptError, match="HF config not found"):
         F.load_hf_config(tmp_path / "nope")
     (tmp_path / "bad.json").write_text(json.dumps({"hidden_size": 8}))
-    with pytest.raises(ValueError, match="lacks vocab_size"):
+    with pytest.raises(CptError, match="model_type None is not supported"):
         F.load_hf_config(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(CptError, match="missing required key 'num_attention_heads'"):
+        F.load_hf_config(tmp_path / "bad.json")
+
+
+def test_one_hf_parser_for_training_and_estimates():
+    """flops/estimate parse configs with model/arch.py: the same qkv-bias rule and the same refusals."""
+    from cpt_megatron.model.arch import ModelArch
+
+    qwen = ModelArch.from_hf_config({**F.PRESETS["qwen2-7b"], "model_type": "qwen2"})
+    assert F.shape_from_hf_config(F.PRESETS["qwen2-7b"]).qkv_bias is qwen.qkv_bias is True
+    with pytest.raises(CptError, match="attention_bias=true"):  # bias on q/k/v/o of a Llama: refused by both
+        F.shape_from_hf_config({**F.PRESETS["llama3-8b"], "attention_bias": True})
 
 
 def test_duck_typed_arch():

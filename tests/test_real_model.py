@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cpt_train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -38,10 +39,9 @@ def test_smollm2_medquad_cpt_loss_falls_and_exports(smollm2_gguf, shared_data, c
                f"doc_separator: '^# ', max_docs: 300, curate_stages: [normalize, exact_dedup]}}, "
                f"{{name: wikitext, group: general, inputs: [{shared_data}/general/wikitext2_raw_test.txt], "
                f"doc_separator: '^ = [^=]', curate_stages: [normalize, exact_dedup]}}]")
-    out = cpt("train", "--recipe", "demo", f"run.dir={run}", f"data.cache_dir={cache}", sources, "data.alpha=0.7",
-              "data.seq_len=128", "train.max_steps=10", "optim.lr=3e-4", "eval.interval=10",
-              "checkpoint.save_interval=10", "--json")
-    res = json.loads(out.strip().splitlines()[-1])
+    res = cpt_train(run, cache, sources, "data.alpha=0.7", "data.seq_len=128", "train.max_steps=10", "optim.lr=3e-4",
+                    "eval.interval=10", "checkpoint.save_interval=10", recipe="demo",
+                    env={"OMP_NUM_THREADS": "2"})
     losses = res["losses"]
     assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     mix = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

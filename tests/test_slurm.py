@@ -128,6 +128,9 @@ STUB = r'''
 """Stands in for `cpt train` here: same argv, env and preemption protocol, deterministic 'loss'."""
 import json, os, signal, sys, time
 args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+if sys.argv[1] == "prepare":  # the job's first step: record that it ran before training, in its own step
+    open(os.path.join(args["run.dir"], "prepared.stub"), "a").write(os.environ.get("SLURM_STEP_ID", "?") + "\n")
+    sys.exit(0)
 assert sys.argv[1] == "train" and "--recipe" in sys.argv and args.get("resume") == "auto", sys.argv
 run = args["run.dir"]; steps = int(args.get("train.steps", 30)); rank = int(os.environ["RANK"])
 ckpt = os.path.join(run, "checkpoints", "latest.json")
@@ -206,6 +209,8 @@ def test_preemption_requeue_plumbing_with_stub_trainer(slurm_cluster, tmp_path, 
         assert len(starts) == 2 and all(f"RANK={rank} WORLD_SIZE=2" in s for s in starts)
     assert max(_metrics(run_dir)) == 30
     assert _final_loss(run_dir) == _final_loss(ref_dir)
+    # `cpt prepare` ran as the first job step (step 0) of each start, before the training step
+    assert (run_dir / "prepared.stub").read_text().split() == ["0", "0"]
     assert sorted((run_dir / "slurm").glob("*.env"))  # run-dir layout from cpt_run_dir
 
 

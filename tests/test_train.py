@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cpt_prepare, cpt_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,14 +23,7 @@ def cache(tmp_path_factory):
 
 
 def train(run_dir, cache, *overrides, nproc=1, expect=0):
-    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run_dir}",
-           f"data.cache_dir={cache}", *overrides, "--json"]
-    if nproc > 1:
-        cmd += ["--nproc", str(nproc)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == expect, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return cpt_train(run_dir, cache, *overrides, nproc=nproc, expect=expect)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +74,7 @@ def test_resume_with_other_dp_continues_same_samples(tmp_path, cache, reference)
 
 def test_signal_checkpoints_and_exits_75_then_resumes_exactly(tmp_path, cache, reference):
     run = tmp_path / "run"
+    cpt_prepare(cache)
     cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run}",
            f"data.cache_dir={cache}", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -110,10 +105,21 @@ def test_lr_override_on_resume_takes_effect(tmp_path, cache):
 
 
 def test_global_batch_must_divide(tmp_path, cache):
+    out = train(tmp_path / "r", cache, "train.global_batch=7", expect=2)
+    assert "train.global_batch=7 is not divisible" in out["stderr"]
+    assert not (tmp_path / "r").exists()  # checked before anything is written
+
+
+def test_train_without_prepare_names_the_command_and_writes_nothing(tmp_path):
     cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={tmp_path}/r",
-           f"data.cache_dir={cache}", "train.global_batch=7"]
+           f"data.cache_dir={tmp_path}/c", "train.max_steps=2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert out.returncode == 2 and "train.global_batch=7 is not divisible" in out.stderr
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.stderr
+    assert (f"run `cpt prepare --recipe tiny_cpu run.dir={tmp_path}/r data.cache_dir={tmp_path}/c "
+            "train.max_steps=2` first") in lines[0]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
 
 
 def test_unknown_recipe_key_is_named():
@@ -124,8 +130,8 @@ def test_unknown_recipe_key_is_named():
         load_recipe("tiny_cpu", ["train.max_stpes=3"])
 
 
-def test_first_use_preparation_under_torchrun(tmp_path):
-    """A fresh cache under --nproc 2: rank 0 imports + curates (its own 1-rank group, launcher env hidden), the
-    other rank waits; regression test for a deadlock on torchrun's agent store and Slurm's rank variables."""
+def test_prepare_then_train_under_torchrun(tmp_path):
+    """A fresh cache: `cpt prepare` (single process: import + curate + tokenize), then 2 ranks train on it;
+    neither rank prepares or waits for another."""
     out = train(tmp_path / "run", tmp_path / "fresh_cache", "train.max_steps=2", nproc=2)
     assert out["last_step"] == 2 and len(out["losses"]) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import cpt_prepare
 
 from cpt_megatron.config import load_recipe
 from cpt_megatron.eval import monitor as monitor_mod
@@ -14,7 +15,9 @@ from cpt_megatron.eval.monitor import Event
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("policy_cache")
+    cache = tmp_path_factory.mktemp("policy_cache")
+    cpt_prepare(cache)  # the driver trains on prepared data only
+    return cache
 
 
 def scripted(policy: str, params: dict):

@@ -6,7 +6,6 @@ writer is handed memory-mapped staged tensors, and the reader loads one (key, la
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -16,6 +15,7 @@ import torch
 
 from cpt_megatron.errors import CptError
 from cpt_megatron.model.arch import ModelArch
+from cpt_megatron.runtime.distributed import single_process_group  # re-exported: the checkpoint tools use it
 
 __all__ = [
     "META_NAME", "TOKENIZER_DIR", "read_meta", "arch_from_ckpt", "HFReader", "load_model_weights", "ckpt_tensor_keys",
@@ -157,25 +157,6 @@ def check_safetensors_file(path: Path) -> None:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise CptError(f"{path}: truncated or corrupt safetensors shard (expected {8 + n + end} bytes, found {size})")
-
-
-# -- torch.distributed for dist_checkpointing ------------------------------------------------------------
-@contextlib.contextmanager
-def single_process_group():
-    """dist_checkpointing needs torch.distributed: a 1-rank gloo group unless one exists (then reuse it)."""
-    if torch.distributed.is_initialized():
-        yield
-        return
-    from cpt_megatron.runtime import cpu_redirects
-    from cpt_megatron.runtime.distributed import _free_port
-
-    if not torch.cuda.is_available():
-        cpu_redirects.install()
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, extra_state: list[str]) -> int:

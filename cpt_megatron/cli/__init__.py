@@ -3,8 +3,9 @@
 Each module in this package that defines `register(subparsers)` adds one command (or a group).
 Discovery is automatic so commands live next to nothing but their own argument parsing. A command's
 handler returns a JSON-able summary dict; with `--json` it is printed as the last stdout line.
-Library errors (`CptError`, `ValueError`, `FileNotFoundError`) and other OS errors (disk full: with the bytes
-free) become one line on stderr and exit 2 (under `--nproc`, printed once by the launching `cpt`).
+User errors (`CptError`, a missing/unreadable/existing file or directory) and other OS errors (disk full: with
+the bytes free) become one line on stderr and exit 2 (under `--nproc`, printed once by the launching `cpt`);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may appear anywhere on the line of a command that takes
+    them (`cpt train --recipe R a=1 --nproc 2 b=2`): argparse stops collecting a positional list at the
+    first option, so the rest arrive as unrecognized arguments and are appended here."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        stray = [x for x in extra if x.startswith("-") or "=" not in x]
+        if not stray:
+            args.overrides.extend(extra)
+            return args
+        extra = stray
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def emit(summary: dict | None, as_json: bool) -> None:
     """Print the command's summary: JSON as the last line, or nothing (the command printed itself)."""
     if as_json and summary is not None:
@@ -64,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     install()  # every child process dies with this one
     _quiet_known_warnings()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -73,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cpt: interrupted", file=sys.stderr)
         return 130
-    except (CptError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (CptError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         if getattr(args, "debug", False):
             raise
         report_error(f"cpt {args.command}: error: {e}")

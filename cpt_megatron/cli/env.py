@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cpt_megatron.cli._types import positive_int
+from cpt_megatron.errors import CptError
 
 
 def register(subparsers):
@@ -23,7 +24,8 @@ def collect(spec: str = "auto", tp: int = 1, overrides: dict | None = None) -> d
     from cpt_megatron import __version__
     from cpt_megatron.model.build import ModelOptions
     from cpt_megatron.model.kernels import resolve_kernels
-    from cpt_megatron.model.specs import _have, select_kernels
+    from cpt_megatron.model.specs import select_kernels
+    from cpt_megatron.utils import have_module
 
     def version(dist):
         try:
@@ -34,7 +36,7 @@ def collect(spec: str = "auto", tp: int = 1, overrides: dict | None = None) -> d
     cuda = torch.cuda.is_available()
     kernels = select_kernels(spec)
     plan = resolve_kernels(ModelOptions(spec=spec, **(overrides or {})), tp=tp, spec=kernels.spec)
-    apex = _have("apex") and _have("apex.normalization")  # NVIDIA apex, not the unrelated PyPI 'apex'
+    apex = have_module("apex") and have_module("apex.normalization")  # NVIDIA apex, not the unrelated PyPI 'apex'
     return {
         "cpt_megatron": __version__,
         "python": platform.python_version(),
@@ -62,7 +64,6 @@ def collect(spec: str = "auto", tp: int = 1, overrides: dict | None = None) -> d
 def run(args):
     import dataclasses
 
-    from cpt_megatron.errors import CptError
     from cpt_megatron.model.build import ModelOptions
 
     # the string-valued options (kernel choices); --spec and the layout have their own flags

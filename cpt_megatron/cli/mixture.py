@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from cpt_megatron.cli._types import nonneg_int, positive_int
+from cpt_megatron.errors import CptError
 
 __all__ = ["register"]
 
@@ -36,17 +37,19 @@ def run_report(args) -> dict:
 
     from cpt_megatron.data.mixture import build_mixture, mixture_config_from_dict
     from cpt_megatron.data.preprocess import read_meta
-    from cpt_megatron.errors import CptError
     from cpt_megatron.utils import read_yaml
 
     if args.recipe:
         from cpt_megatron.config import load_recipe
-        from cpt_megatron.train.prepare import recipe_mixture
+        from cpt_megatron.train.plan import recipe_mixture
+        from cpt_megatron.train.prepare import load_prepared, prepare_command
 
-        mix = recipe_mixture(load_recipe(args.recipe, args.overrides), valid_samples=args.valid_samples or 8)
+        cfg = load_recipe(args.recipe, args.overrides)
+        prepared = load_prepared(cfg, prepare_command(args.recipe, args.overrides))
+        mix = recipe_mixture(cfg, prepared, valid_samples=args.valid_samples or 8)
         return _show(mix.report() | ({"png": mix.plot(args.png)} if args.png else {}), args)
     if args.seq_len is None or args.train_samples is None:
-        raise ValueError("--mixture needs --seq-len and --train-samples (or use --recipe R)")
+        raise CptError("--mixture needs --seq-len and --train-samples (or use --recipe R)")
     raw = read_yaml(args.mixture, "--mixture", hint="give a mixture YAML (see docs/mixtures.md, recipes/mixtures/)")
     if not isinstance(raw, dict):
         raise CptError(f"--mixture {args.mixture}: expected a mapping with sources/alpha/phases, got "

@@ -36,7 +36,7 @@ DEFAULT_STAGES = ("normalize", "length", "quality", "exact_dedup", "minhash_dedu
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+        raise CptError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
 
 
 @dataclass(kw_only=True)
@@ -58,7 +58,7 @@ class InputConfig:
             try:
                 re.compile(self.doc_separator)
             except re.error as e:
-                raise ValueError(f"input.doc_separator={self.doc_separator!r} is not a valid regex: {e}") from e
+                raise CptError(f"input.doc_separator={self.doc_separator!r} is not a valid regex: {e}") from e
 
 
 @dataclass(kw_only=True)
@@ -102,7 +102,7 @@ class LangIdConfig:
     def __post_init__(self):
         _check_choice("langid.romanized_hindi", self.romanized_hindi, ("keep", "drop", "route"))
         if not 0.0 < self.code_mixed_min < 0.5:
-            raise ValueError(f"langid.code_mixed_min={self.code_mixed_min} must be in (0, 0.5)")
+            raise CptError(f"langid.code_mixed_min={self.code_mixed_min} must be in (0, 0.5)")
 
 
 @dataclass(kw_only=True)
@@ -120,10 +120,10 @@ class LengthConfig:
 
     def __post_init__(self):
         if (self.min_tokens or self.max_tokens) and not self.tokenizer:
-            raise ValueError("length.min_tokens/max_tokens need length.tokenizer (a tokenizer directory or file)")
+            raise CptError("length.min_tokens/max_tokens need length.tokenizer (a tokenizer directory or file)")
         for n in ("min_chars", "max_chars", "min_tokens", "max_tokens"):
             if getattr(self, n) < 0:
-                raise ValueError(f"length.{n}={getattr(self, n)} must be >= 0")
+                raise CptError(f"length.{n}={getattr(self, n)} must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -174,9 +174,9 @@ class MinHashConfig:
 
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"minhash_dedup.threshold={self.threshold} must be in (0, 1)")
+            raise CptError(f"minhash_dedup.threshold={self.threshold} must be in (0, 1)")
         if self.num_perm < 8 or self.ngram < 1:
-            raise ValueError("minhash_dedup.num_perm must be >= 8 and ngram >= 1")
+            raise CptError("minhash_dedup.num_perm must be >= 8 and ngram >= 1")
         _check_choice("minhash_dedup.verify", self.verify, ("minhash", "none"))
 
 
@@ -229,14 +229,14 @@ class CurateConfig:
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
-            raise ValueError(f"unknown stage(s) {bad}; valid stages in order: {','.join(STAGES)}")
+            raise CptError(f"unknown stage(s) {bad}; valid stages in order: {','.join(STAGES)}")
         self.stages = [s for s in STAGES if s in self.stages]  # canonical order
         if "perplexity" in self.stages and not self.perplexity.model:
-            raise ValueError("stage perplexity needs perplexity.model (an HF causal-LM directory or .gguf file)")
+            raise CptError("stage perplexity needs perplexity.model (an HF causal-LM directory or .gguf file)")
         if self.shard_docs < 1:
-            raise ValueError(f"shard_docs={self.shard_docs} must be >= 1")
+            raise CptError(f"shard_docs={self.shard_docs} must be >= 1")
         if self.lsh is not None and not self.lsh.startswith("redis://"):
-            raise ValueError(f"lsh={self.lsh!r}: expected redis://host:port (or leave unset for in-memory)")
+            raise CptError(f"lsh={self.lsh!r}: expected redis://host:port (or leave unset for in-memory)")
 
 
 _SECTION_CLASSES = {

@@ -63,13 +63,13 @@ class IndexArrays:
         with open(path, "rb") as f:
             head = f.read(_HEADER_SIZE)
         if len(head) < _HEADER_SIZE or head[:9] != _HEADER:
-            raise ValueError(f"{path} is not a Megatron indexed dataset index (bad magic)")
+            raise CptError(f"{path} is not a Megatron indexed dataset index (bad magic)")
         (version,) = struct.unpack("<Q", head[9:17])
         if version != 1:
-            raise ValueError(f"{path}: unsupported index version {version} (expected 1)")
+            raise CptError(f"{path}: unsupported index version {version} (expected 1)")
         code = head[17]
         if code not in _CODE_TO_DTYPE:
-            raise ValueError(f"{path}: unknown dtype code {code}")
+            raise CptError(f"{path}: unknown dtype code {code}")
         self.dtype = _CODE_TO_DTYPE[code]
         self.sequence_count, self.document_count = struct.unpack("<QQ", head[18:34])
         s, d = self.sequence_count, self.document_count
@@ -178,7 +178,7 @@ class IndexWriter:
         self.prefix = str(prefix)
         self.dtype = np.dtype(dtype).type
         if self.dtype not in DTYPE_CODES:
-            raise ValueError(f"unsupported token dtype {dtype}")
+            raise CptError(f"unsupported token dtype {dtype}")
         self.itemsize = np.dtype(self.dtype).itemsize
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temps(self.prefix)
@@ -202,7 +202,7 @@ class IndexWriter:
         if tokens.dtype != self.dtype:
             tokens = tokens.astype(self.dtype)
         if int(lengths.sum()) != len(tokens):
-            raise ValueError("lengths do not add up to the number of tokens")
+            raise CptError("lengths do not add up to the number of tokens")
         tokens.tofile(self._bin)
         if len(tokens):
             self.max_token_id = max(self.max_token_id, int(tokens.max()))
@@ -219,7 +219,7 @@ class IndexWriter:
         """Append another indexed dataset (any number of sequences per document) by streaming."""
         src = IndexArrays(prefix)
         if src.dtype != self.dtype:
-            raise ValueError(f"{prefix}: dtype {src.dtype.__name__} differs from {self.dtype.__name__}")
+            raise CptError(f"{prefix}: dtype {src.dtype.__name__} differs from {self.dtype.__name__}")
         offset = len(self._lengths)
         for i in range(0, src.sequence_count, _CHUNK):
             self._lengths.append(np.asarray(src.lengths[i : i + _CHUNK]))
@@ -307,7 +307,7 @@ def _copy_file(src, dst) -> None:
 def merge_datasets(prefixes: list[str], out_prefix: str) -> dict:
     """Concatenate indexed datasets (same dtype) into `out_prefix` without loading them."""
     if not prefixes:
-        raise ValueError("nothing to merge")
+        raise CptError("nothing to merge")
     dtype = IndexArrays(prefixes[0]).dtype
     with IndexWriter(out_prefix, dtype) as w:
         for p in prefixes:

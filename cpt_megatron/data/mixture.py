@@ -65,11 +65,11 @@ class SourceConfig:
 
     def __post_init__(self):
         if self.group not in GROUPS:
-            raise ValueError(f"source {self.name!r}: group={self.group!r}, expected 'domain' or 'general'")
+            raise CptError(f"source {self.name!r}: group={self.group!r}, expected 'domain' or 'general'")
         if not (self.weight >= 0):
-            raise ValueError(f"source {self.name!r}: weight={self.weight} must be >= 0")
+            raise CptError(f"source {self.name!r}: weight={self.weight} must be >= 0")
         if self.tokens is not None and self.tokens < 0:
-            raise ValueError(f"source {self.name!r}: tokens={self.tokens} must be >= 0 (or None for a weight)")
+            raise CptError(f"source {self.name!r}: tokens={self.tokens} must be >= 0 (or None for a weight)")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -103,30 +103,30 @@ class MixtureConfig:
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
         self.phases = [p if isinstance(p, PhaseConfig) else PhaseConfig(**p) for p in self.phases]
         if not self.sources:
-            raise ValueError("sources: give at least one source")
+            raise CptError("sources: give at least one source")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"sources: duplicate names in {names}")
+            raise CptError(f"sources: duplicate names in {names}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha={self.alpha}: must be in [0, 1]")
+            raise CptError(f"alpha={self.alpha}: must be in [0, 1]")
         if not 0.0 <= self.valid_fraction < 0.5:
-            raise ValueError(f"valid_fraction={self.valid_fraction}: must be in [0, 0.5)")
+            raise CptError(f"valid_fraction={self.valid_fraction}: must be in [0, 0.5)")
         last = 0.0
         for i, p in enumerate(self.phases):
             if p.alpha is not None and not 0.0 <= p.alpha <= 1.0:
-                raise ValueError(f"phases[{i}].alpha={p.alpha}: must be in [0, 1]")
+                raise CptError(f"phases[{i}].alpha={p.alpha}: must be in [0, 1]")
             if p.until is None:
                 if i != len(self.phases) - 1:
-                    raise ValueError(f"phases[{i}].until is None but it is not the last phase")
+                    raise CptError(f"phases[{i}].until is None but it is not the last phase")
             elif not last < p.until <= 1.0:
-                raise ValueError(f"phases[{i}].until={p.until}: must increase and lie in (0, 1]")
+                raise CptError(f"phases[{i}].until={p.until}: must increase and lie in (0, 1]")
             else:
                 last = p.until
         for g in GROUPS:
             if not any(s.group == g for s in self.sources):
                 bad = [a for a in self.phase_alphas() if (a > 0 if g == "domain" else a < 1)]
                 if bad:
-                    raise ValueError(
+                    raise CptError(
                         f"no {g} source but alpha={bad[0]} asks for {g} tokens; add a {g} source or set alpha "
                         f"to {0 if g == 'domain' else 1}"
                     )
@@ -140,11 +140,11 @@ def mixture_config_from_dict(d: dict) -> MixtureConfig:
     known = {f.name for f in dataclasses.fields(MixtureConfig)}
     unknown = set(d) - known
     if unknown:
-        raise ValueError(f"mixture: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        raise CptError(f"mixture: unknown keys {sorted(unknown)} (known: {sorted(known)})")
     try:
         return MixtureConfig(**d)
     except TypeError as e:
-        raise ValueError(f"mixture: {e}") from e
+        raise CptError(f"mixture: {e}") from e
 
 
 def resolve_phases(cfg: MixtureConfig, train_samples: int) -> list[tuple[int, int, float]]:
@@ -403,11 +403,11 @@ def build_mixture(
 ) -> Mixture:
     """Resolve `cfg` into train/valid datasets. Call on every rank (after torch.distributed init)."""
     if seq_len < 1 or train_samples < 1 or valid_samples < 0:
-        raise ValueError(f"seq_len={seq_len}, train_samples={train_samples}, valid_samples={valid_samples}: "
+        raise CptError(f"seq_len={seq_len}, train_samples={train_samples}, valid_samples={valid_samples}: "
                          "need seq_len >= 1, train_samples >= 1, valid_samples >= 0")
     n = len(cfg.sources)
     if n >= 32767:
-        raise ValueError("at most 32766 sources (megatron's dataset ids are int16)")
+        raise CptError("at most 32766 sources (megatron's dataset ids are int16)")
     metas = [check_dataset_tokenizer(s.prefix, tokenizer_vocab_size, tokenizer_sha256) for s in cfg.sources]
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # after the cheap checks

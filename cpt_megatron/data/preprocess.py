@@ -69,13 +69,13 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if not self.inputs:
-            raise ValueError("inputs: give at least one JSONL(.gz) file")
+            raise CptError("inputs: give at least one JSONL(.gz) file")
         if self.workers < 1:
-            raise ValueError(f"workers={self.workers}: must be >= 1")
+            raise CptError(f"workers={self.workers}: must be >= 1")
         if not self.json_keys:
-            raise ValueError("json_keys: give at least one key, e.g. ['text']")
+            raise CptError("json_keys: give at least one key, e.g. ['text']")
         if len(set(self.json_keys)) != len(self.json_keys):
-            raise ValueError(f"json_keys {list(self.json_keys)} has duplicates")
+            raise CptError(f"json_keys {list(self.json_keys)} has duplicates")
         self.json_keys = tuple(self.json_keys)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from cpt_megatron.errors import CptError
+
 __all__ = ["ChoiceItem", "load_choice_jsonl", "score_choices", "hf_logprob_fn"]
 
 LogprobFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,7 +42,7 @@ def _first(rec: dict, keys, what: str, where: str):
     for k in keys:
         if k in rec and rec[k] is not None:
             return rec[k]
-    raise ValueError(f"{where}: no {what} field (expected one of {list(keys)}, found {sorted(rec)})")
+    raise CptError(f"{where}: no {what} field (expected one of {list(keys)}, found {sorted(rec)})")
 
 
 def _parse(rec: dict, where: str) -> ChoiceItem:
@@ -57,7 +59,7 @@ def _parse(rec: dict, where: str) -> ChoiceItem:
         labels, choices = [c.get("label") for c in choices], [c["text"] for c in choices]
     choices = tuple(str(c) for c in choices)
     if len(choices) < 2:
-        raise ValueError(f"{where}: needs >= 2 choices, got {len(choices)}")
+        raise CptError(f"{where}: needs >= 2 choices, got {len(choices)}")
     ans = _first(rec, _ANSWER_KEYS, "answer", where)
     idx = None
     if isinstance(ans, bool):
@@ -75,7 +77,7 @@ def _parse(rec: dict, where: str) -> ChoiceItem:
         elif a in choices:
             idx = choices.index(a)
     if idx is None or not 0 <= idx < len(choices):
-        raise ValueError(f"{where}: answer {ans!r} is not a choice index, letter or choice text for {len(choices)} choices")
+        raise CptError(f"{where}: answer {ans!r} is not a choice index, letter or choice text for {len(choices)} choices")
     return ChoiceItem(context=str(ctx), choices=choices, answer=idx)
 
 
@@ -91,10 +93,10 @@ def load_choice_jsonl(path: str | os.PathLike, *, limit: int | None = None, seed
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
+                    raise CptError(f"{path}:{i}: not valid JSON ({e})") from e
                 items.append(_parse(rec, f"{path}:{i}"))
     if not items:
-        raise ValueError(f"choice benchmark {path} has no items")
+        raise CptError(f"choice benchmark {path} has no items")
     if limit is not None and limit < len(items):
         order = list(range(len(items)))
         random.Random(seed).shuffle(order)
@@ -107,7 +109,7 @@ def _encode_pair(tokenizer, context: str, choice: str) -> tuple[list[int], list[
     ctx = tokenizer.encode(context, add_special_tokens=False)
     cont = tokenizer.encode(sep + choice, add_special_tokens=False)
     if not cont:
-        raise ValueError(f"choice {choice!r} encodes to no tokens")
+        raise CptError(f"choice {choice!r} encodes to no tokens")
     if not ctx:  # nothing to condition the first choice token on: use EOD/BOS as the start
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ctx = [start]
@@ -129,7 +131,7 @@ def score_choices(logprob_fn: LogprobFn, items: list[ChoiceItem], tokenizer, *, 
             seq = ctx + cont
             if seq_len is not None and len(seq) - 1 > seq_len:
                 if len(cont) > seq_len:
-                    raise ValueError(f"a choice of {len(cont)} tokens does not fit seq_len={seq_len}")
+                    raise CptError(f"a choice of {len(cont)} tokens does not fit seq_len={seq_len}")
                 seq = seq[len(seq) - 1 - seq_len:]
             rows.append((i, j, seq[:-1], seq[1:], len(cont)))
     scores = [[0.0] * len(it.choices) for it in items]

@@ -24,6 +24,8 @@ import dataclasses
 import math
 from collections.abc import Iterable
 
+from cpt_megatron.errors import CptError
+
 __all__ = ["MonitorConfig", "Event", "ForgettingMonitor", "POLICIES", "LOWER_IS_BETTER", "HIGHER_IS_BETTER",
            "relative_regression"]
 
@@ -62,23 +64,23 @@ class MonitorConfig:
 
     def __post_init__(self):
         if not 0.0 <= self.warn <= self.act:
-            raise ValueError(f"monitor.warn={self.warn}, monitor.act={self.act}: need 0 <= warn <= act")
+            raise CptError(f"monitor.warn={self.warn}, monitor.act={self.act}: need 0 <= warn <= act")
         if self.policy not in POLICIES:
-            raise ValueError(f"monitor.policy={self.policy!r}: expected one of {POLICIES}")
+            raise CptError(f"monitor.policy={self.policy!r}: expected one of {POLICIES}")
         if not 0.0 < self.lr_factor <= 1.0:
-            raise ValueError(f"monitor.lr_factor={self.lr_factor}: must be in (0, 1] (e.g. 0.5 halves the lr)")
+            raise CptError(f"monitor.lr_factor={self.lr_factor}: must be in (0, 1] (e.g. 0.5 halves the lr)")
         if not 0.0 < self.replay_step <= 1.0:
-            raise ValueError(f"monitor.replay_step={self.replay_step}: must be in (0, 1] (e.g. 0.1)")
+            raise CptError(f"monitor.replay_step={self.replay_step}: must be in (0, 1] (e.g. 0.1)")
         if isinstance(self.metrics, str):
             self.metrics = [self.metrics]
         self.metrics = list(self.metrics)
         bad = [m for m in self.metrics if m not in LOWER_IS_BETTER + HIGHER_IS_BETTER]
         if bad or not self.metrics:
-            raise ValueError(f"monitor.metrics={self.metrics}: each must be one of {LOWER_IS_BETTER + HIGHER_IS_BETTER}")
+            raise CptError(f"monitor.metrics={self.metrics}: each must be one of {LOWER_IS_BETTER + HIGHER_IS_BETTER}")
         if self.cooldown_evals < 0:
-            raise ValueError(f"monitor.cooldown_evals={self.cooldown_evals}: must be >= 0")
+            raise CptError(f"monitor.cooldown_evals={self.cooldown_evals}: must be >= 0")
         if self.max_actions is not None and self.max_actions < 0:
-            raise ValueError(f"monitor.max_actions={self.max_actions}: must be >= 0 or None")
+            raise CptError(f"monitor.max_actions={self.max_actions}: must be >= 0 or None")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -119,7 +121,7 @@ class Event:
 def relative_regression(metric: str, value: float, baseline: float) -> float:
     """Positive = worse than baseline, as a fraction of the baseline."""
     if not baseline or not math.isfinite(baseline):
-        raise ValueError(f"baseline {metric}={baseline}: cannot compute a relative regression from it")
+        raise CptError(f"baseline {metric}={baseline}: cannot compute a relative regression from it")
     if metric in HIGHER_IS_BETTER:
         return (baseline - value) / baseline
     return (value - baseline) / baseline
@@ -140,7 +142,7 @@ class ForgettingMonitor:
                         for m in cfg.metrics if r.get(m) is not None]
         if not self.watched:
             general = [s for s, r in baseline.items() if r.get("group") == "general"]
-            raise ValueError(f"forgetting monitor: no general source reports any of {cfg.metrics} in the baseline "
+            raise CptError(f"forgetting monitor: no general source reports any of {cfg.metrics} in the baseline "
                              f"(general sources: {general or 'none'}); add a general validation set or change monitor.metrics")
         self.num_actions = 0
         self._evals_since_action: int | None = None  # None = no action yet
@@ -156,7 +158,7 @@ class ForgettingMonitor:
         events = []
         for src, m in self.watched:
             if src not in results or results[src].get(m) is None:
-                raise ValueError(f"forgetting monitor: evaluation at step {step} lacks {m!r} for general source "
+                raise CptError(f"forgetting monitor: evaluation at step {step} lacks {m!r} for general source "
                                  f"{src!r} (has {sorted(results)}); every evaluation must cover the baseline's sources")
             value, base = float(results[src][m]), float(self.baseline[src][m])
             reg = relative_regression(m, value, base)

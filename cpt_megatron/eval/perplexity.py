@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cpt_megatron.errors import CptError
 from cpt_megatron.utils import check_text_file, iter_jsonl, read_text
 
 __all__ = ["SourceBatches", "evaluate_sources", "batches_from_text", "batches_from_file", "batches_from_dataset",
@@ -49,7 +50,7 @@ class SourceBatches:
 
     def __post_init__(self):
         if self.group not in GROUPS:
-            raise ValueError(f"source {self.name!r}: group={self.group!r}; expected one of {GROUPS}")
+            raise CptError(f"source {self.name!r}: group={self.group!r}; expected one of {GROUPS}")
 
 
 def evaluate_sources(eval_fn: EvalFn, sources: dict[str, SourceBatches], *,
@@ -93,7 +94,7 @@ def read_documents(path: str | os.PathLike, *, text_key: str = "text", chunk_byt
     if path.suffix in (".jsonl", ".json"):
         for i, rec in iter_jsonl(path, "eval data", hint=hint):
             if text_key not in rec:
-                raise ValueError(f"{path}:{i}: no {text_key!r} field (has {sorted(rec)}); pass --text-key")
+                raise CptError(f"{path}:{i}: no {text_key!r} field (has {sorted(rec)}); pass --text-key")
             yield str(rec[text_key]), True
         return
     buf, size = [], 0
@@ -125,10 +126,10 @@ def batches_from_text(pieces: Iterable[tuple[str, bool]], tokenizer, *, name: st
     its decoded prefix).
     """
     if seq_len < 1 or micro_batch < 1:
-        raise ValueError(f"seq_len={seq_len}, micro_batch={micro_batch}: both must be >= 1")
+        raise CptError(f"seq_len={seq_len}, micro_batch={micro_batch}: both must be >= 1")
     eod = tokenizer.eos_token_id if eod_id is None else eod_id
     if eod is None:
-        raise ValueError("the tokenizer has no eos token to separate documents; pass eod_id")
+        raise CptError("the tokenizer has no eos token to separate documents; pass eod_id")
     budget = None if max_tokens is None else max_tokens + 1  # +1: the first token is context only
     ids: list[int] = []
     nbytes = nchars = 0
@@ -145,7 +146,7 @@ def batches_from_text(pieces: Iterable[tuple[str, bool]], tokenizer, *, name: st
         nbytes += len(text.encode("utf-8"))
         nchars += len(text)
     if len(ids) < 2:
-        raise ValueError(f"source {name!r}: fewer than 2 tokens of text; nothing to evaluate")
+        raise CptError(f"source {name!r}: fewer than 2 tokens of text; nothing to evaluate")
     windows, masks = [], []
     for start in range(0, len(ids) - 1, seq_len):
         w = ids[start : start + seq_len + 1]
@@ -183,7 +184,7 @@ def batches_from_dataset(dataset, *, name: str, group: str, micro_batch: int, ma
     """
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     if n < 1:
-        raise ValueError(f"validation set {name!r} is empty")
+        raise CptError(f"validation set {name!r} is empty")
     items = [dataset[i] for i in range(n)]
     items = [{k: torch.as_tensor(v) for k, v in it.items() if k in ("tokens", "labels", "loss_mask", "position_ids")}
              for it in items]

@@ -56,11 +56,11 @@ def parse_weights(spec: str | None) -> dict[str, float] | None:
     for part in spec.split(","):
         k, sep, v = part.partition("=")
         if not sep or k.strip() not in ("domain", "general"):
-            raise ValueError(f"--weights {spec!r}: expected domain=W,general=W")
+            raise CptError(f"--weights {spec!r}: expected domain=W,general=W")
         try:
             out[k.strip()] = float(v)
         except ValueError:
-            raise ValueError(f"--weights {spec!r}: {k.strip()}={v.strip()!r} is not a number; "
+            raise CptError(f"--weights {spec!r}: {k.strip()}={v.strip()!r} is not a number; "
                              "expected domain=W,general=W, e.g. domain=1,general=2") from None
     return {"domain": out.get("domain", 1.0), "general": out.get("general", 1.0)}
 

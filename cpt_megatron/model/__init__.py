@@ -1,17 +1,23 @@
-"""Model layer: HF Llama-family config -> megatron-core GPTModel (TE spec or local spec + SDPA)."""
+"""Model layer: HF Llama-family config -> megatron-core GPTModel (TE spec or local spec + SDPA).
 
-from cpt_megatron.model.arch import SUPPORTED_MODEL_TYPES, ModelArch, load_hf_config, padded_vocab_size
-from cpt_megatron.model.build import ModelOptions, build_model, model_dtype, transformer_config
-from cpt_megatron.model.sharding import (
-    global_init_tensor,
-    global_shape,
-    load_global_tensors,
-    local_param_specs,
-)
-from cpt_megatron.model.specs import KernelChoice, select_kernels
+The names below load on first use, so `cpt_megatron.model.arch` (pure Python: the config parser the
+estimator and data tools share) does not pull in torch and megatron-core.
+"""
 
-__all__ = [
-    "ModelArch", "SUPPORTED_MODEL_TYPES", "load_hf_config", "padded_vocab_size", "ModelOptions", "build_model",
-    "model_dtype", "transformer_config", "KernelChoice", "select_kernels", "load_global_tensors",
-    "local_param_specs", "global_init_tensor", "global_shape",
-]
+import importlib
+
+_WHERE = {
+    "ModelArch": "arch", "SUPPORTED_MODEL_TYPES": "arch", "load_hf_config": "arch", "padded_vocab_size": "arch",
+    "ModelOptions": "build", "build_model": "build", "model_dtype": "build", "transformer_config": "build",
+    "global_init_tensor": "sharding", "global_shape": "sharding", "load_global_tensors": "sharding",
+    "local_param_specs": "sharding", "KernelChoice": "specs", "select_kernels": "specs",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

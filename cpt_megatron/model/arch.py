@@ -8,17 +8,23 @@ tied embeddings). Everything else gets a clear error that lists what is supporte
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
 
 from cpt_megatron.errors import CptError
-from cpt_megatron.flops import padded_vocab_size  # THE vocab padding rule (one definition)
 
 __all__ = ["ModelArch", "SUPPORTED_MODEL_TYPES", "load_hf_config", "padded_vocab_size"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+"""`architectures` entry -> model_type, for configs that give only the former."""
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
+    """Megatron pads the embedding rows to a multiple of divisible_by * tp (each TP shard aligned)."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -49,7 +55,8 @@ class ModelArch:
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelArch:
-        mt = cfg.get("model_type")
+        mt = cfg.get("model_type") or next((_MODEL_TYPES[a] for a in cfg.get("architectures") or []
+                                            if a in _MODEL_TYPES), None)
         if mt not in SUPPORTED_MODEL_TYPES:
             raise CptError(
                 f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
@@ -163,8 +170,11 @@ def load_hf_config(path: str | os.PathLike) -> ModelArch:
     f = p / "config.json" if p.is_dir() else p
     if not f.is_file():
         raise CptError(f"HF config not found: {f} (give a config.json or a model directory containing one)")
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CptError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    from cpt_megatron.utils import read_json
+
+    cfg = read_json(f, "HF config", hint="give an HF config.json or a model directory holding one")
+    if not isinstance(cfg, dict):
+        raise CptError(f"HF config {f}: expected a JSON object, got {type(cfg).__name__}")
+    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers keep the LM config inside
+        cfg = cfg["text_config"]
     return ModelArch.from_hf_config(cfg, source=str(f))

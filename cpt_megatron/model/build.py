@@ -2,54 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
+from cpt_megatron.config import ModelOptions
 from cpt_megatron.model import kernels as _kernels
 from cpt_megatron.model.arch import ModelArch, padded_vocab_size
 from cpt_megatron.model.specs import KernelChoice, layer_spec, select_kernels
 
 __all__ = ["ModelOptions", "transformer_config", "build_model", "model_dtype"]
-
-
-@dataclasses.dataclass(kw_only=True)
-class ModelOptions:
-    """How to instantiate the architecture (not what it is: that is ModelArch)."""
-
-    dtype: str = "auto"
-    """Parameter/compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
-    spec: str = "auto"
-    """Layer spec: auto (TE when importable, else local + SDPA) | te | local."""
-    recompute: str | None = None
-    """Activation recomputation: None | selective (attention core) | full (whole layers)."""
-    make_vocab_size_divisible_by: int = 128
-    """Vocab rows padded to a multiple of this times TP (padding stripped on export)."""
-    init_std: float = 0.02
-    vocab_size: int | None = None
-    """Override the vocab size (an extended tokenizer); None = the HF config's."""
-    # Kernel choices (model/kernels.py). "auto" = the fastest available on a CUDA GPU and exactly the
-    # unfused math on CPU; `cpt env` shows what each resolves to and why.
-    attention_backend: str = "auto"
-    """SDPA backend: auto (cuDNN then flash on Hopper, flash first before it) | flash | cudnn | efficient | math."""
-    fused_norm: str = "auto"
-    """RMSNorm: auto | compile (torch.compile'd, same fp32 math) | off."""
-    fused_rope: str = "auto"
-    """RoPE: auto | te (megatron apply_rope_fusion, needs TE) | compile (ours) | off."""
-    fused_swiglu: str = "auto"
-    """SwiGLU: auto | on (megatron bias_swiglu fusion) | off."""
-    fused_ce: str = "auto"
-    """Output layer + loss: auto | liger | compile | chunked (fused linear-CE, TP=1) | off (megatron vocab-parallel CE)."""
-    compile: str = "auto"
-    """torch.compile: auto (each TransformerLayer on GPU, off on CPU) | layer | off."""
-
-    def __post_init__(self):
-        _kernels.check_options(self)
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"model.dtype must be auto|bf16|fp32, got {self.dtype!r}")
-        if self.recompute not in (None, "selective", "full"):
-            raise ValueError(f"model.recompute must be null|selective|full, got {self.recompute!r}")
 
 
 def model_dtype(opts: ModelOptions) -> torch.dtype:

@@ -10,32 +10,22 @@ Shapes: N = tokens in the micro-batch (s * b), H = hidden, V = vocab rows (true 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import warnings
 
 import torch
+
+from cpt_megatron.config import ATTENTION_BACKENDS, FUSED_CE_CHOICES  # the allowed values live with the type
+from cpt_megatron.errors import CptError
+from cpt_megatron.utils import have_module
 
 __all__ = [
     "KernelPlan", "resolve_kernels", "ATTENTION_BACKENDS", "FUSED_CE_CHOICES", "rms_norm", "compiled_rms_norm",
     "sdpa_backends", "chunked_linear_cross_entropy", "install_fused_ce", "install_rope", "compile_layers",
 ]
 
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-NORM_CHOICES = ("auto", "compile", "off")
-ROPE_CHOICES = ("auto", "te", "compile", "off")
-SWIGLU_CHOICES = ("auto", "on", "off")
-FUSED_CE_CHOICES = ("auto", "liger", "compile", "chunked", "off")
-COMPILE_CHOICES = ("auto", "layer", "off")
 IGNORE_INDEX = -100
 CE_CHUNK_TOKENS = 2048
 """Tokens per chunk of the chunked linear-CE: 2048 x 128256 fp32 logits = 1 GiB transient."""
-
-
-def _have(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,19 +44,9 @@ class KernelPlan:
         return dataclasses.asdict(self)
 
 
-def _check(name: str, value: str, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"model.{name} must be one of {'|'.join(allowed)}, got {value!r}")
-
-
 def check_options(opts) -> None:
-    """Validate the kernel fields of ModelOptions (called from its __post_init__)."""
-    _check("attention_backend", opts.attention_backend, ATTENTION_BACKENDS)
-    _check("fused_norm", opts.fused_norm, NORM_CHOICES)
-    _check("fused_rope", opts.fused_rope, ROPE_CHOICES)
-    _check("fused_swiglu", opts.fused_swiglu, SWIGLU_CHOICES)
-    _check("fused_ce", opts.fused_ce, FUSED_CE_CHOICES)
-    _check("compile", opts.compile, COMPILE_CHOICES)
+    """Validate the kernel fields of ModelOptions (they may have been changed after construction)."""
+    opts.check_kernels()
 
 
 def _te_rope() -> bool:
@@ -132,7 +112,7 @@ def resolve_kernels(opts, *, tp: int = 1, sp: bool = False, spec: str = "local",
     rope = opts.fused_rope
     te_rope = cuda and _te_rope()
     if rope == "te" and not te_rope:
-        raise ValueError("model.fused_rope=te needs Transformer Engine's fused RoPE and CUDA; use auto|compile|off")
+        raise CptError("model.fused_rope=te needs Transformer Engine's fused RoPE and CUDA; use auto|compile|off")
     if rope == "auto":
         if not cuda:
             rope, why["fused_rope"] = "off", "CPU: megatron's unfused RoPE (unchanged math)"
@@ -156,7 +136,7 @@ def resolve_kernels(opts, *, tp: int = 1, sp: bool = False, spec: str = "local",
 
     # -- cross-entropy --------------------------------------------------------------------------------
     ce = opts.fused_ce
-    liger = cuda and _have("liger_kernel") and _have("triton")
+    liger = cuda and have_module("liger_kernel") and have_module("triton")
     if ce != "off" and (tp > 1 or sp):
         why["fused_ce"] = (f"tp={tp}{' with sp' if sp else ''}: fused linear-CE supports TP=1 only; megatron's "
                            "vocab_parallel_cross_entropy (already vocab-sharded)")
@@ -171,7 +151,7 @@ def resolve_kernels(opts, *, tp: int = 1, sp: bool = False, spec: str = "local",
         else:
             ce, why["fused_ce"] = "compile", "liger-kernel not importable: torch.compile'd chunked linear-CE"
     elif ce == "liger" and not liger:
-        raise ValueError("model.fused_ce=liger needs liger-kernel and triton on a CUDA machine "
+        raise CptError("model.fused_ce=liger needs liger-kernel and triton on a CUDA machine "
                          "(pip install 'cpt-megatron[gpu]'); use auto|compile|chunked|off")
     else:
         why["fused_ce"] = f"model.fused_ce={ce} requested"

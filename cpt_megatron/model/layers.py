@@ -14,6 +14,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention import sdpa_kernel
 
+from cpt_megatron.errors import CptError
 from cpt_megatron.model.kernels import compiled_rms_norm, rms_norm, sdpa_backends
 
 __all__ = ["SDPAttention", "RMSNorm"]
@@ -40,7 +41,7 @@ class SDPAttention(MegatronModule):
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
-            raise ValueError("SDPAttention does not support context parallelism (use the Transformer Engine spec)")
+            raise CptError("SDPAttention does not support context parallelism (use the Transformer Engine spec)")
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -53,7 +54,7 @@ class SDPAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
         if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention: packed sequences and attention_bias are not supported")
+            raise CptError("SDPAttention: packed sequences and attention_bias are not supported")
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask_type = attn_mask_type or self.attn_mask_type

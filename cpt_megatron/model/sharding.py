@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from cpt_megatron.errors import CptError
+
 __all__ = [
     "ShardSpec", "local_param_specs", "local_shard", "global_shape", "load_global_tensors", "global_init_tensor",
 ]
@@ -85,7 +87,7 @@ def local_shard(kind: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> to
     if kind == "glu":
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
-    raise ValueError(f"unknown shard kind {kind!r}")
+    raise CptError(f"unknown shard kind {kind!r}")
 
 
 def global_shape(kind: str, local: torch.Size, tp_size: int) -> tuple[int, ...]:
@@ -106,7 +108,7 @@ def load_global_tensors(chunks, get_global: Callable[[str], torch.Tensor], tp_ra
             spec = specs[name]
             shard = local_shard(spec.kind, get_global(spec.global_name), tp_rank, tp_size)
             if shard.shape != param.shape:
-                raise ValueError(f"{spec.global_name}: shard shape {tuple(shard.shape)} != parameter {tuple(param.shape)}")
+                raise CptError(f"{spec.global_name}: shard shape {tuple(shard.shape)} != parameter {tuple(param.shape)}")
             param.copy_(shard.to(param.dtype))
 
 

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+
+from cpt_megatron.errors import CptError
+from cpt_megatron.utils import have_module
 
 __all__ = ["KernelChoice", "select_kernels", "layer_spec"]
 
@@ -24,26 +26,19 @@ class KernelChoice:
         return dataclasses.asdict(self)
 
 
-def _have(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def select_kernels(spec: str = "auto") -> KernelChoice:
     """spec: 'auto' (TE when importable and CUDA present), 'te', or 'local'."""
     import torch
 
-    te = _have("transformer_engine") and torch.cuda.is_available()
+    te = have_module("transformer_engine") and torch.cuda.is_available()
     if spec == "te" and not te:
-        raise ValueError("model.spec=te but Transformer Engine is not importable (or no CUDA); use model.spec=auto")
+        raise CptError("model.spec=te but Transformer Engine is not importable (or no CUDA); use model.spec=auto")
     if spec not in ("auto", "te", "local"):
-        raise ValueError(f"model.spec must be auto|te|local, got {spec!r}")
+        raise CptError(f"model.spec must be auto|te|local, got {spec!r}")
     if spec == "te" or (spec == "auto" and te):
         return KernelChoice("te", "transformer_engine.DotProductAttention", "transformer_engine.RMSNorm (fused with linear)",
                             ("Transformer Engine is importable and CUDA is present",))
-    reasons = ["Transformer Engine not importable" if not _have("transformer_engine") else "model.spec=local requested"]
+    reasons = ["Transformer Engine not importable" if not have_module("transformer_engine") else "model.spec=local requested"]
     if torch.cuda.is_available():
         attn = "torch SDPA (flash / cuDNN / mem-efficient backend chosen by torch)"
     else:

@@ -5,7 +5,8 @@ The distributed names are loaded on first use, so `runtime.procs` / `runtime.lau
 `cpt` command) do not pull in torch.
 """
 
-__all__ = ["ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "seed_all"]
+__all__ = ["ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "seed_all",
+           "single_process_env", "single_process_group"]
 
 
 def __getattr__(name):

@@ -36,6 +36,8 @@ import importlib
 
 import torch
 
+from cpt_megatron.errors import CptError
+
 __all__ = ["install", "install_if_needed", "is_installed", "CpuRNGStatesTracker", "seed_model_parallel_rng"]
 
 # megatron-core modules whose module-global `torch` is replaced (0.16.1; a missing module is skipped).
@@ -231,9 +233,9 @@ class CpuRNGStatesTracker:
 
     def add(self, name, seed):
         if seed in self.seeds_:
-            raise ValueError(f"rng seed {seed} already used")
+            raise CptError(f"rng seed {seed} already used")
         if name in self.states_:
-            raise ValueError(f"rng state {name} already exists")
+            raise CptError(f"rng state {name} already exists")
         self._is_initialized = True
         self.seeds_.add(seed)
         gen = torch.Generator(device="cpu")
@@ -243,7 +245,7 @@ class CpuRNGStatesTracker:
     @contextlib.contextmanager
     def fork(self, name="model-parallel-rng"):
         if name not in self.states_:
-            raise ValueError(f"rng state {name} is not added")
+            raise CptError(f"rng state {name} is not added")
         outer = torch.get_rng_state()
         torch.set_rng_state(self.states_[name])
         try:

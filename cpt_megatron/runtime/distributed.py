@@ -10,47 +10,12 @@ import socket
 
 import torch
 
-from cpt_megatron.errors import CptError
+from cpt_megatron.config import ParallelConfig
 
 __all__ = [
     "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "single_process_env",
+    "single_process_group",
 ]
-
-
-@dataclasses.dataclass(kw_only=True)
-class ParallelConfig:
-    """How the model is split. DP is whatever the world size leaves: world / (tp * pp)."""
-
-    tp: int = 1
-    """Tensor-parallel size (splits attention heads and MLP columns; keep within a node)."""
-    pp: int = 1
-    """Pipeline-parallel size (splits layers into stages)."""
-    vpp: int | None = None
-    """Virtual pipeline stages per rank (interleaved 1F1B); only with pp > 1. None = no interleaving."""
-    sp: bool = False
-    """Sequence parallel (needs tp > 1): norms/dropout on sequence shards, saves activation memory."""
-    distributed_optimizer: bool = False
-    """Shard optimizer states over DP (ZeRO-1 style, megatron-core DistributedOptimizer)."""
-    overlap_grad_reduce: bool = False
-    """Overlap the DP gradient reduce with backward (GPU; ignored on CPU)."""
-
-    def __post_init__(self):
-        for name in ("tp", "pp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if self.sp and self.tp == 1:
-            self.sp = False  # megatron-core asserts sp needs tp>1; SP at tp=1 is a no-op
-        if self.vpp is not None and self.pp == 1:
-            raise ValueError("parallel.vpp needs parallel.pp > 1 (virtual stages interleave pipeline stages)")
-
-    def dp(self, world_size: int) -> int:
-        mp = self.tp * self.pp
-        if world_size % mp:
-            raise CptError(
-                f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = {mp}; "
-                "launch a multiple of tp*pp processes"
-            )
-        return world_size // mp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +63,27 @@ def single_process_env():
         yield
     finally:
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """A 1-rank gloo process group for single-process work that needs torch.distributed (dist_checkpointing
+    reads/writes, the importer's parity check); reuses an existing group. The launcher's rank variables are
+    hidden meanwhile, so it also works inside a torchrun/srun task."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    from cpt_megatron.runtime import cpu_redirects
+
+    if not torch.cuda.is_available():
+        cpu_redirects.install()
+    with single_process_env():
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1,
+                                             init_method=f"tcp://127.0.0.1:{_free_port()}")
+        try:
+            yield
+        finally:
+            torch.distributed.destroy_process_group()
 
 
 def device() -> torch.device:

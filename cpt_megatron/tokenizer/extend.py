@@ -232,135 +232,61 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
     from tokenizers import Tokenizer
 
     if num_new_tokens < 1:
-        raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
+        raise CptError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
     lines = list(lines)
     tj = json.loads(base_backend.to_str())
     style = _style(tj)
-    if join_marks is None:
-        join_marks = style == "byte-level" and _mark_share(lines) > 0.05
-    marks_joined = False
-    if join_marks:
-        marks_joined = _join_marks(tj)
-        if not marks_joined:
-            raise CptError("join_marks: this tokenizer's pre-tokenizer is not a regex we can rewrite")
-        # base segmentation is now computed with the rewritten pre-tokenizer (base merges, new word split)
-        base_backend = Tokenizer.from_str(json.dumps(tj))
+    base_backend, marks_joined = _maybe_join_marks(tj, base_backend, lines, style, join_marks)
     model = tj["model"]
     vocab: dict[str, int] = model["vocab"]
-    added_ids = [t["id"] for t in tj.get("added_tokens", [])]
-    next_id = max(list(vocab.values()) + added_ids) + 1
+    next_id = max(list(vocab.values()) + [t["id"] for t in tj.get("added_tokens", [])]) + 1
     first_new_id = next_id
     barrier_ids = {t["id"] for t in tj.get("added_tokens", [])}
     if model.get("unk_token") in vocab:
         barrier_ids.add(vocab[model["unk_token"]])
+    multiword = _want_multiword(tj, style, scripts, marks_joined, multiword)
 
-    if multiword is None:
-        multiword = _multiword_ok(tj, style, scripts, marks_joined)
-    elif multiword and not _multiword_ok(tj, style, scripts, marks_joined):
-        raise CptError("multi-word tokens need a GPT-2-style byte-level pre-tokenizer without a normalizer "
-                       "(and no scripts / joined marks)")
-    seq = raw_words = None
-    if multiword:
-        from cpt_megatron.tokenizer.phrases import pretoken_ids
-
-        seq, raw_words = pretoken_ids(lines, GPT2_PATTERN)
-        counts = np.bincount(seq[seq >= 0], minlength=len(raw_words)).tolist()
-        to_bytes = byte_level_map()
-        word_counts = Counter({"".join(to_bytes[b] for b in w.encode("utf-8")): c
-                               for w, c in zip(raw_words, counts)})
-    else:
-        word_counts = _words(base_backend, lines, style, scripts)
-    if not word_counts:
-        if scripts:
-            raise CptError(f"the domain input has no words in the scripts {', '.join(scripts)}: nothing to learn "
-                           "new tokens from; check --scripts against the text (or drop it)")
-        raise CptError("the domain input is empty: nothing to learn new tokens from")
+    # 1. the domain's pre-tokens (words) with counts, and their base segmentation
+    word_counts, pretokens = _domain_words(base_backend, lines, style, scripts, multiword)
     bpe = base_backend.model
-    words: list[list[str]] = []
-    freqs: list[int] = []
-    new_chars: Counter = Counter()
-    for w, c in word_counts.items():
-        toks = bpe.tokenize(w)
-        syms = []
-        for t in toks:
-            if t.id in barrier_ids or (style == "sentencepiece" and _BYTE_PIECE.match(t.value)):
-                syms.append(None)  # never merged: byte fallback / unknown
-            else:
-                syms.append(t.value)
-        if style == "sentencepiece" and None in syms:
-            for ch in w:
-                if ch not in vocab:
-                    new_chars[ch] += c
-        words.append(syms)
-        freqs.append(c)
+    words, freqs, new_chars = _segment(bpe, word_counts, barrier_ids, style, vocab)
     tokens_before = sum(len(s) * f for s, f in zip(words, freqs))
 
-    new_tokens: list[str] = []
-    new_merges: list[tuple[str, str]] = []
-    # SentencePiece style: characters the base only knows as byte fallback become single-char pieces
-    # first (at most a quarter of the budget); a char in the vocab is used directly, no merge needed.
-    added_chars = []
-    if style == "sentencepiece" and new_chars:
-        for ch, c in new_chars.most_common(num_new_tokens // 4):
-            if c < min_frequency:
-                break
-            vocab[ch] = next_id
-            next_id += 1
-            added_chars.append(ch)
-            new_tokens.append(ch)
-        if added_chars:
-            for i, w in enumerate(word_counts):
-                if None in words[i]:
-                    words[i] = _with_new_chars([t.value for t in bpe.tokenize(w)], vocab)
+    # 2. SentencePiece style: characters the base only knows as byte fallback become single-char pieces
+    #    first (at most a quarter of the budget); a char in the vocab is used directly, no merge needed.
+    added_chars = _add_new_chars(new_chars, num_new_tokens // 4, min_frequency, vocab, next_id) \
+        if style == "sentencepiece" and new_chars else []
+    next_id += len(added_chars)
+    if added_chars:
+        for i, w in enumerate(word_counts):
+            if None in words[i]:
+                words[i] = _with_new_chars([t.value for t in bpe.tokenize(w)], vocab)
+    budget = num_new_tokens - len(added_chars)
 
-    phrase_tokens: list[str] = []
-    phrase_regex = None
+    # 3. learn: within-word merges (continued BPE), or merges and multi-word phrases competing for the budget
+    phrase_tokens, phrase_regex = [], None
     if multiword:
-        index = {w: i for i, w in enumerate(word_counts)}
-        order = [index["".join(to_bytes[b] for b in w.encode("utf-8"))] for w in raw_words]
-        new_tokens_ww, new_merges, phrases, after = _with_phrases(
-            bpe, seq, raw_words, [words[i] for i in order], num_new_tokens - len(new_tokens), vocab,
-            min_frequency=min_frequency, max_token_chars=max_token_chars, max_phrase_words=max_phrase_words,
-            max_phrase_chars=max_phrase_chars, common_rank=common_rank)
-        stop = "budget" if len(new_tokens_ww) + len(phrases) >= num_new_tokens - len(new_tokens) else \
-            "no more frequent pairs or phrases"
-        from cpt_megatron.tokenizer.phrases import phrase_lookahead
-        from cpt_megatron.tokenizer.phrases import phrase_regex as make_regex
-
-        keys = list(word_counts)
-        phrase_tokens = ["".join(keys[order[w]] for w in ph) for ph in phrases]
-        # a base token never spans two base pre-tokens, but never reuse an existing string anyway
-        keep = [j for j, t in enumerate(phrase_tokens) if t not in vocab and t not in new_tokens_ww]
-        phrases, phrase_tokens = [phrases[j] for j in keep], [phrase_tokens[j] for j in keep]
-        phrase_regex = make_regex([("".join(raw_words[w] for w in ph), phrase_lookahead(raw_words[ph[-1]]))
-                                   for ph in phrases])
-        if phrases:
-            _check_self_reachable(bpe, vocab, barrier_ids)
+        new_tokens_ww, new_merges, phrase_tokens, phrase_regex, after, stop = _learn_with_phrases(
+            bpe, pretokens, word_counts, words, budget, vocab, barrier_ids, min_frequency=min_frequency,
+            max_token_chars=max_token_chars, max_phrase_words=max_phrase_words, max_phrase_chars=max_phrase_chars,
+            common_rank=common_rank)
     else:
-        new_tokens_ww, new_merges, _, stop = _continued_bpe(
-            words, freqs, vocab, num_new_tokens - len(new_tokens), min_frequency, max_token_chars)
+        new_tokens_ww, new_merges, _, stop = _continued_bpe(words, freqs, vocab, budget, min_frequency,
+                                                            max_token_chars)
         after = sum(len(s) * f for s, f in zip(words, freqs))
-    for t in new_tokens_ww:
-        vocab[t] = next_id
-        next_id += 1
-        new_tokens.append(t)
-    if phrase_tokens:
-        for t in phrase_tokens:
-            vocab[t] = next_id
-            next_id += 1
-            new_tokens.append(t)
-        byte_level = dict(tj["pre_tokenizer"], use_regex=False)
-        split = {"type": "Split", "pattern": {"Regex": f"(?:{phrase_regex})|{GPT2_PATTERN}"},
-                 "behavior": "Isolated", "invert": False}
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, byte_level]}
-        model["ignore_merges"] = True  # a phrase pre-token that is in the vocab is one token
 
+    # 4. the new tokenizer: new ids after the base's, merges appended, phrases split out by the pre-tokenizer
+    new_tokens = added_chars + new_tokens_ww + phrase_tokens
+    for tok in new_tokens_ww + phrase_tokens:
+        vocab[tok] = next_id
+        next_id += 1
+    if phrase_tokens:
+        _install_phrase_pretokenizer(tj, phrase_regex)
     merges = model["merges"]
     if merges and isinstance(merges[0], str):
         merges.extend(f"{a} {b}" for a, b in new_merges)
     else:
         merges.extend([a, b] for a, b in new_merges)
-    new_backend = Tokenizer.from_str(json.dumps(tj))
     stats = {
         "style": style,
         "num_new_tokens": len(new_tokens),
@@ -376,7 +302,109 @@ def extend_backend(base_backend, lines: Iterable[str], num_new_tokens: int, *, m
         "num_multiword_tokens": len(phrase_tokens),
         "new_tokens": new_tokens,
     }
-    return new_backend, stats
+    return Tokenizer.from_str(json.dumps(tj)), stats
+
+
+def _maybe_join_marks(tj: dict, base_backend, lines: list[str], style: str, join_marks: bool | None):
+    """(backend, marks_joined): with join_marks (None: when > 5% of the letters are combining marks) the
+    pre-tokenizer regex is rewritten in `tj` so marks stay inside words, and the base segmentation uses it."""
+    from tokenizers import Tokenizer
+
+    if join_marks is None:
+        join_marks = style == "byte-level" and _mark_share(lines) > 0.05
+    if not join_marks:
+        return base_backend, False
+    if not _join_marks(tj):
+        raise CptError("join_marks: this tokenizer's pre-tokenizer is not a regex we can rewrite")
+    return Tokenizer.from_str(json.dumps(tj)), True
+
+
+def _want_multiword(tj: dict, style: str, scripts, marks_joined: bool, multiword: bool | None) -> bool:
+    ok = _multiword_ok(tj, style, scripts, marks_joined)
+    if multiword and not ok:
+        raise CptError("multi-word tokens need a GPT-2-style byte-level pre-tokenizer without a normalizer "
+                       "(and no scripts / joined marks)")
+    return ok if multiword is None else multiword
+
+
+def _domain_words(base_backend, lines: list[str], style: str, scripts, multiword: bool):
+    """(Counter of pre-tokens, pretoken sequence or None). With multiword, the pre-tokens come from the GPT-2
+    regex as a sequence of ids (phrases need their order), mapped to byte-level strings."""
+    pretokens = None
+    if multiword:
+        from cpt_megatron.tokenizer.phrases import pretoken_ids
+
+        seq, raw_words = pretoken_ids(lines, GPT2_PATTERN)
+        counts = np.bincount(seq[seq >= 0], minlength=len(raw_words)).tolist()
+        to_bytes = byte_level_map()
+        word_counts = Counter({"".join(to_bytes[b] for b in w.encode("utf-8")): c
+                               for w, c in zip(raw_words, counts)})
+        pretokens = (seq, raw_words, to_bytes)
+    else:
+        word_counts = _words(base_backend, lines, style, scripts)
+    if not word_counts:
+        raise CptError("the domain input is empty: nothing to learn new tokens from")
+    return word_counts, pretokens
+
+
+def _segment(bpe, word_counts: Counter, barrier_ids: set, style: str, vocab: dict):
+    """Base tokens of each word (None = never merged: byte fallback / unknown), counts, and the characters
+    SentencePiece only knows as byte fallback."""
+    words: list[list[str]] = []
+    freqs: list[int] = []
+    new_chars: Counter = Counter()
+    for w, c in word_counts.items():
+        syms = [None if t.id in barrier_ids or (style == "sentencepiece" and _BYTE_PIECE.match(t.value)) else t.value
+                for t in bpe.tokenize(w)]
+        if style == "sentencepiece" and None in syms:
+            for ch in w:
+                if ch not in vocab:
+                    new_chars[ch] += c
+        words.append(syms)
+        freqs.append(c)
+    return words, freqs, new_chars
+
+
+def _add_new_chars(new_chars: Counter, most: int, min_frequency: int, vocab: dict, next_id: int) -> list[str]:
+    added = []
+    for ch, c in new_chars.most_common(most):
+        if c < min_frequency:
+            break
+        vocab[ch] = next_id + len(added)
+        added.append(ch)
+    return added
+
+
+def _learn_with_phrases(bpe, pretokens, word_counts: Counter, words: list, budget: int, vocab: dict, barrier_ids: set,
+                        **kw):
+    """Within-word merges and multi-word phrases for one budget (tokenizer/phrases.py)."""
+    from cpt_megatron.tokenizer.phrases import phrase_lookahead
+    from cpt_megatron.tokenizer.phrases import phrase_regex as make_regex
+
+    seq, raw_words, to_bytes = pretokens
+    index = {w: i for i, w in enumerate(word_counts)}
+    order = [index["".join(to_bytes[b] for b in w.encode("utf-8"))] for w in raw_words]
+    new_tokens_ww, new_merges, phrases, after = _with_phrases(bpe, seq, raw_words, [words[i] for i in order], budget,
+                                                              vocab, **kw)
+    stop = "budget" if len(new_tokens_ww) + len(phrases) >= budget else "no more frequent pairs or phrases"
+    keys = list(word_counts)
+    phrase_tokens = ["".join(keys[order[w]] for w in ph) for ph in phrases]
+    # a base token never spans two base pre-tokens, but never reuse an existing string anyway
+    keep = [j for j, tok in enumerate(phrase_tokens) if tok not in vocab and tok not in new_tokens_ww]
+    phrases, phrase_tokens = [phrases[j] for j in keep], [phrase_tokens[j] for j in keep]
+    regex = make_regex([("".join(raw_words[w] for w in ph), phrase_lookahead(raw_words[ph[-1]])) for ph in phrases])
+    if phrases:
+        _check_self_reachable(bpe, vocab, barrier_ids)
+    return new_tokens_ww, new_merges, phrase_tokens, regex, after, stop
+
+
+def _install_phrase_pretokenizer(tj: dict, phrase_regex: str) -> None:
+    """Phrases first, then the GPT-2 split, then byte-level mapping; a phrase pre-token in the vocab is one token."""
+    byte_level = dict(tj["pre_tokenizer"], use_regex=False)
+    split = {"type": "Split", "pattern": {"Regex": f"(?:{phrase_regex})|{GPT2_PATTERN}"},
+             "behavior": "Isolated", "invert": False}
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, byte_level]}
+    tj["model"]["ignore_merges"] = True
 
 
 def _continued_bpe(words: list[list], freqs: list[int], vocab: dict, budget: int, min_frequency: int,

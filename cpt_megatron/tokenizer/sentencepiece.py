@@ -56,7 +56,7 @@ def _fields(buf: bytes):
         elif wire == 5:
             val, i = struct.unpack("<f", buf[i : i + 4])[0], i + 4
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+            raise CptError(f"unsupported protobuf wire type {wire}")
         yield num, wire, val
 
 

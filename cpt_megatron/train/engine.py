@@ -12,31 +12,9 @@ from functools import partial
 
 import torch
 
+from cpt_megatron.config import OptimConfig
+
 __all__ = ["OptimConfig", "Engine", "StepResult"]
-
-
-@dataclasses.dataclass(kw_only=True)
-class OptimConfig:
-    """AdamW hyper-parameters (the LR schedule lives in train/schedule.py)."""
-
-    lr: float = 3e-4
-    """Peak learning rate after the re-warmup."""
-    min_lr: float | None = None
-    """Floor of the decay; None = 0.1 x lr (the CPT default)."""
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
-
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.min_lr is None:
-            self.min_lr = 0.1 * self.lr
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
 
 
 @dataclasses.dataclass
@@ -183,6 +161,14 @@ class Engine:
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return not bool(bad.item())
+
+    def accumulate_grads(self, microbatches: list[dict]) -> tuple[float, int]:
+        """Forward + backward only: gradients land in `param.main_grad` (DP-reduced, token-averaged), no update.
+        The caller zeroes the grad buffers (regularizers estimating a Fisher use it)."""
+        for m in self.model:
+            m.train()
+        with torch.enable_grad():
+            return self._run(microbatches, forward_only=False)
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict]) -> tuple[float, int]:

@@ -27,8 +27,7 @@ class Regularizer:
         for mbs in batches:
             for m in engine.model:
                 m.zero_grad_buffer()
-            with torch.enable_grad():
-                engine._run(mbs, forward_only=False)
+            engine.accumulate_grads(mbs)
             for f, p in zip(fisher, self.params):
                 g = getattr(p, "main_grad", None)
                 if g is None:

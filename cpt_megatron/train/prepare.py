@@ -1,7 +1,16 @@
-"""First-use preparation for a recipe: import the base model and curate + preprocess raw sources.
+"""`cpt prepare`: everything a recipe needs before training, in one resumable single-process step.
 
-Everything lands in `data.cache_dir` keyed by content, so reruns (and other ranks) reuse it. Runs on
-global rank 0 only; the driver barriers after it.
+    base model (import model.gguf / model.hf / a seeded model.hf_config; parity-checked)
+    -> sources with `inputs`: curate -> tokenize (prefix sources are checked as they are)
+    -> the mixture's sample indices (megatron's caches under data.cache_dir/indices)
+    -> manifest data.cache_dir/prepared/<key>.json: paths + content hashes.
+
+Every artifact lands in data.cache_dir under a name keyed by its inputs and is written to a temporary name
+first, so a rerun after a crash redoes only what is missing. It needs no GPU and no process group (run it
+on a CPU node, or as the first Slurm step). `cpt train` never prepares: every rank reads the manifest and
+checks the hashes (`load_prepared`), and a missing or stale manifest fails with the `cpt prepare` command.
+The key covers what changes the prepared files (model source, tokenizer, the sources' inputs, EOD), not
+the mixture weights, alpha or the run length: those change without re-preparing.
 """
 
 from __future__ import annotations
@@ -15,7 +24,10 @@ from pathlib import Path
 
 from cpt_megatron.errors import CptError
 
-__all__ = ["prepare_base", "prepare_sources", "special_input", "resolve_tokenizer", "resolve_path"]
+__all__ = ["prepare", "load_prepared", "prepare_command", "manifest_path", "prepare_base", "prepare_sources",
+           "special_input", "resolve_tokenizer", "resolve_path"]
+
+MANIFEST_VERSION = 1
 
 
 def _key(*parts) -> str:
@@ -52,7 +64,7 @@ def resolve_tokenizer(spec: str) -> str:
 
 
 def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
-    """Return the imported base checkpoint dir for `model` (importing it into the cache on first use)."""
+    """Return the imported base checkpoint dir for `model` (importing it into the cache when missing)."""
     from cpt_megatron import checkpoint
 
     if model_cfg.base:
@@ -65,12 +77,12 @@ def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
         gguf = smollm2_gguf() if model_cfg.gguf == "@smollm2" else model_cfg.gguf
         out = cache / f"gguf-{Path(gguf).stem}-{_key(gguf, os.path.getsize(gguf))}"
         if not out.exists():
-            _record(out, checkpoint.import_hf(None, out, gguf=gguf, dtype="fp32"))
+            _import_atomic(out, lambda tmp: checkpoint.import_hf(None, tmp, gguf=gguf, dtype="fp32", overwrite=True))
         return str(out)
     if model_cfg.hf:
         out = cache / f"hf-{Path(model_cfg.hf).name}-{_key(str(Path(model_cfg.hf).resolve()))}"
         if not out.exists():
-            _record(out, checkpoint.import_hf(model_cfg.hf, out, dtype="fp32"))
+            _import_atomic(out, lambda tmp: checkpoint.import_hf(model_cfg.hf, tmp, dtype="fp32", overwrite=True))
         return str(out)
     # random init from an HF config: build a seeded HF model, save it, import it (same path as real models)
     hf_config = resolve_path(model_cfg.hf_config)
@@ -80,15 +92,22 @@ def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
         hf_dir = cache / (out.name + "-hf")
         tok = resolve_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else None
         _random_hf_model(hf_config, tok, hf_dir, seed)
-        _record(out, checkpoint.import_hf(hf_dir, out, dtype="fp32", overwrite=True))
+        _import_atomic(out, lambda tmp: checkpoint.import_hf(hf_dir, tmp, dtype="fp32", overwrite=True))
     return str(out)
 
 
-def _record(ckpt: Path, summary: dict) -> None:
-    """Keep the import summary (with its parity check) beside the checkpoint for reports."""
+def _import_atomic(out: Path, run_import) -> None:
+    """Import into OUT.partial, keep the summary (with its parity check) beside it, then rename to OUT."""
+    import shutil
+
     from cpt_megatron.utils import write_json
 
-    write_json(Path(ckpt) / "import_summary.json", summary)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # an interrupted earlier import
+    summary = run_import(tmp)
+    write_json(tmp / "import_summary.json", summary)
+    os.replace(tmp, out)
 
 
 def _random_hf_model(config_path: str, tokenizer: str | None, out: Path, seed: int) -> None:
@@ -177,21 +196,103 @@ def prepare_sources(data_cfg, tokenizer: str, workers: int = 1) -> list[dict]:
     return out
 
 
-def recipe_mixture(cfg, valid_samples: int = 8):
-    """The training mixture a recipe resolves to (base tokenizer and sources prepared on first use)."""
-    from cpt_megatron.data.mixture import MixtureConfig, SourceConfig, build_mixture
-    from cpt_megatron.tokenizer import load_tokenizer
-    from cpt_megatron.train.driver import plan_steps
+# -- the manifest ---------------------------------------------------------------------------------------------
+def prepare_key(cfg) -> str:
+    """Hash of what the prepared files depend on (not weights / alpha / run length: see the module doc)."""
+    m, d = cfg.model, cfg.data
+    model = {"base": m.base, "hf": m.hf, "gguf": m.gguf, "hf_config": m.hf_config, "tokenizer": m.tokenizer,
+             "seed": cfg.run.seed if m.hf_config else None}
+    sources = [{"name": s.name, "prefix": s.prefix, "inputs": s.inputs, "doc_separator": s.doc_separator,
+                "curate_stages": s.curate_stages, "max_docs": s.max_docs} for s in d.sources]
+    return _key(MANIFEST_VERSION, model, sources, d.append_eod)
 
-    base = prepare_base(cfg.model, cfg.data.cache_dir, cfg.run.seed)
+
+def manifest_path(cfg) -> Path:
+    return Path(cfg.data.cache_dir) / "prepared" / f"{prepare_key(cfg)}.json"
+
+
+def prepare_command(recipe: str | None, overrides: list[str] | None) -> str:
+    """The exact `cpt prepare` command for a recipe and its overrides (what `cpt train` tells the user)."""
+    import shlex
+
+    return shlex.join(["cpt", "prepare", "--recipe", recipe or "RECIPE", *(overrides or [])])
+
+
+def _fingerprint(prefix: str) -> dict:
+    """Content hash of a dataset's .idx (small: one row per document) and the .bin's size."""
+    from cpt_megatron.utils import sha256_file
+
+    return {"idx_sha256": sha256_file(f"{prefix}.idx"), "bin_bytes": os.path.getsize(f"{prefix}.bin")}
+
+
+def model_vocab(base: str) -> int:
+    """The model's true vocabulary (embedding rows before padding): what token ids must stay below."""
+    from cpt_megatron.checkpoint import arch_from_ckpt, read_meta
+
+    return int(read_meta(base).get("vocab_size") or arch_from_ckpt(base).vocab_size)
+
+
+def check_tokenizer_fits(tokenizer, tok_spec: str, vocab: int) -> None:
+    if len(tokenizer) > vocab:
+        raise CptError(f"tokenizer {tok_spec} has {len(tokenizer)} tokens but the model has {vocab} rows; "
+                       "run `cpt resize-embeddings` first")
+
+
+def prepare(cfg, workers: int = 1) -> dict:
+    """Prepare everything `cfg` trains on (resumable); write and return the manifest."""
+    from cpt_megatron.data.mixture import check_dataset_tokenizer
+    from cpt_megatron.runtime import single_process_group
+    from cpt_megatron.tokenizer import load_tokenizer
+    from cpt_megatron.train.plan import recipe_mixture
+    from cpt_megatron.utils import sha256_file, write_json
+
+    with single_process_group():  # the importer's parity check needs one; hides any launcher's rank variables
+        base = prepare_base(cfg.model, cfg.data.cache_dir, cfg.run.seed)
     tok_spec = resolve_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else str(Path(base) / "tokenizer")
-    sources = prepare_sources(cfg.data, tok_spec)
-    tok = load_tokenizer(tok_spec)
-    mcfg = MixtureConfig(
-        sources=[SourceConfig(name=s["name"], prefix=s["prefix"], group=s["group"], weight=s["weight"],
-                              tokens=s["tokens"]) for s in sources],
-        alpha=cfg.data.alpha, phases=list(cfg.data.phases), valid_fraction=cfg.data.valid_fraction,
-        seed=cfg.data.seed, max_epochs_warn=cfg.data.max_epochs_warn)
-    return build_mixture(mcfg, seq_len=cfg.data.seq_len, train_samples=plan_steps(cfg) * cfg.train.global_batch,
-                         valid_samples=valid_samples, cache_dir=str(Path(cfg.data.cache_dir) / "indices"),
-                         tokenizer_vocab_size=len(tok), eod_id=int(tok.eos_token_id))
+    tokenizer = load_tokenizer(tok_spec)
+    vocab = model_vocab(base)
+    check_tokenizer_fits(tokenizer, tok_spec, vocab)
+    sources = prepare_sources(cfg.data, tok_spec, workers=workers)
+    for s in sources:
+        check_dataset_tokenizer(s["prefix"], vocab)
+        s.update(_fingerprint(s["prefix"]))
+    manifest = {"version": MANIFEST_VERSION, "key": prepare_key(cfg), "base": base,
+                "base_meta_sha256": sha256_file(Path(base) / "cpt_meta.json"), "tokenizer": tok_spec,
+                "vocab_size": vocab, "eod_id": int(tokenizer.eos_token_id),
+                "sources": [{k: s[k] for k in ("name", "prefix", "idx_sha256", "bin_bytes")} for s in sources]}
+    mixture = recipe_mixture(cfg, manifest, valid_samples=max(1, cfg.eval.batches * cfg.train.micro_batch))
+    manifest["mixture"] = mixture.report()
+    write_json(manifest_path(cfg), manifest)
+    return {**manifest, "manifest": str(manifest_path(cfg))}
+
+
+def load_prepared(cfg, command: str) -> dict:
+    """The manifest `cpt prepare` wrote for `cfg`, after checking that every file still has its recorded hash.
+    Read-only (every rank calls it before any process group exists); fails with `command` otherwise."""
+    from cpt_megatron.utils import sha256_file
+
+    path = manifest_path(cfg)
+
+    def stale(why: str) -> CptError:
+        return CptError(f"prepared data for this recipe {why}; run `{command}` first (it writes {path})")
+
+    if not path.is_file():
+        raise stale("is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise stale(f"has an unreadable manifest ({e})") from e
+    if manifest.get("version") != MANIFEST_VERSION or manifest.get("key") != prepare_key(cfg):
+        raise stale("was prepared by another version")
+    meta = Path(manifest["base"]) / "cpt_meta.json"
+    if not meta.is_file() or sha256_file(meta) != manifest["base_meta_sha256"]:
+        raise stale(f"has a changed or missing base checkpoint {manifest['base']}")
+    for s in manifest["sources"]:
+        try:
+            now = _fingerprint(s["prefix"])
+        except OSError:
+            raise stale(f"lacks {s['prefix']}.bin/.idx (source {s['name']})") from None
+        if now != {"idx_sha256": s["idx_sha256"], "bin_bytes": s["bin_bytes"]}:
+            raise stale(f"changed since it was prepared: {s['prefix']}.bin/.idx (source {s['name']})")
+    return manifest
+

@@ -8,34 +8,11 @@ and the optimizer moments are kept; only the curve changes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
+from cpt_megatron.config import ScheduleConfig
+
 __all__ = ["ScheduleConfig", "lr_at", "warmup_steps"]
-
-
-@dataclasses.dataclass(kw_only=True)
-class ScheduleConfig:
-    type: str = "cosine"
-    """cosine (re-warm then cosine to min_lr: the CPT default) | wsd (warmup-stable-decay) | constant."""
-    warmup: float = 0.01
-    """Warmup length: a fraction of the run if < 1, else a number of steps."""
-    warmup_init_lr: float = 0.0
-    """LR at step 0 of the re-warmup."""
-    wsd_decay_fraction: float = 0.2
-    """WSD: fraction of the run spent decaying at the end."""
-    wsd_decay_shape: str = "linear"
-    """WSD decay shape: linear | cosine | sqrt (1 - sqrt), see MiniCPM / Hägele et al. 2024."""
-
-    def __post_init__(self):
-        if self.type not in ("cosine", "wsd", "constant"):
-            raise ValueError(f"schedule.type must be cosine|wsd|constant, got {self.type!r}")
-        if self.warmup < 0:
-            raise ValueError(f"schedule.warmup must be >= 0, got {self.warmup}")
-        if not 0 <= self.wsd_decay_fraction <= 1:
-            raise ValueError(f"schedule.wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
-        if self.wsd_decay_shape not in ("linear", "cosine", "sqrt"):
-            raise ValueError(f"schedule.wsd_decay_shape must be linear|cosine|sqrt, got {self.wsd_decay_shape!r}")
 
 
 def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:

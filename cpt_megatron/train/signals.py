@@ -18,11 +18,18 @@ __all__ = ["PREEMPT_EXIT_CODE", "PreemptionHandler"]
 
 
 class PreemptionHandler:
+    """Installs its handlers on construction; `restore()` puts the previous ones back (the driver does, in
+    `finally`, so a library caller keeps its own handlers after training)."""
+
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.requested = False
         self.signum = None
-        for s in signals:
-            signal.signal(s, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from cpt_megatron.errors import CptError
 from cpt_megatron.model import ModelOptions, build_model, global_init_tensor, global_shape, load_hf_config
 from cpt_megatron.model.sharding import load_global_tensors, local_param_specs
 from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
+from cpt_megatron.train.batches import rank_microbatches
 from cpt_megatron.train.engine import Engine, OptimConfig
 
 __all__ = ["run_smoke", "init_random_weights", "synthetic_batch"]
@@ -31,13 +33,9 @@ def synthetic_batch(global_batch: int, seq_len: int, vocab: int, seed: int) -> t
 
 
 def split_for_rank(samples: torch.Tensor, dp_rank: int, dp: int, micro_batch: int) -> list[dict]:
-    per_dp = samples.shape[0] // dp
-    mine = samples[dp_rank * per_dp : (dp_rank + 1) * per_dp]
-    out = []
-    for i in range(0, per_dp, micro_batch):
-        mb = mine[i : i + micro_batch]
-        out.append({"tokens": mb[:, :-1].contiguous(), "labels": mb[:, 1:].contiguous()})
-    return out
+    """Rows of (seq_len + 1) token ids -> this DP rank's {tokens, labels} micro-batches."""
+    rows = [{"tokens": r[:-1], "labels": r[1:]} for r in samples]
+    return rank_microbatches(rows, 0, len(rows), dp_rank, dp, micro_batch)[0]
 
 
 def run_smoke(hf_config: str, *, steps: int, parallel: ParallelConfig, seq_len: int = 32, global_batch: int = 8,
@@ -49,7 +47,7 @@ def run_smoke(hf_config: str, *, steps: int, parallel: ParallelConfig, seq_len: 
     try:
         dp = parallel.dp(denv.world_size)
         if global_batch % (micro_batch * dp):
-            raise ValueError(f"global batch {global_batch} must be divisible by micro_batch*dp = {micro_batch}*{dp}")
+            raise CptError(f"global batch {global_batch} must be divisible by micro_batch*dp = {micro_batch}*{dp}")
         chunks = build_model(arch, parallel, ModelOptions(dtype=dtype))
         init_random_weights(chunks, seed, ps.get_tensor_model_parallel_rank(), parallel.tp)
         engine = Engine(chunks, parallel, OptimConfig(lr=lr, min_lr=lr, weight_decay=0.0), seq_len=seq_len,

@@ -1,0 +1,91 @@
+"""Every check a recipe must pass before training: one list, used by `cpt train` (on every rank, before
+anything is written to run.dir or a process group exists) and by `cpt train --dry-run`.
+
+`recipe_problems` returns readable problems (the dry run reports them all together); `check_recipe` raises
+the first ones as one CptError.
+"""
+
+from __future__ import annotations
+
+from cpt_megatron.config import RecipeConfig
+from cpt_megatron.errors import CptError
+
+__all__ = ["recipe_problems", "check_recipe", "layout"]
+
+
+def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
+    """(dp, problems) of running `cfg` on `world_size` processes."""
+    p, t = cfg.parallel, cfg.train
+    if world_size % (p.tp * p.pp):
+        return None, [f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp}; "
+                      "launch a multiple of tp*pp processes"]
+    dp = world_size // (p.tp * p.pp)
+    if t.global_batch % (t.micro_batch * dp):
+        return dp, [f"train.global_batch={t.global_batch} is not divisible by train.micro_batch*dp = "
+                    f"{t.micro_batch}*{dp}; use a multiple of {t.micro_batch * dp}"]
+    return dp, []
+
+
+def recipe_problems(cfg: RecipeConfig, world_size: int, arch=None, prepared: dict | None = None) -> list[str]:
+    """Problems of `cfg` on `world_size` processes; `arch` (ModelArch) and `prepared` (the manifest) when known."""
+    problems = layout(cfg, world_size)[1]
+    problems += _try(lambda: _check_model(cfg, arch))
+    problems += _try(lambda: _check_monitor(cfg))
+    problems += _try(lambda: _check_mixture(cfg))
+    if cfg.train.ewc.kind == "ewc" and not any(s.group == "general" for s in cfg.data.sources):
+        problems.append("train.ewc.kind=ewc needs a general (replay) source for the Fisher estimate")
+    if prepared is not None:
+        problems += _check_prepared_data(prepared)
+    return problems
+
+
+def check_recipe(cfg: RecipeConfig, world_size: int, arch=None, prepared: dict | None = None) -> None:
+    problems = recipe_problems(cfg, world_size, arch, prepared)
+    if problems:
+        raise CptError("; ".join(problems))
+
+
+def _try(check) -> list[str]:
+    try:
+        check()
+    except CptError as e:
+        return [str(e)]
+    return []
+
+
+def _check_model(cfg: RecipeConfig, arch) -> None:
+    from cpt_megatron.model.specs import select_kernels
+
+    select_kernels(cfg.model.options.spec)
+    if arch is not None:
+        arch.check_parallel(cfg.parallel.tp)
+        arch.check_seq_len(cfg.data.seq_len)
+
+
+def _check_monitor(cfg: RecipeConfig) -> None:
+    from cpt_megatron.eval.monitor import MonitorConfig
+
+    try:
+        MonitorConfig(**cfg.eval.monitor)
+    except TypeError as e:
+        raise CptError(f"eval.monitor: {e} (see MonitorConfig in cpt_megatron/eval/monitor.py)") from e
+
+
+def _check_mixture(cfg: RecipeConfig) -> None:
+    from cpt_megatron.train.plan import mixture_config
+
+    try:
+        mixture_config(cfg, {s.name: s.prefix or s.name for s in cfg.data.sources})
+    except TypeError as e:
+        raise CptError(f"data.phases: {e} (each phase is {{until: FRACTION, alpha: SHARE}})") from e
+    except CptError as e:
+        raise CptError(f"data: {e}") from e
+
+
+def _check_prepared_data(prepared: dict) -> list[str]:
+    from cpt_megatron.data.mixture import check_dataset_tokenizer
+
+    out = []
+    for s in prepared["sources"]:
+        out += _try(lambda s=s: check_dataset_tokenizer(s["prefix"], int(prepared["vocab_size"])))
+    return out
