@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cpt_prepare
 
 from cpt_megatron.runtime.procs import children, pid_alive
 
@@ -46,6 +47,7 @@ def _train_cmd(run_dir, cache, *overrides, nproc=1) -> list[str]:
 
 def cpt_train(run_dir, cache, *overrides, nproc=1, expect=0, hang_step=None, marker=None, wait=True):
     """`cpt train` on the tiny recipe (the one place these tests start a trainer). wait=False returns the Popen."""
+    cpt_prepare(cache, *overrides)
     args = _train_cmd(run_dir, cache, *overrides, nproc=nproc)
     env = dict(ENV)
     if hang_step is not None:
