@@ -149,6 +149,7 @@ def test_nproc_sigterm_saves_exits_75_and_leaves_nothing(tmp_path, cache):
 
 
 def test_nproc_user_error_printed_once_json_last(tmp_path, cache):
+    cpt_prepare(cache)
     out = subprocess.run([sys.executable, "-m", "cpt_megatron",
                           *_train_cmd(tmp_path / "run", cache, "train.global_batch=6", nproc=2)],
                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
