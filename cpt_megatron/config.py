@@ -118,6 +118,8 @@ class TrainSection:
     """Stop after this many consecutive skipped (non-finite) updates."""
     spike_factor: float = 0.0
     """Stop when loss > spike_factor x running mean (0 disables)."""
+    fp8: str | None = None
+    """FP8 GEMMs (Transformer Engine spec only): null | hybrid (e4m3 fwd, e5m2 grads) | e4m3. `--dry-run` checks it."""
     ewc: EwcConfig = dataclasses.field(default_factory=EwcConfig)
 
     def __post_init__(self):
@@ -125,6 +127,8 @@ class TrainSection:
             raise ValueError("train: give exactly one of max_steps | tokens")
         if self.global_batch < 1 or self.micro_batch < 1:
             raise ValueError("train.global_batch and train.micro_batch must be >= 1")
+        if self.fp8 not in (None, "hybrid", "e4m3"):
+            raise ValueError(f"train.fp8 must be null|hybrid|e4m3, got {self.fp8!r}")
 
 
 @dataclasses.dataclass(kw_only=True)

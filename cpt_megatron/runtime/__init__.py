@@ -1,5 +1,6 @@
 """Runtime: distributed init (torchrun/srun), model-parallel state, seeding, CPU redirects for megatron-core."""
 
+from cpt_megatron.runtime.device import current_device, device_override, on_gpu
 from cpt_megatron.runtime.distributed import (
     DistEnv,
     ParallelConfig,
@@ -10,4 +11,4 @@ from cpt_megatron.runtime.distributed import (
     seed_all,
 )
 
-__all__ = ["ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "seed_all"]
+__all__ = ["current_device", "device_override", "on_gpu", "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "seed_all"]

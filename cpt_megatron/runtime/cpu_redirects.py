@@ -1,6 +1,8 @@
 """Run megatron-core's training machinery on CPU (gloo) by redirecting its few CUDA-only spots.
 
-Used ONLY when CUDA is absent (`install_if_needed()` is a no-op on a GPU machine). megatron-core 0.16.1
+Used ONLY when CUDA is absent (`install_if_needed()` is a no-op on a GPU machine), and only in the processes
+that run megatron-core (training / conversion workers): never in the test runner (tests/conftest.py forbids
+it; tests that need megatron-core on CPU run it in a subprocess). megatron-core 0.16.1
 is not forked or vendored: we swap the `torch` global of a fixed list of its modules for a thin proxy
 that maps CUDA device requests to the CPU, plus two process-wide changes that cannot be scoped to a
 module. Everything that changes is listed here, in one place:
@@ -38,7 +40,8 @@ import torch
 
 __all__ = ["install", "install_if_needed", "is_installed", "CpuRNGStatesTracker", "seed_model_parallel_rng"]
 
-# megatron-core modules whose module-global `torch` is replaced (0.16.1; a missing module is skipped).
+# megatron-core modules whose module-global `torch` is replaced (0.16.1, pinned: a missing module or one that
+# no longer imports `torch` as a global is an error, never skipped).
 _MODULES = (
     "megatron.core.utils",
     "megatron.core.parallel_state",
@@ -279,13 +282,19 @@ def install() -> None:
         import psutil  # noqa: F401
     except ImportError as e:  # pragma: no cover - declared dependency
         raise RuntimeError("psutil is required by megatron-core dist_checkpointing (pip install psutil)") from e
+    from cpt_megatron.runtime.device import check_megatron_core
+
+    check_megatron_core()
     for name in _MODULES:
         try:
             module = importlib.import_module(name)
-        except Exception:  # module absent in this megatron-core version
-            continue
-        if getattr(module, "torch", None) is torch:
-            module.torch = _TORCH_ON_CPU
+        except ImportError as e:
+            raise RuntimeError(f"cpu_redirects: megatron-core module {name} is missing ({e}); "
+                               "runtime/cpu_redirects.py._MODULES is written for the pinned megatron-core") from e
+        if getattr(module, "torch", None) not in (torch, _TORCH_ON_CPU):
+            raise RuntimeError(f"cpu_redirects: {name} has no module-global `torch` to redirect; "
+                               "update runtime/cpu_redirects.py._MODULES for this megatron-core")
+        module.torch = _TORCH_ON_CPU
     torch.Tensor.type = _tensor_type
     torch.Tensor.cuda = _tensor_cuda
     from megatron.core.tensor_parallel import random as mp_random

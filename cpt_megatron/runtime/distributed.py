@@ -11,6 +11,7 @@ import socket
 import torch
 
 from cpt_megatron.errors import CptError
+from cpt_megatron.runtime.device import check_megatron_core, current_device, on_gpu
 
 __all__ = [
     "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "single_process_env",
@@ -19,7 +20,7 @@ __all__ = [
 
 @dataclasses.dataclass(kw_only=True)
 class ParallelConfig:
-    """How the model is split. DP is whatever the world size leaves: world / (tp * pp)."""
+    """How the model is split. DP is whatever the world size leaves: world / (tp * pp * cp)."""
 
     tp: int = 1
     """Tensor-parallel size (splits attention heads and MLP columns; keep within a node)."""
@@ -33,24 +34,39 @@ class ParallelConfig:
     """Shard optimizer states over DP (ZeRO-1 style, megatron-core DistributedOptimizer)."""
     overlap_grad_reduce: bool = False
     """Overlap the DP gradient reduce with backward (GPU; ignored on CPU)."""
+    overlap_param_gather: bool | None = None
+    """Overlap the distributed optimizer's parameter all-gather with the next forward (GPU). None = on whenever
+    distributed_optimizer is on and CUDA is present (Megatron-LM's recommended setting)."""
+    cp: int = 1
+    """Context-parallel size: splits each sequence over cp ranks (long sequences; Transformer Engine attention)."""
+    tp_comm_overlap: bool = False
+    """Overlap TP communication with GEMMs (Transformer Engine userbuffers; needs tp > 1 and sp)."""
 
     def __post_init__(self):
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "cp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.sp and self.tp == 1:
             self.sp = False  # megatron-core asserts sp needs tp>1; SP at tp=1 is a no-op
         if self.vpp is not None and self.pp == 1:
             raise ValueError("parallel.vpp needs parallel.pp > 1 (virtual stages interleave pipeline stages)")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ValueError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
 
     def dp(self, world_size: int) -> int:
-        mp = self.tp * self.pp
+        mp = self.tp * self.pp * self.cp
         if world_size % mp:
             raise CptError(
-                f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = {mp}; "
-                "launch a multiple of tp*pp processes"
+                f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {mp}; "
+                "launch a multiple of tp*pp*cp processes"
             )
         return world_size // mp
+
+    def param_gather_overlap(self, cuda: bool) -> bool:
+        """Resolved overlap_param_gather: the explicit value, else on with the distributed optimizer on GPU."""
+        if self.overlap_param_gather is None:
+            return bool(self.distributed_optimizer and cuda)
+        return bool(self.overlap_param_gather and cuda)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,22 +117,23 @@ def single_process_env():
 
 
 def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Alias of runtime.device.current_device (kept for callers of the old name)."""
+    return current_device()
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
     """Init torch.distributed (NCCL with CUDA, gloo without), megatron-core parallel state and RNGs.
 
-    Without CUDA the CPU redirects (runtime/cpu_redirects.py) are installed first.
+    Without CUDA the CPU redirects (runtime/cpu_redirects.py) are installed first. The installed megatron-core
+    must be the pinned release (one clear line otherwise).
     """
+    check_megatron_core()
     from megatron.core import parallel_state
 
     from cpt_megatron.runtime import cpu_redirects
 
     denv = dist_env()
-    cuda = torch.cuda.is_available()
+    cuda = on_gpu()
     if not cuda:
         cpu_redirects.install()
     if cuda:
@@ -138,6 +155,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_all(seed)
@@ -155,7 +173,7 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
+    if on_gpu():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         from cpt_megatron.runtime.cpu_redirects import seed_model_parallel_rng

@@ -69,6 +69,7 @@ def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | N
     """Collective. Returns the final checkpoint dir."""
     from megatron.core import dist_checkpointing
 
+    engine.sync_params()  # overlapped param all-gather (distributed optimizer on GPU) finished before saving
     from cpt_megatron.utils import atomic_file
 
     root = Path(run_dir) / "checkpoints"

@@ -166,7 +166,8 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
         mixture = make_mixture(state["phases"])
         groups = {s["name"]: s["group"] for s in prepared["sources"]}
 
-        chunks = build_model(arch, cfg.parallel, dataclasses.replace(cfg.model.options, vocab_size=true_vocab))
+        chunks = build_model(arch, cfg.parallel, dataclasses.replace(cfg.model.options, vocab_size=true_vocab,
+                                                                     initialize=False), fp8=cfg.train.fp8)
         load_model_weights(chunks, base)  # base weights first: also the EWC anchor
         engine = Engine(chunks, cfg.parallel, cfg.optim, seq_len=S, micro_batch=micro)
         reg = None

@@ -16,6 +16,21 @@ from cpt_megatron.errors import CptError
 __all__ = ["dry_run"]
 
 
+def _te_problems(cfg: RecipeConfig) -> list[str]:
+    """fp8 / context parallel / TP comm overlap: valid only with the TE spec on this machine (model/build.py)."""
+    from cpt_megatron.model.build import check_te_features
+    from cpt_megatron.model.specs import select_kernels
+
+    try:
+        spec = select_kernels(cfg.model.options.spec).spec
+        check_te_features(cfg.parallel, spec, getattr(cfg.train, "fp8", None))
+        if cfg.parallel.cp > 1 and cfg.data.seq_len % (2 * cfg.parallel.cp):
+            raise CptError(f"data.seq_len={cfg.data.seq_len} must be divisible by 2 x parallel.cp = {2 * cfg.parallel.cp}")
+    except (CptError, ValueError) as e:
+        return [str(e)]
+    return []
+
+
 def dry_run(cfg: RecipeConfig, nproc: int | None = None, gpu: str = "h100") -> dict:
     from cpt_megatron import flops
     from cpt_megatron.estimate import Layout, memory_per_gpu
@@ -25,11 +40,13 @@ def dry_run(cfg: RecipeConfig, nproc: int | None = None, gpu: str = "h100") -> d
 
     problems, notes = [], []
     p = cfg.parallel
-    world = nproc or int(os.environ.get("WORLD_SIZE", "0") or 0) or p.tp * p.pp
-    dp = world // (p.tp * p.pp) if world % (p.tp * p.pp) == 0 else None
+    mp = p.tp * p.pp * p.cp
+    world = nproc or int(os.environ.get("WORLD_SIZE", "0") or 0) or mp
+    dp = world // mp if world % mp == 0 else None
     if dp is None:
-        problems.append(f"world size {world} is not divisible by tp*pp = {p.tp * p.pp}")
+        problems.append(f"world size {world} is not divisible by tp*pp*cp = {mp}")
         dp = 1
+    problems += _te_problems(cfg)
     G, mb = cfg.train.global_batch, cfg.train.micro_batch
     if G % (mb * dp):
         problems.append(f"train.global_batch={G} is not divisible by micro_batch*dp = {mb}*{dp}")
