@@ -169,13 +169,16 @@ def single_process_group():
     from cpt_megatron.runtime import cpu_redirects
     from cpt_megatron.runtime.distributed import _free_port
 
-    if not torch.cuda.is_available():
+    redirect = not torch.cuda.is_available() and not cpu_redirects.is_installed()
+    if redirect:
         cpu_redirects.install()
     torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
     try:
         yield
     finally:
         torch.distributed.destroy_process_group()
+        if redirect:
+            cpu_redirects.uninstall()
 
 
 def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, extra_state: list[str]) -> int:

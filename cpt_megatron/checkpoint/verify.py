@@ -133,9 +133,9 @@ def _batch(arch: ModelArch, batch: int, seq_len: int, seed: int, text: str | Non
         need = batch * seq_len
         if len(ids) < need:
             ids = (ids * (need // max(1, len(ids)) + 1))
-        return torch.tensor(ids[:need]).view(batch, seq_len)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, arch.vocab_size, (batch, seq_len), generator=g)
+        return torch.tensor(ids[:need], device="cpu").view(batch, seq_len)
+    g = torch.Generator().manual_seed(seed)  # host tokens (same on every machine); megatron_logits moves them
+    return torch.randint(0, arch.vocab_size, (batch, seq_len), generator=g, device="cpu")
 
 
 def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | None = None, batch: int = 2,
@@ -149,7 +149,7 @@ def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | 
 
     from cpt_megatron.checkpoint.io import arch_from_ckpt, load_model_weights
     from cpt_megatron.model import ModelOptions, build_model
-    from cpt_megatron.runtime import ParallelConfig, init_distributed
+    from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
 
     arch = arch_from_ckpt(ckpt_dir)
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
@@ -181,10 +181,10 @@ def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | 
         torch.distributed.broadcast_object_list(result, src=_reporter_rank())
         return result[0]
     finally:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
         if owns_group:
-            torch.distributed.destroy_process_group()
+            destroy_distributed()  # also removes the CPU redirects it installed
+        elif ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
 
 
 

@@ -199,14 +199,15 @@ def build_model(arch: ModelArch, parallel, opts: ModelOptions | None = None, ker
             rotary_base=int(arch.rope_theta),
             vp_stage=vp_stage,
         )
-        # HF-exact rotary frequencies (llama3 scaling with any low/high/original values).
-        if hasattr(model, "rotary_pos_emb"):
-            model.rotary_pos_emb.inv_freq = arch.rope_inv_freq().to(model.rotary_pos_emb.inv_freq.device)
         if post and vocab > true_vocab:
             _mask_vocab_padding(model, true_vocab, vocab)
         if post and plan.fused_ce != "off":
             _kernels.install_fused_ce(model, plan.fused_ce, true_vocab)
         model.to(current_device())
+        # HF-exact rotary frequencies (llama3 scaling with any low/high/original values); a plain attribute, so
+        # it is placed here, after the move
+        if hasattr(model, "rotary_pos_emb"):
+            model.rotary_pos_emb.inv_freq = arch.rope_inv_freq().to(current_device())
         if plan.compile == "layer":
             _kernels.compile_layers(model)
         model.kernel_plan = plan  # shown by `cpt env` and the throughput bench

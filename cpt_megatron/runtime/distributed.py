@@ -116,6 +116,9 @@ def single_process_env():
         os.environ.update(saved)
 
 
+_installed_redirects = False  # init_distributed installed the CPU redirects (destroy_distributed removes them)
+
+
 def device() -> torch.device:
     """Alias of runtime.device.current_device (kept for callers of the old name)."""
     return current_device()
@@ -132,10 +135,12 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
 
     from cpt_megatron.runtime import cpu_redirects
 
+    global _installed_redirects
     denv = dist_env()
     cuda = on_gpu()
-    if not cuda:
+    if not cuda and not cpu_redirects.is_installed():
         cpu_redirects.install()
+        _installed_redirects = True
     if cuda:
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
@@ -182,9 +187,16 @@ def seed_all(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    """Tear down what init_distributed set up: parallel state, the process group, and the CPU redirects it installed."""
+    global _installed_redirects
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if _installed_redirects:
+        from cpt_megatron.runtime import cpu_redirects
+
+        cpu_redirects.uninstall()
+        _installed_redirects = False
