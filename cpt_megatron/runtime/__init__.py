@@ -5,10 +5,9 @@ from cpt_megatron.runtime.distributed import (
     DistEnv,
     ParallelConfig,
     destroy_distributed,
-    device,
     dist_env,
     init_distributed,
     seed_all,
 )
 
-__all__ = ["current_device", "device_override", "on_gpu", "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "seed_all"]
+__all__ = ["current_device", "device_override", "on_gpu", "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "seed_all"]

@@ -11,10 +11,10 @@ import socket
 import torch
 
 from cpt_megatron.errors import CptError
-from cpt_megatron.runtime.device import check_megatron_core, current_device, on_gpu
+from cpt_megatron.runtime.device import check_megatron_core, on_gpu
 
 __all__ = [
-    "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "single_process_env",
+    "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "single_process_env",
 ]
 
 
@@ -117,11 +117,6 @@ def single_process_env():
 
 
 _installed_redirects = False  # init_distributed installed the CPU redirects (destroy_distributed removes them)
-
-
-def device() -> torch.device:
-    """Alias of runtime.device.current_device (kept for callers of the old name)."""
-    return current_device()
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
