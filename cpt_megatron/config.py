@@ -139,7 +139,8 @@ class CheckpointSection:
     milestones: list[int] = dataclasses.field(default_factory=list)
     """Steps whose checkpoints are never deleted."""
     async_save: bool = False
-    """Asynchronous dist-checkpoint save (GPU)."""
+    """Asynchronous dist-checkpoint save (megatron-core async queue, train/async_save.py): the step waits only for
+    the copy to host memory; the checkpoint appears (renamed, in `latest`) when its background write is done."""
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -170,6 +170,9 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                                                                      initialize=False), fp8=cfg.train.fp8)
         load_model_weights(chunks, base)  # base weights first: also the EWC anchor
         engine = Engine(chunks, cfg.parallel, cfg.optim, seq_len=S, micro_batch=micro)
+        from cpt_megatron.train.async_save import AsyncCheckpointSaver  # checkpoint.async_save (#17)
+
+        saver = AsyncCheckpointSaver() if cfg.checkpoint.async_save else None
         reg = None
         if cfg.train.ewc.kind != "none":
             from cpt_megatron.train.ewc import Regularizer
@@ -244,6 +247,8 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
             mbs, samples = _microbatches(mixture.train, state["consumed_samples"], G, ps.get_data_parallel_rank(),
                                          dp, micro)
             res = engine.train_step(mbs, grad_hook=reg)
+            if saver is not None:
+                saver.poll()
             state["step"] += 1
             state["consumed_samples"] += G
             launch_steps += 1
@@ -301,6 +306,8 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                               f", lr scale {state['lr_scale']:.3g}", flush=True)
                     if best is not None:
                         keep = dict(state)
+                        if saver is not None:
+                            saver.wait()
                         load_checkpoint(best, engine)
                         saved = json.loads((best / "train_state.json").read_text())
                         state.update(step=saved["step"], consumed_samples=saved["consumed_samples"],
@@ -313,12 +320,14 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                 save_now, exit_code = True, PREEMPT_EXIT_CODE
                 stopped = stopped or f"preempted by signal {preempt.signum} after step {state['step']}"
             if save_now:
-                save_checkpoint(run_dir, state["step"], engine, _common(state, cfg), base)
+                save_checkpoint(run_dir, state["step"], engine, _common(state, cfg), base, saver=saver)
                 if rank0:
                     prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.milestones)
                 logger.reset_clock()
             if stopped:
                 break
+        if saver is not None:
+            saver.close()  # every checkpoint written and renamed before the run returns
         if bar is not None:
             bar.close()
         logger.close()
