@@ -17,11 +17,21 @@ GOAL_RATIO = 1.2  # ours >= 1.2 x best HF tokens/s
 
 
 def _last_json(path: Path):
+    """A whole-file JSON document, else the last line that is one (`--json` output after log lines)."""
     try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip().startswith("{")]
-        return json.loads(lines[-1]) if lines else json.loads(path.read_text())
-    except (OSError, ValueError, IndexError):
+        text = path.read_text()
+    except OSError:
         return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    for line in reversed(text.splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
 
 
 def collect(work: Path) -> dict:

@@ -189,3 +189,28 @@ def test_gpu_defaults_resolved_on_gpu(monkeypatch):
     assert ddp_bucket_size(1_000_000, 8) == 40_000_000
     assert ddp_bucket_size(1_000_000_000, 8) == 62_500_000  # 1B local params: 16 buckets
     assert ddp_bucket_size(1_000_000_000, 128) == 128_000_000  # Megatron-LM: >= 1M x dp
+
+
+# -- the step DataLoader (read-ahead on TP rank 0) ----------------------------------------------------------
+class _Toy(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        t = torch.arange(i, i + 9, dtype=torch.int64)
+        return {"tokens": t[:-1], "labels": t[1:]}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_step_loader_matches_plain_reads(workers):
+    from cpt_megatron.train.data_loader import StepLoader, step_microbatches
+
+    ds = _Toy()
+    loader = StepLoader(global_batch=8, dp_rank=1, dp=2, micro=2, workers=workers, pin_memory=False)
+    for start in (0, 8, 16, 8, 40):  # sequential read-ahead, then a rollback to 8, then a jump
+        mbs, samples = loader.get(ds, start)
+        ref, ref_samples = step_microbatches(ds, start, 8, 1, 2, 2)
+        assert len(mbs) == 2 and all(torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
+                                     for a, b in zip(mbs, ref))
+        assert int(mbs[0]["tokens"][0, 0]) == start + 4  # DP rank 1 of 2: the second half of the global batch
+        assert len(samples) == len(ref_samples) == 4

@@ -21,6 +21,7 @@ import torch
 from cpt_megatron.config import RecipeConfig, to_dict
 from cpt_megatron.errors import CptError
 from cpt_megatron.runtime import destroy_distributed, init_distributed
+from cpt_megatron.train.data_loader import step_microbatches as _microbatches
 from cpt_megatron.train.schedule import lr_at
 from cpt_megatron.train.signals import PREEMPT_EXIT_CODE, PreemptionHandler
 
@@ -44,21 +45,6 @@ def plan_steps(cfg: RecipeConfig) -> int:
     if cfg.train.max_steps is not None:
         return int(cfg.train.max_steps)
     return max(1, math.ceil(cfg.train.tokens / (cfg.train.global_batch * cfg.data.seq_len)))
-
-
-def _collate(samples: list[dict]) -> dict:
-    out = {}
-    for k in ("tokens", "labels", "loss_mask", "position_ids"):
-        if k in samples[0]:
-            out[k] = torch.stack([torch.as_tensor(s[k]) for s in samples])
-    return out
-
-
-def _microbatches(dataset, start: int, count: int, dp_rank: int, dp: int, micro: int) -> tuple[list[dict], list]:
-    per = count // dp
-    idx = range(start + dp_rank * per, start + (dp_rank + 1) * per)
-    samples = [dataset[i] for i in idx]
-    return [_collate(samples[i:i + micro]) for i in range(0, per, micro)], samples
 
 
 class _Evaluator:
@@ -171,8 +157,10 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
         load_model_weights(chunks, base)  # base weights first: also the EWC anchor
         engine = Engine(chunks, cfg.parallel, cfg.optim, seq_len=S, micro_batch=micro)
         from cpt_megatron.train.async_save import AsyncCheckpointSaver  # checkpoint.async_save (#17)
+        from cpt_megatron.train.data_loader import StepLoader  # DataLoader read-ahead on TP rank 0, TP broadcast
 
         saver = AsyncCheckpointSaver() if cfg.checkpoint.async_save else None
+        loader = StepLoader.for_this_rank(global_batch=G, micro=micro)
         reg = None
         if cfg.train.ewc.kind != "none":
             from cpt_megatron.train.ewc import Regularizer
@@ -244,8 +232,7 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
             lr = lr_at(step, cfg.schedule, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, total_steps=total_steps)
             lr *= state["lr_scale"]
             engine.set_lr(lr)
-            mbs, samples = _microbatches(mixture.train, state["consumed_samples"], G, ps.get_data_parallel_rank(),
-                                         dp, micro)
+            mbs, samples = loader.get(mixture.train, state["consumed_samples"])  # read ahead on TP rank 0
             res = engine.train_step(mbs, grad_hook=reg)
             if saver is not None:
                 saver.poll()
