@@ -50,8 +50,9 @@ class ModelOptions:
     compile: str = "auto"
     """torch.compile: auto (each TransformerLayer on GPU with the local spec; off with TE and on CPU) | layer | off."""
     initialize: bool = True
-    """Run megatron's weight init. False when every weight is loaded right after the build (training from a
-    base, verify, eval): skips initializing billions of values that are overwritten anyway."""
+    """Run megatron's weight init. False when every weight is loaded right after the build (training from a base on
+    GPU, verify, eval): parameters are zero-filled instead (one memset; rows no checkpoint fills, e.g. the vocab
+    padding of another TP size, stay deterministic), skipping a random init of billions of values."""
 
     def __post_init__(self):
         _kernels.check_options(self)
@@ -204,6 +205,10 @@ def build_model(arch: ModelArch, parallel, opts: ModelOptions | None = None, ker
         if post and plan.fused_ce != "off":
             _kernels.install_fused_ce(model, plan.fused_ce, true_vocab)
         model.to(current_device())
+        if not opts.initialize:  # deterministic contents for rows no checkpoint fills (vocab padding of another TP)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
         # HF-exact rotary frequencies (llama3 scaling with any low/high/original values); a plain attribute, so
         # it is placed here, after the move
         if hasattr(model, "rotary_pos_emb"):

@@ -9,8 +9,8 @@ is therefore only visible (renamed, in `latest`) after its finalize: a crash mid
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["AsyncCheckpointSaver"]
 

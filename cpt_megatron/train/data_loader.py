@@ -84,7 +84,7 @@ class StepLoader:
         return item
 
     @classmethod
-    def for_this_rank(cls, dataset=None, *, global_batch: int, micro: int, **kw) -> "StepLoader":
+    def for_this_rank(cls, dataset=None, *, global_batch: int, micro: int, **kw) -> StepLoader:
         """Under megatron's parallel state: DP rank/size from it, TP rank 0 reads and broadcasts to its TP group."""
         from megatron.core import parallel_state as ps
 

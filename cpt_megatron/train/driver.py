@@ -20,7 +20,7 @@ import torch
 
 from cpt_megatron.config import RecipeConfig, to_dict
 from cpt_megatron.errors import CptError
-from cpt_megatron.runtime import destroy_distributed, init_distributed
+from cpt_megatron.runtime import destroy_distributed, init_distributed, on_gpu
 from cpt_megatron.train.data_loader import step_microbatches as _microbatches
 from cpt_megatron.train.schedule import lr_at
 from cpt_megatron.train.signals import PREEMPT_EXIT_CODE, PreemptionHandler
@@ -152,12 +152,14 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
         mixture = make_mixture(state["phases"])
         groups = {s["name"]: s["group"] for s in prepared["sources"]}
 
+        # GPU: no random init of weights loaded next (CPU keeps it: its RNG use keeps CPU runs as they were)
         chunks = build_model(arch, cfg.parallel, dataclasses.replace(cfg.model.options, vocab_size=true_vocab,
-                                                                     initialize=False), fp8=cfg.train.fp8)
+                                                                     initialize=not on_gpu()), fp8=cfg.train.fp8)
         load_model_weights(chunks, base)  # base weights first: also the EWC anchor
         engine = Engine(chunks, cfg.parallel, cfg.optim, seq_len=S, micro_batch=micro)
-        from cpt_megatron.train.async_save import AsyncCheckpointSaver  # checkpoint.async_save (#17)
-        from cpt_megatron.train.data_loader import StepLoader  # DataLoader read-ahead on TP rank 0, TP broadcast
+        # checkpoint.async_save (#17); DataLoader read-ahead on TP rank 0, broadcast over TP
+        from cpt_megatron.train.async_save import AsyncCheckpointSaver
+        from cpt_megatron.train.data_loader import StepLoader
 
         saver = AsyncCheckpointSaver() if cfg.checkpoint.async_save else None
         loader = StepLoader.for_this_rank(global_batch=G, micro=micro)
