@@ -214,3 +214,17 @@ def test_step_loader_matches_plain_reads(workers):
                                      for a, b in zip(mbs, ref))
         assert int(mbs[0]["tokens"][0, 0]) == start + 4  # DP rank 1 of 2: the second half of the global batch
         assert len(samples) == len(ref_samples) == 4
+
+
+def test_comm_device_follows_the_backend():
+    """Collective payloads: the compute device under NCCL, the CPU under gloo (the conversion group on a GPU node)."""
+    from cpt_megatron.runtime.device import comm_device, current_device, device_override
+    from cpt_megatron.runtime.distributed import _free_port
+
+    with device_override("meta"):  # a stand-in for cuda
+        assert comm_device() == current_device() == torch.device("meta")  # no group yet: the compute device
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+        try:
+            assert comm_device() == torch.device("cpu")
+        finally:
+            torch.distributed.destroy_process_group()

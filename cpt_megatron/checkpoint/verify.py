@@ -15,7 +15,7 @@ import torch
 
 from cpt_megatron.errors import CptError
 from cpt_megatron.model.arch import ModelArch
-from cpt_megatron.runtime.device import current_device
+from cpt_megatron.runtime.device import comm_device, current_device
 
 __all__ = ["verify_checkpoint", "check_parity", "megatron_logits", "compare_logits"]
 
@@ -193,7 +193,7 @@ def _reporter_rank() -> int:
     """Global rank of the last pipeline stage's TP rank 0 (DP rank 0), which holds the comparison."""
     from megatron.core import parallel_state as ps
 
-    dev = current_device()  # NCCL moves only device tensors
+    dev = comm_device()  # NCCL moves device tensors; a gloo group (conversion) moves CPU ones
     flag = torch.tensor([1 if (ps.is_pipeline_last_stage(ignore_virtual=True)
                                and ps.get_tensor_model_parallel_rank() == 0
                                and ps.get_data_parallel_rank() == 0) else 0], device=dev)

@@ -16,7 +16,7 @@ import torch
 
 from cpt_megatron.errors import CptError
 
-__all__ = ["current_device", "on_gpu", "device_override", "MEGATRON_CORE_VERSION", "check_megatron_core",
+__all__ = ["current_device", "comm_device", "on_gpu", "device_override", "MEGATRON_CORE_VERSION", "check_megatron_core",
            "megatron_core_version"]
 
 MEGATRON_CORE_VERSION = "0.16.1"
@@ -37,6 +37,14 @@ def current_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def comm_device(group=None) -> torch.device:
+    """Where a collective's payload must live: the compute device under NCCL; the CPU under gloo (e.g. the 1-rank
+    gloo group import-hf/export-hf convert in, whose parity check runs on the GPU model)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return current_device()
 
 
 @contextlib.contextmanager

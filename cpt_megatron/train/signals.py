@@ -42,8 +42,8 @@ class PreemptionHandler:
             return self.requested
         if self._calls % self.every:
             return False
-        from cpt_megatron.runtime.device import current_device
+        from cpt_megatron.runtime.device import comm_device
 
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=current_device())
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=comm_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)
