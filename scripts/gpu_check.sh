@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of issue #17 (< 8 minutes on one H100/H200, one device call): see docs/gpu.md.
+# The one prepared GPU check of issue #17 (< 8 minutes on one H100/H200, one device call, timeout_s=600): docs/gpu.md.
 #   0. install the carried cp312 wheels (.whl/: megatron-core 0.16.1, liger-kernel) into /tmp/site
 #   1. cpt env --json                                   (versions, the megatron-core pin, kernel choices + reasons)
 #   2. tiny model, fp32, first losses on GPU vs CPU     (cpt smoke on both; must match 1e-5)
@@ -53,9 +53,9 @@ log "env: $(tail -n 1 "$WORK/env.json" | head -c 300)"
 
 # 2. first losses, tiny model, fp32: GPU vs CPU
 if ! skip smoke; then
-    timeout 150 "$PY" -m cpt_megatron smoke "${SMOKE_ARGS[@]}" --json > "$WORK/smoke_gpu.json" 2> "$WORK/smoke_gpu.err" \
+    timeout 100 "$PY" -m cpt_megatron smoke "${SMOKE_ARGS[@]}" --json > "$WORK/smoke_gpu.json" 2> "$WORK/smoke_gpu.err" \
         || { log "GPU smoke failed"; tail_err "$WORK/smoke_gpu.err"; status=1; }
-    CUDA_VISIBLE_DEVICES="" timeout 150 "$PY" -m cpt_megatron smoke "${SMOKE_ARGS[@]}" --json \
+    CUDA_VISIBLE_DEVICES="" timeout 100 "$PY" -m cpt_megatron smoke "${SMOKE_ARGS[@]}" --json \
         > "$WORK/smoke_cpu.json" 2> "$WORK/smoke_cpu.err" || { log "CPU smoke failed"; tail_err "$WORK/smoke_cpu.err"; status=1; }
 fi
 
