@@ -11,13 +11,12 @@ Variants (--variants, run in order, each on a fresh model; memory freed between 
 The loss is the token-mean CE over all s positions for both (HF's own loss also upcasts logits to fp32).
 FLOPs: cpt_megatron.flops.train_flops_per_token (the formula the trainer logs); MFU against flops.GPUS.
 
-Host syncs in our measured step (all from Engine.train_step, none inside forward/backward): the loss
-(sum, count) copied to CPU in Engine._reduce_loss; the gradient norm `.item()` inside megatron's
-clip_grad (get_grad_norm_fp32) and `float(grad_norm)` in StepResult. HF variants sync once per step
-(loss.item()) so both are timed the same way; the window is closed with torch.cuda.synchronize().
+Host syncs in our measured step: megatron's grad-norm `.item()` (the non-finite check is folded into it,
+Engine._optimizer_step) and reading StepResult.loss (the device-side [loss_sum, tokens] copied once). HF variants
+sync once per step (loss.item()) so both are timed the same way; the window is closed with torch.cuda.synchronize().
 
     python bench/throughput.py                      # the issue's 1.5B Llama shape, seq 2048, micro-batch 4
-    python bench/throughput.py --tiny --steps 2     # CPU smoke (fp32, tiny shape)
+    python bench/throughput.py --tiny --steps 2     # CPU smoke (fp32, tiny shape); --dry-run is the same
 """
 
 from __future__ import annotations
@@ -126,7 +125,7 @@ def run_ours(arch, overrides: dict, batches, args, dtype: str):
 
     def step(b):
         mb = {"tokens": b[:, :-1].contiguous(), "labels": b[:, 1:].contiguous()}
-        return engine.train_step([mb]).loss  # loss and grad norm come back as floats (the Engine's syncs)
+        return engine.train_step([mb]).loss  # reading .loss is the step's one sync of ours
 
     losses, dt = _timed(step, batches, args.warmup)
     kernels = {k: v for k, v in plan.to_dict().items() if k != "reasons"}
@@ -204,7 +203,7 @@ def _parse_variant(v: str) -> tuple[str, dict]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-config", help="HF config.json (or dir) instead of the issue's 1.5B Llama shape")
-    ap.add_argument("--tiny", action="store_true", help="tiny shape, fp32, seq 32, micro-batch 2 (CPU smoke)")
+    ap.add_argument("--tiny", "--dry-run", action="store_true", help="tiny shape, fp32, seq 32, micro-batch 2 (CPU smoke)")
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=5, help="measured steps per variant")

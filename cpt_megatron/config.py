@@ -64,7 +64,11 @@ class ModelOptions:
     fused_ce: str = "auto"
     """Output layer + loss: auto | liger | compile | chunked (fused linear-CE, TP=1) | off (megatron vocab-parallel CE)."""
     compile: str = "auto"
-    """torch.compile: auto (each TransformerLayer on GPU, off on CPU) | layer | off."""
+    """torch.compile: auto (each TransformerLayer on GPU with the local spec; off with TE and on CPU) | layer | off."""
+    initialize: bool = True
+    """Run megatron's weight init. False when every weight is loaded right after the build (training from a base on
+    GPU, verify, eval): parameters are zero-filled instead (one memset; rows no checkpoint fills, e.g. the vocab
+    padding of another TP size, stay deterministic), skipping a random init of billions of values."""
 
     def __post_init__(self):
         self.check_kernels()
@@ -83,7 +87,7 @@ class ModelOptions:
 
 @dataclasses.dataclass(kw_only=True)
 class ParallelConfig:
-    """How the model is split. DP is whatever the world size leaves: world / (tp * pp)."""
+    """How the model is split. DP is whatever the world size leaves: world / (tp * pp * cp)."""
 
     tp: int = 1
     """Tensor-parallel size (splits attention heads and MLP columns; keep within a node)."""
@@ -97,9 +101,16 @@ class ParallelConfig:
     """Shard optimizer states over DP (ZeRO-1 style, megatron-core DistributedOptimizer)."""
     overlap_grad_reduce: bool = False
     """Overlap the DP gradient reduce with backward (GPU; ignored on CPU)."""
+    overlap_param_gather: bool | None = None
+    """Overlap the distributed optimizer's parameter all-gather with the next forward (GPU). None = on whenever
+    distributed_optimizer is on and CUDA is present (Megatron-LM's recommended setting)."""
+    cp: int = 1
+    """Context-parallel size: splits each sequence over cp ranks (long sequences; Transformer Engine attention)."""
+    tp_comm_overlap: bool = False
+    """Overlap TP communication with GEMMs (Transformer Engine userbuffers; needs tp > 1 and sp)."""
 
     def __post_init__(self):
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "cp"):
             if getattr(self, name) < 1:
                 raise CptError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.sp and self.tp == 1:
@@ -107,15 +118,23 @@ class ParallelConfig:
                              "set parallel.sp=false or raise parallel.tp")
         if self.vpp is not None and self.pp == 1:
             raise CptError("parallel.vpp needs parallel.pp > 1 (virtual stages interleave pipeline stages)")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise CptError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
 
     def dp(self, world_size: int) -> int:
-        mp = self.tp * self.pp
+        mp = self.tp * self.pp * self.cp
         if world_size % mp:
             raise CptError(
-                f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = {mp}; "
-                "launch a multiple of tp*pp processes"
+                f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = {mp}; "
+                "launch a multiple of tp*pp*cp processes"
             )
         return world_size // mp
+
+    def param_gather_overlap(self, cuda: bool) -> bool:
+        """Resolved overlap_param_gather: the explicit value, else on with the distributed optimizer on GPU."""
+        if self.overlap_param_gather is None:
+            return bool(self.distributed_optimizer and cuda)
+        return bool(self.overlap_param_gather and cuda)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -265,6 +284,8 @@ class TrainSection:
     """Stop after this many consecutive skipped (non-finite) updates."""
     spike_factor: float = 0.0
     """Stop when loss > spike_factor x running mean (0 disables)."""
+    fp8: str | None = None
+    """FP8 GEMMs (Transformer Engine spec only): null | hybrid (e4m3 fwd, e5m2 grads) | e4m3. `--dry-run` checks it."""
     ewc: EwcConfig = dataclasses.field(default_factory=EwcConfig)
 
     def __post_init__(self):
@@ -276,6 +297,8 @@ class TrainSection:
             raise CptError(f"train.tokens={self.tokens} must be > 0")
         if self.global_batch < 1 or self.micro_batch < 1:
             raise CptError("train.global_batch and train.micro_batch must be >= 1")
+        if self.fp8 not in (None, "hybrid", "e4m3"):
+            raise CptError(f"train.fp8 must be null|hybrid|e4m3, got {self.fp8!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -286,7 +309,8 @@ class CheckpointSection:
     milestones: list[int] = dataclasses.field(default_factory=list)
     """Steps whose checkpoints are never deleted."""
     async_save: bool = False
-    """Asynchronous dist-checkpoint save (GPU)."""
+    """Asynchronous dist-checkpoint save (megatron-core async queue, train/async_save.py): the step waits only for
+    the copy to host memory; the checkpoint appears (renamed, in `latest`) when its background write is done."""
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,13 @@ def cpt_train(run_dir, cache, *overrides, recipe: str = "tiny_cpu", nproc: int =
     if expect:
         return {"returncode": out.returncode, "stderr": out.stderr}
     return json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.fixture(autouse=True)
+def _cpu_redirects_not_left_installed():
+    """The CPU redirects (runtime/cpu_redirects.py) make Tensor.cuda() a no-op and Tensor.type() lie: they must not
+    outlive the megatron-core call that needed them in this process (tests that need megatron-core on CPU for long
+    run it in a subprocess, e.g. tests/device_scenarios.py). A test that leaves them installed fails."""
+    yield
+    mod = sys.modules.get("cpt_megatron.runtime.cpu_redirects")
+    if mod is not None and mod.is_installed():
+        mod.uninstall()
+        pytest.fail("the CPU redirects were left installed (call destroy_distributed / leave single_process_group)")

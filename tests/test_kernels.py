@@ -197,11 +197,53 @@ def test_throughput_bench_tiny_cpu(tmp_path):
 
 
 def test_gpu_check_script_shellcheck_and_dry_run(tmp_path):
+    """The prepared device check runs end to end on CPU (env + report here; each step's tiny form is tested below
+    and by test_throughput_bench_tiny_cpu) and writes ONE JSON + a markdown table."""
     script = REPO / "scripts" / "gpu_check.sh"
     if subprocess.run(["which", "shellcheck"], capture_output=True).returncode == 0:
         subprocess.run(["shellcheck", str(script)], check=True)
-    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_DRY="1", PYTHON=sys.executable)
-    res = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert (tmp_path / "plan.txt").is_file()
-    assert "bench/throughput.py" in (tmp_path / "plan.txt").read_text()
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_SKIP="smoke,real,bench")
+    res = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr + (tmp_path / "summary.txt").read_text()
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["ok"] and rep["env"]["megatron_core"] == rep["env"]["megatron_core_required"] == "0.16.1"
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check: cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md", "summary.txt"]
+
+
+def test_gpu_report_table():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_report
+
+    bench = {"shape": {"hidden": 2048, "ffn": 8192, "layers": 16, "heads": 32, "kv_heads": 8, "vocab": 128256,
+                       "seq_len": 2048, "micro_batch": 4}, "dtype": "bf16",
+             "results": [{"name": n, "step_s": s, "tokens_per_s": 8192 / s, "tflops_per_s": t, "mfu": t / 989,
+                          "peak_mem_gib": 40.0} for n, s, t in (("ours", 0.1, 500.0), ("hf_compile", 0.125, 400.0))],
+             "ratio_ours_over_best_hf": 1.25}
+    rep = {"env": {"device": "NVIDIA H200", "torch": "2.9", "megatron_core": "0.16.1", "spec": "te"},
+           "parity": {"first_abs_diff": 2e-6, "tol": 1e-5, "ok": True}, "real_model": None, "bench": bench,
+           "bench_goal": {"ratio_ours_over_best_hf": 1.25, "goal": 1.2, "met": True},
+           "steps_ok": {"env": True}, "ok": True}
+    md = gpu_report.markdown(rep)
+    assert "| tiny fp32 first loss, GPU vs CPU | 2.00e-06 (tol 1e-05) | OK |" in md
+    assert "| ours | 100.0 | 81920 | 500.0 | 50.6% | 40.0 |" in md
+    assert "ours / best HF = 1.250 (goal >= 1.2: met)" in md
+
+
+@pytest.mark.slow
+def test_gpu_check_full_dry_run(tmp_path):
+    """Every step of the device check in its tiny CPU form: smoke parity, the real-model leg, the bench."""
+    env = dict(os.environ, PYTHON=sys.executable, REAL_TIMEOUT="600", BENCH_TIMEOUT="600")
+    env.pop("MASTER_PORT", None)
+    res = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", str(tmp_path)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, (tmp_path / "summary.txt").read_text()
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["parity"]["ok"] and rep["parity"]["first_abs_diff"] == 0.0
+    real = rep["real_model"]
+    assert real["ok"] and real["import_verify"]["max_abs_diff"] <= 1e-4 and real["reload_abs_diff"] < 1e-4
+    assert real["train"]["loss_after"] < real["train"]["losses"][0]
+    assert [r["name"] for r in rep["bench"]["results"]] == ["ours", "hf_eager"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| ours |" in md and "transformers reload loss vs ours" in md

@@ -15,6 +15,7 @@ import torch
 
 from cpt_megatron.errors import CptError
 from cpt_megatron.model.arch import ModelArch
+from cpt_megatron.runtime.device import comm_device, current_device
 
 __all__ = ["verify_checkpoint", "check_parity", "megatron_logits", "compare_logits"]
 
@@ -57,15 +58,18 @@ def _pp_ranks():
 
 @torch.no_grad()
 def megatron_logits(chunks, tokens: torch.Tensor, true_vocab: int, parallel) -> torch.Tensor | None:
-    """Full-vocab logits [b, s, true_vocab] on the last PP stage (every TP rank); None elsewhere."""
+    """Full-vocab logits [b, s, true_vocab] on the last PP stage (every TP rank), on the model's device
+    (`current_device()`); None elsewhere. `tokens` may live anywhere: they are moved to that device."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     pp, vpp = parallel.pp, parallel.vpp or 1
     pp_rank = ps.get_pipeline_model_parallel_rank()
     ranks = _pp_ranks()
+    dev = current_device()
+    tokens = tokens.to(dev)
     b, s = tokens.shape
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
     hidden_shape = (s, b, chunks[0].config.hidden_size)
     dtype = chunks[0].config.params_dtype
     logits = None
@@ -77,7 +81,7 @@ def megatron_logits(chunks, tokens: torch.Tensor, true_vocab: int, parallel) -> 
             continue
         chunk = chunks[v]
         if stage > 0:
-            buf = torch.empty(hidden_shape, dtype=dtype)
+            buf = torch.empty(hidden_shape, dtype=dtype, device=dev)
             torch.distributed.recv(buf, src=ranks[(stage - 1) % pp])
             chunk.set_input_tensor(buf)
         out = chunk(tokens, pos, None)
@@ -129,9 +133,9 @@ def _batch(arch: ModelArch, batch: int, seq_len: int, seed: int, text: str | Non
         need = batch * seq_len
         if len(ids) < need:
             ids = (ids * (need // max(1, len(ids)) + 1))
-        return torch.tensor(ids[:need]).view(batch, seq_len)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, arch.vocab_size, (batch, seq_len), generator=g)
+        return torch.tensor(ids[:need], device="cpu").view(batch, seq_len)
+    g = torch.Generator().manual_seed(seed)  # host tokens (same on every machine); megatron_logits moves them
+    return torch.randint(0, arch.vocab_size, (batch, seq_len), generator=g, device="cpu")
 
 
 def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | None = None, batch: int = 2,
@@ -145,7 +149,7 @@ def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | 
 
     from cpt_megatron.checkpoint.io import arch_from_ckpt, load_model_weights
     from cpt_megatron.model import ModelOptions, build_model
-    from cpt_megatron.runtime import ParallelConfig, init_distributed
+    from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
 
     arch = arch_from_ckpt(ckpt_dir)
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
@@ -154,13 +158,16 @@ def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | 
     try:
         if denv.world_size != tp * pp:
             raise CptError(f"verify needs exactly tp*pp = {tp * pp} processes, got {denv.world_size} (use --nproc)")
-        chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="local"))
+        # the spec training uses (TE when present, local otherwise), fp32, no compile; weights come from ckpt_dir
+        chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="auto", compile="off", initialize=False))
+        spec = chunks[0].kernel_spec
         load_model_weights(chunks, ckpt_dir)
         round_to = _weights_dtype(hf_dir, ckpt_dir)
         for c in chunks:
             _round_params(c, round_to)
         tokens = _batch(arch, batch, seq_len, seed, text, ckpt_dir)
         mc = megatron_logits(chunks, tokens, arch.vocab_size, parallel)
+        mc = None if mc is None else mc.cpu()  # compared with transformers' fp32 logits on the CPU
         del chunks
         reporter = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
         result = [None]
@@ -169,15 +176,15 @@ def verify_checkpoint(hf_dir, ckpt_dir, *, tp: int = 1, pp: int = 1, vpp: int | 
             if hf.shape[-1] < arch.vocab_size:
                 raise CptError(f"{hf_dir} has {hf.shape[-1]} vocab rows but the checkpoint {arch.vocab_size}")
             result[0] = compare_logits(hf[..., : arch.vocab_size], mc, tokens)
-            result[0].update(tp=tp, pp=pp, vpp=vpp, batch=batch, seq_len=seq_len, model_type=arch.model_type,
+            result[0].update(tp=tp, pp=pp, vpp=vpp, batch=batch, seq_len=seq_len, model_type=arch.model_type, spec=spec,
                              weights_dtype=str(round_to).replace("torch.", ""))
         torch.distributed.broadcast_object_list(result, src=_reporter_rank())
         return result[0]
     finally:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
         if owns_group:
-            torch.distributed.destroy_process_group()
+            destroy_distributed()  # also removes the CPU redirects it installed
+        elif ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
 
 
 
@@ -186,9 +193,10 @@ def _reporter_rank() -> int:
     """Global rank of the last pipeline stage's TP rank 0 (DP rank 0), which holds the comparison."""
     from megatron.core import parallel_state as ps
 
+    dev = comm_device()  # NCCL moves device tensors; a gloo group (conversion) moves CPU ones
     flag = torch.tensor([1 if (ps.is_pipeline_last_stage(ignore_virtual=True)
                                and ps.get_tensor_model_parallel_rank() == 0
-                               and ps.get_data_parallel_rank() == 0) else 0])
-    flags = [torch.zeros(1, dtype=flag.dtype) for _ in range(torch.distributed.get_world_size())]
+                               and ps.get_data_parallel_rank() == 0) else 0], device=dev)
+    flags = [torch.zeros(1, dtype=flag.dtype, device=dev) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(flags, flag)
-    return next(i for i, f in enumerate(flags) if int(f))
+    return int(torch.cat(flags).argmax())

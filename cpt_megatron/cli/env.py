@@ -25,6 +25,7 @@ def collect(spec: str = "auto", tp: int = 1, overrides: dict | None = None) -> d
     from cpt_megatron.model.build import ModelOptions
     from cpt_megatron.model.kernels import resolve_kernels
     from cpt_megatron.model.specs import select_kernels
+    from cpt_megatron.runtime.device import MEGATRON_CORE_VERSION, current_device
     from cpt_megatron.utils import have_module
 
     def version(dist):
@@ -42,11 +43,13 @@ def collect(spec: str = "auto", tp: int = 1, overrides: dict | None = None) -> d
         "python": platform.python_version(),
         "torch": torch.__version__,
         "megatron_core": version("megatron-core"),
+        "megatron_core_required": MEGATRON_CORE_VERSION,
         "transformers": version("transformers"),
         "transformer_engine": version("transformer-engine") or version("transformer_engine"),
         "apex": "nvidia-apex" if apex else None,
         "cuda": torch.version.cuda if cuda else None,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "device_in_use": str(current_device()),
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "backend": "nccl" if cuda else "gloo",
         "cpu_redirects": not cuda,
@@ -78,6 +81,10 @@ def run(args):
                            "(fields of model.options)")
         overrides[k.strip()] = v.strip()
     info = collect(args.spec, args.tp, overrides)
+    if info["megatron_core"] != info["megatron_core_required"]:
+        from cpt_megatron.runtime.device import check_megatron_core
+
+        check_megatron_core()  # one clear line (CptError), exit 2
     if not args.json:
         for k, v in info.items():
             if k == "kernels":

@@ -61,7 +61,7 @@ def run(args):
         return res
     from cpt_megatron.runtime.launch import relaunched
 
-    if relaunched(args.nproc, default=cfg.parallel.tp * cfg.parallel.pp):
+    if relaunched(args.nproc, default=cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp):
         return None  # rank 0 of the children printed the results
     from cpt_megatron.runtime import dist_env
     from cpt_megatron.train.driver import train

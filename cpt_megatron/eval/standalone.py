@@ -58,9 +58,9 @@ def evaluate_hf(hf_dir: str | os.PathLike, files: Sequence[str | os.PathLike], *
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} is not an HF model directory (no config.json)")
     tok = load_tokenizer(tokenizer or hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    from cpt_megatron.runtime.device import current_device
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).to(current_device())
     sources = _sources(files, tok, group=group, seq_len=seq_len, micro_batch=micro_batch, max_tokens=max_tokens,
                        text_key=text_key)
     results = evaluate_sources(hf_eval_fn(model), sources)
@@ -107,7 +107,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, files: Sequence[str | os.PathLi
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
     init_distributed(parallel)
     try:
-        chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="local"))
+        chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="auto", compile="off", initialize=False))
         load_model_weights(chunks, ckpt)
         eval_fn = make_eval_fn(chunks, parallel, seq_len=seq_len, micro_batch=micro_batch)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

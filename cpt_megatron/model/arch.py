@@ -146,11 +146,12 @@ class ModelArch:
 
     # -- derived --------------------------------------------------------------------------------------
     def rope_inv_freq(self):
-        """Rotary inverse frequencies exactly as HF computes them (default or llama3 scaling)."""
+        """Rotary inverse frequencies exactly as HF computes them (default or llama3 scaling), on the host (the
+        caller moves them to the model's device)."""
         import torch
 
         d = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
         if self.rope_scaling is None:
             return inv
         s = self.rope_scaling

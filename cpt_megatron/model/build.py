@@ -6,28 +6,64 @@ import torch
 import torch.nn.functional as F
 
 from cpt_megatron.config import ModelOptions
+from cpt_megatron.errors import CptError
 from cpt_megatron.model import kernels as _kernels
 from cpt_megatron.model.arch import ModelArch, padded_vocab_size
 from cpt_megatron.model.specs import KernelChoice, layer_spec, select_kernels
+from cpt_megatron.runtime.device import current_device, on_gpu
 
-__all__ = ["ModelOptions", "transformer_config", "build_model", "model_dtype"]
+__all__ = ["ModelOptions", "transformer_config", "build_model", "model_dtype", "check_te_features", "FP8_CHOICES",
+           "grad_accum_fusion_available"]
+
+FP8_CHOICES = (None, "hybrid", "e4m3")
+"""train.fp8: None (bf16) | hybrid (e4m3 forward, e5m2 gradients) | e4m3 (both): Transformer Engine only."""
 
 
 def model_dtype(opts: ModelOptions) -> torch.dtype:
     if opts.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if on_gpu() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[opts.dtype]
 
 
+def grad_accum_fusion_available() -> bool:
+    """megatron's gradient_accumulation_fusion: NVIDIA apex's fused_weight_gradient_mlp_cuda kernel is needed even
+    with the TE spec (the output layer is megatron's own ColumnParallelLinear); the NGC images ship it."""
+    if not on_gpu():
+        return False
+    from cpt_megatron.utils import have_module
+
+    return have_module("fused_weight_gradient_mlp_cuda")
+
+
+def check_te_features(parallel, spec: str, fp8: str | None = None) -> None:
+    """Transformer Engine features (fp8, context parallel, TP comm overlap) need the TE spec on CUDA; one line each."""
+    if fp8 not in FP8_CHOICES:
+        raise CptError(f"train.fp8 must be null|hybrid|e4m3, got {fp8!r}")
+    why = None if spec == "te" else ("model.options.spec=local" if spec == "local" else
+                                     "Transformer Engine is not importable (or there is no CUDA)")
+    cp, overlap = getattr(parallel, "cp", 1), getattr(parallel, "tp_comm_overlap", False)
+    if fp8 and why:
+        raise CptError(f"train.fp8={fp8} needs the Transformer Engine spec, but {why}; remove train.fp8 or install TE")
+    if cp > 1 and why:
+        raise CptError(f"parallel.cp={cp} (context parallel) needs Transformer Engine attention, but {why}; set parallel.cp=1")
+    if overlap:
+        if why:
+            raise CptError(f"parallel.tp_comm_overlap needs Transformer Engine userbuffers, but {why}; set it false")
+        if parallel.tp < 2 or not parallel.sp:
+            raise CptError(f"parallel.tp_comm_overlap needs parallel.tp > 1 and parallel.sp=true "
+                           f"(got tp={parallel.tp}, sp={parallel.sp})")
+
+
 def transformer_config(arch: ModelArch, parallel, opts: ModelOptions, kernels: KernelChoice | None = None,
-                       plan: _kernels.KernelPlan | None = None):
+                       plan: _kernels.KernelPlan | None = None, fp8: str | None = None):
     from megatron.core.transformer import TransformerConfig
 
     kernels = kernels or select_kernels(opts.spec)
     plan = plan or _kernels.resolve_kernels(opts, tp=parallel.tp, sp=parallel.sp, spec=kernels.spec)
     arch.check_parallel(parallel.tp)
+    check_te_features(parallel, kernels.spec, fp8)
     dtype = model_dtype(opts)
-    cuda = torch.cuda.is_available()
+    cuda = on_gpu()
     kw = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -51,20 +87,27 @@ def transformer_config(arch: ModelArch, parallel, opts: ModelOptions, kernels: K
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=True,
-        perform_initialization=True,
+        context_parallel_size=getattr(parallel, "cp", 1),
+        tp_comm_overlap=getattr(parallel, "tp_comm_overlap", False),
+        # GPU: each rank initializes its own shards on its GPU (no full fp32 copy on the host first); CPU: as before
+        use_cpu_initialization=not cuda,
+        perform_initialization=opts.initialize,
         bias_activation_fusion=plan.fused_swiglu == "on",
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=plan.fused_rope == "te",
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        # fused wgrad GEMM accumulating into main_grad (Megatron-LM default) when its kernel exists
+        gradient_accumulation_fusion=grad_accum_fusion_available(),
         deallocate_pipeline_outputs=cuda,
         variable_seq_lengths=False,
         # gloo's batched isend/irecv corrupts interleaved-1F1B (vpp) exchanges on CPU; plain p2p is exact
         batch_p2p_comm=cuda,
         calculate_per_token_loss=True,  # exact token-mean loss whatever the layout / microbatching
     )
+    if fp8:
+        kw.update(fp8=fp8, fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024,
+                  fp8_amax_compute_algo="max", fp8_param=False)
     if opts.recompute == "selective":
         kw.update(recompute_granularity="selective")
     elif opts.recompute == "full":
@@ -72,8 +115,11 @@ def transformer_config(arch: ModelArch, parallel, opts: ModelOptions, kernels: K
     return TransformerConfig(**kw)
 
 
-def build_model(arch: ModelArch, parallel, opts: ModelOptions | None = None, kernels: KernelChoice | None = None):
-    """Model chunks for this rank (one per virtual pipeline stage), on the compute device, not DDP-wrapped."""
+def build_model(arch: ModelArch, parallel, opts: ModelOptions | None = None, kernels: KernelChoice | None = None,
+                fp8: str | None = None):
+    """Model chunks for this rank (one per virtual pipeline stage), on `current_device()`, not DDP-wrapped.
+
+    fp8: train.fp8 (TE spec only, checked by `check_te_features`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import (
@@ -84,7 +130,7 @@ def build_model(arch: ModelArch, parallel, opts: ModelOptions | None = None, ker
     opts = opts or ModelOptions()
     kernels = kernels or select_kernels(opts.spec)
     plan = _kernels.resolve_kernels(opts, tp=parallel.tp, sp=parallel.sp, spec=kernels.spec)
-    config = transformer_config(arch, parallel, opts, kernels, plan)
+    config = transformer_config(arch, parallel, opts, kernels, plan, fp8=fp8)
     if plan.fused_rope == "compile":
         _kernels.install_rope(config)
     spec, final_norm = layer_spec(kernels, plan=plan)
@@ -111,18 +157,23 @@ def build_model(arch: ModelArch, parallel, opts: ModelOptions | None = None, ker
             rotary_base=int(arch.rope_theta),
             vp_stage=vp_stage,
         )
-        # HF-exact rotary frequencies (llama3 scaling with any low/high/original values).
-        if hasattr(model, "rotary_pos_emb"):
-            model.rotary_pos_emb.inv_freq = arch.rope_inv_freq().to(model.rotary_pos_emb.inv_freq.device)
         if post and vocab > true_vocab:
             _mask_vocab_padding(model, true_vocab, vocab)
         if post and plan.fused_ce != "off":
             _kernels.install_fused_ce(model, plan.fused_ce, true_vocab)
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
+        model.to(current_device())
+        if not opts.initialize:  # deterministic contents for rows no checkpoint fills (vocab padding of another TP)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+        # HF-exact rotary frequencies (llama3 scaling with any low/high/original values); a plain attribute, so
+        # it is placed here, after the move
+        if hasattr(model, "rotary_pos_emb"):
+            model.rotary_pos_emb.inv_freq = arch.rope_inv_freq().to(current_device())
         if plan.compile == "layer":
             _kernels.compile_layers(model)
         model.kernel_plan = plan  # shown by `cpt env` and the throughput bench
+        model.kernel_spec = kernels.spec  # "te" | "local": what verify/eval report
         chunks.append(model)
     return chunks
 

@@ -60,14 +60,21 @@ def _te_rope() -> bool:
 def resolve_kernels(opts, *, tp: int = 1, sp: bool = False, spec: str = "local", cuda: bool | None = None) -> KernelPlan:
     """Turn ModelOptions' kernel fields into a KernelPlan for this machine and layout."""
     check_options(opts)
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda is None:
+        from cpt_megatron.runtime.device import on_gpu
+
+        cuda = on_gpu()
     why: dict[str, str] = {}
 
     # -- compile (decides whether the element-wise fusions below are needed separately) --------------
     comp = opts.compile
+    if spec == "te" and comp == "layer":
+        raise ValueError("model.compile=layer with the Transformer Engine spec: TE layers are already fused and "
+                         "are not compiled (Megatron-LM never does); use model.compile=auto|off or model.spec=local")
     if comp == "auto":
-        comp = "layer" if cuda else "off"
-        why["compile"] = ("CUDA: torch.compile of each TransformerLayer (fuses norm/rope/swiglu/residual)" if cuda
+        comp = "layer" if cuda and spec != "te" else "off"
+        why["compile"] = ("TE spec: TE's fused layers run eager (no torch.compile)" if spec == "te" else
+                          "CUDA: torch.compile of each TransformerLayer (fuses norm/rope/swiglu/residual)" if cuda
                           else "CPU: eager (unchanged math)")
     else:
         why["compile"] = f"model.compile={comp} requested"

@@ -1,6 +1,8 @@
 """Run megatron-core's training machinery on CPU (gloo) by redirecting its few CUDA-only spots.
 
-Used ONLY when CUDA is absent (`install_if_needed()` is a no-op on a GPU machine). megatron-core 0.16.1
+Used ONLY when CUDA is absent (`install_if_needed()` is a no-op on a GPU machine), and only in the processes
+that run megatron-core (training / conversion workers): never in the test runner (tests/conftest.py forbids
+it; tests that need megatron-core on CPU run it in a subprocess). megatron-core 0.16.1
 is not forked or vendored: we swap the `torch` global of a fixed list of its modules for a thin proxy
 that maps CUDA device requests to the CPU, plus two process-wide changes that cannot be scoped to a
 module. Everything that changes is listed here, in one place:
@@ -38,9 +40,10 @@ import torch
 
 from cpt_megatron.errors import CptError
 
-__all__ = ["install", "install_if_needed", "is_installed", "CpuRNGStatesTracker", "seed_model_parallel_rng"]
+__all__ = ["install", "uninstall", "install_if_needed", "is_installed", "CpuRNGStatesTracker", "seed_model_parallel_rng"]
 
-# megatron-core modules whose module-global `torch` is replaced (0.16.1; a missing module is skipped).
+# megatron-core modules whose module-global `torch` is replaced (0.16.1, pinned: a missing module or one that
+# no longer imports `torch` as a global is an error, never skipped).
 _MODULES = (
     "megatron.core.utils",
     "megatron.core.parallel_state",
@@ -79,6 +82,7 @@ _FACTORIES = (
     "empty_like", "full_like", "as_tensor",
 )
 _installed = False
+_saved: dict = {}  # what install() replaced, restored by uninstall()
 
 
 def _cpu_device(device):
@@ -202,7 +206,8 @@ _orig_tensor_type = torch.Tensor.type
 
 def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
     if dtype is None and not kwargs and self.device.type == "cpu":
-        return _orig_tensor_type(self).replace("torch.", "torch.cuda.", 1)
+        name = _orig_tensor_type(self)  # (under a TorchFunctionMode this may already be the patched answer)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
     return _orig_tensor_type(self, dtype, non_blocking, **kwargs)
 
 
@@ -273,7 +278,8 @@ def is_installed() -> bool:
 
 
 def install() -> None:
-    """Apply the redirects (idempotent). Call before building megatron-core models/optimizers."""
+    """Apply the redirects (idempotent). Call before building megatron-core models/optimizers; `uninstall()` (done
+    by `destroy_distributed` / the conversion group's exit) puts everything back."""
     global _installed
     if _installed:
         return
@@ -281,22 +287,47 @@ def install() -> None:
         import psutil  # noqa: F401
     except ImportError as e:  # pragma: no cover - declared dependency
         raise RuntimeError("psutil is required by megatron-core dist_checkpointing (pip install psutil)") from e
+    from cpt_megatron.runtime.device import check_megatron_core
+
+    check_megatron_core()
     for name in _MODULES:
         try:
             module = importlib.import_module(name)
-        except Exception:  # module absent in this megatron-core version
-            continue
-        if getattr(module, "torch", None) is torch:
-            module.torch = _TORCH_ON_CPU
+        except ImportError as e:
+            raise RuntimeError(f"cpu_redirects: megatron-core module {name} is missing ({e}); "
+                               "runtime/cpu_redirects.py._MODULES is written for the pinned megatron-core") from e
+        if getattr(module, "torch", None) not in (torch, _TORCH_ON_CPU):
+            raise RuntimeError(f"cpu_redirects: {name} has no module-global `torch` to redirect; "
+                               "update runtime/cpu_redirects.py._MODULES for this megatron-core")
+        _saved[name] = module.torch
+        module.torch = _TORCH_ON_CPU
+    _saved["Tensor.type"], _saved["Tensor.cuda"] = torch.Tensor.type, torch.Tensor.cuda
     torch.Tensor.type = _tensor_type
     torch.Tensor.cuda = _tensor_cuda
     from megatron.core.tensor_parallel import random as mp_random
 
+    _saved["rng"] = (mp_random.CudaRNGStatesTracker, mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state)
     mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     # `_get/_set_cuda_rng_state` are module functions that index torch.cuda.default_generators.
     mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _installed = True
+
+
+def uninstall() -> None:
+    """Undo `install()` (idempotent): megatron-core's modules get the real torch back, Tensor.type/.cuda are real."""
+    global _installed
+    if not _installed:
+        return
+    import sys
+
+    for name in _MODULES:
+        sys.modules[name].torch = _saved.pop(name)
+    torch.Tensor.type, torch.Tensor.cuda = _saved.pop("Tensor.type"), _saved.pop("Tensor.cuda")
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random.CudaRNGStatesTracker, mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state = _saved.pop("rng")
+    _installed = False
 
 
 def install_if_needed() -> bool:

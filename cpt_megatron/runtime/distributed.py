@@ -11,9 +11,10 @@ import socket
 import torch
 
 from cpt_megatron.config import ParallelConfig
+from cpt_megatron.runtime.device import check_megatron_core, on_gpu
 
 __all__ = [
-    "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "device", "single_process_env",
+    "ParallelConfig", "DistEnv", "dist_env", "init_distributed", "destroy_distributed", "single_process_env",
     "single_process_group",
 ]
 
@@ -69,42 +70,48 @@ def single_process_env():
 def single_process_group():
     """A 1-rank gloo process group for single-process work that needs torch.distributed (dist_checkpointing
     reads/writes, the importer's parity check); reuses an existing group. The launcher's rank variables are
-    hidden meanwhile, so it also works inside a torchrun/srun task."""
+    hidden meanwhile, so it also works inside a torchrun/srun task. CPU redirects it installs are removed after."""
     if torch.distributed.is_initialized():
         yield
         return
     from cpt_megatron.runtime import cpu_redirects
 
-    if not torch.cuda.is_available():
+    redirect = not on_gpu() and not cpu_redirects.is_installed()
+    if redirect:
         cpu_redirects.install()
-    with single_process_env():
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1,
-                                             init_method=f"tcp://127.0.0.1:{_free_port()}")
-        try:
-            yield
-        finally:
-            torch.distributed.destroy_process_group()
+    try:
+        with single_process_env():
+            torch.distributed.init_process_group("gloo", rank=0, world_size=1,
+                                                 init_method=f"tcp://127.0.0.1:{_free_port()}")
+            try:
+                yield
+            finally:
+                torch.distributed.destroy_process_group()
+    finally:
+        if redirect:
+            cpu_redirects.uninstall()
 
 
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+_installed_redirects = False  # init_distributed installed the CPU redirects (destroy_distributed removes them)
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
     """Init torch.distributed (NCCL with CUDA, gloo without), megatron-core parallel state and RNGs.
 
-    Without CUDA the CPU redirects (runtime/cpu_redirects.py) are installed first.
+    Without CUDA the CPU redirects (runtime/cpu_redirects.py) are installed first. The installed megatron-core
+    must be the pinned release (one clear line otherwise).
     """
+    check_megatron_core()
     from megatron.core import parallel_state
 
     from cpt_megatron.runtime import cpu_redirects
 
+    global _installed_redirects
     denv = dist_env()
-    cuda = torch.cuda.is_available()
-    if not cuda:
+    cuda = on_gpu()
+    if not cuda and not cpu_redirects.is_installed():
         cpu_redirects.install()
+        _installed_redirects = True
     if cuda:
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
@@ -124,6 +131,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_all(seed)
@@ -141,7 +149,7 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
+    if on_gpu():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         from cpt_megatron.runtime.cpu_redirects import seed_model_parallel_rng
@@ -150,9 +158,16 @@ def seed_all(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    """Tear down what init_distributed set up: parallel state, the process group, and the CPU redirects it installed."""
+    global _installed_redirects
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if _installed_redirects:
+        from cpt_megatron.runtime import cpu_redirects
+
+        cpu_redirects.uninstall()
+        _installed_redirects = False

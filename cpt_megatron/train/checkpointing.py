@@ -65,12 +65,12 @@ def _state_dict(engine, is_loading: bool, rng: dict | None):
     return sd
 
 
-def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | None) -> Path:
-    """Collective. Returns the final checkpoint dir."""
+def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | None, saver=None) -> Path:
+    """Collective. Returns the final checkpoint dir. With `saver` (train/async_save.AsyncCheckpointSaver,
+    checkpoint.async_save) the write runs in the background and the dir appears when the saver finalizes it."""
     from megatron.core import dist_checkpointing
 
-    from cpt_megatron.utils import atomic_file
-
+    engine.sync_params()  # overlapped param all-gather (distributed optimizer on GPU) finished before saving
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / iter_name(step), root / f".{iter_name(step)}.tmp"
     rank = torch.distributed.get_rank()
@@ -81,7 +81,19 @@ def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | N
     torch.distributed.barrier()
     sd = _state_dict(engine, False, _rng_state())
     sd["train_state"] = {**common, "world_size": torch.distributed.get_world_size()}
+    if saver is not None:
+        saver.save(sd, tmp, lambda: _finish_save(root, final, tmp, common, base_ckpt))
+        return final
     dist_checkpointing.save(sd, str(tmp))
+    _finish_save(root, final, tmp, common, base_ckpt)
+    return final
+
+
+def _finish_save(root: Path, final: Path, tmp: Path, common: dict, base_ckpt: str | None) -> None:
+    """Collective: metadata files, then the atomic rename of the written tmp dir and `latest` (rank 0)."""
+    from cpt_megatron.utils import atomic_file
+
+    rank = torch.distributed.get_rank()
     torch.distributed.barrier()
     if rank == 0:
         if base_ckpt:
@@ -99,7 +111,6 @@ def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | N
         with atomic_file(root / "latest") as f:
             f.write(final.name + "\n")
     torch.distributed.barrier()
-    return final
 
 
 def load_checkpoint(ckpt_dir, engine) -> dict:

@@ -16,19 +16,36 @@ __all__ = ["recipe_problems", "check_recipe", "layout"]
 def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
     """(dp, problems) of running `cfg` on `world_size` processes."""
     p, t = cfg.parallel, cfg.train
-    if world_size % (p.tp * p.pp):
-        return None, [f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp}; "
-                      "launch a multiple of tp*pp processes"]
-    dp = world_size // (p.tp * p.pp)
+    mp = p.tp * p.pp * p.cp
+    if world_size % mp:
+        return None, [f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {mp}; "
+                      "launch a multiple of tp*pp*cp processes"]
+    dp = world_size // mp
     if t.global_batch % (t.micro_batch * dp):
         return dp, [f"train.global_batch={t.global_batch} is not divisible by train.micro_batch*dp = "
                     f"{t.micro_batch}*{dp}; use a multiple of {t.micro_batch * dp}"]
     return dp, []
 
 
+def te_problems(cfg: RecipeConfig) -> list[str]:
+    """fp8 / context parallel / TP comm overlap: valid only with the TE spec on this machine (model/build.py)."""
+    from cpt_megatron.model.build import check_te_features
+    from cpt_megatron.model.specs import select_kernels
+
+    try:
+        spec = select_kernels(cfg.model.options.spec).spec
+        check_te_features(cfg.parallel, spec, cfg.train.fp8)
+        if cfg.parallel.cp > 1 and cfg.data.seq_len % (2 * cfg.parallel.cp):
+            raise CptError(f"data.seq_len={cfg.data.seq_len} must be divisible by 2 x parallel.cp = "
+                           f"{2 * cfg.parallel.cp}")
+    except CptError as e:
+        return [str(e)]
+    return []
+
+
 def recipe_problems(cfg: RecipeConfig, world_size: int, arch=None, prepared: dict | None = None) -> list[str]:
     """Problems of `cfg` on `world_size` processes; `arch` (ModelArch) and `prepared` (the manifest) when known."""
-    problems = layout(cfg, world_size)[1]
+    problems = layout(cfg, world_size)[1] + te_problems(cfg)
     problems += _try(lambda: _check_model(cfg, arch))
     problems += _try(lambda: _check_monitor(cfg))
     problems += _try(lambda: _check_mixture(cfg))

@@ -21,7 +21,7 @@ import torch
 
 from cpt_megatron.config import RecipeConfig, to_dict
 from cpt_megatron.errors import CptError
-from cpt_megatron.runtime import destroy_distributed, dist_env, init_distributed
+from cpt_megatron.runtime import destroy_distributed, dist_env, init_distributed, on_gpu
 from cpt_megatron.train.batches import rank_microbatches
 from cpt_megatron.train.checkpointing import (
     iter_name,
@@ -131,6 +131,12 @@ class _Trainer:
         self.mixture = self._mixture(self.state["phases"])
         self.engine = self._engine()
         self.reg = self._regularizer()
+        # checkpoint.async_save (megatron-core's async queue); step batches read ahead on TP rank 0, broadcast over TP
+        from cpt_megatron.train.async_save import AsyncCheckpointSaver
+        from cpt_megatron.train.data_loader import StepLoader
+
+        self.saver = AsyncCheckpointSaver() if cfg.checkpoint.async_save else None
+        self.loader = StepLoader.for_this_rank(global_batch=self.G, micro=self.micro)
         if resume_from is not None:
             load_checkpoint(resume_from, self.engine)
             self._say(f"resumed from {resume_from} at step {self.state['step']} "
@@ -165,7 +171,9 @@ class _Trainer:
         from cpt_megatron.train.engine import Engine
 
         vocab = int(self.prepared["vocab_size"])
-        chunks = build_model(self.arch, self.cfg.parallel, dataclasses.replace(self.cfg.model.options, vocab_size=vocab))
+        # GPU: no random init of weights loaded next (CPU keeps it: its RNG use keeps CPU runs as they were)
+        opts = dataclasses.replace(self.cfg.model.options, vocab_size=vocab, initialize=not on_gpu())
+        chunks = build_model(self.arch, self.cfg.parallel, opts, fp8=self.cfg.train.fp8)
         load_model_weights(chunks, self.base)  # base weights first: also the EWC anchor
         return Engine(chunks, self.cfg.parallel, self.cfg.optim, seq_len=self.S, micro_batch=self.micro)
 
@@ -232,6 +240,8 @@ class _Trainer:
                 self.save()
             if stopped:
                 break
+        if self.saver is not None:
+            self.saver.close()  # every checkpoint written and renamed before the run returns
         if bar is not None:
             bar.close()
         self.logger.close()
@@ -245,9 +255,10 @@ class _Trainer:
         lr = lr_at(state["step"], cfg.schedule, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                    total_steps=self.total_steps) * state["lr_scale"]
         self.engine.set_lr(lr)
-        mbs, samples = rank_microbatches(self.mixture.train, state["consumed_samples"], self.G, self.dp_rank,
-                                         self.dp, self.micro)
+        mbs, samples = self.loader.get(self.mixture.train, state["consumed_samples"])  # read ahead on TP rank 0
         res = self.engine.train_step(mbs, grad_hook=self.reg)
+        if self.saver is not None:
+            self.saver.poll()
         state["step"] += 1
         state["consumed_samples"] += self.G
         self.launch_steps += 1
@@ -329,13 +340,16 @@ class _Trainer:
         self._say(f"monitor: rollback to {best.name if best else 'nothing (no checkpoint below warn)'}"
                   f", lr scale {state['lr_scale']:.3g}")
         if best is not None:
+            if self.saver is not None:
+                self.saver.wait()
             load_checkpoint(best, self.engine)
             saved_state = json.loads((best / "train_state.json").read_text())
             state.update(step=saved_state["step"], consumed_samples=saved_state["consumed_samples"])
 
     def save(self) -> None:
         with save_guard(self.run_dir, self.rank0):  # a failed save leaves no partial folder, one clear line
-            save_checkpoint(self.run_dir, self.state["step"], self.engine, _common(self.state, self.cfg), self.base)
+            save_checkpoint(self.run_dir, self.state["step"], self.engine, _common(self.state, self.cfg), self.base,
+                            saver=self.saver)
         if self.rank0:
             prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.milestones)
         self.logger.reset_clock()

@@ -24,7 +24,7 @@ def dry_run(cfg: RecipeConfig, nproc: int | None = None, gpu: str = "h100", *, r
     from cpt_megatron.train.prepare import load_prepared, manifest_path, prepare_command
 
     p, t = cfg.parallel, cfg.train
-    world = nproc or int(os.environ.get("WORLD_SIZE", "0") or 0) or p.tp * p.pp
+    world = nproc or int(os.environ.get("WORLD_SIZE", "0") or 0) or p.tp * p.pp * p.cp
     dp = layout(cfg, world)[0] or 1
     arch, problems = _arch(cfg)
     prepared, notes = None, []

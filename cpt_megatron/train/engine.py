@@ -7,22 +7,46 @@ the same model + optimizer path. Loss is the exact token mean over the global ba
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from functools import partial
 
 import torch
 
 from cpt_megatron.config import OptimConfig
+from cpt_megatron.runtime.device import current_device, on_gpu
 
-__all__ = ["OptimConfig", "Engine", "StepResult"]
+__all__ = ["OptimConfig", "Engine", "StepResult", "ddp_bucket_size"]
 
 
-@dataclasses.dataclass
 class StepResult:
-    loss: float  # token-mean over the global batch
-    tokens: int  # loss tokens in the global batch
-    grad_norm: float | None
-    skipped: bool  # update skipped (non-finite gradients)
+    """One step's outcome. The loss stays on the device until `loss`/`tokens` is read (the host sync happens
+    then, e.g. once per log interval); `grad_norm` is megatron's (already on the host), `skipped` = non-finite."""
+
+    def __init__(self, stats: torch.Tensor, grad_norm: float | None, skipped: bool):
+        self._stats, self._host = stats, None  # stats: float64 [loss_sum, tokens] on the device
+        self.grad_norm, self.skipped = grad_norm, skipped
+
+    def _sync(self) -> tuple[float, int]:
+        if self._host is None:
+            s, n = self._stats.tolist()
+            self._host = (s / max(n, 1.0), int(n))
+        return self._host
+
+    @property
+    def loss(self) -> float:
+        """Token-mean loss over the global batch (host sync on first read)."""
+        return self._sync()[0]
+
+    @property
+    def tokens(self) -> int:
+        """Loss tokens in the global batch."""
+        return self._sync()[1]
+
+
+def ddp_bucket_size(local_params: int, dp: int) -> int:
+    """Gradient-reduce bucket (elements) from the model size: Megatron-LM's max(40M, 1M x dp), raised to 1/16 of
+    this rank's parameters for big shards (fewer, larger collectives; still >= 16 buckets to overlap)."""
+    return max(40_000_000, 1_000_000 * dp, local_params // 16)
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -36,7 +60,7 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 def forward_step(data_iterator, model):
     """megatron-core forward_step_func: batch dict -> (per-token loss or hidden states, loss_func)."""
     batch = next(data_iterator)
-    dev = next(model.parameters()).device
+    dev = current_device()
     tokens = batch["tokens"].to(dev, non_blocking=True)
     labels = batch["labels"].to(dev, non_blocking=True)
     position_ids = batch.get("position_ids")
@@ -46,6 +70,14 @@ def forward_step(data_iterator, model):
         position_ids = position_ids.to(dev, non_blocking=True)
     loss_mask = batch.get("loss_mask")
     loss_mask = torch.ones_like(labels, dtype=torch.float) if loss_mask is None else loss_mask.to(dev)
+    from megatron.core import parallel_state
+
+    if parallel_state.get_context_parallel_world_size() > 1:  # this CP rank's (load-balanced) sequence chunks
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        b = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+                                       "position_ids": position_ids})
+        tokens, labels, loss_mask, position_ids = b["tokens"], b["labels"], b["loss_mask"], b["position_ids"]
     output = model(tokens, position_ids, None, labels=labels)
     return output, partial(_loss_func, loss_mask)
 
@@ -66,13 +98,16 @@ class Engine:
         self.seq_len, self.micro_batch = seq_len, micro_batch
         config = chunks[0].config
         self.config = config
-        cuda = torch.cuda.is_available()
+        cuda = on_gpu()
+        local_params = sum(p.numel() for c in chunks for p in c.parameters())
+        self.overlap_param_gather = parallel.param_gather_overlap(cuda)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=bool(parallel.overlap_grad_reduce and cuda),
+            overlap_param_gather=self.overlap_param_gather,
             use_distributed_optimizer=parallel.distributed_optimizer,
             check_for_nan_in_grad=False,
-            bucket_size=None if not cuda else 40_000_000,
+            bucket_size=ddp_bucket_size(local_params, parallel_state.get_data_parallel_world_size()) if cuda else None,
         )
         self.model = [
             DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
@@ -97,7 +132,16 @@ class Engine:
         if ddp_cfg.overlap_grad_reduce:
             no_sync = [m.no_sync for m in self.model]
             config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if self.overlap_param_gather:  # the next forward's pre-hooks wait for each bucket's all-gather
+            param_sync = [m.start_param_sync for m in self.model]
+            config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
         self._ps = parallel_state
+
+    def sync_params(self) -> None:
+        """Finish the distributed optimizer's overlapped parameter all-gather (before eval, save, export)."""
+        if self.overlap_param_gather:
+            for m in self.model:
+                m.start_param_sync(force_sync=True)
 
     # ---------------------------------------------------------------------------------------------
     def _run(self, microbatches: list[dict], forward_only: bool):
@@ -110,27 +154,25 @@ class Engine:
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model,
             num_microbatches=len(microbatches),
-            seq_length=self.seq_len,
+            seq_length=self.seq_len // self.parallel.cp,  # per CP rank
             micro_batch_size=self.micro_batch,
             forward_only=forward_only,
         )
         return self._reduce_loss(out)
 
-    def _reduce_loss(self, out) -> tuple[float, int]:
-        """Global (sum, count) over microbatches, the last PP stage and DP; identical on every rank."""
+    def _reduce_loss(self, out) -> torch.Tensor:
+        """Global float64 [loss_sum, tokens] over microbatches, the last PP stage and DP x CP, on the device and
+        identical on every rank (no host sync: the caller reads it when it needs the number)."""
         ps = self._ps
-        t = torch.zeros(2, dtype=torch.float64)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            for d in out:
-                t += d["lm loss"].detach().to("cpu", torch.float64)
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        t = t.to(dev)
+        t = torch.zeros(2, dtype=torch.float64, device=current_device())
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and out:
+            t += torch.stack([d["lm loss"].detach() for d in out]).to(torch.float64).sum(0)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
-        if ps.get_data_parallel_world_size() > 1:
-            torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
-        t = t.cpu()
-        return float(t[0] / t[1].clamp(min=1)), int(t[1])
+        dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
+        if torch.distributed.get_world_size(dp_cp) > 1:
+            torch.distributed.all_reduce(t, group=dp_cp)
+        return t
 
     def train_step(self, microbatches: list[dict], grad_hook=None) -> StepResult:
         """One optimizer step. `grad_hook(engine)` runs after gradients are final (DP-reduced, token-averaged)
@@ -139,30 +181,36 @@ class Engine:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss, tokens = self._run(microbatches, forward_only=False)
+        stats = self._run(microbatches, forward_only=False)
         if grad_hook is not None:
             grad_hook(self)
-        if not self._grads_finite():
+        ok, grad_norm = self._optimizer_step()
+        if not ok:
             # bf16/fp32 optimizers have no loss scaler to catch this: skip the update, keep the weights
             self.optimizer.zero_grad()
             for m in self.model:
                 m.zero_grad_buffer()
-            return StepResult(loss, tokens, float("nan"), skipped=True)
-        ok, grad_norm, _ = self.optimizer.step()
-        return StepResult(loss, tokens, None if grad_norm is None else float(grad_norm), skipped=not ok)
+        return StepResult(stats, grad_norm, skipped=not ok)
 
-    def _grads_finite(self) -> bool:
-        """Collective: True when every rank's gradients are finite (one fused reduction per rank, one all-reduce)."""
-        sums = [g.float().sum() for m in self.model for p in m.parameters()
-                if (g := getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad) is not None]
-        bad = torch.zeros(1, device=sums[0].device if sums else "cpu")
-        if sums:
-            bad = (~torch.isfinite(torch.stack(sums).sum())).float().reshape(1)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return not bool(bad.item())
+    def _optimizer_step(self) -> tuple[bool, float | None]:
+        """megatron's optimizer step with the non-finite check folded into its grad norm: the norm (one all-reduce,
+        megatron's one host sync per step) is inf/nan exactly when some gradient is; then nothing is updated."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-    def accumulate_grads(self, microbatches: list[dict]) -> tuple[float, int]:
+        opt = self.optimizer
+        if opt.prepare_grads():  # fp16 loss scaler found inf (bf16/fp32: never)
+            return False, None
+        grad_norm = opt.get_grad_norm()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return False, float(grad_norm)
+        for o in getattr(opt, "chained_optimizers", [opt]):
+            params = [] if getattr(o, "is_stub_optimizer", False) else o.get_parameters()
+            if params and o.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(params, max_norm=o.config.clip_grad, total_norm=grad_norm,
+                                             use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        return bool(opt.step_with_ready_grads()), grad_norm
+
+    def accumulate_grads(self, microbatches: list[dict]) -> torch.Tensor:
         """Forward + backward only: gradients land in `param.main_grad` (DP-reduced, token-averaged), no update.
         The caller zeroes the grad buffers (regularizers estimating a Fisher use it)."""
         for m in self.model:
@@ -172,9 +220,12 @@ class Engine:
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict]) -> tuple[float, int]:
+        """Token-mean loss and token count over `microbatches` (forward only; one host sync at the end)."""
+        self.sync_params()
         for m in self.model:
             m.eval()
-        return self._run(microbatches, forward_only=True)
+        s, n = self._run(microbatches, forward_only=True).tolist()
+        return s / max(n, 1.0), int(n)
 
     @property
     def chunks(self):

@@ -47,10 +47,10 @@ class Regularizer:
     @torch.no_grad()
     def penalty(self) -> float:
         """lam/2 * sum F (w - w0)^2 over this rank's shards (TP-replicated tensors counted on every rank)."""
-        total = 0.0
-        for i, (p, a) in enumerate(zip(self.params, self.anchor)):
-            total += float((self._weight(i) * (p.detach().float() - a) ** 2).sum())
-        return 0.5 * self.lam * total
+        if not self.params:
+            return 0.0
+        terms = [(self._weight(i) * (p.detach().float() - a) ** 2).sum() for i, (p, a) in enumerate(zip(self.params, self.anchor))]
+        return 0.5 * self.lam * float(torch.stack(terms).sum())  # one host sync, not one per parameter
 
     @torch.no_grad()
     def add_grad(self, engine) -> None:
