@@ -1,0 +1,160 @@
+"""lm-evaluation-harness through our megatron-core adapter: parity with lm-eval's `hf` model on the export
+(TP2, PP2), offline task resolution and errors, the monitor on benchmark scores, benchmarks in training.
+
+Tasks are built here from real held-out text (Gutenberg in ../shared/data; generated text when absent):
+a 4-way multiple-choice continuation task and a LAMBADA-style last-word task, as task YAMLs over local
+JSON files (`dataset_path: json`), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt_megatron.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+GUTENBERG = Path(os.environ.get("CPT_SHARED_DATA", REPO.parent / "shared" / "data")) / "general" / "gutenberg_nltk17_tokenized.txt"
+TOL = 1e-4
+
+
+def held_out_sentences(n: int, seed: int = 0) -> list[str]:
+    """Sentences of 8-30 words ending in a word then ' .': Gutenberg's last lines, else generated prose."""
+    if GUTENBERG.is_file():
+        lines = GUTENBERG.read_text(encoding="utf-8").splitlines()[-4000:]
+    else:
+        rng = random.Random(seed)
+        words = ("the old house stood on a hill above the river and every morning she walked down to the water "
+                 "with her father who told stories of ships and storms and distant cities").split()
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) + " ." for _ in range(4 * n)]
+    out = []
+    for ln in lines:
+        w = ln.split()
+        if 8 <= len(w) <= 30 and w[-1] == "." and w[-2].isalpha():
+            out.append(" ".join(w[:-1]))
+    rng = random.Random(seed)
+    rng.shuffle(out)
+    return out[:n]
+
+
+def write_tasks(root: Path, n_docs: int = 12) -> Path:
+    """root/tasks/{heldout_mc,heldout_lastword}.yaml over local JSONL; returns the folder."""
+    sents = held_out_sentences(n_docs * 5)
+    d = root / "tasks"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    with open(d / "mc.jsonl", "w") as f:
+        for i in range(n_docs):
+            w = sents[i].split()
+            k = len(w) // 2
+            others = [s.split() for s in sents[n_docs + 3 * i:n_docs + 3 * i + 3]]
+            choices = [" ".join(w[k:])] + [" ".join(o[len(o) // 2:]) for o in others]
+            gold = rng.randrange(4)
+            choices[0], choices[gold] = choices[gold], choices[0]
+            f.write(json.dumps({"query": " ".join(w[:k]), "choices": choices, "gold": gold}) + "\n")
+    with open(d / "lastword.jsonl", "w") as f:
+        for s in sents[4 * n_docs:5 * n_docs]:
+            f.write(json.dumps({"text": s}) + "\n")
+    (d / "heldout_mc.yaml").write_text(f"""task: heldout_mc
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {d / 'mc.jsonl'}}}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{gold}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
+""")
+    (d / "heldout_lastword.yaml").write_text(f"""task: heldout_lastword
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {d / 'lastword.jsonl'}}}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
+doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+""")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, gpt2_tokenizer_dir):
+    """recipes/models/tiny_llama.json (random, sharpened init) with the GPT-2 tokenizer: (hf, ckpt, export, tasks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt_megatron.checkpoint.hf_export import export_hf
+    from cpt_megatron.checkpoint.hf_import import import_hf
+    from cpt_megatron.tokenizer.load import load_tokenizer
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    hf = root / "hf"
+    cfg = LlamaConfig(**{k: v for k, v in json.loads((REPO / "recipes/models/tiny_llama.json").read_text()).items()
+                         if k not in ("architectures", "model_type", "torch_dtype")})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.06)
+    model.save_pretrained(hf)
+    load_tokenizer(gpt2_tokenizer_dir).save_pretrained(hf)
+    ckpt = root / "ckpt"
+    import_hf(hf, ckpt, dtype="fp32", verify=False)
+    exp = root / "export"
+    export_hf(ckpt, exp, verify=False)
+    return hf, ckpt, exp, write_tasks(root)
+
+
+# -- parity: our adapter in TP2 / PP2 vs lm-eval's hf model on the export -----------------------------------
+@pytest.fixture(scope="module")
+def hf_reference(tiny):
+    from cpt_megatron.eval.standalone import benchmark_hf
+
+    _, _, exp, tasks = tiny
+    return benchmark_hf(exp, [str(tasks)], batch_size=8, log_samples=True)
+
+
+def _resps(lm_eval_res: dict) -> dict:
+    """{(task, doc_id, request index): (loglikelihood, is_greedy)} from lm-eval's logged samples."""
+    out = {}
+    for task, samples in lm_eval_res["samples"].items():
+        for s in samples:
+            for j, r in enumerate(s["resps"]):
+                ll, greedy = r[0]
+                out[(task, s["doc_id"], j)] = (float(ll), bool(greedy))
+    return out
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["TP2", "PP2"])
+def test_adapter_matches_hf_per_document(tiny, hf_reference, tmp_path, layout):
+    _, ckpt, _, tasks = tiny
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "cpt_megatron", "eval", "--ckpt", str(ckpt), "--tasks", str(tasks), *layout,
+           "--nproc", "2", "--micro-batch", "2", "--batch-size", "8", "--output", str(out), "--log-samples", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])["benchmarks"]
+    ref = hf_reference["summary"]
+    assert set(summary) == {"heldout_mc", "heldout_lastword"}
+    for task in ref:
+        for m in ("acc", "acc_norm", "acc_stderr"):
+            if m in ref[task]:
+                assert summary[task][m] == ref[task][m], (task, m)
+        assert summary[task]["n"] == ref[task]["n"] == 12
+    got, want = _resps(json.loads(out.read_text())), _resps(hf_reference["lm_eval"])
+    assert set(got) == set(want) and len(want) == 12 * 4 + 12
+    worst = max(abs(got[k][0] - want[k][0]) for k in want)
+    assert worst <= TOL, worst
+    assert all(got[k][1] == want[k][1] for k in want)
