@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from cpt_megatron.errors import CptError
+from cpt_megatron.eval.tasks import BenchmarkConfig
 from cpt_megatron.model.build import ModelOptions
 from cpt_megatron.runtime.distributed import ParallelConfig
 from cpt_megatron.train.engine import OptimConfig
@@ -146,7 +147,10 @@ class EvalSection:
     """Micro-batches per validation source per evaluation (a fixed subset)."""
     monitor: dict = dataclasses.field(default_factory=dict)
     """Forgetting monitor settings (eval.monitor.policy=warn|stop|rollback|adapt, warn, act, ...)."""
-    benchmarks: list[str] = dataclasses.field(default_factory=list)
+    benchmarks: list[BenchmarkConfig] = dataclasses.field(default_factory=list)
+    """lm-eval tasks run at step 0 and every interval in the training layout, e.g.
+    [{task: arc_easy, limit: 1000}, {task: hellaswag, limit: 1000, metric: acc_norm}] (eval/tasks.py);
+    general ones are watched by the monitor with their standard error."""
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -158,3 +158,68 @@ def test_adapter_matches_hf_per_document(tiny, hf_reference, tmp_path, layout):
     worst = max(abs(got[k][0] - want[k][0]) for k in want)
     assert worst <= TOL, worst
     assert all(got[k][1] == want[k][1] for k in want)
+
+
+# -- offline task resolution and errors (no model) ----------------------------------------------------------
+def test_task_specs_resolve_and_missing_dataset_is_one_line(tmp_path, capsys):
+    from cpt_megatron.errors import CptError
+    from cpt_megatron.eval.tasks import resolve_tasks, run_tasks
+
+    d = write_tasks(tmp_path, n_docs=4)
+    assert resolve_tasks([str(d)]) == (["heldout_lastword", "heldout_mc"], [str(d.resolve())], False)
+    assert resolve_tasks([str(d / "heldout_mc.yaml"), "arc_easy"])[0] == ["heldout_mc", "arc_easy"]
+    with pytest.raises(CptError, match="no such file"):
+        resolve_tasks([str(tmp_path / "nope.yaml")])
+    (d / "mc.jsonl").unlink()  # a local task whose data file is gone: one line naming the task, no download
+    with pytest.raises(CptError, match=r"task 'heldout_mc': its dataset is not available offline.*dataset_path: json"):
+        run_tasks("dummy", [str(d / "heldout_mc.yaml")], limit=2)
+
+
+def test_eval_checks_inputs_before_loading(tmp_path, capsys):
+    """Issue 19 item 8: a missing --data file (or task YAML) fails at once, before any model loads."""
+    import time
+
+    ck = tmp_path / "ck"
+    (ck / "tokenizer").mkdir(parents=True)
+    t0 = time.time()
+    assert main(["eval", "--ckpt", str(ck), "--data", str(tmp_path / "missing.txt"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "missing.txt" in err and "not found" in err and "Traceback" not in err
+    assert main(["eval", "--ckpt", str(ck), "--tasks", str(tmp_path / "t.yaml")]) == 2
+    assert "t.yaml: no such file" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(ck)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert time.time() - t0 < 10
+
+
+# -- the monitor on benchmark scores: acts on a real drop, not on one inside the stderr ---------------------
+def _bench(acc: float, n: int = 1000) -> dict:
+    se = (acc * (1 - acc) / (n - 1)) ** 0.5
+    return {"group": "general", "benchmark": True, "watch": "acc", "acc": acc, "acc_stderr": se, "n": n,
+            "higher_is_better": {"acc": True}}
+
+
+def test_monitor_benchmark_noise_vs_regression():
+    from cpt_megatron.eval.monitor import ForgettingMonitor, MonitorConfig
+
+    base = {"pydoc": {"group": "general", "ppl": 20.0}, "arc_easy": _bench(0.60)}
+    mon = ForgettingMonitor(MonitorConfig(policy="stop", warn=0.02, act=0.03), base)
+    assert ("arc_easy", "acc") in mon.watched and ("pydoc", "ppl") in mon.watched
+    # 0.60 -> 0.58: a 3.3% relative drop (past act) but 2 points < sqrt(2) x 1.55 points of stderr: noise
+    ev = {e.source: e for e in mon.observe(100, {"pydoc": {"group": "general", "ppl": 20.0}, "arc_easy": _bench(0.58)})}
+    a = ev["arc_easy"]
+    assert a.kind == "noise" and a.action is None and a.regression == pytest.approx(1 / 30)
+    assert a.stderr == pytest.approx(((0.6 * 0.4 + 0.58 * 0.42) / 999) ** 0.5)
+    assert "noise" in a.format() and "stderr" in a.format()
+    # the benchmark not due at this evaluation: skipped, perplexity still watched
+    assert [e.source for e in mon.observe(150, {"pydoc": {"group": "general", "ppl": 20.1}})] == ["pydoc"]
+    # 0.60 -> 0.50 (planted regression, e.g. a too-high LR): far outside the noise -> the policy acts
+    ev = {e.source: e for e in mon.observe(200, {"pydoc": {"group": "general", "ppl": 20.0}, "arc_easy": _bench(0.50)})}
+    assert ev["arc_easy"].kind == "act" and ev["arc_easy"].action == "stop"
+    # noise_z=0 treats the same 2-point drop as real
+    mon0 = ForgettingMonitor(MonitorConfig(policy="stop", noise_z=0.0), base)
+    ev0 = {e.source: e for e in mon0.observe(100, {"pydoc": {"group": "general", "ppl": 20.0}, "arc_easy": _bench(0.58)})}
+    assert ev0["arc_easy"].kind == "act" and ev0["arc_easy"].action == "stop"
+    # a base accuracy of 0 cannot regress
+    mz = ForgettingMonitor(MonitorConfig(policy="stop"), {"lw": _bench(0.0, 12)})
+    assert mz.observe(4, {"lw": _bench(0.0, 12)})[0].kind == "ok"

@@ -195,10 +195,17 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
         evaluator = _Evaluator(mixture, groups, tokenizer, cfg.eval.batches, micro, ps.get_data_parallel_rank(), dp)
         monitor_factory = _monitor(cfg, groups)
         monitor = None
+        bench = None
+        if cfg.eval.benchmarks:  # lm-eval tasks in this layout (eval/benchmarks.py)
+            from cpt_megatron.eval.benchmarks import TrainingBenchmarks
+
+            bench = TrainingBenchmarks(cfg.eval.benchmarks, default_interval=cfg.eval.interval, tokenizer=tokenizer,
+                                       max_length=arch.max_position_embeddings, micro_batch=micro, quiet=not rank0)
 
         def evaluate(step):
             nonlocal monitor
             res = evaluator(engine)
+            res.update(bench(step, engine.model) if bench is not None else {})
             logger.write({"step": step, "results": res}, run_dir / "evals.jsonl")
             if state["baseline"] is None:
                 state["baseline"] = res
@@ -209,10 +216,15 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
                 for ev in events:
                     logger.write(ev.to_dict(), run_dir / "events.jsonl")
             if rank0:
-                dom = [f"{n} ppl {r['ppl']:.3f}" for n, r in res.items()]
+                dom = [f"{n} ppl {r['ppl']:.3f}" for n, r in res.items() if "ppl" in r]
                 print(f"eval step {step}: " + ", ".join(dom), flush=True)
+                if bench is not None:
+                    from cpt_megatron.eval.tasks import format_summary
+
+                    print("\n".join(f"benchmark step {step}: {ln}" for ln in format_summary(
+                        {n: r for n, r in res.items() if r.get("benchmark")})), flush=True)
                 for ev in events:
-                    if ev.kind in ("warn", "act"):
+                    if ev.kind in ("noise", "warn", "act"):
                         print(f"monitor: {ev.format()}", flush=True)
             return events
 
@@ -273,7 +285,7 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
             # evaluation + forgetting monitor
             done = state["step"] >= total_steps
             events = []
-            if (cfg.eval.interval and state["step"] % cfg.eval.interval == 0) or done:
+            if (cfg.eval.interval and state["step"] % cfg.eval.interval == 0) or done or (bench and bench.due(state["step"])):
                 events = evaluate(state["step"])
             save_now = done or bool(cfg.checkpoint.save_interval and state["step"] % cfg.checkpoint.save_interval == 0)
             for ev in events:
