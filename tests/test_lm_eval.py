@@ -161,15 +161,24 @@ def test_adapter_matches_hf_per_document(tiny, hf_reference, tmp_path, layout):
 
 
 # -- offline task resolution and errors (no model) ----------------------------------------------------------
-def test_task_specs_resolve_and_missing_dataset_is_one_line(tmp_path, capsys):
+def test_task_specs_resolve_and_missing_dataset_is_one_line(tmp_path, monkeypatch):
+    import socket
+
     from cpt_megatron.errors import CptError
     from cpt_megatron.eval.tasks import resolve_tasks, run_tasks
+
+    def no_network(*a, **k):
+        raise AssertionError(f"network access attempted: {a}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # importing and running lm-eval stays offline
 
     d = write_tasks(tmp_path, n_docs=4)
     assert resolve_tasks([str(d)]) == (["heldout_lastword", "heldout_mc"], [str(d.resolve())], False)
     assert resolve_tasks([str(d / "heldout_mc.yaml"), "arc_easy"])[0] == ["heldout_mc", "arc_easy"]
     with pytest.raises(CptError, match="no such file"):
         resolve_tasks([str(tmp_path / "nope.yaml")])
+    ok = run_tasks("dummy", [str(d)], limit=3)["summary"]  # lm-eval's random model: the plumbing, offline
+    assert ok["heldout_mc"]["n"] == 3 and "acc_stderr" in ok["heldout_mc"] and "acc" in ok["heldout_lastword"]
     (d / "mc.jsonl").unlink()  # a local task whose data file is gone: one line naming the task, no download
     with pytest.raises(CptError, match=r"task 'heldout_mc': its dataset is not available offline.*dataset_path: json"):
         run_tasks("dummy", [str(d / "heldout_mc.yaml")], limit=2)
@@ -223,3 +232,34 @@ def test_monitor_benchmark_noise_vs_regression():
     # a base accuracy of 0 cannot regress
     mz = ForgettingMonitor(MonitorConfig(policy="stop"), {"lw": _bench(0.0, 12)})
     assert mz.observe(4, {"lw": _bench(0.0, 12)})[0].kind == "ok"
+
+
+# -- benchmarks in a real (tiny) training run ------------------------------------------------------------------
+def cpt_train(run_dir: Path, cache: Path, *overrides: str) -> dict:
+    """`cpt train --recipe tiny_cpu` in a subprocess; the JSON summary line."""
+    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run_dir}",
+           f"data.cache_dir={cache}", *overrides, "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path):
+    tasks = write_tasks(tmp_path, n_docs=8)
+    run = tmp_path / "run"
+    bench = f"[{{task: {tasks / 'heldout_mc.yaml'}, limit: 8, interval: 2, batch_size: 8}}]"
+    cpt_train(run, tmp_path / "cache", "train.max_steps=4", "eval.interval=4", f"eval.benchmarks={bench}",
+              "eval.monitor.policy=stop", "checkpoint.save_interval=2")
+    evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
+    scored = {e["step"]: e["results"]["heldout_mc"] for e in evals if "heldout_mc" in e["results"]}
+    assert sorted(scored) == [0, 2, 4]
+    for r in scored.values():
+        assert r["benchmark"] and r["group"] == "general" and r["n"] == 8 and 0 <= r["acc"] <= 1
+        assert r["acc_stderr"] == pytest.approx((r["acc"] * (1 - r["acc"]) / 7) ** 0.5)
+    assert "ppl" in evals[0]["results"]["pydoc"]
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    watched = [e for e in events if e["source"] == "heldout_mc"]
+    assert {e["step"] for e in watched} == {0, 2, 4} and all(e["stderr"] is not None for e in watched if e["step"])
+    # 8 documents: any change is inside the stderr, so the benchmark never makes the monitor act
+    assert all(e["action"] is None for e in watched)

@@ -11,7 +11,7 @@ Collective: every rank calls with the same step.
 from __future__ import annotations
 
 from cpt_megatron.errors import CptError
-from cpt_megatron.eval.tasks import BenchmarkConfig, resolve_tasks
+from cpt_megatron.eval.tasks import BenchmarkConfig, require_lm_eval, resolve_tasks
 
 __all__ = ["TrainingBenchmarks"]
 
@@ -22,6 +22,7 @@ class TrainingBenchmarks:
         self.cfgs = list(benchmarks)
         self.default_interval = default_interval
         self.tokenizer, self.max_length, self.micro_batch, self.quiet = tokenizer, max_length, micro_batch, quiet
+        require_lm_eval()
         for b in self.cfgs:
             resolve_tasks([b.task])  # a bad path fails at setup
             if b.interval is None and default_interval is None:

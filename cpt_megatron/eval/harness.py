@@ -18,6 +18,15 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import (
+    _add_special_kwargs,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 
 __all__ = ["LayoutScorer", "MegatronLM"]
 
@@ -128,131 +137,110 @@ class LayoutScorer:
         return [(logprob[k, :len(r[0])].tolist(), argmax[k, :len(r[0])].tolist()) for k, r in enumerate(rows)]
 
 
-def _make_class():
-    from lm_eval import utils as lm_utils
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.models.utils import (
-        _add_special_kwargs,
-        handle_stop_sequences,
-        has_bos_prefix,
-        normalize_gen_kwargs,
-        postprocess_generated_text,
-    )
+class MegatronLM(TemplateLM):
+    """lm-eval LM over a `LayoutScorer`; tokenization and truncation as lm-eval's `hf` model does them."""
 
-    class _MegatronLM(TemplateLM):
-        """lm-eval LM over a `LayoutScorer`; tokenization and truncation as lm-eval's `hf` model does them."""
+    def __init__(self, scorer, tokenizer, *, max_length: int, batch_size: int = 16, max_gen_toks: int = 256,
+                 add_bos_token: bool | None = None):
+        super().__init__()
+        self.scorer, self.tokenizer = scorer, tokenizer
+        self.max_length, self.batch_size, self.max_gen_toks = max_length, batch_size, max_gen_toks
+        self.add_bos_token = add_bos_token
 
-        def __init__(self, scorer, tokenizer, *, max_length: int, batch_size: int = 16, max_gen_toks: int = 256,
-                     add_bos_token: bool | None = None):
-            super().__init__()
-            self.scorer, self.tokenizer = scorer, tokenizer
-            self.max_length, self.batch_size, self.max_gen_toks = max_length, batch_size, max_gen_toks
-            self.add_bos_token = add_bos_token
+    # -- tokenization (HFLM's rules) ---------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
 
-        # -- tokenization (HFLM's rules) ---------------------------------------------------------------
-        @property
-        def eot_token_id(self) -> int:
-            return self.tokenizer.eos_token_id
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
 
-        @property
-        def prefix_token_id(self) -> int:
-            bos = self.tokenizer.bos_token_id
-            return bos if bos is not None else self.tokenizer.eos_token_id
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
 
-        @property
-        def tokenizer_name(self) -> str:
-            return self.tokenizer.name_or_path.replace("/", "__")
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kw):
+        kwargs = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            kwargs["add_special_tokens"] = False
+        enc = self.tokenizer.encode(string, **kwargs)
+        return enc[-left_truncate_len:] if left_truncate_len else enc
 
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kw):
-            kwargs = _add_special_kwargs(add_special_tokens, self.add_bos_token)
-            if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-                kwargs["add_special_tokens"] = False
-            enc = self.tokenizer.encode(string, **kwargs)
-            return enc[-left_truncate_len:] if left_truncate_len else enc
+    # -- scoring -----------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
+        """(sum log P(continuation | context), continuation is the greedy output) per request."""
+        rows = []
+        for _, ctx, cont in requests:
+            if not ctx or not cont:
+                raise ValueError("lm-eval request with an empty context or continuation after tokenization")
+            seq = (ctx + cont)[-(self.max_length + 1):]  # left truncation, as HFLM
+            rows.append((seq[:-1], seq[1:]))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths per batch
+        res: list = [None] * len(rows)
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            for i, (lp, am) in zip(idx, self.scorer([rows[i] for i in idx])):
+                n = len(requests[i][2])
+                labels = rows[i][1][-n:]
+                res[i] = (float(sum(lp[-n:])), am[-n:] == labels)
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], res[i])
+        return res
 
-        # -- scoring -----------------------------------------------------------------------------------
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
-            """(sum log P(continuation | context), continuation is the greedy output) per request."""
-            rows = []
-            for _, ctx, cont in requests:
-                if not ctx or not cont:
-                    raise ValueError("lm-eval request with an empty context or continuation after tokenization")
-                seq = (ctx + cont)[-(self.max_length + 1):]  # left truncation, as HFLM
-                rows.append((seq[:-1], seq[1:]))
-            order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths per batch
-            res: list = [None] * len(rows)
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b:b + self.batch_size]
-                for i, (lp, am) in zip(idx, self.scorer([rows[i] for i in idx])):
-                    n = len(requests[i][2])
-                    labels = rows[i][1][-n:]
-                    res[i] = (float(sum(lp[-n:])), am[-n:] == labels)
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], res[i])
-            return res
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, counts = [], []
+        for (string,) in [r.args for r in requests]:
+            ws = [(None,) + w for w in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))]
+            windows.extend(ws)
+            counts.append(len(ws))
+        scores = self._loglikelihood_tokens(windows)
+        out, pos = [], 0
+        for r, c in zip(requests, counts):
+            out.append(sum(s for s, _ in scores[pos:pos + c]))
+            pos += c
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, out[-1])
+        return out
 
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            windows, counts = [], []
-            for (string,) in [r.args for r in requests]:
-                ws = [(None,) + w for w in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1))]
-                windows.extend(ws)
-                counts.append(len(ws))
-            scores = self._loglikelihood_tokens(windows)
-            out, pos = [], 0
-            for r, c in zip(requests, counts):
-                out.append(sum(s for s, _ in scores[pos:pos + c]))
-                pos += c
-                self.cache_hook.add_partial("loglikelihood_rolling", r.args, out[-1])
-            return out
-
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            """Greedy decoding, a batch of prompts at a time (full re-forward per token: no KV cache)."""
-            eos = self.tokenizer.decode([self.eot_token_id])
-            out = []
-            for b in range(0, len(requests), self.batch_size):
-                batch = [r.args for r in requests[b:b + self.batch_size]]
-                res = [None] * len(batch)
-                groups: dict = {}
-                for i, (_, kw) in enumerate(batch):
-                    groups.setdefault(repr(sorted(kw.items(), key=str)), []).append(i)
-                for idx in groups.values():
-                    kwargs = normalize_gen_kwargs(dict(batch[idx[0]][1]), self.max_gen_toks)
-                    until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-                    max_gen = int(kwargs.pop("max_gen_toks"))
-                    if max_gen >= self.max_length:
-                        raise ValueError(f"max_gen_toks={max_gen} must be < the model's max length {self.max_length}")
-                    ctxs = [self.tok_encode(batch[i][0], left_truncate_len=self.max_length - max_gen) for i in idx]
-                    gens = [[] for _ in idx]
-                    live = list(range(len(idx)))
-                    for _ in range(max_gen):
-                        if not live:
-                            break
-                        seqs = [ctxs[j] + gens[j] for j in live]
-                        rows = [(s, s[1:] + [self.pad]) for s in seqs]
-                        for j, (_, am) in zip(list(live), self.scorer(rows)):
-                            gens[j].append(am[-1])
-                            text = self.tokenizer.decode(gens[j], skip_special_tokens=True)
-                            if am[-1] == self.eot_token_id or any(u in text for u in until):
-                                live.remove(j)
-                    for j, i in enumerate(idx):
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy decoding, a batch of prompts at a time (full re-forward per token: no KV cache)."""
+        eos = self.tokenizer.decode([self.eot_token_id])
+        out = []
+        for b in range(0, len(requests), self.batch_size):
+            batch = [r.args for r in requests[b:b + self.batch_size]]
+            res = [None] * len(batch)
+            groups: dict = {}
+            for i, (_, kw) in enumerate(batch):
+                groups.setdefault(repr(sorted(kw.items(), key=str)), []).append(i)
+            for idx in groups.values():
+                kwargs = normalize_gen_kwargs(dict(batch[idx[0]][1]), self.max_gen_toks)
+                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+                max_gen = int(kwargs.pop("max_gen_toks"))
+                if max_gen >= self.max_length:
+                    raise ValueError(f"max_gen_toks={max_gen} must be < the model's max length {self.max_length}")
+                ctxs = [self.tok_encode(batch[i][0], left_truncate_len=self.max_length - max_gen) for i in idx]
+                gens = [[] for _ in idx]
+                live = list(range(len(idx)))
+                for _ in range(max_gen):
+                    if not live:
+                        break
+                    seqs = [ctxs[j] + gens[j] for j in live]
+                    rows = [(s, s[1:] + [self.pad]) for s in seqs]
+                    for j, (_, am) in zip(list(live), self.scorer(rows)):
+                        gens[j].append(am[-1])
                         text = self.tokenizer.decode(gens[j], skip_special_tokens=True)
-                        res[i] = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
-                        self.cache_hook.add_partial("generate_until", batch[i], res[i])
-                out.extend(res)
-            return out
+                        if am[-1] == self.eot_token_id or any(u in text for u in until):
+                            live.remove(j)
+                for j, i in enumerate(idx):
+                    text = self.tokenizer.decode(gens[j], skip_special_tokens=True)
+                    res[i] = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+                    self.cache_hook.add_partial("generate_until", batch[i], res[i])
+            out.extend(res)
+        return out
 
-        @property
-        def pad(self) -> int:
-            return self.scorer.pad_id
-
-    return _MegatronLM
-
-
-def __getattr__(name):  # MegatronLM subclasses lm-eval's TemplateLM: built on first use (lm_eval imports slowly)
-    if name == "MegatronLM":
-        cls = _make_class()
-        globals()["MegatronLM"] = cls
-        return cls
-    raise AttributeError(name)
+    @property
+    def pad(self) -> int:
+        return self.scorer.pad_id

@@ -61,7 +61,8 @@ class MonitorConfig:
     """For 'adapt': also scale lr by lr_factor."""
     metrics: list[str] = dataclasses.field(default_factory=lambda: ["ppl"])
     """Metrics watched on every general source that reports them: ppl, loss, bits_per_byte, bits_per_char
-    (lower is better), acc, acc_norm (higher is better, from choice benchmarks)."""
+    (lower is better), acc, acc_norm (higher is better). lm-eval benchmarks (eval.benchmarks) are watched on
+    their own `metric` whatever this list says."""
     cooldown_evals: int = 1
     """Evaluations after an action during which no new action is taken (0 = act at every evaluation)."""
     max_actions: int | None = None

@@ -134,10 +134,11 @@ def benchmark_checkpoint(ckpt: str | os.PathLike, tasks: Sequence[str], *, tp: i
     """lm-eval tasks on a megatron checkpoint in its layout, through `MegatronLM` (no export). Collective."""
     import torch
 
-    from cpt_megatron.eval.harness import LayoutScorer, MegatronLM
-    from cpt_megatron.eval.tasks import resolve_tasks, run_tasks
+    from cpt_megatron.eval.tasks import require_lm_eval, resolve_tasks, run_tasks
 
     resolve_tasks(list(tasks))  # a bad task path fails before the model loads
+    require_lm_eval()
+    from cpt_megatron.eval.harness import LayoutScorer, MegatronLM
     with loaded_checkpoint(ckpt, tp=tp, pp=pp, vpp=vpp, tokenizer=tokenizer) as (chunks, tok, arch):
         scorer = LayoutScorer(chunks, micro_batch=micro_batch, pad_id=int(tok.eos_token_id))
         lm = MegatronLM(scorer, tok, max_length=max_length or arch.max_position_embeddings, batch_size=batch_size)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cpt_megatron.errors import CptError
 
-__all__ = ["BenchmarkConfig", "offline", "resolve_tasks", "run_tasks", "summarize", "format_summary"]
+__all__ = ["BenchmarkConfig", "require_lm_eval", "offline", "resolve_tasks", "run_tasks", "summarize", "format_summary"]
 
 _OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 HOWTO = ("provide it offline: either load it once on a machine with network (python -c \"import datasets; "
@@ -61,6 +61,14 @@ class BenchmarkConfig:
             raise ValueError(f"eval.benchmarks[{self.task}].num_fewshot={self.num_fewshot}: must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"eval.benchmarks[{self.task}].batch_size={self.batch_size}: must be >= 1")
+
+
+def require_lm_eval() -> None:
+    """lm-evaluation-harness is the `eval` extra: one clear line when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise CptError("benchmarks need lm-evaluation-harness: pip install 'cpt-megatron[eval]' (or pip install lm-eval)")
 
 
 @contextlib.contextmanager
@@ -175,6 +183,7 @@ def run_tasks(lm, specs: list[str], *, limit: int | float | None = None, num_few
     import logging
 
     names, include, registry = resolve_tasks(specs)
+    require_lm_eval()
     with offline():
         import lm_eval
 
