@@ -263,3 +263,24 @@ def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path):
     assert {e["step"] for e in watched} == {0, 2, 4} and all(e["stderr"] is not None for e in watched if e["step"])
     # 8 documents: any change is inside the stderr, so the benchmark never makes the monitor act
     assert all(e["action"] is None for e in watched)
+
+
+def test_select_and_plot_include_benchmarks(tmp_path):
+    from cpt_megatron.eval.plot import plot_run
+    from cpt_megatron.eval.select import select_checkpoint
+
+    def ev(step, dom, gen, acc):
+        return {"step": step, "results": {"med": {"group": "domain", "ppl": dom}, "wiki": {"group": "general", "ppl": gen},
+                                          "arc_easy": _bench(acc)}}
+    # step 10: best domain gain but ARC dropped 10 points (real); step 20: ARC -2 points (inside the stderr)
+    rows = [ev(0, 10.0, 20.0, 0.60), ev(10, 8.0, 20.1, 0.50), ev(20, 8.5, 20.1, 0.58)]
+    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for s in (10, 20):
+        (tmp_path / "checkpoints" / f"iter_{s:07d}").mkdir(parents=True)
+    sel = select_checkpoint(tmp_path, max_general_regression=0.03)
+    by_step = {c["step"]: c for c in sel["candidates"]}
+    assert by_step[10]["general_regression"] == pytest.approx(0.1 / 0.6) and not by_step[10]["feasible"]
+    assert by_step[20]["general_regression"] == pytest.approx(0.005) and by_step[20]["feasible"]  # wiki ppl only
+    assert sel["best"] == "iter_0000020" and by_step[20]["benchmarks"] == {"arc_easy": 0.58}
+    assert "arc_easy 0.5800" in (tmp_path / "selection.md").read_text()
+    assert str(tmp_path / "plots" / "benchmarks.png") in plot_run(tmp_path)["plots"]

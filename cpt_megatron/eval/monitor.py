@@ -32,7 +32,7 @@ import math
 from collections.abc import Iterable
 
 __all__ = ["MonitorConfig", "Event", "ForgettingMonitor", "POLICIES", "LOWER_IS_BETTER", "HIGHER_IS_BETTER",
-           "relative_regression"]
+           "relative_regression", "benchmark_regression"]
 
 POLICIES = ("warn", "stop", "rollback", "adapt")
 LOWER_IS_BETTER = ("ppl", "loss", "bits_per_byte", "bits_per_char")
@@ -144,6 +144,23 @@ def relative_regression(metric: str, value: float, baseline: float, higher_is_be
     return (value - baseline) / baseline
 
 
+def benchmark_regression(base: dict, now: dict, noise_z: float = 1.0) -> tuple[float, float | None, bool]:
+    """(relative regression, combined stderr, within the noise) of a benchmark row on its watched metric.
+
+    Within the noise: |now - base| <= noise_z x sqrt(se_base^2 + se_now^2) (False when no stderr is known).
+    """
+    m = base["watch"]
+    value, b = float(now[m]), float(base[m])
+    hib = base.get("higher_is_better", {}).get(m)
+    if b == 0:  # e.g. accuracy 0 at the base: nothing to lose
+        reg = 0.0 if (hib is not False and value >= b) else float("inf")
+    else:
+        reg = relative_regression(m, value, b, hib)
+    se = _combined_stderr(base, now, m)
+    noise = se is not None and math.isfinite(reg) and abs(value - b) <= noise_z * se + _EPS
+    return reg, se, noise
+
+
 def _combined_stderr(base: dict, now: dict, metric: str) -> float | None:
     """sqrt(se_base^2 + se_now^2) from lm-eval's `<metric>_stderr` entries; None when either is missing."""
     a, b = base.get(f"{metric}_stderr"), now.get(f"{metric}_stderr")
@@ -189,19 +206,18 @@ class ForgettingMonitor:
                 raise ValueError(f"forgetting monitor: evaluation at step {step} lacks {m!r} for general source "
                                  f"{src!r} (has {sorted(results)}); every evaluation must cover the baseline's sources")
             value, base = float(results[src][m]), float(self.baseline[src][m])
-            hib = self.baseline[src].get("higher_is_better", {}).get(m) if bench else None
-            if bench and base == 0:  # e.g. accuracy 0 at the base: nothing to lose
-                reg = 0.0 if (hib is not False and value >= base) else float("inf")
+            se, noise = None, False
+            if bench:
+                reg, se, noise = benchmark_regression(self.baseline[src], results[src], cfg.noise_z)
             else:
-                reg = relative_regression(m, value, base, hib)
+                reg = relative_regression(m, value, base)
             if not math.isfinite(reg) or reg >= cfg.act - _EPS:
                 kind, thr = "act", cfg.act
             elif reg >= cfg.warn - _EPS:
                 kind, thr = "warn", cfg.warn
             else:
                 kind, thr = "ok", None
-            se = _combined_stderr(self.baseline[src], results[src], m) if bench else None
-            if kind != "ok" and se is not None and math.isfinite(reg) and abs(value - base) <= cfg.noise_z * se + _EPS:
+            if kind != "ok" and noise:
                 kind = "noise"
             events.append(Event(step=step, kind=kind, action=None, metric=m, source=src, value=value, baseline=base,
                                 regression=reg if math.isfinite(reg) else float("inf"), threshold=thr, stderr=se))
