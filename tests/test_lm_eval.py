@@ -44,6 +44,13 @@ def held_out_sentences(n: int, seed: int = 0) -> list[str]:
     return out[:n]
 
 
+def _task_yaml(path: Path, output_type: str, data: Path, templates: str, metrics: list[str]) -> None:
+    """An lm-eval task YAML over a local JSONL file (`dataset_path: json`), named after the file stem."""
+    path.write_text(f"task: {path.stem}\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\n"
+                    f"output_type: {output_type}\ntest_split: test\n{templates}metric_list:\n"
+                    + "".join(f"  - {{metric: {m}, aggregation: mean, higher_is_better: true}}\n" for m in metrics))
+
+
 def write_tasks(root: Path, n_docs: int = 12) -> Path:
     """root/tasks/{heldout_mc,heldout_lastword}.yaml over local JSONL; returns the folder."""
     sents = held_out_sentences(n_docs * 5)
@@ -62,30 +69,13 @@ def write_tasks(root: Path, n_docs: int = 12) -> Path:
     with open(d / "lastword.jsonl", "w") as f:
         for s in sents[4 * n_docs:5 * n_docs]:
             f.write(json.dumps({"text": s}) + "\n")
-    (d / "heldout_mc.yaml").write_text(f"""task: heldout_mc
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {d / 'mc.jsonl'}}}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{query}}}}"
-doc_to_target: "{{{{gold}}}}"
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
-""")
-    (d / "heldout_lastword.yaml").write_text(f"""task: heldout_lastword
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {d / 'lastword.jsonl'}}}
-output_type: loglikelihood
-test_split: test
-doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
-doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
-metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-""")
+    _task_yaml(d / "heldout_mc.yaml", "multiple_choice", d / "mc.jsonl", """doc_to_text: "{{query}}"
+doc_to_target: "{{gold}}"
+doc_to_choice: "{{choices}}"
+""", ["acc", "acc_norm"])
+    _task_yaml(d / "heldout_lastword.yaml", "loglikelihood", d / "lastword.jsonl", """doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' '+text.split(' ')[-1]}}"
+""", ["acc"])
     return d
 
 

@@ -64,6 +64,12 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
     out_dir.mkdir(exist_ok=True)
     written = []
 
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        written.append(out_dir / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
     def mark_events(ax):
         for kind, (color, ls) in _EVENT_STYLE.items():
             steps = sorted({e["step"] for e in events if e["kind"] == kind})
@@ -89,10 +95,7 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
             ax2.legend(loc="upper center", fontsize=8)
         ax.legend(loc="upper right", fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(out_dir / "loss.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "loss.png")
 
     by_step = {}
     for rec in evals:
@@ -116,10 +119,7 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "evals.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "evals.png")
     benches = sorted(src for src, b in by_step.get(0, {}).items() if b.get("benchmark"))
     if benches:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -137,9 +137,6 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
         ax.set_ylabel("score (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "benchmarks.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "benchmarks.png")
     return {"plots": [str(p) for p in written], "metrics_lines": len(metrics), "evals": len(by_step),
             "events": len(events)}
