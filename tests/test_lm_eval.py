@@ -150,6 +150,29 @@ def test_adapter_matches_hf_per_document(tiny, hf_reference, tmp_path, layout):
     assert all(got[k][1] == want[k][1] for k in want)
 
 
+@pytest.mark.slow
+def test_adapter_vpp_matches_hf(tiny, hf_reference, tmp_path):
+    """PP2 x VPP2 (interleaved schedule), through the library entry point in a torchrun worker."""
+    _, ckpt, _, tasks = tiny
+    out = tmp_path / "vpp.json"
+    spec = json.dumps({"ckpt": str(ckpt), "tasks": str(tasks), "out": str(out)})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, spec]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got, want = _resps(json.loads(out.read_text())), _resps(hf_reference["lm_eval"])
+    assert set(got) == set(want) and max(abs(got[k][0] - want[k][0]) for k in want) <= TOL
+
+
+def _vpp_worker(spec: dict) -> None:
+    from cpt_megatron.eval.standalone import benchmark_checkpoint
+
+    res = benchmark_checkpoint(spec["ckpt"], [spec["tasks"]], pp=2, vpp=2, micro_batch=2, batch_size=8, log_samples=True)
+    if res["rank"] == 0:
+        from lm_eval.utils import handle_non_serializable
+
+        Path(spec["out"]).write_text(json.dumps(res["lm_eval"], default=handle_non_serializable))
+
+
 def test_adapter_rolling_and_generation_match_hf(tiny):
     """MegatronLM's loglikelihood_rolling windows and greedy generate_until equal lm-eval hf's, on a scorer
     backed by the same HF model (the adapter's own logic; the layouts are covered above)."""
@@ -217,6 +240,8 @@ def test_eval_checks_inputs_before_loading(tmp_path, capsys):
     assert "t.yaml: no such file" in capsys.readouterr().err
     assert main(["eval", "--ckpt", str(ck)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(ck), "--tasks", "arc_easy", "--tokenizer", str(tmp_path / "tok")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err  # names the missing --tokenizer, not the checkpoint
     assert time.time() - t0 < 10
 
 
@@ -325,3 +350,7 @@ def test_smollm2_last_word_accuracy_matches_export(smollm2_gguf, tmp_path):
     assert got["n"] == ref["n"] == 40
     assert got["acc"] == ref["acc"] and got["acc_stderr"] == pytest.approx(ref["acc_stderr"])
     assert ref["acc"] > 0  # a real model gets some last words right (measured: 1 of 40 on Gutenberg)
+
+
+if __name__ == "__main__":
+    _vpp_worker(json.loads(sys.argv[1]))

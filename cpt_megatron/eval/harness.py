@@ -100,7 +100,9 @@ class LayoutScorer:
             return []
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         n, mb = len(rows), self.micro_batch
-        per = -(-n // (dp * mb)) * mb  # rows per DP replica, whole micro-batches
+        # rows per DP replica: whole micro-batches; the interleaved (VPP) schedule wants a multiple of pp of them
+        group = mb * (ps.get_pipeline_model_parallel_world_size() if len(self.model) > 1 else 1)
+        per = -(-n // (dp * group)) * group
         padded = list(rows) + [([self.pad_id], [self.pad_id])] * (per * dp - n)
         m = self.width_multiple
         width = -(-max(len(r[0]) for r in rows) // m) * m
