@@ -150,6 +150,19 @@ def test_adapter_matches_hf_per_document(tiny, hf_reference, tmp_path, layout):
     assert all(got[k][1] == want[k][1] for k in want)
 
 
+def test_cli_hf_writes_lm_eval_json_and_summary(tiny, tmp_path, capsys):
+    _, _, exp, tasks = tiny
+    out = tmp_path / "r.json"
+    assert main(["eval", "--hf", str(exp), "--tasks", str(tasks / "heldout_mc.yaml"), "--limit", "6", "--output", str(out),
+                 "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])["benchmarks"]["heldout_mc"]
+    assert summary["n"] == 6 and set(summary) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "higher_is_better"}
+    assert any(ln.startswith("heldout_mc") and "acc " in ln and "±" in ln for ln in lines[:-1])
+    res = json.loads(out.read_text())  # lm-eval's own results JSON
+    assert res["results"]["heldout_mc"]["acc,none"] == summary["acc"] and res["n-samples"]["heldout_mc"]["effective"] == 6
+
+
 @pytest.mark.slow
 def test_adapter_vpp_matches_hf(tiny, hf_reference, tmp_path):
     """PP2 x VPP2 (interleaved schedule), through the library entry point in a torchrun worker."""
