@@ -315,6 +315,8 @@ def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path):
         assert r["benchmark"] and r["group"] == "general" and r["n"] == 8 and 0 <= r["acc"] <= 1
         assert r["acc_stderr"] == pytest.approx((r["acc"] * (1 - r["acc"]) / 7) ** 0.5)
     assert "ppl" in evals[0]["results"]["pydoc"]
+    saved = json.loads((run / "benchmarks" / "step_0000004.heldout_mc.json").read_text())  # lm-eval's own JSON
+    assert saved["results"]["heldout_mc"]["acc,none"] == scored[4]["acc"]
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     watched = [e for e in events if e["source"] == "heldout_mc"]
     assert {e["step"] for e in watched} == {0, 2, 4} and all(e["stderr"] is not None for e in watched if e["step"])

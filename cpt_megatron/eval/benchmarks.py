@@ -18,7 +18,8 @@ __all__ = ["TrainingBenchmarks"]
 
 class TrainingBenchmarks:
     def __init__(self, benchmarks: list[BenchmarkConfig], *, default_interval: int | None, tokenizer,
-                 max_length: int, micro_batch: int, quiet: bool = False):
+                 max_length: int, micro_batch: int, quiet: bool = False, out_dir=None):
+        self.out_dir = out_dir  # lm-eval's results JSON per evaluation: OUT/step_<N>.<task>.json (rank 0: not quiet)
         self.cfgs = list(benchmarks)
         self.default_interval = default_interval
         self.tokenizer, self.max_length, self.micro_batch, self.quiet = tokenizer, max_length, micro_batch, quiet
@@ -42,12 +43,26 @@ class TrainingBenchmarks:
         scorer = LayoutScorer(model, micro_batch=self.micro_batch, pad_id=int(self.tokenizer.eos_token_id))
         out = {}
         for b in due:
-            lm = MegatronLM(scorer, self.tokenizer, max_length=self.max_length, batch_size=b.batch_size)
-            summary = run_tasks(lm, [b.task], limit=b.limit, num_fewshot=b.num_fewshot, batch_size=b.batch_size,
-                                quiet=self.quiet)["summary"]
+            lm = MegatronLM(scorer, self.tokenizer, max_length=self.max_length, batch_size=b.batch_size, quiet=self.quiet)
+            res = run_tasks(lm, [b.task], limit=b.limit, num_fewshot=b.num_fewshot, batch_size=b.batch_size,
+                            quiet=self.quiet)
+            summary = res["summary"]
+            if self.out_dir is not None and not self.quiet:
+                self._write(res["lm_eval"], step, "+".join(summary))
             for name, row in summary.items():
                 if b.metric not in row:
                     raise CptError(f"eval.benchmarks[{b.task}].metric={b.metric!r}: task {name} reports "
                                    f"{sorted(k for k in row if k not in ('n', 'higher_is_better'))}")
                 out[name] = {"group": "general" if b.general else "domain", "benchmark": True, "watch": b.metric, **row}
         return out
+
+    def _write(self, lm_eval_res: dict, step: int, name: str) -> None:
+        import json
+        from pathlib import Path
+
+        from lm_eval.utils import handle_non_serializable
+
+        from cpt_megatron.utils import atomic_file
+
+        with atomic_file(Path(self.out_dir) / f"step_{step:07d}.{name}.json") as f:
+            json.dump(lm_eval_res, f, indent=2, default=handle_non_serializable, ensure_ascii=False)

@@ -143,11 +143,15 @@ class MegatronLM(TemplateLM):
     """lm-eval LM over a `LayoutScorer`; tokenization and truncation as lm-eval's `hf` model does them."""
 
     def __init__(self, scorer, tokenizer, *, max_length: int, batch_size: int = 16, max_gen_toks: int = 256,
-                 add_bos_token: bool | None = None):
+                 add_bos_token: bool | None = None, quiet: bool = False):
         super().__init__()
         self.scorer, self.tokenizer = scorer, tokenizer
         self.max_length, self.batch_size, self.max_gen_toks = max_length, batch_size, max_gen_toks
         self.add_bos_token = add_bos_token
+        self.quiet = quiet  # no progress bars (ranks other than 0)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
 
     # -- tokenization (HFLM's rules) ---------------------------------------------------------------
     @property

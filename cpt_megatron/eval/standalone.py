@@ -141,8 +141,9 @@ def benchmark_checkpoint(ckpt: str | os.PathLike, tasks: Sequence[str], *, tp: i
     from cpt_megatron.eval.harness import LayoutScorer, MegatronLM
     with loaded_checkpoint(ckpt, tp=tp, pp=pp, vpp=vpp, tokenizer=tokenizer) as (chunks, tok, arch):
         scorer = LayoutScorer(chunks, micro_batch=micro_batch, pad_id=int(tok.eos_token_id))
-        lm = MegatronLM(scorer, tok, max_length=max_length or arch.max_position_embeddings, batch_size=batch_size)
         rank = torch.distributed.get_rank()
+        lm = MegatronLM(scorer, tok, max_length=max_length or arch.max_position_embeddings, batch_size=batch_size,
+                        quiet=rank != 0)
         out = run_tasks(lm, list(tasks), batch_size=batch_size, quiet=rank != 0, **run_kw)
         return {**out, "ckpt": str(ckpt), "tp": tp, "pp": pp, "rank": rank}
 

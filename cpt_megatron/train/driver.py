@@ -200,7 +200,8 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
             from cpt_megatron.eval.benchmarks import TrainingBenchmarks
 
             bench = TrainingBenchmarks(cfg.eval.benchmarks, default_interval=cfg.eval.interval, tokenizer=tokenizer,
-                                       max_length=arch.max_position_embeddings, micro_batch=micro, quiet=not rank0)
+                                       max_length=arch.max_position_embeddings, micro_batch=micro, quiet=not rank0,
+                                       out_dir=run_dir / "benchmarks")
 
         def evaluate(step):
             nonlocal monitor
