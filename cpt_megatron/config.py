@@ -314,6 +314,39 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(kw_only=True)
+class BenchmarkConfig:
+    """One lm-eval task evaluated during training (`eval.benchmarks` list entry)."""
+
+    task: str
+    """lm-eval task or group name (its dataset in the local datasets cache), or a task YAML file / folder."""
+    limit: int | None = 1000
+    """Documents per task (lm-eval --limit: the first N of the split, the same every evaluation); None = all.
+    For a group (mmlu) it applies to each subtask."""
+    num_fewshot: int | None = None
+    """Few-shot examples (None = the task's default)."""
+    interval: int | None = None
+    """Evaluate every N steps (and always at step 0, the base model); None = eval.interval."""
+    general: bool = True
+    """A general ability (watched by the forgetting monitor) rather than a domain task (logged only)."""
+    metric: str = "acc"
+    """The metric the monitor watches (an lm-eval metric name the task reports: acc, acc_norm, exact_match, ...)."""
+    batch_size: int = 16
+    """Requests per scoring call (each call runs micro-batches on every DP replica)."""
+
+    def __post_init__(self):
+        if not self.task:
+            raise CptError("eval.benchmarks[].task must name an lm-eval task or a task YAML path")
+        if self.limit is not None and self.limit < 1:
+            raise CptError(f"eval.benchmarks[{self.task}].limit={self.limit}: must be >= 1 or null (all)")
+        if self.interval is not None and self.interval < 1:
+            raise CptError(f"eval.benchmarks[{self.task}].interval={self.interval}: must be >= 1 or null")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise CptError(f"eval.benchmarks[{self.task}].num_fewshot={self.num_fewshot}: must be >= 0")
+        if self.batch_size < 1:
+            raise CptError(f"eval.benchmarks[{self.task}].batch_size={self.batch_size}: must be >= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
 class EvalSection:
     interval: int | None = None
     """Evaluate every N steps, and always at step 0 (the base-model baseline) and at the end."""
@@ -321,7 +354,10 @@ class EvalSection:
     """Micro-batches per validation source per evaluation (a fixed subset)."""
     monitor: dict = dataclasses.field(default_factory=dict)
     """Forgetting monitor settings (eval.monitor.policy=warn|stop|rollback|adapt, warn, act, ...)."""
-    benchmarks: list[str] = dataclasses.field(default_factory=list)
+    benchmarks: list[BenchmarkConfig] = dataclasses.field(default_factory=list)
+    """lm-eval tasks run at step 0 and every interval in the training layout, e.g.
+    [{task: arc_easy, limit: 1000}, {task: hellaswag, limit: 1000, metric: acc_norm}] (eval/tasks.py);
+    general ones are watched by the monitor with their standard error."""
 
 
 @dataclasses.dataclass(kw_only=True)

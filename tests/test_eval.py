@@ -1,4 +1,6 @@
-"""Evaluation: windows/byte accounting, HF parity of `cpt eval --hf`, megatron TP2/PP2 parity, choice scoring."""
+"""Evaluation: windows/byte accounting, HF parity of `cpt eval --hf`, megatron TP2/PP2 parity.
+
+Multiple-choice benchmarks go through lm-evaluation-harness: tests/test_lm_eval.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import pytest
 import torch
 
 from cpt_megatron.cli import main
-from cpt_megatron.eval.choice import ChoiceItem, _parse, hf_logprob_fn, load_choice_jsonl, score_choices
 from cpt_megatron.eval.perplexity import SourceBatches, batches_from_text, evaluate_sources
 
 WORDS = ("the model reads domain text and general text while the monitor watches perplexity of held out "
@@ -180,51 +181,3 @@ def test_ckpt_eval_without_checkpoint_dir_is_one_line_error(tmp_path, capsys):
     f.write_text("hello")
     assert main(["eval", "--ckpt", str(tmp_path / "missing"), "--data", str(f)]) == 2
     assert "not found" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------------------------
-def test_choice_layouts():
-    hs = _parse({"ctx": "A man", "endings": ["runs", "sits", "eats", "x"], "label": "2"}, "hs")
-    assert hs == ChoiceItem("A man", ("runs", "sits", "eats", "x"), 2)
-    arc = _parse({"question": {"stem": "Q?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
-                  "answerKey": "B"}, "arc")
-    assert arc.context == "Q?" and arc.answer == 1
-    hf_arc = _parse({"question": "Q?", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}, "answerKey": "3"}, "x")
-    assert hf_arc.answer == 2
-    mmlu = _parse({"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 3}, "mmlu")
-    assert mmlu.answer == 3
-    assert _parse({"context": "c", "choices": ["yes", "no"], "answer": "no"}, "t").answer == 1
-    with pytest.raises(ValueError, match="answer"):
-        _parse({"context": "c", "choices": ["a", "b"], "answer": 5}, "bad")
-    with pytest.raises(ValueError, match="choices"):
-        _parse({"context": "c", "answer": 0}, "bad")
-
-
-def test_choice_scoring_matches_manual_and_subset_is_fixed(tiny_hf, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_hf)
-    model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
-    path = tmp_path / "bench.jsonl"
-    with open(path, "w") as f:
-        for i in range(12):
-            f.write(json.dumps({"question": f"the model reads {i}", "choices": ["general text", "medical", "the monitor watches"],
-                                "answer": i % 3}) + "\n")
-    items = load_choice_jsonl(path, limit=5, seed=3)
-    assert items == load_choice_jsonl(path, limit=5, seed=3) and len(items) == 5
-    res = score_choices(hf_logprob_fn(model), items, tok, batch_size=4)
-    fixed = score_choices(hf_logprob_fn(model), items, tok, batch_size=4, seq_len=48)  # fixed shapes, same scores
-    assert res == fixed
-    acc = acc_norm = 0
-    for it in items:
-        sums = []
-        for ch in it.choices:
-            ctx = tok.encode(it.context, add_special_tokens=False)
-            cont = tok.encode(" " + ch, add_special_tokens=False)
-            ids = torch.tensor([ctx + cont])
-            with torch.no_grad():
-                lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-            sums.append(float(lp[len(ctx) - 1 :].gather(-1, ids[0, len(ctx):, None]).sum()))
-        acc += int(max(range(3), key=lambda j: sums[j]) == it.answer)
-        acc_norm += int(max(range(3), key=lambda j: sums[j] / len(it.choices[j])) == it.answer)
-    assert res == {"acc": acc / 5, "acc_norm": acc_norm / 5, "n": 5}

@@ -138,7 +138,8 @@ def test_event_roundtrip_format_and_rollback_target():
     a = acted(ev)[0]
     d = json.loads(json.dumps(a.to_dict()))
     assert Event.from_dict(d) == a
-    assert set(d) == {"step", "kind", "action", "metric", "source", "value", "baseline", "regression", "threshold", "params"}
+    assert set(d) == {"step", "kind", "action", "metric", "source", "value", "baseline", "regression", "threshold", "params",
+                      "stderr"}
     line = a.format()
     assert line.startswith("step 40 ACT wiki ppl 10.4 vs 10") and "-> rollback lr_factor=0.5" in line
     assert m.rollback_target([10, 20, 30, 40]) == 20

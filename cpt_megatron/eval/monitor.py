@@ -9,6 +9,13 @@ Regression of one metric of one general source, relative to the baseline (step 0
     higher-is-better (acc, acc_norm):                          (base - value) / base
 Level: regression >= act -> "act"; >= warn -> "warn"; else "ok" (a non-finite value is "act").
 
+Benchmarks (lm-eval scores, results entries with "benchmark": true) are watched on their own metric
+("watch", e.g. acc) with its direction from lm-eval's higher_is_better, and they carry a standard error
+(binomial for accuracies). A warn/act crossing whose absolute change is within noise_z x the combined
+stderr sqrt(se_base^2 + se_now^2) is kind "noise": reported, never acted on (1,000 questions at p=0.5 have
+a 1.6-point stderr: a 2-point "drop" there is not evidence of forgetting). A benchmark that is not due at
+an evaluation (its own interval) is skipped there.
+
 Action rule (no action spam):
 - at most ONE action per evaluation: on the event with the largest regression at the "act" level;
   other events at that level keep kind "act" with action None;
@@ -27,12 +34,12 @@ from collections.abc import Iterable
 from cpt_megatron.errors import CptError
 
 __all__ = ["MonitorConfig", "Event", "ForgettingMonitor", "POLICIES", "LOWER_IS_BETTER", "HIGHER_IS_BETTER",
-           "relative_regression"]
+           "relative_regression", "benchmark_regression"]
 
 POLICIES = ("warn", "stop", "rollback", "adapt")
 LOWER_IS_BETTER = ("ppl", "loss", "bits_per_byte", "bits_per_char")
 HIGHER_IS_BETTER = ("acc", "acc_norm")
-KINDS = ("baseline", "ok", "warn", "act")
+KINDS = ("baseline", "ok", "noise", "warn", "act")
 _EPS = 1e-9  # 10.2 vs 10.0 is (10.2-10)/10 = 0.0199999... in floats: it must count as reaching 2%
 
 
@@ -56,11 +63,15 @@ class MonitorConfig:
     """For 'adapt': also scale lr by lr_factor."""
     metrics: list[str] = dataclasses.field(default_factory=lambda: ["ppl"])
     """Metrics watched on every general source that reports them: ppl, loss, bits_per_byte, bits_per_char
-    (lower is better), acc, acc_norm (higher is better, from choice benchmarks)."""
+    (lower is better), acc, acc_norm (higher is better). lm-eval benchmarks (eval.benchmarks) are watched on
+    their own `metric` whatever this list says."""
     cooldown_evals: int = 1
     """Evaluations after an action during which no new action is taken (0 = act at every evaluation)."""
     max_actions: int | None = None
     """Cap on actions per run; None = unlimited. Further crossings are logged with action None."""
+    noise_z: float = 1.0
+    """Benchmarks: a crossing within noise_z x the combined standard error of base and current score is
+    kind 'noise' (reported, not acted on); 0 = act on any crossing."""
 
     def __post_init__(self):
         if not 0.0 <= self.warn <= self.act:
@@ -79,6 +90,8 @@ class MonitorConfig:
             raise CptError(f"monitor.metrics={self.metrics}: each must be one of {LOWER_IS_BETTER + HIGHER_IS_BETTER}")
         if self.cooldown_evals < 0:
             raise CptError(f"monitor.cooldown_evals={self.cooldown_evals}: must be >= 0")
+        if self.noise_z < 0:
+            raise CptError(f"monitor.noise_z={self.noise_z}: must be >= 0 (1.0 = one standard error)")
         if self.max_actions is not None and self.max_actions < 0:
             raise CptError(f"monitor.max_actions={self.max_actions}: must be >= 0 or None")
 
@@ -88,7 +101,7 @@ class Event:
     """One monitor decision about one metric of one general source at one evaluation."""
 
     step: int
-    kind: str  # baseline | ok | warn | act
+    kind: str  # baseline | ok | noise | warn | act
     action: str | None  # None | stop | rollback | adapt
     metric: str
     source: str
@@ -97,6 +110,7 @@ class Event:
     regression: float  # relative, positive = worse than the base model
     threshold: float | None  # the threshold crossed (warn or act), None when ok/baseline
     params: dict = dataclasses.field(default_factory=dict)  # {"lr_factor": .5} / {"alpha_delta": -.1} / {"suppressed": ...}
+    stderr: float | None = None  # benchmarks: combined standard error of value - baseline (absolute)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,6 +125,10 @@ class Event:
         s = (f"step {self.step} {self.kind.upper()} {self.source} {self.metric} {self.value:.4g} vs {self.baseline:.4g} "
              f"({self.regression:+.1%}")
         s += f" >= {self.threshold:.1%})" if self.threshold is not None else ")"
+        if self.stderr is not None:
+            s += f" stderr {self.stderr:.4g}"
+        if self.kind == "noise":
+            s += " (within the stderr: noise, no action)"
         if self.action:
             s += f" -> {self.action} " + " ".join(f"{k}={v}" for k, v in self.params.items())
         elif "suppressed" in self.params:
@@ -118,13 +136,39 @@ class Event:
         return s
 
 
-def relative_regression(metric: str, value: float, baseline: float) -> float:
-    """Positive = worse than baseline, as a fraction of the baseline."""
+def relative_regression(metric: str, value: float, baseline: float, higher_is_better: bool | None = None) -> float:
+    """Positive = worse than baseline, as a fraction of the baseline (direction from the metric's name
+    unless given)."""
     if not baseline or not math.isfinite(baseline):
         raise CptError(f"baseline {metric}={baseline}: cannot compute a relative regression from it")
-    if metric in HIGHER_IS_BETTER:
+    if higher_is_better if higher_is_better is not None else metric in HIGHER_IS_BETTER:
         return (baseline - value) / baseline
     return (value - baseline) / baseline
+
+
+def benchmark_regression(base: dict, now: dict, noise_z: float = 1.0) -> tuple[float, float | None, bool]:
+    """(relative regression, combined stderr, within the noise) of a benchmark row on its watched metric.
+
+    Within the noise: |now - base| <= noise_z x sqrt(se_base^2 + se_now^2) (False when no stderr is known).
+    """
+    m = base["watch"]
+    value, b = float(now[m]), float(base[m])
+    hib = base.get("higher_is_better", {}).get(m)
+    if b == 0:  # e.g. accuracy 0 at the base: nothing to lose
+        reg = 0.0 if (hib is not False and value >= b) else float("inf")
+    else:
+        reg = relative_regression(m, value, b, hib)
+    se = _combined_stderr(base, now, m)
+    noise = se is not None and math.isfinite(reg) and abs(value - b) <= noise_z * se + _EPS
+    return reg, se, noise
+
+
+def _combined_stderr(base: dict, now: dict, metric: str) -> float | None:
+    """sqrt(se_base^2 + se_now^2) from lm-eval's `<metric>_stderr` entries; None when either is missing."""
+    a, b = base.get(f"{metric}_stderr"), now.get(f"{metric}_stderr")
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return math.sqrt(a * a + b * b)
 
 
 class ForgettingMonitor:
@@ -139,7 +183,7 @@ class ForgettingMonitor:
         self.baseline = baseline
         self.baseline_step = baseline_step
         self.watched = [(src, m) for src, r in sorted(baseline.items()) if r.get("group") == "general"
-                        for m in cfg.metrics if r.get(m) is not None]
+                        for m in ([r["watch"]] if r.get("benchmark") else cfg.metrics) if r.get(m) is not None]
         if not self.watched:
             general = [s for s, r in baseline.items() if r.get("group") == "general"]
             raise CptError(f"forgetting monitor: no general source reports any of {cfg.metrics} in the baseline "
@@ -157,20 +201,30 @@ class ForgettingMonitor:
                           baseline=self.baseline[s][m], regression=0.0, threshold=None) for s, m in self.watched]
         events = []
         for src, m in self.watched:
+            bench = self.baseline[src].get("benchmark")
+            if bench and src not in results:
+                continue  # not due at this evaluation (its own interval)
             if src not in results or results[src].get(m) is None:
                 raise CptError(f"forgetting monitor: evaluation at step {step} lacks {m!r} for general source "
                                  f"{src!r} (has {sorted(results)}); every evaluation must cover the baseline's sources")
             value, base = float(results[src][m]), float(self.baseline[src][m])
-            reg = relative_regression(m, value, base)
+            se, noise = None, False
+            if bench:
+                reg, se, noise = benchmark_regression(self.baseline[src], results[src], cfg.noise_z)
+            else:
+                reg = relative_regression(m, value, base)
             if not math.isfinite(reg) or reg >= cfg.act - _EPS:
                 kind, thr = "act", cfg.act
             elif reg >= cfg.warn - _EPS:
                 kind, thr = "warn", cfg.warn
             else:
                 kind, thr = "ok", None
+            if kind != "ok" and noise:
+                kind = "noise"
             events.append(Event(step=step, kind=kind, action=None, metric=m, source=src, value=value, baseline=base,
-                                regression=reg if math.isfinite(reg) else float("inf"), threshold=thr))
-        self.history.append((step, {(e.source, e.metric): e.regression for e in events}))
+                                regression=reg if math.isfinite(reg) else float("inf"), threshold=thr, stderr=se))
+        # a crossing within the noise does not count against a checkpoint as a rollback target either
+        self.history.append((step, {(e.source, e.metric): 0.0 if e.kind == "noise" else e.regression for e in events}))
         if self._evals_since_action is not None:
             self._evals_since_action += 1
         acting = [e for e in events if e.kind == "act"]
@@ -203,7 +257,7 @@ class ForgettingMonitor:
         """Largest watched regression observed at `step` (None if that step was not observed)."""
         for s, regs in reversed(self.history):
             if s == step:
-                return max(regs.values())
+                return max(regs.values(), default=0.0)
         return None
 
     def rollback_target(self, saved_steps: Iterable[int]) -> int | None:

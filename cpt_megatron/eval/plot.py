@@ -4,6 +4,7 @@
 - evals.png: per-source relative change of the eval metric vs. the base model (step 0, RUN/evals.jsonl),
   domain and general panels; the general panel shows the warn/act thresholds (RUN/config.yaml
   `monitor` section, else the defaults) and the monitor's warn/act events (RUN/events.jsonl).
+- benchmarks.png: lm-eval benchmark scores (eval.benchmarks) over steps with their stderr error bars.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
     out_dir.mkdir(exist_ok=True)
     written = []
 
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        written.append(out_dir / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
     def mark_events(ax):
         for kind, (color, ls) in _EVENT_STYLE.items():
             steps = sorted({e["step"] for e in events if e["kind"] == kind})
@@ -91,10 +98,7 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
         # one legend above the axes: it never hides the curves (both axes share it)
         ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=4, fontsize=8, frameon=False)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(out_dir / "loss.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "loss.png")
 
     by_step = {}
     for rec in evals:
@@ -119,9 +123,24 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "evals.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "evals.png")
+    benches = sorted(src for src, b in by_step.get(0, {}).items() if b.get("benchmark"))
+    if benches:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, src in enumerate(benches):
+            m = by_step[0][src]["watch"]
+            pts = sorted((s, r[src][m], r[src].get(f"{m}_stderr") or 0.0) for s, r in by_step.items()
+                         if r.get(src, {}).get(m) is not None)
+            ax.errorbar([s for s, _, _ in pts], [100 * v for _, v, _ in pts], yerr=[100 * e for _, _, e in pts],
+                        fmt="o-", ms=3, capsize=3, color=f"C{i}",
+                        label=f"{src} {m} ({by_step[0][src].get('group')}, n {by_step[0][src].get('n')})")
+            ax.axhline(100 * by_step[0][src][m], color=f"C{i}", ls=":", lw=0.8)
+        mark_events(ax)
+        ax.set_title("lm-eval benchmarks (error bars: stderr; dotted: base model)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("score (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "benchmarks.png")
     return {"plots": [str(p) for p in written], "metrics_lines": len(metrics), "evals": len(by_step),
             "events": len(events)}

@@ -66,9 +66,20 @@ def parse_weights(spec: str | None) -> dict[str, float] | None:
 
 
 def score_results(results: dict, baseline: dict, metric: str = "ppl") -> tuple[float | None, float | None]:
-    """(domain_gain, general_regression) of one evaluation vs. the baseline; None if a group is absent."""
+    """(domain_gain, general_regression) of one evaluation vs. the baseline; None if a group is absent.
+
+    General lm-eval benchmarks (eval.benchmarks) count toward the regression on their watched metric,
+    as 0 when the drop is within their standard error (the monitor's rule).
+    """
+    from cpt_megatron.eval.monitor import benchmark_regression
+
     gains, regs = [], []
     for src, base in baseline.items():
+        if base.get("benchmark"):
+            if base.get("group") == "general" and src in results and results[src].get(base["watch"]) is not None:
+                reg, _, noise = benchmark_regression(base, results[src])
+                regs.append(0.0 if noise else reg)
+            continue
         if base.get(metric) is None or src not in results or results[src].get(metric) is None:
             continue
         b, v = float(base[metric]), float(results[src][metric])
@@ -109,7 +120,8 @@ def select_checkpoint(run_dir: str | Path, *, max_general_regression: float = 0.
                            f"select needs both (sources: {sorted(evals[step])})")
         score = gain if weights is None else weights["domain"] * gain - weights["general"] * reg
         cands.append({"iter": name, "step": step, "domain_gain": gain, "general_regression": reg, "score": score,
-                      "feasible": reg <= max_general_regression + 1e-9})  # float slack, as the monitor
+                      "feasible": reg <= max_general_regression + 1e-9,  # float slack, as the monitor
+                      "benchmarks": {src: r[r["watch"]] for src, r in evals[step].items() if r.get("benchmark")}})
     if not cands:
         raise CptError(f"{run_dir}: no saved checkpoint has an evaluation at its step (checkpoints: "
                        f"{sorted(ckpts.values()) or 'none'}; evaluated steps: {sorted(evals)}); save checkpoints at "
@@ -145,11 +157,12 @@ def _markdown(summary: dict) -> str:
     lines = [f"# Checkpoint selection ({m})", "",
              f"Best: **{summary['best'] or 'none within the limit'}**. Feasible: worst general {m} regression <= {lim:.1%}; "
              f"{rule}; * = Pareto front.", "",
-             f"| rank | checkpoint | step | domain {m} gain | general {m} regression | score | feasible | pareto |",
-             "|---:|---|---:|---:|---:|---:|:---:|:---:|"]
+             f"| rank | checkpoint | step | domain {m} gain | general {m} regression | score | feasible | pareto | benchmarks |",
+             "|---:|---|---:|---:|---:|---:|:---:|:---:|---|"]
     for c in summary["candidates"]:
+        bench = ", ".join(f"{k} {v:.4f}" for k, v in sorted(c.get("benchmarks", {}).items()))
         lines.append(f"| {c['rank']} | {c['iter']} | {c['step']} | {c['domain_gain']:+.2%} | {c['general_regression']:+.2%} "
-                     f"| {c['score']:+.4f} | {'yes' if c['feasible'] else 'no'} | {'*' if c['pareto'] else ''} |")
+                     f"| {c['score']:+.4f} | {'yes' if c['feasible'] else 'no'} | {'*' if c['pareto'] else ''} | {bench} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ The checkpoint path needs an `eval_fn` running megatron's forward-only schedule 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 from cpt_megatron.errors import CptError
 from cpt_megatron.eval.perplexity import EvalFn, batches_from_file, evaluate_sources, hf_eval_fn
 
-__all__ = ["evaluate_hf", "evaluate_checkpoint", "source_names"]
+__all__ = ["evaluate_hf", "evaluate_checkpoint", "benchmark_checkpoint", "benchmark_hf", "loaded_checkpoint",
+           "checkpoint_tokenizer", "source_names"]
 
 
 def source_names(files: Sequence[str | os.PathLike]) -> list[str]:
@@ -34,21 +36,10 @@ def _sources(files, tokenizer, *, group, seq_len, micro_batch, max_tokens, text_
             for n, f in zip(source_names(files), files)}
 
 
-def _choices(results: dict, files, tokenizer, model_logprob_fn, *, limit, batch_size, seq_len=None) -> None:
-    from cpt_megatron.eval.choice import load_choice_jsonl, score_choices
-
-    for f in files:
-        name = Path(f).stem
-        items = load_choice_jsonl(f, limit=limit)
-        res = score_choices(model_logprob_fn, items, tokenizer, batch_size=batch_size, seq_len=seq_len)
-        results[name] = {"group": "general", **res}
-
-
 def evaluate_hf(hf_dir: str | os.PathLike, files: Sequence[str | os.PathLike], *, seq_len: int = 512,
                 micro_batch: int = 4, max_tokens: int | None = None, group: str = "general",
-                tokenizer: str | os.PathLike | None = None, text_key: str = "text",
-                choice_files: Sequence[str | os.PathLike] = (), choice_limit: int | None = None) -> dict:
-    """Perplexity (and choice accuracy) of a transformers model, fp32 on CPU/GPU. Returns {"results": {...}}."""
+                tokenizer: str | os.PathLike | None = None, text_key: str = "text") -> dict:
+    """Perplexity of a transformers model, fp32 on CPU/GPU. Returns {"results": {...}}."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -64,14 +55,52 @@ def evaluate_hf(hf_dir: str | os.PathLike, files: Sequence[str | os.PathLike], *
     sources = _sources(files, tok, group=group, seq_len=seq_len, micro_batch=micro_batch, max_tokens=max_tokens,
                        text_key=text_key)
     results = evaluate_sources(hf_eval_fn(model), sources)
-    if choice_files:
-        from cpt_megatron.eval.choice import hf_logprob_fn
-
-        _choices(results, choice_files, tok, hf_logprob_fn(model), limit=choice_limit, batch_size=micro_batch)
     return {"results": results, "model": str(hf_dir), "seq_len": seq_len}
 
 
 MakeEvalFn = Callable[..., EvalFn]
+
+
+@contextlib.contextmanager
+def loaded_checkpoint(ckpt: str | os.PathLike, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                      tokenizer: str | os.PathLike | None = None):
+    """(chunks, tokenizer, arch) of a megatron checkpoint in layout tp/pp[/vpp] (DP = world / (tp*pp)), fp32.
+
+    Collective: enter on every rank (a 1-rank world is created when absent); torn down on exit.
+    """
+    from cpt_megatron.checkpoint.io import arch_from_ckpt, load_model_weights
+    from cpt_megatron.model import ModelOptions, build_model
+    from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
+    from cpt_megatron.tokenizer.load import load_tokenizer
+
+    ckpt = Path(ckpt)
+    tok = load_tokenizer(checkpoint_tokenizer(ckpt, tokenizer))
+    arch = arch_from_ckpt(ckpt)
+    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
+    init_distributed(parallel)
+    try:
+        # the spec training uses (TE when present), fp32, no compile; every weight is loaded right after
+        chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="auto", compile="off", initialize=False))
+        load_model_weights(chunks, ckpt)
+        yield chunks, tok, arch
+    finally:
+        destroy_distributed()
+
+
+def checkpoint_tokenizer(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Path:
+    """The tokenizer to use with `ckpt` (checked before anything loads): --tokenizer, else CKPT/tokenizer/."""
+    from cpt_megatron.checkpoint.io import TOKENIZER_DIR
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint {ckpt} not found")
+    if tokenizer is not None:
+        if not Path(tokenizer).exists():
+            raise CptError(f"--tokenizer {tokenizer}: not found (give an HF tokenizer directory or tokenizer.json)")
+        return Path(tokenizer)
+    if not (ckpt / TOKENIZER_DIR).exists():
+        raise CptError(f"{ckpt} carries no {TOKENIZER_DIR}/; pass --tokenizer")
+    return ckpt / TOKENIZER_DIR
 
 
 def evaluate_checkpoint(ckpt: str | os.PathLike, files: Sequence[str | os.PathLike], *, make_eval_fn: MakeEvalFn,
@@ -83,38 +112,53 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, files: Sequence[str | os.PathLi
     Collective: call on every rank (a 1-rank world is created when absent). Same dict on every rank.
     """
     import torch
-
-    try:
-        from cpt_megatron.checkpoint.io import TOKENIZER_DIR, arch_from_ckpt, load_model_weights
-    except ImportError as e:  # the checkpoint package is developed in parallel
-        raise CptError(f"cpt eval --ckpt needs cpt_megatron.checkpoint (load_model_weights): {e}; use --hf") from e
     from megatron.core import parallel_state as ps
 
-    from cpt_megatron.model import ModelOptions, build_model
-    from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
-    from cpt_megatron.tokenizer.load import load_tokenizer
+    with loaded_checkpoint(ckpt, tp=tp, pp=pp, vpp=vpp, tokenizer=tokenizer) as (chunks, tok, _):
+        from cpt_megatron.runtime import ParallelConfig
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint {ckpt} not found")
-    tok_spec = tokenizer or (ckpt / TOKENIZER_DIR)
-    if not Path(tok_spec).exists():
-        raise CptError(f"--tokenizer {tokenizer} not found; give an HF tokenizer dir, tokenizer.json, .model or "
-                       f".gguf, or omit it to use {ckpt}/{TOKENIZER_DIR}" if tokenizer else
-                       f"{ckpt} carries no {TOKENIZER_DIR}/; pass --tokenizer")
-    tok = load_tokenizer(tok_spec)
-    arch = arch_from_ckpt(ckpt)
-    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
-    init_distributed(parallel)
-    try:
-        chunks = build_model(arch, parallel, ModelOptions(dtype="fp32", spec="auto", compile="off", initialize=False))
-        load_model_weights(chunks, ckpt)
-        eval_fn = make_eval_fn(chunks, parallel, seq_len=seq_len, micro_batch=micro_batch)
+        eval_fn = make_eval_fn(chunks, ParallelConfig(tp=tp, pp=pp, vpp=vpp), seq_len=seq_len, micro_batch=micro_batch)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         sources = _sources(files, tok, group=group, seq_len=seq_len, micro_batch=micro_batch, max_tokens=max_tokens,
                            text_key=text_key, dp_rank=dp_rank, dp=dp)
         results = evaluate_sources(eval_fn, sources)
         return {"results": results, "ckpt": str(ckpt), "tp": tp, "pp": pp, "dp": dp, "seq_len": seq_len,
                 "rank": torch.distributed.get_rank()}
-    finally:
-        destroy_distributed()
+
+
+def benchmark_checkpoint(ckpt: str | os.PathLike, tasks: Sequence[str], *, tp: int = 1, pp: int = 1,
+                         vpp: int | None = None, tokenizer: str | os.PathLike | None = None, micro_batch: int = 4,
+                         batch_size: int = 16, max_length: int | None = None, **run_kw) -> dict:
+    """lm-eval tasks on a megatron checkpoint in its layout, through `MegatronLM` (no export). Collective."""
+    import torch
+
+    from cpt_megatron.eval.tasks import require_lm_eval, resolve_tasks, run_tasks
+
+    resolve_tasks(list(tasks))  # a bad task path fails before the model loads
+    require_lm_eval()
+    from cpt_megatron.eval.harness import LayoutScorer, MegatronLM
+    with loaded_checkpoint(ckpt, tp=tp, pp=pp, vpp=vpp, tokenizer=tokenizer) as (chunks, tok, arch):
+        scorer = LayoutScorer(chunks, micro_batch=micro_batch, pad_id=int(tok.eos_token_id))
+        rank = torch.distributed.get_rank()
+        lm = MegatronLM(scorer, tok, max_length=max_length or arch.max_position_embeddings, batch_size=batch_size,
+                        quiet=rank != 0)
+        out = run_tasks(lm, list(tasks), batch_size=batch_size, quiet=rank != 0, **run_kw)
+        return {**out, "ckpt": str(ckpt), "tp": tp, "pp": pp, "rank": rank}
+
+
+def benchmark_hf(hf_dir: str | os.PathLike, tasks: Sequence[str], *, batch_size: int = 16,
+                 max_length: int | None = None, **run_kw) -> dict:
+    """lm-eval tasks on a transformers model through lm-eval's own `hf` model (fp32), offline."""
+    import torch
+
+    from cpt_megatron.eval.tasks import resolve_tasks, run_tasks
+
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir} is not an HF model directory (no config.json)")
+    resolve_tasks(list(tasks))
+    args = f"pretrained={hf_dir},dtype=float32,device={'cuda' if torch.cuda.is_available() else 'cpu'}"
+    if max_length:
+        args += f",max_length={max_length}"
+    out = run_tasks("hf", list(tasks), batch_size=batch_size, model_args=args, **run_kw)
+    return {**out, "model": str(hf_dir), "rank": 0}

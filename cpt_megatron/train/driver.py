@@ -149,6 +149,7 @@ class _Trainer:
                                     self.dp_rank, self.dp)
         self.monitor_config = self._monitor_config()
         self.monitor = None
+        self.bench = self._benchmarks()
 
     # ---- set-up steps -----------------------------------------------------------------------------------
     def _initial_state(self, resume_from: Path | None) -> dict:
@@ -199,6 +200,16 @@ class _Trainer:
         return MetricsLogger(self.run_dir, self.arch, self.S, self.world, self.rank0, lg.tensorboard, lg.wandb,
                              lg.wandb_mode, to_dict(self.cfg))
 
+    def _benchmarks(self):
+        """eval.benchmarks: lm-eval tasks scored in this layout (eval/benchmarks.py); None without any."""
+        if not self.cfg.eval.benchmarks:
+            return None
+        from cpt_megatron.eval.benchmarks import TrainingBenchmarks
+
+        return TrainingBenchmarks(self.cfg.eval.benchmarks, default_interval=self.cfg.eval.interval,
+                                  tokenizer=self.tokenizer, max_length=self.arch.max_position_embeddings,
+                                  micro_batch=self.micro, quiet=not self.rank0, out_dir=self.run_dir / "benchmarks")
+
     def _monitor_config(self):
         """The forgetting monitor needs a general validation source; without one it is off."""
         from cpt_megatron.eval.monitor import MonitorConfig
@@ -227,7 +238,8 @@ class _Trainer:
             stopped = self._stability(res)
             done = state["step"] >= self.total_steps
             events = []
-            if (cfg.eval.interval and state["step"] % cfg.eval.interval == 0) or done:
+            if (cfg.eval.interval and state["step"] % cfg.eval.interval == 0) or done or \
+                    (self.bench is not None and self.bench.due(state["step"])):
                 events = self.evaluate(state["step"])
             stopped = self._apply_monitor(events) or stopped
             save_now = done or bool(cfg.checkpoint.save_interval and state["step"] % cfg.checkpoint.save_interval == 0)
@@ -291,6 +303,8 @@ class _Trainer:
         from cpt_megatron.eval.monitor import ForgettingMonitor
 
         res = self.evaluator(self.engine)
+        if self.bench is not None:
+            res.update(self.bench(step, self.engine.model))
         self.logger.write({"step": step, "results": res}, self.run_dir / "evals.jsonl")
         if self.state["baseline"] is None:
             self.state["baseline"] = res
@@ -300,9 +314,14 @@ class _Trainer:
             events = self.monitor.observe(step, res)
             for ev in events:
                 self.logger.write(ev.to_dict(), self.run_dir / "events.jsonl")
-        self._say(f"eval step {step}: " + ", ".join(f"{n} ppl {r['ppl']:.3f}" for n, r in res.items()))
+        self._say(f"eval step {step}: " + ", ".join(f"{n} ppl {r['ppl']:.3f}" for n, r in res.items() if "ppl" in r))
+        if self.bench is not None:
+            from cpt_megatron.eval.tasks import format_summary
+
+            bench = {n: r for n, r in res.items() if r.get("benchmark")}
+            self._say("\n".join(f"benchmark step {step}: {ln}" for ln in format_summary(bench)))
         for ev in events:
-            if ev.kind in ("warn", "act"):
+            if ev.kind in ("noise", "warn", "act"):
                 self._say(f"monitor: {ev.format()}")
         return events
 

@@ -1,0 +1,371 @@
+"""lm-evaluation-harness through our megatron-core adapter: parity with lm-eval's `hf` model on the export
+(TP2, PP2), offline task resolution and errors, the monitor on benchmark scores, benchmarks in training.
+
+Tasks are built here from real held-out text (Gutenberg in ../shared/data; generated text when absent):
+a 4-way multiple-choice continuation task and a LAMBADA-style last-word task, as task YAMLs over local
+JSON files (`dataset_path: json`), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt_megatron.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+GUTENBERG = Path(os.environ.get("CPT_SHARED_DATA", REPO.parent / "shared" / "data")) / "general" / "gutenberg_nltk17_tokenized.txt"
+TOL = 1e-4
+
+
+def held_out_sentences(n: int, seed: int = 0) -> list[str]:
+    """Sentences of 8-30 words ending in a word then ' .': Gutenberg's last lines, else generated prose."""
+    if GUTENBERG.is_file():
+        lines = GUTENBERG.read_text(encoding="utf-8").splitlines()[-4000:]
+    else:
+        rng = random.Random(seed)
+        words = ("the old house stood on a hill above the river and every morning she walked down to the water "
+                 "with her father who told stories of ships and storms and distant cities").split()
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) + " ." for _ in range(4 * n)]
+    out = []
+    for ln in lines:
+        w = ln.split()
+        if 8 <= len(w) <= 30 and w[-1] == "." and w[-2].isalpha():
+            out.append(" ".join(w[:-1]))
+    rng = random.Random(seed)
+    rng.shuffle(out)
+    return out[:n]
+
+
+def _task_yaml(path: Path, output_type: str, data: Path, templates: str, metrics: list[str]) -> None:
+    """An lm-eval task YAML over a local JSONL file (`dataset_path: json`), named after the file stem."""
+    path.write_text(f"task: {path.stem}\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\n"
+                    f"output_type: {output_type}\ntest_split: test\n{templates}metric_list:\n"
+                    + "".join(f"  - {{metric: {m}, aggregation: mean, higher_is_better: true}}\n" for m in metrics))
+
+
+def write_tasks(root: Path, n_docs: int = 12) -> Path:
+    """root/tasks/{heldout_mc,heldout_lastword}.yaml over local JSONL; returns the folder."""
+    sents = held_out_sentences(n_docs * 5)
+    d = root / "tasks"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    with open(d / "mc.jsonl", "w") as f:
+        for i in range(n_docs):
+            w = sents[i].split()
+            k = len(w) // 2
+            others = [s.split() for s in sents[n_docs + 3 * i:n_docs + 3 * i + 3]]
+            choices = [" ".join(w[k:])] + [" ".join(o[len(o) // 2:]) for o in others]
+            gold = rng.randrange(4)
+            choices[0], choices[gold] = choices[gold], choices[0]
+            f.write(json.dumps({"query": " ".join(w[:k]), "choices": choices, "gold": gold}) + "\n")
+    with open(d / "lastword.jsonl", "w") as f:
+        for s in sents[4 * n_docs:5 * n_docs]:
+            f.write(json.dumps({"text": s}) + "\n")
+    _task_yaml(d / "heldout_mc.yaml", "multiple_choice", d / "mc.jsonl", """doc_to_text: "{{query}}"
+doc_to_target: "{{gold}}"
+doc_to_choice: "{{choices}}"
+""", ["acc", "acc_norm"])
+    _task_yaml(d / "heldout_lastword.yaml", "loglikelihood", d / "lastword.jsonl", """doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' '+text.split(' ')[-1]}}"
+""", ["acc"])
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, gpt2_tokenizer_dir):
+    """recipes/models/tiny_llama.json (random, sharpened init) with the GPT-2 tokenizer: (hf, ckpt, export, tasks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt_megatron.checkpoint.hf_export import export_hf
+    from cpt_megatron.checkpoint.hf_import import import_hf
+    from cpt_megatron.tokenizer.load import load_tokenizer
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    hf = root / "hf"
+    cfg = LlamaConfig(**{k: v for k, v in json.loads((REPO / "recipes/models/tiny_llama.json").read_text()).items()
+                         if k not in ("architectures", "model_type", "torch_dtype")})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.06)
+    model.save_pretrained(hf)
+    load_tokenizer(gpt2_tokenizer_dir).save_pretrained(hf)
+    ckpt = root / "ckpt"
+    import_hf(hf, ckpt, dtype="fp32", verify=False)
+    exp = root / "export"
+    export_hf(ckpt, exp, verify=False)
+    return hf, ckpt, exp, write_tasks(root)
+
+
+# -- parity: our adapter in TP2 / PP2 vs lm-eval's hf model on the export -----------------------------------
+@pytest.fixture(scope="module")
+def hf_reference(tiny):
+    from cpt_megatron.eval.standalone import benchmark_hf
+
+    _, _, exp, tasks = tiny
+    return benchmark_hf(exp, [str(tasks)], batch_size=8, log_samples=True)
+
+
+def _resps(lm_eval_res: dict) -> dict:
+    """{(task, doc_id, request index): (loglikelihood, is_greedy)} from lm-eval's logged samples."""
+    out = {}
+    for task, samples in lm_eval_res["samples"].items():
+        for s in samples:
+            for j, r in enumerate(s["resps"]):
+                ll, greedy = r[0]
+                out[(task, s["doc_id"], j)] = (float(ll), bool(greedy))
+    return out
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], pytest.param(["--pp", "2"], marks=pytest.mark.slow)], ids=["TP2", "PP2"])
+def test_adapter_matches_hf_per_document(tiny, hf_reference, tmp_path, layout):
+    _, ckpt, _, tasks = tiny
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "cpt_megatron", "eval", "--ckpt", str(ckpt), "--tasks", str(tasks), *layout,
+           "--nproc", "2", "--micro-batch", "2", "--batch-size", "8", "--output", str(out), "--log-samples", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])["benchmarks"]
+    ref = hf_reference["summary"]
+    assert set(summary) == {"heldout_mc", "heldout_lastword"}
+    for task in ref:
+        for m in ("acc", "acc_norm", "acc_stderr"):
+            if m in ref[task]:
+                assert summary[task][m] == ref[task][m], (task, m)
+        assert summary[task]["n"] == ref[task]["n"] == 12
+    got, want = _resps(json.loads(out.read_text())), _resps(hf_reference["lm_eval"])
+    assert set(got) == set(want) and len(want) == 12 * 4 + 12
+    worst = max(abs(got[k][0] - want[k][0]) for k in want)
+    assert worst <= TOL, worst
+    assert all(got[k][1] == want[k][1] for k in want)
+
+
+def test_cli_hf_writes_lm_eval_json_and_summary(tiny, tmp_path, capsys):
+    _, _, exp, tasks = tiny
+    out = tmp_path / "r.json"
+    assert main(["eval", "--hf", str(exp), "--tasks", str(tasks / "heldout_mc.yaml"), "--limit", "6", "--output", str(out),
+                 "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])["benchmarks"]["heldout_mc"]
+    assert summary["n"] == 6 and set(summary) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "higher_is_better"}
+    assert any(ln.startswith("heldout_mc") and "acc " in ln and "±" in ln for ln in lines[:-1])
+    res = json.loads(out.read_text())  # lm-eval's own results JSON
+    assert res["results"]["heldout_mc"]["acc,none"] == summary["acc"] and res["n-samples"]["heldout_mc"]["effective"] == 6
+
+
+@pytest.mark.slow
+def test_adapter_vpp_matches_hf(tiny, hf_reference, tmp_path):
+    """PP2 x VPP2 (interleaved schedule), through the library entry point in a torchrun worker."""
+    _, ckpt, _, tasks = tiny
+    out = tmp_path / "vpp.json"
+    spec = json.dumps({"ckpt": str(ckpt), "tasks": str(tasks), "out": str(out)})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, spec]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got, want = _resps(json.loads(out.read_text())), _resps(hf_reference["lm_eval"])
+    assert set(got) == set(want) and max(abs(got[k][0] - want[k][0]) for k in want) <= TOL
+
+
+def _vpp_worker(spec: dict) -> None:
+    from cpt_megatron.eval.standalone import benchmark_checkpoint
+
+    res = benchmark_checkpoint(spec["ckpt"], [spec["tasks"]], pp=2, vpp=2, micro_batch=2, batch_size=8, log_samples=True)
+    if res["rank"] == 0:
+        from lm_eval.utils import handle_non_serializable
+
+        Path(spec["out"]).write_text(json.dumps(res["lm_eval"], default=handle_non_serializable))
+
+
+def test_adapter_rolling_and_generation_match_hf(tiny):
+    """MegatronLM's loglikelihood_rolling windows and greedy generate_until equal lm-eval hf's, on a scorer
+    backed by the same HF model (the adapter's own logic; the layouts are covered above)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from cpt_megatron.eval.harness import MegatronLM
+
+    _, _, exp, _ = tiny
+    ref = HFLM(pretrained=str(exp), dtype="float32", device="cpu", batch_size=4, max_length=24)
+
+    def scorer(rows):
+        width = max(len(r[0]) for r in rows)
+        ids = torch.tensor([r[0] + [0] * (width - len(r[0])) for r in rows])
+        with torch.no_grad():
+            lp = torch.log_softmax(ref.model(ids).logits.float(), -1)
+        return [(lp[k, torch.arange(len(r[0])), torch.tensor(r[1])].tolist(), lp[k, :len(r[0])].argmax(-1).tolist())
+                for k, r in enumerate(rows)]
+
+    scorer.pad_id = 0
+    lm = MegatronLM(scorer, ref.tokenizer, max_length=24, batch_size=3)
+    texts = held_out_sentences(5, seed=3)
+    roll = [Instance("loglikelihood_rolling", {}, (t + " " + t,), i) for i, t in enumerate(texts)]  # > 24 tokens
+    got, want = lm.loglikelihood_rolling(roll), ref.loglikelihood_rolling(roll)
+    assert max(abs(a - b) for a, b in zip(got, want)) <= TOL
+    gen = [Instance("generate_until", {}, (t, {"until": ["."], "max_gen_toks": 6}), i) for i, t in enumerate(texts)]
+    assert lm.generate_until(gen) == ref.generate_until(gen)
+
+
+# -- offline task resolution and errors (no model) ----------------------------------------------------------
+def test_task_specs_resolve_and_missing_dataset_is_one_line(tmp_path, monkeypatch):
+    import socket
+
+    from cpt_megatron.errors import CptError
+    from cpt_megatron.eval.tasks import resolve_tasks, run_tasks
+
+    def no_network(*a, **k):
+        raise AssertionError(f"network access attempted: {a}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # importing and running lm-eval stays offline
+
+    d = write_tasks(tmp_path, n_docs=4)
+    assert resolve_tasks([str(d)]) == (["heldout_lastword", "heldout_mc"], [str(d.resolve())], False)
+    assert resolve_tasks([str(d / "heldout_mc.yaml"), "arc_easy"])[0] == ["heldout_mc", "arc_easy"]
+    with pytest.raises(CptError, match="no such file"):
+        resolve_tasks([str(tmp_path / "nope.yaml")])
+    ok = run_tasks("dummy", [str(d)], limit=3)["summary"]  # lm-eval's random model: the plumbing, offline
+    assert ok["heldout_mc"]["n"] == 3 and "acc_stderr" in ok["heldout_mc"] and "acc" in ok["heldout_lastword"]
+    (d / "mc.jsonl").unlink()  # a local task whose data file is gone: one line naming the task, no download
+    with pytest.raises(CptError, match=r"task 'heldout_mc': its dataset is not available offline.*dataset_path: json"):
+        run_tasks("dummy", [str(d / "heldout_mc.yaml")], limit=2)
+
+
+def test_eval_checks_inputs_before_loading(tmp_path, capsys):
+    """Issue 19 item 8: a missing --data file (or task YAML) fails at once, before any model loads."""
+    import time
+
+    ck = tmp_path / "ck"
+    (ck / "tokenizer").mkdir(parents=True)
+    t0 = time.time()
+    assert main(["eval", "--ckpt", str(ck), "--data", str(tmp_path / "missing.txt"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "missing.txt" in err and "not found" in err and "Traceback" not in err
+    assert main(["eval", "--ckpt", str(ck), "--tasks", str(tmp_path / "t.yaml")]) == 2
+    assert "t.yaml: no such file" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(ck)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(ck), "--tasks", "arc_easy", "--tokenizer", str(tmp_path / "tok")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err  # names the missing --tokenizer, not the checkpoint
+    assert time.time() - t0 < 10
+
+
+# -- the monitor on benchmark scores: acts on a real drop, not on one inside the stderr ---------------------
+def _bench(acc: float, n: int = 1000) -> dict:
+    se = (acc * (1 - acc) / (n - 1)) ** 0.5
+    return {"group": "general", "benchmark": True, "watch": "acc", "acc": acc, "acc_stderr": se, "n": n,
+            "higher_is_better": {"acc": True}}
+
+
+def test_monitor_benchmark_noise_vs_regression():
+    from cpt_megatron.eval.monitor import ForgettingMonitor, MonitorConfig
+
+    base = {"pydoc": {"group": "general", "ppl": 20.0}, "arc_easy": _bench(0.60)}
+    mon = ForgettingMonitor(MonitorConfig(policy="stop", warn=0.02, act=0.03), base)
+    assert ("arc_easy", "acc") in mon.watched and ("pydoc", "ppl") in mon.watched
+    # 0.60 -> 0.58: a 3.3% relative drop (past act) but 2 points < sqrt(2) x 1.55 points of stderr: noise
+    ev = {e.source: e for e in mon.observe(100, {"pydoc": {"group": "general", "ppl": 20.0}, "arc_easy": _bench(0.58)})}
+    a = ev["arc_easy"]
+    assert a.kind == "noise" and a.action is None and a.regression == pytest.approx(1 / 30)
+    assert a.stderr == pytest.approx(((0.6 * 0.4 + 0.58 * 0.42) / 999) ** 0.5)
+    assert "noise" in a.format() and "stderr" in a.format()
+    # the benchmark not due at this evaluation: skipped, perplexity still watched
+    assert [e.source for e in mon.observe(150, {"pydoc": {"group": "general", "ppl": 20.1}})] == ["pydoc"]
+    # 0.60 -> 0.50 (planted regression, e.g. a too-high LR): far outside the noise -> the policy acts
+    ev = {e.source: e for e in mon.observe(200, {"pydoc": {"group": "general", "ppl": 20.0}, "arc_easy": _bench(0.50)})}
+    assert ev["arc_easy"].kind == "act" and ev["arc_easy"].action == "stop"
+    # noise_z=0 treats the same 2-point drop as real
+    mon0 = ForgettingMonitor(MonitorConfig(policy="stop", noise_z=0.0), base)
+    ev0 = {e.source: e for e in mon0.observe(100, {"pydoc": {"group": "general", "ppl": 20.0}, "arc_easy": _bench(0.58)})}
+    assert ev0["arc_easy"].kind == "act" and ev0["arc_easy"].action == "stop"
+    # a base accuracy of 0 cannot regress
+    mz = ForgettingMonitor(MonitorConfig(policy="stop"), {"lw": _bench(0.0, 12)})
+    assert mz.observe(4, {"lw": _bench(0.0, 12)})[0].kind == "ok"
+
+
+# -- benchmarks in a real (tiny) training run ------------------------------------------------------------------
+def cpt_train(run_dir: Path, cache: Path, *overrides: str) -> dict:
+    """`cpt train --recipe tiny_cpu` in a subprocess; the JSON summary line."""
+    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run_dir}",
+           f"data.cache_dir={cache}", *overrides, "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path):
+    tasks = write_tasks(tmp_path, n_docs=8)
+    run = tmp_path / "run"
+    bench = f"[{{task: {tasks / 'heldout_mc.yaml'}, limit: 8, interval: 2, batch_size: 8}}]"
+    cpt_train(run, tmp_path / "cache", "train.max_steps=4", "eval.interval=4", f"eval.benchmarks={bench}",
+              "eval.monitor.policy=stop", "checkpoint.save_interval=2")
+    evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
+    scored = {e["step"]: e["results"]["heldout_mc"] for e in evals if "heldout_mc" in e["results"]}
+    assert sorted(scored) == [0, 2, 4]
+    for r in scored.values():
+        assert r["benchmark"] and r["group"] == "general" and r["n"] == 8 and 0 <= r["acc"] <= 1
+        assert r["acc_stderr"] == pytest.approx((r["acc"] * (1 - r["acc"]) / 7) ** 0.5)
+    assert "ppl" in evals[0]["results"]["pydoc"]
+    saved = json.loads((run / "benchmarks" / "step_0000004.heldout_mc.json").read_text())  # lm-eval's own JSON
+    assert saved["results"]["heldout_mc"]["acc,none"] == scored[4]["acc"]
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    watched = [e for e in events if e["source"] == "heldout_mc"]
+    assert {e["step"] for e in watched} == {0, 2, 4} and all(e["stderr"] is not None for e in watched if e["step"])
+    # 8 documents: any change is inside the stderr, so the benchmark never makes the monitor act
+    assert all(e["action"] is None for e in watched)
+
+
+def test_select_and_plot_include_benchmarks(tmp_path):
+    from cpt_megatron.eval.plot import plot_run
+    from cpt_megatron.eval.select import select_checkpoint
+
+    def ev(step, dom, gen, acc):
+        return {"step": step, "results": {"med": {"group": "domain", "ppl": dom}, "wiki": {"group": "general", "ppl": gen},
+                                          "arc_easy": _bench(acc)}}
+    # step 10: best domain gain but ARC dropped 10 points (real); step 20: ARC -2 points (inside the stderr)
+    rows = [ev(0, 10.0, 20.0, 0.60), ev(10, 8.0, 20.1, 0.50), ev(20, 8.5, 20.1, 0.58)]
+    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for s in (10, 20):
+        (tmp_path / "checkpoints" / f"iter_{s:07d}").mkdir(parents=True)
+    sel = select_checkpoint(tmp_path, max_general_regression=0.03)
+    by_step = {c["step"]: c for c in sel["candidates"]}
+    assert by_step[10]["general_regression"] == pytest.approx(0.1 / 0.6) and not by_step[10]["feasible"]
+    assert by_step[20]["general_regression"] == pytest.approx(0.005) and by_step[20]["feasible"]  # wiki ppl only
+    assert sel["best"] == "iter_0000020" and by_step[20]["benchmarks"] == {"arc_easy": 0.58}
+    assert "arc_easy 0.5800" in (tmp_path / "selection.md").read_text()
+    assert str(tmp_path / "plots" / "benchmarks.png") in plot_run(tmp_path)["plots"]
+
+
+@pytest.mark.slow
+def test_smollm2_last_word_accuracy_matches_export(smollm2_gguf, tmp_path):
+    """Real SmolLM2-135M: the held-out last-word task through our adapter (TP1, CLI) equals lm-eval hf on the export."""
+    from cpt_megatron.checkpoint.hf_export import export_hf
+    from cpt_megatron.checkpoint.hf_import import import_hf
+    from cpt_megatron.eval.standalone import benchmark_hf
+
+    ckpt, exp = tmp_path / "ck", tmp_path / "hf"
+    import_hf(None, ckpt, gguf=smollm2_gguf, dtype="fp32", verify=False)
+    export_hf(ckpt, exp, verify=False)
+    task = write_tasks(tmp_path, n_docs=40) / "heldout_lastword.yaml"
+    ref = benchmark_hf(exp, [str(task)], batch_size=8)["summary"]["heldout_lastword"]
+    cmd = [sys.executable, "-m", "cpt_megatron", "eval", "--ckpt", str(ckpt), "--tasks", str(task), "--batch-size", "8",
+           "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])["benchmarks"]["heldout_lastword"]
+    assert got["n"] == ref["n"] == 40
+    assert got["acc"] == ref["acc"] and got["acc_stderr"] == pytest.approx(ref["acc_stderr"])
+    assert ref["acc"] > 0  # a real model gets some last words right (measured: 1 of 40 on Gutenberg)
+
+
+if __name__ == "__main__":
+    _vpp_worker(json.loads(sys.argv[1]))
