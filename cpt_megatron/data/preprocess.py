@@ -54,6 +54,10 @@ class PreprocessConfig:
     """Tokenizer processes; 1 runs in-process. Output bytes do not depend on it."""
     append_eod: bool = False
     """Append the tokenizer's EOD id to each (non-empty) document."""
+    keep_empty: bool = False
+    """Write documents that tokenize to nothing as empty documents (a document boundary with no
+    sequence), as Megatron's tools/preprocess_data.py does, so document indices match its output.
+    Default: drop them (counted as `empty_docs_skipped`)."""
     json_keys: tuple[str, ...] = ("text",)
     """Fields to tokenize; each becomes its own dataset."""
     chunk_bytes: int = 8 << 20
@@ -263,13 +267,15 @@ def _encode_shard(task) -> dict:
                 lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
                 keep = lengths > 0
                 empty += int((~keep).sum())
-                if not keep.all():
+                if not keep.all() and not cfg.keep_empty:
                     ids = [x for x in ids if x]
                     lengths = lengths[keep]
-                if cfg.append_eod:
+                    keep = keep[keep]
+                if cfg.append_eod:  # never to an empty document (Megatron does the same)
                     for x in ids:
-                        x.append(eod)
-                    lengths = lengths + 1
+                        if x:
+                            x.append(eod)
+                    lengths = lengths + keep
                 total = int(lengths.sum())
                 flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total)
                 w.add_documents(flat, lengths)
@@ -295,6 +301,7 @@ def _fingerprint(cfg: PreprocessConfig, tok_sha: dict, dtype) -> dict:
         "tokenizer_sha256": tok_sha,
         "json_keys": list(cfg.json_keys),
         "append_eod": cfg.append_eod,
+        "keep_empty": cfg.keep_empty,
         "chunk_bytes": cfg.chunk_bytes,
         "dtype": np.dtype(dtype).name,
     }
@@ -416,9 +423,11 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "tokenizer": tok.info,
             "dtype": np.dtype(dtype).name,
             "append_eod": cfg.append_eod,
+            "keep_empty": cfg.keep_empty,
             "documents": res["documents"],
             "tokens": res["tokens"],
-            "empty_docs_skipped": sum(x["empty"] for x in st),
+            "empty_docs": sum(x["empty"] for x in st),
+            "empty_docs_skipped": 0 if cfg.keep_empty else sum(x["empty"] for x in st),
             "max_token_id": max((x["max_token_id"] for x in st), default=-1),
             "bin_bytes": os.path.getsize(f"{prefix}.bin"),
             "sources": [{"path": os.path.abspath(p), "sha256": hashes.get(p), "bytes": os.path.getsize(p)}
@@ -426,7 +435,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "encoder": tok.encoder_name,
         }
         write_json(f"{prefix}.meta.json", meta)
-        summary["outputs"][key] = {k: meta[k] for k in ("prefix", "documents", "tokens", "empty_docs_skipped",
+        summary["outputs"][key] = {k: meta[k] for k in ("prefix", "documents", "tokens", "empty_docs", "empty_docs_skipped",
                                                           "max_token_id", "dtype")}
     if not cfg.keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
