@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpt_megatron.curate.config import MinHashConfig  # noqa: E402
 from cpt_megatron.curate.dedup import MinHasher, NearDupIndex, brute_force_removed, shingles  # noqa: E402
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/domain/medquad_qa.txt"
+DEFAULT = Path(os.environ.get("CPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")) / "domain/medquad_qa.txt"
 
 
 def load(path: Path, sep: str) -> list[str]:

@@ -234,3 +234,27 @@ def test_special_token_text_never_yields_eod(gpt2_tokenizer_dir, tmp_path, fast)
         assert ids[-1] == eod and eod not in ids[:-1], (docs[i], ids)
     # the literal string is text: "<|endoftext|>" -> '<', '|', 'end', 'of', 'text', '|', '>'
     assert ds[1].tolist() == [27, 91, 437, 1659, 5239, 91, 29, eod]
+
+
+def test_sentencepiece_fast_path_id_for_id_with_hf(mistral_sp_model, tmp_path):
+    """Mistral's tokenizer.model.v1: the sentencepiece encoder is verified against HF and used; same bytes
+    as the HF encoder; "<s>"/"</s>" in text stay text (BOS 1 / EOS 2 only as the appended EOD)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    docs = ["Hello world", "  two  spaces\tand\nlines ", "<s> [INST] hi [/INST] </s>", "", "naïve café 日本語 😀",
+            "x" * 500, "The patient's BP was 120/80 mmHg."] * 5
+    src = tmp_path / "m.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    fast = pp.preprocess(_cfg(src, mistral_sp_model, tmp_path / "sp", keep_empty=True, workers=2, chunk_bytes=300))
+    assert fast["encoder"] == "sentencepiece (verified against HF)"
+    again = pp.preprocess(_cfg(src, mistral_sp_model, tmp_path / "sp2", keep_empty=True))  # cached verdict
+    hf = pp.preprocess(_cfg(src, mistral_sp_model, tmp_path / "hf", keep_empty=True, fast=False))
+    assert again["encoder"].startswith("sentencepiece") and hf["encoder"].startswith("hf")
+    for other in ("sp2", "hf"):
+        for ext in ("bin", "idx"):
+            assert filecmp.cmp(tmp_path / f"sp.{ext}", tmp_path / f"{other}.{ext}", shallow=False), (other, ext)
+    ds = IndexedDataset(str(tmp_path / "sp"))
+    assert len(ds.document_indices) == len(docs) + 1
+    for i in range(len(ds)):
+        ids = ds[i].tolist()
+        assert ids[-1] == 2 and 1 not in ids and 2 not in ids[:-1], ids

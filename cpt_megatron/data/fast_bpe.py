@@ -76,6 +76,8 @@ class FastBPE:
     """tiktoken encoder whose ranks are the HF token ids; non-special added tokens are matched like HF
     does, special ones (`special`) are encoded as plain text."""
 
+    name = "tiktoken"
+
     def __init__(self, ranks: dict[bytes, int], pattern: str, added: dict[str, int], special=()):
         import tiktoken
 
@@ -174,8 +176,15 @@ def hf_encode_batch(hf_tok, texts: list[str]) -> list[list[int]]:
     return hf_tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def build_and_verify(hf_tok, sample_texts: list[str]) -> tuple[FastBPE | None, str]:
-    fast, why = FastBPE.from_hf(hf_tok)
+def build_and_verify(hf_tok, sample_texts: list[str], spec: str | None = None, threads: int = 1):
+    """The fast encoder for this tokenizer (tiktoken for byte-level BPE, sentencepiece for a `.model`)
+    if its ids equal HF's on the probes and the sample, else (None, why)."""
+    from cpt_megatron.data.fast_sp import FastSentencePiece, is_sentencepiece_model
+
+    if spec is not None and is_sentencepiece_model(spec):
+        fast, why = FastSentencePiece.from_model(spec, threads)
+    else:
+        fast, why = FastBPE.from_hf(hf_tok)
     if fast is None:
         return None, why
     texts = PROBE_TEXTS + list(sample_texts)
@@ -183,7 +192,7 @@ def build_and_verify(hf_tok, sample_texts: list[str]) -> tuple[FastBPE | None, s
     got = fast.encode_batch(texts)
     for t, a, b in zip(texts, ref, got):
         if a != b:
-            return None, f"tiktoken ids differ from HF on {t[:40]!r}"
+            return None, f"{fast.name} ids differ from HF on {t[:40]!r}"
     return fast, "ok"
 
 
@@ -192,13 +201,17 @@ def _paths(key: str) -> tuple[Path, Path]:
     return d / f"{key}.json", d / f"{key}.ranks.pkl"
 
 
-def load_cached(tokenizer_sha256: dict) -> tuple[dict | None, FastBPE | None]:
+def load_cached(tokenizer_sha256: dict, spec: str | None = None, threads: int = 1):
     """(record, encoder) from the cache; record is None on a miss, encoder None when HF must be used."""
     meta_path, ranks_path = _paths(cache_key(tokenizer_sha256))
     try:
         record = json.loads(meta_path.read_text())
         if not record.get("fast"):
             return record, None
+        if record.get("kind") == "sentencepiece":
+            from cpt_megatron.data.fast_sp import FastSentencePiece
+
+            return (record, FastSentencePiece(spec, threads)) if spec else (None, None)
         with open(ranks_path, "rb") as f:
             ranks = pickle.load(f)
         return record, FastBPE(ranks, record["pattern"], record["added"], record["special"])
@@ -211,10 +224,13 @@ def save_cached(tokenizer_sha256: dict, record: dict, fast: FastBPE | None) -> N
 
     meta_path, ranks_path = _paths(cache_key(tokenizer_sha256))
     try:
-        if fast is not None:
+        if fast is not None and fast.name == "sentencepiece":
+            record = {**record, "kind": "sentencepiece"}
+        elif fast is not None:
             with atomic_file(ranks_path, "wb") as f:
                 pickle.dump(fast.ranks, f, protocol=pickle.HIGHEST_PROTOCOL)
-            record = {**record, "pattern": fast.pattern, "added": fast.added, "special": fast.special}
+            record = {**record, "kind": "tiktoken", "pattern": fast.pattern, "added": fast.added,
+                      "special": fast.special}
         with atomic_file(meta_path) as f:
             json.dump({**record, "fast": fast is not None}, f)
     except OSError:

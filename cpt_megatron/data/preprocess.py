@@ -100,7 +100,7 @@ def read_meta(prefix: str) -> dict | None:
 @dataclasses.dataclass
 class _Tok:
     info: dict  # name, vocab_size, eod_id, sha256
-    fast: fast_bpe.FastBPE | None
+    fast: object  # fast_bpe.FastBPE, fast_sp.FastSentencePiece or None
     spec: str
     hf: object = None
     encoder_name: str = "hf"
@@ -124,11 +124,12 @@ def _setup_tokenizer(cfg: PreprocessConfig, sample_texts) -> _Tok:
     from cpt_megatron.utils import sha256_file
 
     sha = {f.name: sha256_file(f) for f in tokenizer_files(spec)}
-    record, fast = fast_bpe.load_cached(sha) if sha else (None, None)
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)  # sentencepiece's own threads per worker
+    record, fast = fast_bpe.load_cached(sha, spec, threads) if sha else (None, None)
     if record is not None and (fast is not None or not cfg.fast or not record.get("fast")):
         info = {k: record[k] for k in ("name", "vocab_size", "eod_id")} | {"sha256": sha}
         tok = _Tok(info=info, fast=fast if cfg.fast else None, spec=spec)
-        tok.encoder_name = "tiktoken (verified against HF)" if tok.fast else "hf"
+        tok.encoder_name = f"{tok.fast.name} (verified against HF)" if tok.fast else "hf"
         return tok
     from cpt_megatron.tokenizer.load import load_tokenizer, tokenizer_info
 
@@ -139,11 +140,11 @@ def _setup_tokenizer(cfg: PreprocessConfig, sample_texts) -> _Tok:
     info = {"name": name, "vocab_size": ti.vocab_size, "eod_id": ti.eod_id, "sha256": ti.sha256}
     fast, why = (None, "disabled")
     if cfg.fast:
-        fast, why = fast_bpe.build_and_verify(hf, sample_texts())
+        fast, why = fast_bpe.build_and_verify(hf, sample_texts(), spec, threads)
         if sha:
             fast_bpe.save_cached(sha, {k: info[k] for k in ("name", "vocab_size", "eod_id")} | {"why": why}, fast)
     tok = _Tok(info=info, fast=fast, spec=spec, hf=hf)
-    tok.encoder_name = "tiktoken (verified against HF)" if fast else f"hf ({why})"
+    tok.encoder_name = f"{fast.name} (verified against HF)" if fast else f"hf ({why})"
     return tok
 
 
