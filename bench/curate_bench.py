@@ -42,37 +42,40 @@ def _shingle_strs(d: str) -> list[str]:
     return [" ".join(s) for s in shingles(d)]
 
 
-def tutorial(docs: list[str], thr: float) -> set[int]:
-    from datasketch import MinHash, MinHashLSH
-
-    lsh = MinHashLSH(threshold=thr, num_perm=128)
+def _per_doc_loop(docs: list[str], thr: float, sketch, lsh) -> set[int]:
+    """The README loop: sketch each document, query, confirm by estimated Jaccard, insert if kept."""
     sigs, removed = {}, set()
     for i, d in enumerate(docs):
-        m = MinHash(num_perm=128)
-        for s in _shingle_strs(d):
-            m.update(s.encode("utf-8"))
+        m = sketch(_shingle_strs(d))
         if any(sigs[c].jaccard(m) >= thr for c in lsh.query(m)):
             removed.add(i)
             continue
         lsh.insert(i, m)
         sigs[i] = m
     return removed
+
+
+def tutorial(docs: list[str], thr: float) -> set[int]:
+    from datasketch import MinHash, MinHashLSH
+
+    def sketch(sh):
+        m = MinHash(num_perm=128)
+        for s in sh:  # one update per shingle, as datasketch's tutorial does
+            m.update(s.encode("utf-8"))
+        return m
+
+    return _per_doc_loop(docs, thr, sketch, MinHashLSH(threshold=thr, num_perm=128))
 
 
 def rensa_loop(docs: list[str], thr: float) -> set[int]:
     from rensa import RMinHash, RMinHashLSH
 
-    lsh = RMinHashLSH(threshold=thr, num_perm=128, num_bands=16)
-    sigs, removed = {}, set()
-    for i, d in enumerate(docs):
+    def sketch(sh):
         m = RMinHash(num_perm=128, seed=42)
-        m.update(_shingle_strs(d))
-        if any(sigs[c].jaccard(m) >= thr for c in lsh.query(m)):
-            removed.add(i)
-            continue
-        lsh.insert(i, m)
-        sigs[i] = m
-    return removed
+        m.update(sh)
+        return m
+
+    return _per_doc_loop(docs, thr, sketch, RMinHashLSH(threshold=thr, num_perm=128, num_bands=16))
 
 
 def ours(docs: list[str], thr: float, decide: str = "exact", batch: int = 256, stats: dict | None = None) -> set[int]:

@@ -10,11 +10,18 @@ import socket
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
 from cpt_megatron.curate import CurateConfig, curate, load_config
-from cpt_megatron.curate.dedup import MinHasher, brute_force_removed, jaccard, lsh_params, shingle_hash_reference, shingle_hashes, shingles
+from cpt_megatron.curate.dedup import (
+    MinHasher,
+    brute_force_removed,
+    jaccard,
+    lsh_params,
+    shingle_hash_reference,
+    shingle_hashes,
+    shingles,
+)
 from cpt_megatron.curate.pii import luhn_valid, redact_pii, verhoeff_valid
 from cpt_megatron.curate.readers import Doc, Malformed, read_documents
 

@@ -359,7 +359,7 @@ class NearDupStats:
             self.removed += 1
             self.hist[min(int(removed_j * _HIST_BINS), _HIST_BINS - 1)] += 1
 
-    def merge(self, other: "NearDupStats") -> None:
+    def merge(self, other: NearDupStats) -> None:
         self.add(other.candidate_pairs, other.checked_pairs, other.verified_pairs, None)
         self.removed += other.removed
         self.hist += other.hist
