@@ -283,23 +283,34 @@ class MinHasher:
 
 
 class ShingleStore:
-    """Append-only store of uint64 sets in a temp file, read back through a memory map (remapped as
-    it grows): resident memory is the page cache's business, not the process's."""
+    """Append-only store of uint64 sets in a memory-mapped temp file (capacity doubles as it grows, so
+    it is remapped O(log n) times): resident memory is the page cache's business, not the process's."""
 
-    def __init__(self, folder: str | None = None):
+    def __init__(self, folder: str | None = None, capacity: int = 1 << 20):
         fd, self.path = tempfile.mkstemp(prefix="cpt-shingles-", suffix=".u64", dir=folder)
-        self._f = os.fdopen(fd, "wb")
+        os.close(fd)
         self._n = 0  # uint64 values written
-        self._map = np.zeros(0, np.uint64)
-        self._mapped = 0
+        self._cap = 0
+        self._arr = np.zeros(0, np.uint64)
+        self._grow(capacity)
         self._off = np.zeros(1024, np.int64)  # set i is values()[off[i]:off[i+1]]
         self.count = 0
 
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self._cap)
+        self._arr = np.zeros(0, np.uint64)  # drop the old mapping before resizing the file
+        with open(self.path, "r+b") as f:
+            f.truncate(8 * cap)
+        self._arr = np.asarray(np.memmap(self.path, dtype=np.uint64, mode="r+", shape=(cap,)))
+        self._cap = cap
+
     def add(self, values: np.ndarray) -> int:
         """Append one set; returns its row number."""
-        v = np.ascontiguousarray(values, dtype=np.uint64)
-        self._f.write(v.tobytes())
-        self._n += len(v)
+        k = len(values)
+        if self._n + k > self._cap:
+            self._grow(self._n + k)
+        self._arr[self._n : self._n + k] = values
+        self._n += k
         self.count += 1
         if self.count == len(self._off):
             self._off = np.concatenate([self._off, np.zeros_like(self._off)])
@@ -310,19 +321,13 @@ class ShingleStore:
         return self._off[: self.count + 1]
 
     def values(self) -> np.ndarray:
-        """All values as one read-only array (remapped when sets were added since the last call)."""
-        if self._mapped < self._n:
-            self._f.flush()
-            self._map = np.asarray(np.memmap(self.path, dtype=np.uint64, mode="r", shape=(self._n,)))
-            self._mapped = self._n
-        return self._map
+        return self._arr[: self._n]
 
     def get(self, row: int) -> np.ndarray:
-        return self.values()[self._off[row] : self._off[row + 1]]
+        return self._arr[self._off[row] : self._off[row + 1]]
 
     def close(self) -> None:
-        self._map = np.zeros(0, np.uint64)
-        self._f.close()
+        self._arr = np.zeros(0, np.uint64)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
