@@ -342,6 +342,7 @@ def test_cli_json_last_line_and_separator(tmp_path, shared_data, capsys):
     assert summary["read"] == sum(1 for ln in head if ln.startswith("# "))
     assert summary["kept"] + sum(summary["removed"].values()) + summary["malformed"] == summary["read"]
     assert list(summary["removed"]) == ["normalize", "exact_dedup", "minhash_dedup", "pii"]
+    assert summary["near_dup"]["removed"] == summary["removed"]["minhash_dedup"]
     rc = main(["curate", "-i", str(src), "-o", str(tmp_path / "o"), "--stages", "nope"])
     assert rc == 2
 
