@@ -172,7 +172,7 @@ def main() -> None:
             result[f"vs_megatron_workers_{w}"] = round(ratio, 2)
             print(f"--workers {w}: cpt preprocess {ratio:.2f}x Megatron's tool (wall time)")
         print(f"Megatron's tool byte-identical to ours: {meg_same}")
-    print(f"first run (HF load + tiktoken verification, then cached): {t_verify:.2f} s")
+    print(f"first run (HF load + fast-encoder verification, then cached): {t_verify:.2f} s")
     if args.json:
         print(json.dumps(result))
 
