@@ -10,11 +10,18 @@ import socket
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
 from cpt_megatron.curate import CurateConfig, curate, load_config
-from cpt_megatron.curate.dedup import MinHasher, shingles
+from cpt_megatron.curate.dedup import (
+    MinHasher,
+    brute_force_removed,
+    jaccard,
+    lsh_params,
+    shingle_hash_reference,
+    shingle_hashes,
+    shingles,
+)
 from cpt_megatron.curate.pii import luhn_valid, redact_pii, verhoeff_valid
 from cpt_megatron.curate.readers import Doc, Malformed, read_documents
 
@@ -121,16 +128,80 @@ def test_accounting_invariant_with_malformed_lines(tmp_path, shared_data):
 # ---------------------------------------------------------------- dedup
 
 
-def test_signatures_equal_datasketch():
-    from datasketch import MinHash
+def test_shingle_hashes_equal_reference_definition():
+    ws = "".join(map(chr, (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000,
+                           9, 10, 11, 12, 13, 28, 29, 30, 31)))
+    texts = ["a b c d e f g h i j k", "", "short", "x " * 300 + "y z", "  Üñí  cödé\u00a0text here now again ",
+             "w1" + ws + "w2 w3\u2003w4 w5 w6 \u00e2\u0080x", " \n ", "one two three four five", "ONE Two thrEE",
+             "a b c d e f g h i j k"]
+    for lower in (False, True):
+        values, offsets = shingle_hashes(texts, 5, lower, seed=3)
+        for k, t in enumerate(texts):
+            ref = sorted({shingle_hash_reference(s, seed=3) for s in shingles(t, 5, lower)})
+            assert values[offsets[k] : offsets[k + 1]].tolist() == ref, (k, lower)
+    assert shingles("w1" + ws + "w2") == [("w1", "w2")] and shingles(" \n ") == []
+    assert jaccard(values[offsets[0] : offsets[1]], values[offsets[-2] : offsets[-1]]) == 1.0
 
-    texts = ["a b c d e f g h i j k", "", "short", "x " * 3000 + "y z"]
-    sig = MinHasher().signatures(texts, chunk=512)
-    for t, s in zip(texts, sig):
-        m = MinHash()
-        for sh in shingles(t):
-            m.update(sh)
-        assert np.array_equal(m.hashvalues, s)
+
+def test_lsh_banding_is_high_recall_at_threshold():
+    b, r = lsh_params(0.8, 128)
+    assert (b, r) == (21, 6) and (1 - 0.8**r) ** b < 0.005  # < 0.5% of pairs AT the threshold missed
+    sig = MinHasher().signatures(*shingle_hashes(["a b c d e f g h", "a b c d e f g h x", ""]))
+    assert sig.shape == (3, 128) and (sig[0] == sig[1]).mean() > 0.5 and (sig[2] == 0xFFFFFFFF).all()
+
+
+def _generated_planted(seed=0, n_base=160, n_planted=120):
+    """Generated fixture (no shared data): random-vocabulary documents and edited copies planted on both
+    sides of J = 0.8, some sharing a template (the hard case for estimates)."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(3000)]
+    template = " ".join(rng.choice(vocab) for _ in range(120))
+    base = []
+    for i in range(n_base):
+        body = " ".join(rng.choice(vocab) for _ in range(rng.randrange(80, 200)))
+        base.append(template + " " + body if i % 3 == 0 else body)
+    docs = [{"text": t, "id": f"b{i}"} for i, t in enumerate(base)]
+    for k in range(n_planted):
+        docs.append({"text": _edit(base[rng.randrange(n_base)], rng.choice([0.005, 0.01, 0.02, 0.03, 0.05]), rng),
+                     "id": f"p{k}"})
+    return docs
+
+
+def test_generated_near_duplicates_exact_decisions(tmp_path):
+    docs = _generated_planted()
+    truth = {docs[j]["id"] for j in brute_force_removed([d["text"] for d in docs])}
+    assert 40 <= len(truth) <= 100  # planted on both sides of the threshold
+    _write_jsonl(tmp_path / "in.jsonl", docs)
+    res = curate([tmp_path / "in.jsonl"], tmp_path / "out", load_config(overrides=DEDUP_ONLY))
+    kept = {d["id"] for d in _read_out(tmp_path / "out")}
+    flagged = {d["id"] for d in docs} - kept
+    tp = len(flagged & truth)
+    precision, recall = tp / max(1, len(flagged)), tp / len(truth)
+    assert precision >= 0.99 and recall >= 0.95, (precision, recall, len(flagged), len(truth))
+    nd = json.loads((tmp_path / "out/report.json").read_text())["near_dup"]
+    assert nd["decide"] == "exact" and nd["removed"] == res.removed["minhash_dedup"] == len(flagged)
+    assert nd["candidate_pairs"] >= nd["checked_pairs"] >= nd["verified_pairs"] >= nd["removed"]
+    assert sum(nd["removed_jaccard_histogram"].values()) == nd["removed"]
+    assert all(float(k.split("-")[0]) >= 0.8 for k in nd["removed_jaccard_histogram"])
+    # the estimated mode, named as such, decides on the sketch: same report shape, different numbers
+    est = curate([tmp_path / "in.jsonl"], tmp_path / "est",
+                 load_config(overrides={**DEDUP_ONLY, "minhash_dedup": {"decide": "estimate"}}))
+    rep = json.loads((tmp_path / "est/report.json").read_text())["near_dup"]
+    assert rep["decide"] == "estimate" and rep["removed"] == est.removed["minhash_dedup"] > 0
+
+
+@pytest.mark.slow
+def test_medquad_exact_decisions_match_brute_force(tmp_path, shared_data):
+    import re
+
+    text = (shared_data / "domain/medquad_qa.txt").read_text()
+    docs = [d for d in re.split(r"(?m)^(?=# )", text) if d.strip()]
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": t, "id": str(i)} for i, t in enumerate(docs)])
+    curate([tmp_path / "in.jsonl"], tmp_path / "out", load_config(overrides={"stages": ["minhash_dedup"], "rejected_samples": 100_000}))
+    flagged = {int(d["id"]) for d in _read_out(tmp_path / "out", "rejected/minhash_dedup-*.jsonl.gz")}
+    truth = brute_force_removed(docs)
+    tp = len(flagged & truth)
+    assert len(truth) > 50 and tp / len(flagged) >= 0.99 and tp / len(truth) >= 0.95, (len(flagged), len(truth), tp)
 
 
 def _planted_corpus(shared_data, seed=0):
@@ -271,6 +342,7 @@ def test_cli_json_last_line_and_separator(tmp_path, shared_data, capsys):
     assert summary["read"] == sum(1 for ln in head if ln.startswith("# "))
     assert summary["kept"] + sum(summary["removed"].values()) + summary["malformed"] == summary["read"]
     assert list(summary["removed"]) == ["normalize", "exact_dedup", "minhash_dedup", "pii"]
+    assert summary["near_dup"]["removed"] == summary["removed"]["minhash_dedup"]
     rc = main(["curate", "-i", str(src), "-o", str(tmp_path / "o"), "--stages", "nope"])
     assert rc == 2
 

@@ -173,3 +173,88 @@ def test_preprocess_import_is_light():
 
 def test_uint16_array_dtype_for_small_vocab():
     assert np.dtype(pp.optimal_dtype(50257)).name == "uint16"
+
+
+def _megatron_bytes(docs, ids_of, eod, dtype, out):
+    """PREFIX.bin/.idx exactly as Megatron's tools/preprocess_data.py writes them (document level,
+    --append-eod): its Encoder drops empty sentences and appends EOD only to a non-empty document,
+    then `IndexedDatasetBuilder.add_document(ids, lengths)` -- for an empty document ([], [])."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(f"{out}.bin", dtype=dtype)
+    for t in docs:
+        ids = ids_of(t)
+        if ids:
+            ids = ids + [eod]
+        b.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)] if ids else [])
+    b.finalize(f"{out}.idx")
+
+
+def test_keep_empty_is_byte_identical_to_megatron(gpt2_tokenizer_dir, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from cpt_megatron.tokenizer.load import load_tokenizer
+
+    # empty documents first, last, in runs and on shard boundaries (chunk_bytes cuts every ~3 lines)
+    docs = ["", "Alpha beta.", "", "", "Gamma delta epsilon.", "zeta", "", "eta theta", "iota", ""]
+    docs = docs * 3
+    src = tmp_path / "e.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    tok = load_tokenizer(gpt2_tokenizer_dir)
+    _megatron_bytes(docs, lambda t: tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id, np.uint16,
+                    tmp_path / "meg")
+    for name, kw in (("w1", {}), ("w2", {"workers": 2}), ("hf", {"fast": False})):
+        s = pp.preprocess(_cfg(src, gpt2_tokenizer_dir, tmp_path / name, keep_empty=True, chunk_bytes=60, **kw))
+        o = s["outputs"]["text"]
+        assert (o["documents"], o["empty_docs"], o["empty_docs_skipped"]) == (len(docs), 15, 0)
+        for ext in ("bin", "idx"):
+            assert filecmp.cmp(tmp_path / f"meg.{ext}", tmp_path / f"{name}.{ext}", shallow=False), (name, ext)
+    ds = IndexedDataset(str(tmp_path / "w1"))
+    di = ds.document_indices
+    assert len(di) == len(docs) + 1 and di[1] == 0 and len(ds) == len([t for t in docs if t])
+    # without the flag they are skipped (and counted)
+    s = pp.preprocess(_cfg(src, gpt2_tokenizer_dir, tmp_path / "skip"))
+    assert s["outputs"]["text"]["documents"] == 15 and s["outputs"]["text"]["empty_docs_skipped"] == 15
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["tiktoken", "hf"])
+def test_special_token_text_never_yields_eod(gpt2_tokenizer_dir, tmp_path, fast):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    docs = ["a <|endoftext|> b", "<|endoftext|>", "x<|endoftext|><|endoftext|>y " * 50, "plain text"]
+    src = tmp_path / "s.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    s = pp.preprocess(_cfg(src, gpt2_tokenizer_dir, tmp_path / "s", fast=fast))
+    assert s["encoder"].startswith("tiktoken" if fast else "hf")
+    ds = IndexedDataset(str(tmp_path / "s"))
+    eod = 50256
+    for i in range(len(docs)):
+        ids = ds[i].tolist()
+        assert ids[-1] == eod and eod not in ids[:-1], (docs[i], ids)
+    # the literal string is text: "<|endoftext|>" -> '<', '|', 'end', 'of', 'text', '|', '>'
+    assert ds[1].tolist() == [27, 91, 437, 1659, 5239, 91, 29, eod]
+
+
+def test_sentencepiece_fast_path_id_for_id_with_hf(mistral_sp_model, tmp_path):
+    """Mistral's tokenizer.model.v1: the sentencepiece encoder is verified against HF and used; same bytes
+    as the HF encoder; "<s>"/"</s>" in text stay text (BOS 1 / EOS 2 only as the appended EOD)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    docs = ["Hello world", "  two  spaces\tand\nlines ", "<s> [INST] hi [/INST] </s>", "", "naïve café 日本語 😀",
+            "x" * 500, "The patient's BP was 120/80 mmHg."] * 5
+    src = tmp_path / "m.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    fast = pp.preprocess(_cfg(src, mistral_sp_model, tmp_path / "sp", keep_empty=True, workers=2, chunk_bytes=300))
+    assert fast["encoder"] == "sentencepiece (verified against HF)"
+    again = pp.preprocess(_cfg(src, mistral_sp_model, tmp_path / "sp2", keep_empty=True))  # cached verdict
+    hf = pp.preprocess(_cfg(src, mistral_sp_model, tmp_path / "hf", keep_empty=True, fast=False))
+    assert again["encoder"].startswith("sentencepiece") and hf["encoder"].startswith("hf")
+    for other in ("sp2", "hf"):
+        for ext in ("bin", "idx"):
+            assert filecmp.cmp(tmp_path / f"sp.{ext}", tmp_path / f"{other}.{ext}", shallow=False), (other, ext)
+    ds = IndexedDataset(str(tmp_path / "sp"))
+    assert len(ds.document_indices) == len(docs) + 1
+    for i in range(len(ds)):
+        ids = ds[i].tolist()
+        assert ids[-1] == 2 and 1 not in ids and 2 not in ids[:-1], ids

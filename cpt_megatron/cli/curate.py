@@ -61,6 +61,10 @@ def run(args) -> dict:
     if not args.json:
         removed = ", ".join(f"{k} {v}" for k, v in res.removed.items())
         print(f"read {res.read}, kept {res.kept}, malformed {res.malformed}; removed: {removed}; out {res.out}")
+        nd = res.report.get("near_dup")
+        if nd:
+            print(f"near-dup ({nd['decide']}, {nd['bands']}x{nd['rows']} LSH): {nd['candidate_pairs']} candidate pairs, "
+                  f"{nd['checked_pairs']} checked, {nd['verified_pairs']} verified, {nd['removed']} removed")
     return {
         "read": res.read,
         "kept": res.kept,
@@ -68,4 +72,5 @@ def run(args) -> dict:
         "removed": res.removed,
         "out": res.out,
         "elapsed_s": res.report["elapsed_s"],
+        "near_dup": res.report.get("near_dup"),
     }

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (PREFIX_<key> with several keys)")
     p.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes (output identical for any value)")
     p.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
+    p.add_argument("--keep-empty", action="store_true",
+                   help="write empty documents (as Megatron's tools/preprocess_data.py does) instead of skipping them")
     p.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY", help="fields to tokenize (default: text)")
     p.add_argument("--chunk-mb", type=positive_float, default=8.0, help="input MiB per shard (default 8)")
     p.add_argument("--no-fast", action="store_true", help="always encode with the HF tokenizer (no tiktoken)")
@@ -41,6 +43,7 @@ def run(args) -> dict:
         out=args.out,
         workers=args.workers,
         append_eod=args.append_eod,
+        keep_empty=args.keep_empty,
         json_keys=tuple(args.json_keys),
         chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
         fast=not args.no_fast,
@@ -52,7 +55,7 @@ def run(args) -> dict:
         for key, o in summary["outputs"].items():
             print(
                 f"{key}: {o['documents']:,} docs, {o['tokens']:,} tokens ({o['dtype']}), "
-                f"{o['empty_docs_skipped']:,} empty skipped -> {o['prefix']}.bin/.idx"
+                f"{o['empty_docs']:,} empty {'kept' if args.keep_empty else 'skipped'} -> {o['prefix']}.bin/.idx"
             )
         print(f"{summary['tokens_per_s']:,} tokens/s in {summary['seconds']} s, encoder: {summary['encoder']}",
               file=sys.stderr)

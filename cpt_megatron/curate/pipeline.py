@@ -50,6 +50,7 @@ class _Out:
     route: str | None = None
     exact: bytes | None = None
     sig: object = None
+    shingles: object = None  # sorted unique uint64 shingle hashes (decide: exact)
     pii_text: str | None = None
     pii: Counter | None = None
 
@@ -115,8 +116,12 @@ class _Worker:
             out.append(o)
         if self.hasher is not None:
             live = [o for o in out if isinstance(o, _Out) and o.removed is None]
-            for o, sig in zip(live, self.hasher.signatures([o.text for o in live])):
+            values, offsets = self.hasher.hash_sets([o.text for o in live])
+            exact = self.cfg.minhash_dedup.decide == "exact"
+            for k, (o, sig) in enumerate(zip(live, self.hasher.signatures(values, offsets))):
                 o.sig = sig
+                if exact:
+                    o.shingles = values[offsets[k] : offsets[k + 1]]
         return out
 
     @staticmethod
@@ -282,7 +287,7 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
         from cpt_megatron.curate.dedup import NearDupIndex
 
         base = "cpt_curate:" + hashlib.sha1(str(final_out.resolve()).encode()).hexdigest()[:12]
-        near = NearDupIndex(cfg.minhash_dedup, cfg.lsh, basename=base)
+        near = NearDupIndex(cfg.minhash_dedup, cfg.lsh, basename=base, workdir=str(tmp))
     scorer = None
     if "perplexity" in stages:
         from cpt_megatron.curate.perplexity import PerplexityScorer
@@ -368,7 +373,7 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
                         continue
                     seen_exact.add(o.exact)
                 if near is not None:
-                    dup_of, j = near.check_and_add(f"{o.source}:{o.position}", o.sig)
+                    dup_of, j = near.check_and_add(f"{o.source}:{o.position}", o.sig, o.shingles)
                     stats["minhash_dedup"].add(n, n, "near_duplicate" if dup_of else None)
                     if dup_of:
                         reject(o, "minhash_dedup", "near_duplicate", {"dup_of": dup_of, "jaccard": round(j, 4)})
@@ -411,6 +416,8 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
         "rejected": {s: rel(w.files[0]) for s, w in sorted(rejects.items())},
         "config": dataclasses.asdict(cfg),
     }
+    if near is not None:
+        report["near_dup"] = near.stats.as_dict()
     if "langid" in stages:
         report["languages"] = dict(sorted(langs.items(), key=lambda kv: (-kv[1], kv[0])))
         report["scripts"] = dict(sorted(scripts.items(), key=lambda kv: (-kv[1], kv[0])))

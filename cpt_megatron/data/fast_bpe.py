@@ -8,6 +8,10 @@ identical to HF's on a probe set plus a sample of the corpus. Otherwise we fall 
 The verdict is cached per (tokenizer files' sha256, tiktoken, tokenizers, transformers versions) in
 `$CPT_CACHE_DIR/fast_bpe/` (default `~/.cache/cpt_megatron`), together with the tokenizer's facts
 (vocab size, EOD id), so a later run starts without importing transformers (or torch).
+
+Special-token strings in a document (a literal "<|endoftext|>" in web text) are encoded as plain text
+on every path: HF with `split_special_tokens=True`, tiktoken with those tokens not allowed. Text must
+never inject control ids (EOD mid-document). Added tokens that are NOT special still match as HF does.
 """
 
 from __future__ import annotations
@@ -57,31 +61,38 @@ def _version(pkg: str) -> str:
         return "none"
 
 
+_CACHE_FORMAT = 2  # 2: special tokens encoded as text (records carry the `special` list)
+
+
 def cache_key(tokenizer_sha256: dict) -> str:
     blob = json.dumps(
-        [sorted(tokenizer_sha256.items()), _version("tiktoken"), _version("tokenizers"), _version("transformers")]
+        [sorted(tokenizer_sha256.items()), _version("tiktoken"), _version("tokenizers"), _version("transformers"),
+         _CACHE_FORMAT]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 class FastBPE:
-    """tiktoken encoder whose ranks are the HF token ids; added tokens are matched like HF does."""
+    """tiktoken encoder whose ranks are the HF token ids; non-special added tokens are matched like HF
+    does, special ones (`special`) are encoded as plain text."""
 
-    def __init__(self, ranks: dict[bytes, int], pattern: str, added: dict[str, int]):
+    name = "tiktoken"
+
+    def __init__(self, ranks: dict[bytes, int], pattern: str, added: dict[str, int], special=()):
         import tiktoken
 
-        self.ranks, self.pattern, self.added = ranks, pattern, added
+        self.ranks, self.pattern, self.added, self.special = ranks, pattern, added, sorted(special)
         self.enc = tiktoken.Encoding(
             name="cpt_fast_bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=dict(added)
         )
-        self._allowed = set(added)
+        self._allowed = set(added) - set(special)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         enc, allowed = self.enc.encode, self._allowed
         return [enc(t, allowed_special=allowed, disallowed_special=()) for t in texts]
 
     def __getstate__(self):
-        return (self.ranks, self.pattern, self.added)
+        return (self.ranks, self.pattern, self.added, self.special)
 
     def __setstate__(self, state):
         self.__init__(*state)
@@ -123,15 +134,17 @@ class FastBPE:
             if ida is None or idb is None or idm is None or idm <= max(ida, idb) or idm <= last:
                 return None, "merge order does not follow token ids"
             last = idm
-        added = {}
+        added, special = {}, []
         for t in spec.get("added_tokens", []):
             if t.get("lstrip") or t.get("rstrip") or t.get("single_word") or t.get("normalized"):
                 return None, f"added token {t['content']!r} has strip/word/normalized flags"
             if t["content"].encode() in ranks and ranks[t["content"].encode()] != t["id"]:
                 return None, "added token collides with the vocab"
             added[t["content"]] = t["id"]
+            if t.get("special"):
+                special.append(t["content"])
         try:
-            return cls(ranks, pattern, added), "ok"
+            return cls(ranks, pattern, added, special), "ok"
         except Exception as e:  # a regex tiktoken cannot compile, duplicate ranks, ...
             return None, f"tiktoken refused it: {e}"
 
@@ -158,12 +171,20 @@ def _pattern_of(pre: dict) -> str | None:
 
 
 def hf_encode_batch(hf_tok, texts: list[str]) -> list[list[int]]:
-    """HF reference ids: no BOS/EOS (megatron's HuggingFaceTokenizer.text_to_ids does the same)."""
-    return hf_tok(texts, add_special_tokens=False)["input_ids"]
+    """HF reference ids: no BOS/EOS (megatron's HuggingFaceTokenizer.text_to_ids does the same), and
+    special-token strings in the text encoded as plain text (`split_special_tokens=True`)."""
+    return hf_tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def build_and_verify(hf_tok, sample_texts: list[str]) -> tuple[FastBPE | None, str]:
-    fast, why = FastBPE.from_hf(hf_tok)
+def build_and_verify(hf_tok, sample_texts: list[str], spec: str | None = None, threads: int = 1):
+    """The fast encoder for this tokenizer (tiktoken for byte-level BPE, sentencepiece for a `.model`)
+    if its ids equal HF's on the probes and the sample, else (None, why)."""
+    from cpt_megatron.data.fast_sp import FastSentencePiece, is_sentencepiece_model
+
+    if spec is not None and is_sentencepiece_model(spec):
+        fast, why = FastSentencePiece.from_model(spec, threads)
+    else:
+        fast, why = FastBPE.from_hf(hf_tok)
     if fast is None:
         return None, why
     texts = PROBE_TEXTS + list(sample_texts)
@@ -171,7 +192,7 @@ def build_and_verify(hf_tok, sample_texts: list[str]) -> tuple[FastBPE | None, s
     got = fast.encode_batch(texts)
     for t, a, b in zip(texts, ref, got):
         if a != b:
-            return None, f"tiktoken ids differ from HF on {t[:40]!r}"
+            return None, f"{fast.name} ids differ from HF on {t[:40]!r}"
     return fast, "ok"
 
 
@@ -180,16 +201,20 @@ def _paths(key: str) -> tuple[Path, Path]:
     return d / f"{key}.json", d / f"{key}.ranks.pkl"
 
 
-def load_cached(tokenizer_sha256: dict) -> tuple[dict | None, FastBPE | None]:
+def load_cached(tokenizer_sha256: dict, spec: str | None = None, threads: int = 1):
     """(record, encoder) from the cache; record is None on a miss, encoder None when HF must be used."""
     meta_path, ranks_path = _paths(cache_key(tokenizer_sha256))
     try:
         record = json.loads(meta_path.read_text())
         if not record.get("fast"):
             return record, None
+        if record.get("kind") == "sentencepiece":
+            from cpt_megatron.data.fast_sp import FastSentencePiece
+
+            return (record, FastSentencePiece(spec, threads)) if spec else (None, None)
         with open(ranks_path, "rb") as f:
             ranks = pickle.load(f)
-        return record, FastBPE(ranks, record["pattern"], record["added"])
+        return record, FastBPE(ranks, record["pattern"], record["added"], record["special"])
     except (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError):
         return None, None
 
@@ -199,10 +224,13 @@ def save_cached(tokenizer_sha256: dict, record: dict, fast: FastBPE | None) -> N
 
     meta_path, ranks_path = _paths(cache_key(tokenizer_sha256))
     try:
-        if fast is not None:
+        if fast is not None and fast.name == "sentencepiece":
+            record = {**record, "kind": "sentencepiece"}
+        elif fast is not None:
             with atomic_file(ranks_path, "wb") as f:
                 pickle.dump(fast.ranks, f, protocol=pickle.HIGHEST_PROTOCOL)
-            record = {**record, "pattern": fast.pattern, "added": fast.added}
+            record = {**record, "kind": "tiktoken", "pattern": fast.pattern, "added": fast.added,
+                      "special": fast.special}
         with atomic_file(meta_path) as f:
             json.dump({**record, "fast": fast is not None}, f)
     except OSError:

@@ -194,7 +194,11 @@ class IndexWriter:
 
     # -- adding data -------------------------------------------------------------------------------
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append len(lengths) documents whose tokens are concatenated in `tokens`."""
+        """Append len(lengths) documents whose tokens are concatenated in `tokens`.
+
+        A length of 0 is an empty document: a document boundary with no sequence, exactly what
+        Megatron's `IndexedDatasetBuilder.add_document([], [])` writes (`document_indices` repeats).
+        """
         tokens = np.asarray(tokens)
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) == 0:
@@ -207,8 +211,9 @@ class IndexWriter:
         if len(tokens):
             self.max_token_id = max(self.max_token_id, int(tokens.max()))
         start = len(self._lengths)
-        self._lengths.append(lengths.astype(np.int32))
-        self._doc_ends.append(np.arange(start + 1, start + 1 + len(lengths), dtype=np.int64))
+        nonempty = lengths > 0
+        self._lengths.append(lengths[nonempty].astype(np.int32))
+        self._doc_ends.append(start + np.cumsum(nonempty, dtype=np.int64))
         self.num_tokens += len(tokens)
 
     def add_document(self, tokens) -> None:

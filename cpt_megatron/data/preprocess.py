@@ -54,6 +54,10 @@ class PreprocessConfig:
     """Tokenizer processes; 1 runs in-process. Output bytes do not depend on it."""
     append_eod: bool = False
     """Append the tokenizer's EOD id to each (non-empty) document."""
+    keep_empty: bool = False
+    """Write documents that tokenize to nothing as empty documents (a document boundary with no
+    sequence), as Megatron's tools/preprocess_data.py does, so document indices match its output.
+    Default: drop them (counted as `empty_docs_skipped`)."""
     json_keys: tuple[str, ...] = ("text",)
     """Fields to tokenize; each becomes its own dataset."""
     chunk_bytes: int = 8 << 20
@@ -96,7 +100,7 @@ def read_meta(prefix: str) -> dict | None:
 @dataclasses.dataclass
 class _Tok:
     info: dict  # name, vocab_size, eod_id, sha256
-    fast: fast_bpe.FastBPE | None
+    fast: object  # fast_bpe.FastBPE, fast_sp.FastSentencePiece or None
     spec: str
     hf: object = None
     encoder_name: str = "hf"
@@ -120,11 +124,12 @@ def _setup_tokenizer(cfg: PreprocessConfig, sample_texts) -> _Tok:
     from cpt_megatron.utils import sha256_file
 
     sha = {f.name: sha256_file(f) for f in tokenizer_files(spec)}
-    record, fast = fast_bpe.load_cached(sha) if sha else (None, None)
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)  # sentencepiece's own threads per worker
+    record, fast = fast_bpe.load_cached(sha, spec, threads) if sha else (None, None)
     if record is not None and (fast is not None or not cfg.fast or not record.get("fast")):
         info = {k: record[k] for k in ("name", "vocab_size", "eod_id")} | {"sha256": sha}
         tok = _Tok(info=info, fast=fast if cfg.fast else None, spec=spec)
-        tok.encoder_name = "tiktoken (verified against HF)" if tok.fast else "hf"
+        tok.encoder_name = f"{tok.fast.name} (verified against HF)" if tok.fast else "hf"
         return tok
     from cpt_megatron.tokenizer.load import load_tokenizer, tokenizer_info
 
@@ -135,11 +140,11 @@ def _setup_tokenizer(cfg: PreprocessConfig, sample_texts) -> _Tok:
     info = {"name": name, "vocab_size": ti.vocab_size, "eod_id": ti.eod_id, "sha256": ti.sha256}
     fast, why = (None, "disabled")
     if cfg.fast:
-        fast, why = fast_bpe.build_and_verify(hf, sample_texts())
+        fast, why = fast_bpe.build_and_verify(hf, sample_texts(), spec, threads)
         if sha:
             fast_bpe.save_cached(sha, {k: info[k] for k in ("name", "vocab_size", "eod_id")} | {"why": why}, fast)
     tok = _Tok(info=info, fast=fast, spec=spec, hf=hf)
-    tok.encoder_name = "tiktoken (verified against HF)" if fast else f"hf ({why})"
+    tok.encoder_name = f"{fast.name} (verified against HF)" if fast else f"hf ({why})"
     return tok
 
 
@@ -271,13 +276,15 @@ def _encode_shard(task) -> dict:
                 lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
                 keep = lengths > 0
                 empty += int((~keep).sum())
-                if not keep.all():
+                if not keep.all() and not cfg.keep_empty:
                     ids = [x for x in ids if x]
                     lengths = lengths[keep]
-                if cfg.append_eod:
+                    keep = keep[keep]
+                if cfg.append_eod:  # never to an empty document (Megatron does the same)
                     for x in ids:
-                        x.append(eod)
-                    lengths = lengths + 1
+                        if x:
+                            x.append(eod)
+                    lengths = lengths + keep
                 total = int(lengths.sum())
                 flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total)
                 w.add_documents(flat, lengths)
@@ -303,6 +310,7 @@ def _fingerprint(cfg: PreprocessConfig, tok_sha: dict, dtype) -> dict:
         "tokenizer_sha256": tok_sha,
         "json_keys": list(cfg.json_keys),
         "append_eod": cfg.append_eod,
+        "keep_empty": cfg.keep_empty,
         "chunk_bytes": cfg.chunk_bytes,
         "dtype": np.dtype(dtype).name,
     }
@@ -441,9 +449,11 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "tokenizer": tok.info,
             "dtype": np.dtype(dtype).name,
             "append_eod": cfg.append_eod,
+            "keep_empty": cfg.keep_empty,
             "documents": res["documents"],
             "tokens": res["tokens"],
-            "empty_docs_skipped": sum(x["empty"] for x in st),
+            "empty_docs": sum(x["empty"] for x in st),
+            "empty_docs_skipped": 0 if cfg.keep_empty else sum(x["empty"] for x in st),
             "max_token_id": max((x["max_token_id"] for x in st), default=-1),
             "bin_bytes": os.path.getsize(f"{prefix}.bin"),
             "sources": [{"path": os.path.abspath(p), "sha256": hashes.get(p), "bytes": os.path.getsize(p)}
@@ -451,7 +461,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "encoder": tok.encoder_name,
         }
         write_json(f"{prefix}.meta.json", meta)
-        summary["outputs"][key] = {k: meta[k] for k in ("prefix", "documents", "tokens", "empty_docs_skipped",
+        summary["outputs"][key] = {k: meta[k] for k in ("prefix", "documents", "tokens", "empty_docs", "empty_docs_skipped",
                                                           "max_token_id", "dtype")}
     if not cfg.keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
