@@ -85,7 +85,8 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, files: Sequence[str | os.PathLi
     import torch
 
     try:
-        from cpt_megatron.checkpoint.io import TOKENIZER_DIR, arch_from_ckpt, load_model_weights
+        from cpt_megatron.checkpoint.io import (TOKENIZER_DIR, arch_from_ckpt, load_model_weights, open_checkpoint,
+                                                read_meta, tokenizer_path)
     except ImportError as e:  # the checkpoint package is developed in parallel
         raise CptError(f"cpt eval --ckpt needs cpt_megatron.checkpoint (load_model_weights): {e}; use --hf") from e
     from megatron.core import parallel_state as ps
@@ -94,14 +95,12 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, files: Sequence[str | os.PathLi
     from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
     from cpt_megatron.tokenizer.load import load_tokenizer
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint {ckpt} not found")
-    tok_spec = tokenizer or (ckpt / TOKENIZER_DIR)
+    ckpt = open_checkpoint(ckpt)  # any layout (ours, old, Megatron-LM's); manifest checked
+    tok_spec = tokenizer or tokenizer_path(ckpt, read_meta(ckpt)) or (ckpt / TOKENIZER_DIR)
     if not Path(tok_spec).exists():
         raise CptError(f"{ckpt} carries no tokenizer/; pass --tokenizer")
     tok = load_tokenizer(tok_spec)
-    arch = arch_from_ckpt(ckpt)
+    arch = arch_from_ckpt(ckpt, tokenizer)
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
     init_distributed(parallel)
     try:

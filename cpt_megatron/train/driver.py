@@ -106,10 +106,10 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
     from cpt_megatron.tokenizer import load_tokenizer
     from cpt_megatron.train.checkpointing import (
         iter_name,
-        latest_checkpoint,
         load_checkpoint,
         prune_checkpoints,
         save_checkpoint,
+        select_resume,
     )
     from cpt_megatron.train.engine import Engine
     from cpt_megatron.train.metrics import MetricsLogger
@@ -123,9 +123,9 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
     preempt = PreemptionHandler()
     try:
         # ---- setup --------------------------------------------------------------------------------------
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is not None and cfg.resume == "none":
-            raise CptError(f"{run_dir} already has checkpoints ({resume_from.name}); use resume=auto or a new run.dir")
+        resume_from, skipped = select_resume(run_dir, cfg.resume)  # newest complete + verified checkpoint
+        for line in skipped if rank0 else ():
+            print(f"resume: skipped {line}", flush=True)
         base, tok_spec = prepared["base"], prepared["tokenizer"]
         arch, meta = arch_from_ckpt(base), read_meta(base)
         arch.check_seq_len(cfg.data.seq_len)

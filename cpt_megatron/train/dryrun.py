@@ -36,12 +36,12 @@ def dry_run(cfg: RecipeConfig, nproc: int | None = None, gpu: str = "h100") -> d
     arch = None
     m = cfg.model
     if m.base:
-        if not Path(m.base, "cpt_meta.json").is_file():
-            problems.append(f"model.base={m.base}: not an imported checkpoint (run cpt import-hf first)")
-        else:
-            from cpt_megatron.checkpoint import arch_from_ckpt
+        from cpt_megatron.checkpoint import arch_from_ckpt, layout
 
-            arch = arch_from_ckpt(m.base)
+        try:
+            arch = arch_from_ckpt(layout.resolve(m.base))
+        except CptError as e:
+            problems.append(f"model.base={m.base}: not a usable checkpoint ({e}); run cpt import-hf first")
     elif m.hf_config or m.hf:
         src = resolve_path(m.hf_config or m.hf)
         if not Path(src).exists():

@@ -54,24 +54,25 @@ def resolve_tokenizer(spec: str) -> str:
 def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
     """Return the imported base checkpoint dir for `model` (importing it into the cache on first use)."""
     from cpt_megatron import checkpoint
+    from cpt_megatron.checkpoint import layout
 
     if model_cfg.base:
-        if not Path(model_cfg.base, "cpt_meta.json").is_file():
-            raise CptError(f"model.base={model_cfg.base} is not an imported checkpoint (no cpt_meta.json); "
-                           "create it with `cpt import-hf --hf DIR --out CKPT`")
-        return model_cfg.base
+        try:  # ours (any layout) or a Megatron-LM save: the folder that holds the tensors
+            return str(layout.resolve(model_cfg.base))
+        except CptError as e:
+            raise CptError(f"model.base={model_cfg.base}: {e}; create one with `cpt import-hf --hf DIR --out CKPT`") from e
     cache = Path(cache_dir) / "models"
     if model_cfg.gguf:
         gguf = smollm2_gguf() if model_cfg.gguf == "@smollm2" else model_cfg.gguf
         out = cache / f"gguf-{Path(gguf).stem}-{_key(gguf, os.path.getsize(gguf))}"
         if not out.exists():
             _record(out, checkpoint.import_hf(None, out, gguf=gguf, dtype="fp32"))
-        return str(out)
+        return str(layout.resolve(out))
     if model_cfg.hf:
         out = cache / f"hf-{Path(model_cfg.hf).name}-{_key(str(Path(model_cfg.hf).resolve()))}"
         if not out.exists():
             _record(out, checkpoint.import_hf(model_cfg.hf, out, dtype="fp32"))
-        return str(out)
+        return str(layout.resolve(out))
     # random init from an HF config: build a seeded HF model, save it, import it (same path as real models)
     hf_config = resolve_path(model_cfg.hf_config)
     cfg_text = Path(hf_config).read_text()
@@ -81,14 +82,15 @@ def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
         tok = resolve_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else None
         _random_hf_model(hf_config, tok, hf_dir, seed)
         _record(out, checkpoint.import_hf(hf_dir, out, dtype="fp32", overwrite=True))
-    return str(out)
+    return str(layout.resolve(out))
 
 
 def _record(ckpt: Path, summary: dict) -> None:
     """Keep the import summary (with its parity check) beside the checkpoint for reports."""
+    from cpt_megatron.checkpoint import layout
     from cpt_megatron.utils import write_json
 
-    write_json(Path(ckpt) / "import_summary.json", summary)
+    write_json(layout.resolve(ckpt) / "import_summary.json", summary)
 
 
 def _random_hf_model(config_path: str, tokenizer: str | None, out: Path, seed: int) -> None:
