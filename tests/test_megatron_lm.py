@@ -246,3 +246,36 @@ if __name__ == "__main__":  # torchrun worker: Megatron-LM-style multi-rank save
     job = json.loads(sys.argv[1])
     for name, (tp, pp) in job["saves"].items():
         save_like_megatron_lm(Path(job["ours"]), Path(job["root"]) / name, tp=tp, pp=pp, tokenizer=job["tok"])
+
+
+# -- mixtures -> Megatron-LM --data-path ---------------------------------------------------------------------
+def test_mixture_report_megatron(tmp_path, capsys, shared_data, gpt2_tokenizer_dir):
+    from test_mixture import sources as _sources_fixture  # noqa: F401  (the real-data prefixes of test_mixture)
+
+    from cpt_megatron.cli import main
+
+    src = _sources_fixture.__wrapped__(shared_data, gpt2_tokenizer_dir, _Factory(tmp_path))
+    y = tmp_path / "mix.yaml"
+    y.write_text(f"sources:\n  - {{name: med, prefix: {src['med']}, group: domain}}\n"
+                 f"  - {{name: wiki, prefix: {src['wiki']}, group: general}}\n"
+                 "alpha: 0.7\nphases: [{until: 0.5, alpha: 0.6}, {alpha: 0.8}]\nvalid_fraction: 0.02\n")
+    argv = ["mixture", "report", "--mixture", str(y), "--seq-len", "64", "--train-samples", "2000", "--megatron"]
+    assert main(argv + ["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["megatron"]
+    assert [p["args"] for p in rep["phases"]] == [
+        f"--data-path 0.6 {src['med']} 0.4 {src['wiki']} --split 98,2,0",
+        f"--data-path 0.8 {src['med']} 0.2 {src['wiki']} --split 98,2,0"]
+    assert [(p["start_sample"], p["end_sample"]) for p in rep["phases"]] == [(0, 1000), (1000, 2000)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "phase 1 (samples [1000, 2000)): --data-path 0.8" in text and "caveat: Megatron-LM blends" in text
+
+
+class _Factory:
+    def __init__(self, root):
+        self.root = root
+
+    def mktemp(self, name):
+        p = self.root / name
+        p.mkdir()
+        return p
