@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from test_checkpoint import _tokenizer, make_hf
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -37,10 +32,17 @@ def _shard(root: Path) -> Path:
     return max((root / "release").glob("*.distcp"), key=lambda p: p.stat().st_size)
 
 
-def _cli(*argv) -> tuple[int, list[str]]:
-    proc = subprocess.run([sys.executable, "-m", "cpt_megatron", *argv], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
-    return proc.returncode, proc.stderr.strip().splitlines()
+@pytest.fixture
+def cli(capsys):
+    """`cpt ARGV` in-process (a non-CptError would escape as the traceback the tests forbid): (rc, stderr lines)."""
+    from cpt_megatron.checkpoint.io import _VERIFIED
+    from cpt_megatron.cli import main
+
+    def run(*argv):
+        _VERIFIED.clear()
+        rc = main(list(argv))
+        return rc, capsys.readouterr().err.strip().splitlines()
+    return run
 
 
 def _one_line_naming(rc, err, name: str, word: str):
@@ -57,33 +59,33 @@ def test_manifest_written_last_and_lists_every_file(ckpt):
     assert all(set(v) == {"size", "crc32"} for v in man["files"].values())
 
 
-def test_zeroed_block_in_distcp_is_refused_naming_the_file(ckpt, tmp_path):
+def test_zeroed_block_in_distcp_is_refused_naming_the_file(ckpt, tmp_path, cli):
     bad = _copy(ckpt, tmp_path / "bad")
     shard = _shard(bad)
     data = bytearray(shard.read_bytes())
     mid = len(data) // 2
     data[mid:mid + 8192] = bytes(8192)
     shard.write_bytes(bytes(data))
-    rc, err = _cli("export-hf", "--ckpt", str(bad), "--out", str(tmp_path / "hf"), "--no-verify")
+    rc, err = cli("export-hf", "--ckpt", str(bad), "--out", str(tmp_path / "hf"), "--no-verify")
     _one_line_naming(rc, err, shard.name, "checksum mismatch")
     assert not (tmp_path / "hf").exists()
-    rc, err = _cli("resize-embeddings", "--ckpt", str(bad), "--tokenizer", str(ckpt / "release" / "tokenizer"),
+    rc, err = cli("resize-embeddings", "--ckpt", str(bad), "--tokenizer", str(ckpt / "release" / "tokenizer"),
                    "--out", str(tmp_path / "rs"))
     _one_line_naming(rc, err, shard.name, "checksum mismatch")
 
 
 @pytest.mark.parametrize("victim", ["distcp", ".metadata"])
-def test_truncated_file_is_one_line(ckpt, tmp_path, victim):
+def test_truncated_file_is_one_line(ckpt, tmp_path, victim, cli):
     bad = _copy(ckpt, tmp_path / "bad")
     f = _shard(bad) if victim == "distcp" else bad / "release" / ".metadata"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
-    rc, err = _cli("export-hf", "--ckpt", str(bad), "--out", str(tmp_path / "hf"), "--no-verify")
+    rc, err = cli("export-hf", "--ckpt", str(bad), "--out", str(tmp_path / "hf"), "--no-verify")
     _one_line_naming(rc, err, f.name, "truncated")
     # without a manifest (a checkpoint from before it existed): still one line naming the file, no EOFError
     (bad / "release" / "cpt_manifest.json").unlink()
-    rc, err = _cli("export-hf", "--ckpt", str(bad), "--out", str(tmp_path / "hf"), "--no-verify")
+    rc, err = cli("export-hf", "--ckpt", str(bad), "--out", str(tmp_path / "hf"), "--no-verify")
     assert rc == 2 and not any("Traceback" in line for line in err), "\n".join(err[-5:])
-    assert "damaged or truncated" in err[-1] and str(bad / "release") in err[-1], err[-1]
+    assert "damaged or truncated" in err[-1] and str(f) in err[-1], err[-1]
 
 
 # -- resume selection --------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def test_resume_auto_skips_damaged_and_missing(ckpt, tmp_path):
     assert got == run / "checkpoints" / "iter_0000004"
     assert [s.split(":")[0].split(" ")[0] for s in skipped] == ["iter_0000020", "iter_0000016", "iter_0000012",
                                                                 "iter_0000008"]
-    assert "missing" in skipped[0] and "incomplete" in skipped[1]
+    assert "missing" in skipped[0] and "metadata.json: missing from the checkpoint" in skipped[1]
     assert "truncated" in skipped[2] and "checksum mismatch" in skipped[3]
 
 

@@ -158,18 +158,26 @@ def read_errors(folder: str | os.PathLike):
     """Turn the unpickling/EOF/torch errors of a damaged checkpoint into one line naming the file."""
     import pickle
 
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException wrapping rank failures
+
     try:
         yield
     except CptError:
         raise
-    except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError, OSError, KeyError) as e:
+    except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError, OSError, KeyError, CheckpointException) as e0:
         from megatron.core.dist_checkpointing.core import CheckpointingException
 
+        e = e0
+        if isinstance(e0, CheckpointException):
+            inner = [f[0] if isinstance(f, tuple) else f for f in getattr(e0, "failures", {}).values()]
+            e = next((x for x in inner if isinstance(x, BaseException)), e0)
+        if isinstance(e, CptError):
+            raise e from e0
         if isinstance(e, RuntimeError) and not isinstance(e, CheckpointingException) and \
                 not _looks_like_read_error(e):
             raise
         raise CptError(f"{_damaged_file(folder, e)}: cannot read the checkpoint ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'}); the file is damaged or truncated") from e
+                       f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'}); the file is damaged or truncated") from e0
 
 
 def _looks_like_read_error(e: BaseException) -> bool:
@@ -189,7 +197,28 @@ def _damaged_file(folder, e: BaseException) -> Path:
         check_manifest(folder)
     except CptError as bad:
         return Path(str(bad).split(":", 1)[0])
-    return folder
+    short = _short_shard(folder)
+    return short or folder
+
+
+def _short_shard(folder: Path) -> Path | None:
+    """Without a manifest: the .distcp shorter than the byte ranges .metadata assigns to it (or .metadata)."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        md = FileSystemReader(str(folder)).read_metadata()
+    except BaseException:  # noqa: BLE001 - an unreadable .metadata is the answer
+        return folder / ".metadata" if (folder / ".metadata").is_file() else None
+    need: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel is not None:
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, n in sorted(need.items()):
+        p = folder / rel
+        if not p.is_file() or p.stat().st_size < n:
+            return p
+    return None
 
 
 def load_common(folder: str | os.PathLike) -> dict:

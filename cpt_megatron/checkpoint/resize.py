@@ -23,6 +23,7 @@ from cpt_megatron.checkpoint.io import (
     TOKENIZER_DIR,
     arch_from_ckpt,
     ckpt_tensor_keys,
+    open_checkpoint,
     read_ckpt_tensor,
     read_meta,
     single_process_group,
@@ -71,7 +72,7 @@ def resize_embeddings(ckpt: str | os.PathLike, tokenizer: str | os.PathLike, out
     t0 = time.time()
     if init not in INITS:
         raise CptError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
-    ckpt, out = layout.resolve(ckpt), Path(out)
+    ckpt, out = open_checkpoint(ckpt), Path(out)  # any layout; manifest checked before any work
     if out.exists() and not overwrite:
         raise CptError(f"output {out} already exists; pass --overwrite to replace it")
     meta = read_meta(ckpt)
