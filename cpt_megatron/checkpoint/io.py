@@ -269,7 +269,11 @@ def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, ext
             sharded[f"{key}.{i}"] = ShardedObject(key, None, (num_layers,), (i,), replica_id=0)
     sharded.update(common or {})
     out_dir.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sharded, str(out_dir))
+    # one writer process, not megatron's default two: each forked writer's RSS re-counts the parent's
+    # (copy-on-write) anonymous pages, and a converter has nothing to overlap
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    dist_checkpointing.save(sharded, str(out_dir), TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
     del sharded
     return nbytes
 

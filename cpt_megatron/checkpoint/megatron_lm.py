@@ -186,15 +186,16 @@ def _padded(v: int, divisor: int) -> int:
 ARGS_FILE = "megatron_args.txt"
 
 
-def flags_for_meta(meta: dict, load: str | os.PathLike | None = None, tokenizer_model: str | os.PathLike | None = None
-                   ) -> tuple[list[str], list[str]]:
+def flags_for_meta(meta: dict, load: str | os.PathLike | None = None, tokenizer_model: str | os.PathLike | None = None,
+                   release: bool = False) -> tuple[list[str], list[str]]:
     """pretrain_flags() of a checkpoint described by its cpt_meta.json fields."""
     cfg = dict(meta["hf_config"], vocab_size=int(meta.get("vocab_size") or meta["hf_config"]["vocab_size"]))
     arch = ModelArch.from_hf_config(cfg)
     divisor = int(meta.get("make_vocab_size_divisible_by") or 128)
     padded = int(meta.get("padded_vocab_size") or _padded(arch.vocab_size, divisor))
-    return pretrain_flags(arch, padded_vocab=padded, divisor=divisor, true_vocab=arch.vocab_size,
-                          dtype=meta.get("dtype"), tokenizer_model=tokenizer_model, load=load)
+    flags, notes = pretrain_flags(arch, padded_vocab=padded, divisor=divisor, true_vocab=arch.vocab_size,
+                                  dtype=meta.get("dtype"), tokenizer_model=tokenizer_model, load=load)
+    return flags + (["--finetune"] if release else []), notes
 
 
 def format_flags(flags: list[str], notes: list[str]) -> str:
@@ -221,7 +222,7 @@ def write_args_file(folder: str | os.PathLike, meta: dict, final_folder: str | o
 
     final = Path(final_folder).resolve()
     tok = final / "tokenizer" if (Path(folder) / "tokenizer").is_dir() else None
-    flags, notes = flags_for_meta(meta, load=final.parent, tokenizer_model=tok)
+    flags, notes = flags_for_meta(meta, load=final.parent, tokenizer_model=tok, release=final.name == "release")
     text = format_flags(flags, notes)
     with atomic_file(Path(folder) / ARGS_FILE) as f:
         f.write(text)

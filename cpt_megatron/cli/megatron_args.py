@@ -21,9 +21,8 @@ def run(args):
     folder = layout.resolve(args.ckpt)
     meta = read_meta(folder, args.tokenizer)
     tok = tokenizer_path(folder, meta)
-    flags, notes = flags_for_meta(meta, load=folder.parent.resolve(), tokenizer_model=tok.resolve() if tok else None)
-    if folder.name == layout.RELEASE:
-        flags += ["--finetune"]
+    flags, notes = flags_for_meta(meta, load=folder.parent.resolve(), tokenizer_model=tok.resolve() if tok else None,
+                                  release=folder.name == layout.RELEASE)
     if not args.json:
         print(format_flags(flags, notes), end="", flush=True)
     return {"ckpt": str(folder), "flags": flags, "command_line": " ".join(flags), "notes": notes}
