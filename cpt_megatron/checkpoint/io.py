@@ -173,13 +173,44 @@ class HFReader:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
+
+    def _mapped(self, shard: str, name: str) -> torch.Tensor | None:
+        """A zero-copy tensor over the memory-mapped shard (file pages, not anonymous memory); None if unusual."""
+        import warnings
+
+        import numpy as np
+
+        key = ("mm", shard)
+        if key not in self._open:
+            path = self.dir / shard
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            self._open[key] = (header, 8 + n, np.memmap(path, mode="r") if path.stat().st_size else None)
+        header, start, mm = self._open[key]
+        info = header.get(name)
+        dt = self._ST_DTYPES.get(info["dtype"]) if info else None
+        if dt is None or mm is None:
+            return None
+        b, e = info["data_offsets"]
+        count = (e - b) // torch.empty((), dtype=dt).element_size()
+        if count == 0:
+            return torch.empty(info["shape"], dtype=dt)
+        with warnings.catch_warnings():  # read-only mapping: converters never write into source tensors
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(mm, dtype=dt, count=count, offset=start + b).view(info["shape"])
+
     def get(self, name: str) -> torch.Tensor:
         shard = self.weight_map.get(name)
         if shard is None:
             raise CptError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
         try:
             if shard.endswith(".safetensors"):
-                return self._safe(shard).get_tensor(name)
+                t = self._mapped(shard, name)
+                return t if t is not None else self._safe(shard).get_tensor(name)
             return self._bin(shard)[name]
         except CptError:
             raise

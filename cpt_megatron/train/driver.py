@@ -127,7 +127,7 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None) -> TrainResult:
         for line in skipped if rank0 else ():
             print(f"resume: skipped {line}", flush=True)
         base, tok_spec = prepared["base"], prepared["tokenizer"]
-        arch, meta = arch_from_ckpt(base), read_meta(base)
+        arch, meta = arch_from_ckpt(base, tok_spec), read_meta(base, tok_spec)  # tok_spec: a Megatron-LM base
         arch.check_seq_len(cfg.data.seq_len)
         tokenizer = load_tokenizer(tok_spec)
         true_vocab = int(meta.get("vocab_size") or arch.vocab_size)
