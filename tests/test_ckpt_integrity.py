@@ -45,6 +45,16 @@ def cli(capsys):
     return run
 
 
+def _zero_8k(f: Path) -> None:
+    """Zero 8 KB of real (non-zero) data from the middle of `f` (padding rows and fresh moments are zeros)."""
+    data = bytearray(f.read_bytes())
+    off = len(data) // 2
+    while not any(data[off:off + 8192]):
+        off = (off + 8192) % max(1, len(data) - 8192)
+    data[off:off + 8192] = bytes(8192)
+    f.write_bytes(bytes(data))
+
+
 def _one_line_naming(rc, err, name: str, word: str):
     assert rc == 2, err
     assert not any("Traceback" in line for line in err), "\n".join(err)
@@ -62,10 +72,7 @@ def test_manifest_written_last_and_lists_every_file(ckpt):
 def test_zeroed_block_in_distcp_is_refused_naming_the_file(ckpt, tmp_path, cli):
     bad = _copy(ckpt, tmp_path / "bad")
     shard = _shard(bad)
-    data = bytearray(shard.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 8192] = bytes(8192)
-    shard.write_bytes(bytes(data))
+    _zero_8k(shard)
     rc, err = cli("export-hf", "--ckpt", str(bad), "--out", str(tmp_path / "hf"), "--no-verify")
     _one_line_naming(rc, err, shard.name, "checksum mismatch")
     assert not (tmp_path / "hf").exists()
@@ -102,9 +109,7 @@ def _run_with(ckpt: Path, tmp_path: Path, steps: dict) -> Path:
         layout.write_manifest(d)
         shard = max(d.glob("*.distcp"), key=lambda p: p.stat().st_size)
         if state == "zeroed":
-            data = bytearray(shard.read_bytes())
-            data[100:100 + 8192] = bytes(8192)
-            shard.write_bytes(bytes(data))
+            _zero_8k(shard)
         elif state == "truncated":
             shard.write_bytes(shard.read_bytes()[:1000])
         elif state == "partial":
@@ -156,3 +161,38 @@ def test_old_layout_still_resolves(ckpt, tmp_path):
     shutil.copytree(ckpt / "release", run / "iter_0000003")
     (run / "latest").write_text("iter_0000003\n")
     assert layout.resolve(run) == run / "iter_0000003" == layout.resolve(tmp_path / "run")
+
+
+# -- through `cpt train` --------------------------------------------------------------------------------------
+def train(run_dir: Path, cache: Path, *overrides: str) -> tuple[int, dict | None, str]:
+    """`cpt train --recipe tiny_cpu` (the one place this file launches training): (rc, JSON line, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run_dir}",
+           f"data.cache_dir={cache}", *overrides, "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=repo,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = out.stdout.strip().splitlines()
+    res = json.loads(lines[-1]) if out.returncode == 0 and lines else None
+    return out.returncode, res, out.stdout + out.stderr
+
+
+@pytest.mark.slow  # three tiny_cpu launches
+def test_train_resume_skips_missing_and_corrupt_checkpoints(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    rc, first, log = train(run, cache, "train.exit_interval=4")
+    assert rc == 0 and first["last_step"] == 4, log[-3000:]
+    root = run / "checkpoints"
+    (root / "latest_checkpointed_iteration.txt").write_text("9")  # names a folder that does not exist
+    shutil.copytree(root / "iter_0000004", root / "iter_0000006")  # newer, but damaged
+    shard = max((root / "iter_0000006").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    _zero_8k(shard)
+    rc, second, log = train(run, cache, "train.exit_interval=1")
+    assert rc == 0, log[-3000:]
+    assert second["first_step"] == 5 and second["last_step"] == 5  # from iter_0000004, not from the base
+    assert "resume: skipped iter_0000009 (named by the tracker): missing" in log
+    skipped = [line for line in log.splitlines() if line.startswith("resume: skipped iter_0000006")]
+    assert skipped and shard.name in skipped[0] and "checksum mismatch" in skipped[0], skipped or log[-2000:]
