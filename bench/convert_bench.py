@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
     print(f"anonymous memory counted proportionally (Pss_Anon: copy-on-write pages shared with forked writers "
           f"counted once): import - baseline = {(imp['peak_pss_anon_bytes'] - baseline['peak_pss_anon_bytes']) / lc:.2f}"
           f" x largest; export = {(exp['peak_pss_anon_bytes'] - baseline['peak_pss_anon_bytes']) / lc:.2f} x largest")
-    print(f"checkpoint manifest (sizes + crc32 of every file, what each save adds): {man['seconds']:.1f}s incl. "
+    print(f"checkpoint manifest (sizes + checksums of every file, what each save adds): {man['seconds']:.1f}s incl. "
           f"~{baseline['seconds']:.1f}s of interpreter start-up, vs {imp['seconds']:.1f}s for the import")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -66,7 +66,7 @@ def test_manifest_written_last_and_lists_every_file(ckpt):
     files = {str(p.relative_to(ckpt / "release")) for p in (ckpt / "release").rglob("*") if p.is_file()}
     assert set(man["files"]) == files - {"cpt_manifest.json"}
     assert {".metadata", "common.pt", "metadata.json", "cpt_meta.json", "megatron_args.txt"} <= set(man["files"])
-    assert all(set(v) == {"size", "crc32"} for v in man["files"].values())
+    assert man["algorithm"] == "xxh3_64" and all(set(v) == {"size", "checksum"} for v in man["files"].values())
 
 
 def test_zeroed_block_in_distcp_is_refused_naming_the_file(ckpt, tmp_path, cli):

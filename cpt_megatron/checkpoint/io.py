@@ -313,7 +313,7 @@ _VERIFIED: dict[str, float] = {}
 
 
 def open_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
-    """The iteration folder of `ckpt_dir` (any layout), its manifest checked once per process (sizes + crc32)."""
+    """The iteration folder of `ckpt_dir` (any layout), its manifest checked once per process (sizes + checksums)."""
     from cpt_megatron.checkpoint import layout
 
     folder = layout.resolve(ckpt_dir)

@@ -8,7 +8,7 @@
 `resolve()` turns anything a user may hand us (a save root with Megatron-LM's tracker, an iteration
 folder, a checkpoint in our pre-Megatron-LM layout: tensors + cpt_meta.json at the top, or a run's
 checkpoints/ with the old `latest` tracker) into the iteration folder that holds the tensors. Every loader
-goes through it. `cpt_manifest.json` (sizes + crc32 per file, written last inside the folder) is checked
+goes through it. `cpt_manifest.json` (sizes + an xxh3_64 checksum per file, written last inside the folder) is checked
 by `check_manifest()`; read errors of damaged files become one line naming the file (`read_errors()`).
 """
 
@@ -106,7 +106,18 @@ def iteration_folders(root: str | os.PathLike) -> list[Path]:
 
 
 # -- integrity ---------------------------------------------------------------------------------------------
-def _crc32(path: Path) -> str:
+def _digest(path: Path, algorithm: str = "xxh3_64") -> str:
+    """Streamed checksum of a file: xxh3_64 (~20 GB/s, the default) or crc32 (stdlib fallback)."""
+    if algorithm == "xxh3_64":
+        import xxhash
+
+        h = xxhash.xxh3_64()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+    if algorithm != "crc32":
+        raise CptError(f"{path.parent / MANIFEST}: unknown checksum algorithm {algorithm!r}")
     c = 0
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -114,17 +125,26 @@ def _crc32(path: Path) -> str:
     return f"{c:08x}"
 
 
+def _algorithm() -> str:
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return "crc32"
+    return "xxh3_64"
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
 
 
 def write_manifest(folder: str | os.PathLike) -> dict:
-    """Record size + crc32 of every file in `folder` (call last, after every file is written)."""
+    """Record size + checksum (xxh3_64; crc32 without xxhash) of every file in `folder` (call last)."""
     from cpt_megatron.utils import write_json
 
     folder = Path(folder)
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in _files(folder)}
-    man = {"format": "cpt-manifest/1", "algorithm": "crc32", "files": files}
+    algo = _algorithm()
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "checksum": _digest(p, algo)} for p in _files(folder)}
+    man = {"format": "cpt-manifest/1", "algorithm": algo, "files": files}
     write_json(folder / MANIFEST, man)
     return man
 
@@ -136,7 +156,8 @@ def check_manifest(folder: str | os.PathLike, *, checksums: bool = True) -> bool
     if not f.is_file():
         return False
     try:
-        files = json.loads(f.read_text())["files"]
+        man = json.loads(f.read_text())
+        files, algo = man["files"], man.get("algorithm", "crc32")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CptError(f"{f}: corrupt checkpoint manifest ({e}); the checkpoint is damaged") from e
     for rel, want in files.items():
@@ -148,8 +169,8 @@ def check_manifest(folder: str | os.PathLike, *, checksums: bool = True) -> bool
             raise CptError(f"{p}: truncated or damaged ({size} bytes, the manifest says {want['size']})")
     if checksums:
         for rel, want in files.items():
-            if _crc32(folder / rel) != want["crc32"]:
-                raise CptError(f"{folder / rel}: checksum mismatch (crc32 differs from {MANIFEST}); the file is corrupt")
+            if _digest(folder / rel, algo) != want.get("checksum", want.get("crc32")):
+                raise CptError(f"{folder / rel}: checksum mismatch ({algo} differs from {MANIFEST}); the file is corrupt")
     return True
 
 

@@ -5,7 +5,7 @@ unprefixed keys as an imported base, so `cpt export-hf`, `load_model_weights` an
 optimizer state (resharded on load: any TP/PP/DP), per-rank RNG states, and common.pt with the train state
 (step, consumed samples, data phases) plus Megatron-LM's checkpoint_version/iteration/args. A copy of the
 base's cpt_meta.json (with a `training` section) and tokenizer/, megatron_args.txt and train_state.json sit
-next to the tensors; cpt_manifest.json (sizes + crc32) is written last inside the folder, then the folder is
+next to the tensors; cpt_manifest.json (sizes + xxh3_64 checksums) is written last inside the folder, then the folder is
 renamed into place, then RUN/checkpoints/latest_checkpointed_iteration.txt names it.
 `select_resume` picks the newest checkpoint that is complete and verifies (resume=auto).
 """
