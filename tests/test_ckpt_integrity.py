@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_checkpoint import _tokenizer, make_hf
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_checkpoint import _tokenizer, make_hf
 
 TOL = 1e-5

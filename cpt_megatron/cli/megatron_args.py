@@ -12,7 +12,6 @@ def register(subparsers):
 
 
 def run(args):
-    from pathlib import Path
 
     from cpt_megatron.checkpoint import layout
     from cpt_megatron.checkpoint.io import read_meta, tokenizer_path

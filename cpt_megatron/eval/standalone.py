@@ -85,8 +85,14 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, files: Sequence[str | os.PathLi
     import torch
 
     try:
-        from cpt_megatron.checkpoint.io import (TOKENIZER_DIR, arch_from_ckpt, load_model_weights, open_checkpoint,
-                                                read_meta, tokenizer_path)
+        from cpt_megatron.checkpoint.io import (
+            TOKENIZER_DIR,
+            arch_from_ckpt,
+            load_model_weights,
+            open_checkpoint,
+            read_meta,
+            tokenizer_path,
+        )
     except ImportError as e:  # the checkpoint package is developed in parallel
         raise CptError(f"cpt eval --ckpt needs cpt_megatron.checkpoint (load_model_weights): {e}; use --hf") from e
     from megatron.core import parallel_state as ps
