@@ -30,6 +30,9 @@ def run(args):
     from cpt_megatron.checkpoint.io import arch_from_ckpt
     from cpt_megatron.checkpoint.verify import check_parity, verify_checkpoint
 
+    from cpt_megatron.checkpoint.layout import resolve
+
+    args.ckpt = str(resolve(args.ckpt))  # save root / iteration folder / old layout -> the tensors' folder
     text = open(args.text).read(200_000) if args.text else None
     res = verify_checkpoint(args.hf, args.ckpt, tp=args.tp, pp=args.pp, vpp=args.vpp, batch=args.batch,
                             seq_len=args.seq_len, seed=args.seed, text=text)
