@@ -161,6 +161,7 @@ def test_old_layout_still_resolves(ckpt, tmp_path):
     shutil.copytree(ckpt / "release", run / "iter_0000003")
     (run / "latest").write_text("iter_0000003\n")
     assert layout.resolve(run) == run / "iter_0000003" == layout.resolve(tmp_path / "run")
+    assert layout.resolve(run / "latest") == run / "iter_0000003"  # the tracker file itself (slurm/convert.sh)
 
 
 # -- through `cpt train` --------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def resolve(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise CptError(f"checkpoint {p} not found")
+    if p.is_file() and p.name in (TRACKER, OLD_TRACKER):  # e.g. slurm/convert.sh's CKPT=RUN/checkpoints/latest
+        return resolve(p.parent)
     if not p.is_dir():
         raise CptError(f"checkpoint {p} is not a directory (give the save root or an iter_*/release folder)")
     if is_ckpt_folder(p):
