@@ -79,8 +79,19 @@ def _anon_mib(pid: int) -> int:
     return 0
 
 
-def _tree_rss(pid: int) -> tuple[int, int]:
-    """(largest RSS of one process, anonymous RSS summed over the tree).
+def _pss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss_Anon:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
+def _tree_rss(pid: int) -> tuple[int, int, int]:
+    """(largest RSS of one process, anonymous RSS summed over the tree, proportional anonymous (Pss_Anon) sum).
 
     RSS also counts clean page-cache pages of memory-mapped files (the staged tensors, the safetensors
     shards), which the kernel drops under pressure; anonymous RSS is the memory conversion really needs.
@@ -91,27 +102,28 @@ def _tree_rss(pid: int) -> tuple[int, int]:
         procs = [psutil.Process(pid)]
         procs += procs[0].children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0, 0
-    rss = anon = 0
+        return 0, 0, 0
+    rss = anon = pss = 0
     for p in procs:
         try:
             rss = max(rss, p.memory_info().rss)
             anon += _anon_mib(p.pid)
+            pss += _pss_anon(p.pid)
         except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
             pass
-    return rss, anon
+    return rss, anon, pss
 
 
 def run_measured(cmd: list[str]) -> dict:
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = {"rss": 0, "anon": 0}
+    peak = {"rss": 0, "anon": 0, "pss": 0}
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            r, a = _tree_rss(proc.pid)
-            peak["rss"], peak["anon"] = max(peak["rss"], r), max(peak["anon"], a)
+            r, a, p = _tree_rss(proc.pid)
+            peak["rss"], peak["anon"], peak["pss"] = max(peak["rss"], r), max(peak["anon"], a), max(peak["pss"], p)
             time.sleep(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -121,7 +133,8 @@ def run_measured(cmd: list[str]) -> dict:
     th.join()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
-    return {"seconds": round(time.time() - t0, 1), "peak_rss_bytes": peak["rss"], "peak_anon_bytes": peak["anon"]}
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_bytes": peak["rss"], "peak_anon_bytes": peak["anon"],
+            "peak_pss_anon_bytes": peak["pss"]}
 
 
 def main(argv=None) -> dict:
@@ -138,18 +151,25 @@ def main(argv=None) -> dict:
     baseline = run_measured([sys.executable, "-c", "import cpt_megatron.checkpoint.hf_import, megatron.core, "
                              "transformers, torch.distributed.checkpoint"])
     imp = run_measured(cpt + ["import-hf", "--hf", str(work / "hf"), "--out", str(work / "mc"), "--no-verify"])
+    man = run_measured([sys.executable, "-c", "import sys; from cpt_megatron.checkpoint import layout; "
+                        "layout.write_manifest(layout.resolve(sys.argv[1]))", str(work / "mc")])
     exp = run_measured(cpt + ["export-hf", "--ckpt", str(work / "mc"), "--out", str(work / "ex"), "--no-verify",
                               "--max-shard-size", "1GB"])
     gib = 2**30
-    res = {"size": args.size, **info, "import_baseline": baseline, "import": imp, "export": exp}
+    res = {"size": args.size, **info, "import_baseline": baseline, "import": imp, "export": exp, "manifest": man}
     lc = info["largest_converted_bytes"]
-    for k in ("import_baseline", "import", "export"):
+    for k in ("import_baseline", "import", "export", "manifest"):
         r = res[k]
         print(f"{k:16s} {r['seconds']:7.1f}s  peak RSS (largest process) {r['peak_rss_bytes'] / gib:6.2f} GiB  "
               f"peak anon (all processes) {r['peak_anon_bytes'] / gib:6.2f} GiB", flush=True)
     print(f"model {info['bytes'] / gib:.2f} GiB fp32, {info['params'] / 1e9:.2f}B params; largest converted tensor "
           f"{lc / gib:.3f} GiB; import anon - baseline = {(imp['peak_anon_bytes'] - baseline['peak_anon_bytes']) / lc:.2f}"
           f" x largest; export = {(exp['peak_anon_bytes'] - baseline['peak_anon_bytes']) / lc:.2f} x largest")
+    print(f"anonymous memory counted proportionally (Pss_Anon: copy-on-write pages shared with forked writers "
+          f"counted once): import - baseline = {(imp['peak_pss_anon_bytes'] - baseline['peak_pss_anon_bytes']) / lc:.2f}"
+          f" x largest; export = {(exp['peak_pss_anon_bytes'] - baseline['peak_pss_anon_bytes']) / lc:.2f} x largest")
+    print(f"checkpoint manifest (sizes + checksums of every file, what each save adds): {man['seconds']:.1f}s incl. "
+          f"~{baseline['seconds']:.1f}s of interpreter start-up, vs {imp['seconds']:.1f}s for the import")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -387,13 +387,14 @@ class RecipeConfig:
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
     resume: str = "auto"
-    """auto: continue from RUN/checkpoints/latest when present, else start from the base | none: refuse to
-    reuse a run directory that has checkpoints."""
+    """auto: continue from the newest complete, verified RUN/checkpoints/iter_* (else from the base when the run
+    has none; a run whose checkpoints are all damaged refuses) | none: refuse to reuse a run directory that has
+    checkpoints | base: start from the base model even though the run has checkpoints."""
     description: str = ""
 
     def __post_init__(self):
-        if self.resume not in ("auto", "none"):
-            raise CptError(f"resume must be auto|none, got {self.resume!r}")
+        if self.resume not in ("auto", "none", "base"):
+            raise CptError(f"resume must be auto|none|base, got {self.resume!r}")
 
 
 # -- dict -> dataclass with dotted-path errors --------------------------------------------------------------

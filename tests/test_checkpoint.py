@@ -95,6 +95,8 @@ def test_import_layout_and_meta(zoo):
     hf, ck = zoo["qwen2"]
     meta = read_meta(ck)
     assert meta["vocab_size"] == 1100 and meta["padded_vocab_size"] == 1152 and meta["dtype"] == "float32"
+    assert (ck / "latest_checkpointed_iteration.txt").read_text() == "release"  # Megatron-LM's layout
+    ck = ck / "release"
     assert meta["tokenizer"] == "tokenizer" and (ck / "tokenizer" / "tokenizer.json").is_file()
     assert set(meta["source_shards"]) == {"model.safetensors"}
     assert arch_from_ckpt(ck).qkv_bias
@@ -105,9 +107,9 @@ def test_import_layout_and_meta(zoo):
     assert md["decoder.layers.mlp.linear_fc1.weight"].global_shape == (4, 320, 64)
     assert md["decoder.layers.self_attention.linear_qkv.layer_norm_weight"].global_shape == (4, 64)
     assert "output_layer.weight" in md
-    assert not any(p.name.startswith(".") for p in ck.parent.iterdir())  # no temp dirs left behind
+    assert not any(p.name.startswith(".") for p in ck.parent.parent.iterdir())  # no temp dirs left behind
     with single_process_group():
-        assert "output_layer.weight" not in dist_checkpointing.load_tensors_metadata(str(zoo["smollm2"][1]))
+        assert "output_layer.weight" not in dist_checkpointing.load_tensors_metadata(str(zoo["smollm2"][1] / "release"))
 
 
 def test_round_trip_bit_exact_and_generates_same(zoo, tmp_path):
@@ -129,7 +131,8 @@ def test_round_trip_bit_exact_and_generates_same(zoo, tmp_path):
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (fam, k)
         assert json.loads((hf / "config.json").read_text()) == json.loads((out / "config.json").read_text())
         assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
-        assert "base_model:" in (out / "README.md").read_text()
+        card = (out / "README.md").read_text()
+        assert "base_model:" not in card and str(hf) not in card and f"Base model: `{hf.name}` (local" in card
         prompt = torch.tensor([[5, 17, 300, 42]])
         g = [AutoModelForCausalLM.from_pretrained(d).generate(prompt, max_new_tokens=8, do_sample=False)
              for d in (hf, out)]
@@ -194,8 +197,8 @@ def test_training_style_checkpoint_exports(zoo, tmp_path):
         dist_checkpointing.save(sd, str(it))
     finally:
         destroy_distributed()
-    shutil.copy2(ck / "cpt_meta.json", it / "cpt_meta.json")
-    shutil.copytree(ck / "tokenizer", it / "tokenizer")
+    shutil.copy2(ck / "release" / "cpt_meta.json", it / "cpt_meta.json")
+    shutil.copytree(ck / "release" / "tokenizer", it / "tokenizer")
     meta = json.loads((it / "cpt_meta.json").read_text())
     meta["training"] = {"mixture": {"medquad": 0.7, "wikitext": 0.3}, "tokens_trained": 123456}
     meta["eval"] = {"val_loss": 2.5, "medquad_ppl": 12.25}

@@ -17,6 +17,7 @@ import pytest
 from conftest import cpt_prepare
 
 from cpt_megatron.runtime.procs import children, pid_alive
+from cpt_megatron.train.checkpointing import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -113,7 +114,7 @@ def test_lock_kill9_in_save_no_orphans_then_resume_logs_each_step_once(tmp_path,
         if trainer.poll() is None:
             trainer.kill()
     ckpts = run / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "iter_0000004"
+    assert latest_checkpoint(run).name == "iter_0000004"
     assert not (ckpts / "iter_0000008").exists()
     assert _steps(run / "metrics.jsonl") == list(range(1, 9))  # step 8 was logged before its save
     assert _steps(run / "evals.jsonl") == [0, 4, 8]
@@ -143,7 +144,7 @@ def test_nproc_sigterm_saves_exits_75_and_leaves_nothing(tmp_path, cache):
     assert proc.returncode == 75, err[-3000:]
     res = json.loads(out.strip().splitlines()[-1])  # rank 0's line is the last one
     assert res["stopped"].startswith("preempted by signal 15") and 2 <= res["last_step"] < 40
-    assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{res['last_step']:07d}"
+    assert latest_checkpoint(run).name == f"iter_{res['last_step']:07d}"
     assert "ChildFailedError" not in err and "Traceback" not in err, err[-3000:]
     _wait_for(lambda: not any(pid_alive(p) for p in tree), timeout=10, what=f"{tree} to exit")
 
@@ -195,6 +196,6 @@ def test_train_on_a_full_disk_is_one_line_and_leaves_no_partial_save(tmp_path, c
                                f"{mnt / 'run' / 'checkpoints' / '.iter_0000008.tmp'}: ~"), err[-2000:]
         assert "bytes needed (the size of the last checkpoint), " in line and " bytes free on its file system" in line
         assert "Traceback" not in err
-        assert sorted(p.name for p in (mnt / "run" / "checkpoints").iterdir()) == ["iter_0000004", "latest"]
+        assert sorted(p.name for p in (mnt / "run" / "checkpoints").iterdir()) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)

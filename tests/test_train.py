@@ -35,7 +35,7 @@ def test_reference_run(reference):
     assert reference["first_step"] == 1 and reference["last_step"] == 8
     assert reference["losses"][-1] < reference["losses"][0]
     run = Path(reference["run_dir"])
-    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000008"
+    assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "8"  # Megatron-LM tracker
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
     evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]

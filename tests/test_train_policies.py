@@ -55,7 +55,7 @@ def test_stop_policy_saves_and_stops(tmp_path, cache, monkeypatch):
     res, events, _ = run(tmp_path, cache, monkeypatch, "stop", {})
     assert res.last_step == 4 and "forgetting monitor stopped" in res.stopped
     assert any(e["action"] == "stop" for e in events)
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    assert (tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "4"
 
 
 def test_adapt_policy_raises_replay_from_the_boundary(tmp_path, cache, monkeypatch):

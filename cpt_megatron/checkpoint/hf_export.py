@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -20,13 +21,14 @@ import torch
 from cpt_megatron.checkpoint import mapping
 from cpt_megatron.checkpoint.io import (
     DTYPES,
-    TOKENIZER_DIR,
     arch_from_ckpt,
     ckpt_tensor_keys,
     dtype_name,
+    open_checkpoint,
     read_ckpt_tensor,
     read_meta,
     single_process_group,
+    tokenizer_path,
 )
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, parse_size, write_json
@@ -57,15 +59,29 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple, torc
             del t
 
 
-def model_card(meta: dict, arch, dtype: str) -> str:
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def base_model_id(meta: dict) -> tuple[str | None, str]:
+    """(HF hub id for the card's `base_model:` or None, a display name): never a local absolute path."""
     src = meta.get("source", {}) or {}
-    base = meta.get("base_model") or src.get("path", "unknown")
-    lines = [
-        "---", "library_name: transformers", f"base_model: {base}", "tags: [cpt-megatron, continued-pretraining]",
+    for cand in (meta.get("base_model"), (meta.get("hf_config") or {}).get("_name_or_path")):
+        if isinstance(cand, str) and _HUB_ID.match(cand) and not Path(cand).exists():
+            return cand, cand
+    path = src.get("path") or ""
+    name = Path(path).stem if src.get("kind") == "gguf" else Path(path).name
+    return None, name or "unknown"
+
+
+def model_card(meta: dict, arch, dtype: str) -> str:
+    hub, name = base_model_id(meta)
+    lines = ["---", "library_name: transformers"] + ([f"base_model: {hub}"] if hub else []) + [
+        "tags: [cpt-megatron, continued-pretraining]",
         "---", "", "# Continued-pretraining checkpoint", "",
         f"Exported by cpt-megatron from a megatron-core checkpoint. Architecture: {arch.model_type}, "
         f"{arch.num_layers} layers, hidden {arch.hidden_size}, vocab {arch.vocab_size}, dtype {dtype}.", "",
-        f"- Base model: `{base}`",
+        f"- Base model: `{name}`" + ("" if hub else " (local checkpoint)"),
     ]
     if meta.get("tokenizer_extension"):
         ext = meta["tokenizer_extension"]
@@ -81,7 +97,7 @@ def model_card(meta: dict, arch, dtype: str) -> str:
             lines.append(f"- Tokens trained: {tr['tokens_trained']:,}" if isinstance(tr["tokens_trained"], int)
                          else f"- Tokens trained: {tr['tokens_trained']}")
         for k, v in tr.items():
-            if k not in ("mixture", "tokens_trained"):
+            if k not in ("mixture", "tokens_trained") and v is not None:
                 lines.append(f"- {k}: {v}")
     else:
         lines.append("- Training: none recorded (converted checkpoint)")
@@ -97,6 +113,9 @@ def model_card(meta: dict, arch, dtype: str) -> str:
 def _hf_config(meta: dict, arch, dt: torch.dtype) -> dict:
     cfg = dict(meta["hf_config"])
     cfg["vocab_size"] = arch.vocab_size
+    if not cfg.get("architectures"):
+        cfg["architectures"] = [_ARCHITECTURES[arch.model_type]]  # vLLM & co. pick the model class from it
+    cfg.pop("_name_or_path", None)
     keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
     for k in keys:
         cfg[k] = dtype_name(dt)
@@ -111,12 +130,15 @@ def _generation_config(cfg: dict) -> dict:
 
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
               max_shard_size: str | int = "5GB", overwrite: bool = False, verify: bool = True,
-              verify_tol: float | None = None) -> dict:
-    """Write an HF checkpoint dir at `out` from the megatron checkpoint `ckpt`; returns a summary."""
+              verify_tol: float | None = None, tokenizer: str | os.PathLike | None = None) -> dict:
+    """Write an HF checkpoint dir at `out` from the megatron checkpoint `ckpt`; returns a summary.
+
+    `ckpt`: ours (any layout) or one Megatron-LM saved (save root or iter folder; TP/PP/bf16/dist-opt);
+    `tokenizer` overrides the checkpoint's (needed for a Megatron-LM save whose tokenizer_model is elsewhere)."""
     t0 = time.time()
-    ckpt = Path(ckpt)
-    meta = read_meta(ckpt)
-    arch = arch_from_ckpt(ckpt)
+    ckpt = open_checkpoint(ckpt)
+    meta = read_meta(ckpt, tokenizer)
+    arch = arch_from_ckpt(ckpt, tokenizer)
     limit = parse_size(max_shard_size)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -170,8 +192,9 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
             cfg = _hf_config(meta, arch, out_dt)
             write_json(tmp / "config.json", cfg)
             write_json(tmp / "generation_config.json", _generation_config(cfg))
-            tok_dir = ckpt / (meta.get("tokenizer") or TOKENIZER_DIR)
-            tok_files = sorted(p for p in tok_dir.iterdir() if p.is_file()) if tok_dir.is_dir() else []
+            tok_dir = tokenizer_path(ckpt, meta)
+            tok_files = sorted(p for p in tok_dir.iterdir() if p.is_file()) if tok_dir and tok_dir.is_dir() else \
+                ([tok_dir] if tok_dir else [])
             for f in tok_files:
                 shutil.copy2(f, tmp / f.name)
             (tmp / "README.md").write_text(model_card(meta, arch, dtype_name(out_dt)))

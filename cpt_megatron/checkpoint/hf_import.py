@@ -3,6 +3,8 @@
 Streaming: one HF tensor group is converted at a time, staged to disk and memory-mapped, so peak RSS
 is about the largest converted tensor (plus its sources) whatever the model size. Output is written
 to a temp dir beside `out`, verified against transformers (unless `verify=False`), then renamed.
+Layout (checkpoint.layout): OUT/latest_checkpointed_iteration.txt ("release") + OUT/release/, so
+Megatron-LM's `pretrain_gpt.py --load OUT --finetune` loads it (flags in OUT/release/megatron_args.txt).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpt_megatron.checkpoint import mapping
+from cpt_megatron.checkpoint import layout, mapping, megatron_lm
 from cpt_megatron.checkpoint.io import (
     DTYPES,
     META_NAME,
@@ -137,18 +139,9 @@ def import_hf(hf_dir: str | os.PathLike | None, out: str | os.PathLike, *, gguf:
                 t = mapping.to_megatron(arch, spec, reader.get, padded)
                 yield spec, t.to(out_dtype)
 
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
-            try:
-                with single_process_group():
-                    nbytes = write_torch_dist(tmp, tensors(), arch.num_layers, staging, mapping.extra_state_keys())
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            reader.close()
-            if tok_files:
-                (tmp / TOKENIZER_DIR).mkdir()
-                for f in tok_files:
-                    shutil.copy2(f, tmp / TOKENIZER_DIR / f.name)
+        with atomic_dir(out, overwrite=overwrite) as root:
+            # Megatron-LM's layout: OUT/latest_checkpointed_iteration.txt = "release", tensors in OUT/release/
+            tmp = root / layout.RELEASE
             meta = {
                 "format": "cpt-megatron/1",
                 "created_by": "cpt import-hf",
@@ -161,7 +154,23 @@ def import_hf(hf_dir: str | os.PathLike | None, out: str | os.PathLike, *, gguf:
                 "tokenizer": TOKENIZER_DIR if tok_files else None,
                 "source_shards": {s: sha256_file(hf_dir / s) for s in reader.shards},
             }
+            final = out.resolve() / layout.RELEASE
+            common = megatron_lm.common_entries(meta, iteration=0,
+                                                tokenizer_model=final / TOKENIZER_DIR if tok_files else None)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
+            try:
+                with single_process_group():
+                    nbytes = write_torch_dist(tmp, tensors(), arch.num_layers, staging, mapping.extra_state_keys(),
+                                              common)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            reader.close()
+            if tok_files:
+                (tmp / TOKENIZER_DIR).mkdir()
+                for f in tok_files:
+                    shutil.copy2(f, tmp / TOKENIZER_DIR / f.name)
             write_json(tmp / META_NAME, meta)
+            megatron_lm.write_args_file(tmp, meta, final)
             summary = {"out": str(out), "model_type": arch.model_type, "num_layers": arch.num_layers,
                        "vocab_size": arch.vocab_size, "padded_vocab_size": padded, "dtype": meta["dtype"],
                        "bytes": nbytes, "seconds_convert": round(time.time() - t0, 2)}
@@ -171,4 +180,6 @@ def import_hf(hf_dir: str | os.PathLike | None, out: str | os.PathLike, *, gguf:
                 res = verify_checkpoint(hf_dir, tmp)
                 summary["verify"] = res
                 check_parity(res, arch, tol=verify_tol, what="import")
+            layout.write_manifest(tmp)
+            layout.write_tracker(root, layout.RELEASE)
     return summary

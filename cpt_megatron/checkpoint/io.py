@@ -6,6 +6,7 @@ writer is handed memory-mapped staged tensors, and the reader loads one (key, la
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -19,7 +20,8 @@ from cpt_megatron.runtime.distributed import single_process_group  # re-exported
 
 __all__ = [
     "META_NAME", "TOKENIZER_DIR", "read_meta", "arch_from_ckpt", "HFReader", "load_model_weights", "ckpt_tensor_keys",
-    "read_ckpt_tensor", "write_torch_dist", "single_process_group", "DTYPES",
+    "read_ckpt_tensor", "write_torch_dist", "single_process_group", "DTYPES", "open_checkpoint", "tokenizer_path",
+    "megatron_lm_meta",
 ]
 
 META_NAME = "cpt_meta.json"
@@ -32,21 +34,78 @@ def dtype_name(dt: torch.dtype) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
 
 
+_MLM_META: dict[str, dict] = {}
+
+
 # -- cpt_meta.json ---------------------------------------------------------------------------------------
-def read_meta(ckpt_dir: str | os.PathLike) -> dict:
-    """The checkpoint's `cpt_meta.json` (written by import-hf / resize-embeddings, copied by the trainer)."""
-    f = Path(ckpt_dir) / META_NAME
+def read_meta(ckpt_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> dict:
+    """The checkpoint's `cpt_meta.json`; for a checkpoint saved by Megatron-LM, the same fields derived from
+    common.pt['args'] and the tokenizer (`tokenizer`, else args.tokenizer_model). Any layout (see layout.resolve)."""
+    from cpt_megatron.checkpoint import layout
+
+    folder = layout.resolve(ckpt_dir)
+    f = folder / META_NAME
     if not f.is_file():
-        raise CptError(f"{ckpt_dir}: no {META_NAME}; is this a checkpoint written by `cpt import-hf` or `cpt train`?")
+        key = str(folder.resolve())
+        if tokenizer is not None or key not in _MLM_META:  # later calls without --tokenizer reuse the first
+            _MLM_META[key] = megatron_lm_meta(folder, tokenizer)
+        return copy.deepcopy(_MLM_META[key])
     try:
-        return json.loads(f.read_text())
+        meta = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CptError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from e
+    if tokenizer is not None:
+        meta["tokenizer"] = str(Path(tokenizer).resolve())
+    return meta
 
 
-def arch_from_ckpt(ckpt_dir: str | os.PathLike) -> ModelArch:
+def tokenizer_path(ckpt_dir: str | os.PathLike, meta: dict) -> Path | None:
+    """Where the checkpoint's tokenizer lives (inside it, or an absolute path for Megatron-LM saves)."""
+    from cpt_megatron.checkpoint import layout
+
+    p = layout.resolve(ckpt_dir) / (meta.get("tokenizer") or TOKENIZER_DIR)
+    return p if p.exists() else None
+
+
+def megatron_lm_meta(folder: Path, tokenizer: str | os.PathLike | None = None) -> dict:
+    """cpt_meta.json fields for a checkpoint Megatron-LM saved (no cpt_meta.json): shape from common.pt['args']."""
+    from cpt_megatron.checkpoint import layout
+    from cpt_megatron.checkpoint.megatron_lm import hf_config_from_args
+
+    common = layout.load_common(folder)
+    args = common.get("args") if isinstance(common, dict) else None
+    if args is None:
+        raise CptError(f"{folder}: no {META_NAME} and no Megatron-LM args in common.pt; is this a checkpoint written "
+                       "by `cpt import-hf`, `cpt train` or Megatron-LM's pretrain_gpt.py?")
+    tok = tokenizer or getattr(args, "tokenizer_model", None)
+    if not tok or not Path(tok).exists():
+        raise CptError(f"{folder}: a Megatron-LM checkpoint; its tokenizer "
+                       f"{'(args.tokenizer_model=' + repr(tok) + ') is not on this machine' if tok else 'is not recorded'}"
+                       "; pass --tokenizer DIR (the HF tokenizer it was trained with)")
+    from cpt_megatron.tokenizer.load import load_tokenizer
+
+    t = load_tokenizer(str(tok), cache=False)
+    true_vocab = len(t)
+    padded = getattr(args, "padded_vocab_size", None)
+    if padded is not None and true_vocab > padded:
+        raise CptError(f"{tok}: tokenizer has {true_vocab} tokens but the checkpoint only {padded} embedding rows; "
+                       "wrong --tokenizer?")
+    cfg = hf_config_from_args(args, true_vocab, source=str(folder / "common.pt"), bos=t.bos_token_id,
+                              eos=t.eos_token_id)
+    return {
+        "format": "megatron-lm", "created_by": "Megatron-LM pretrain_gpt.py", "source": {"kind": "megatron-lm",
+                                                                                       "path": str(folder)},
+        "hf_config": cfg, "vocab_size": true_vocab, "padded_vocab_size": padded,
+        "make_vocab_size_divisible_by": getattr(args, "make_vocab_size_divisible_by", 128), "dtype": cfg["torch_dtype"],
+        "tokenizer": str(Path(tok).resolve()), "iteration": common.get("iteration"),
+        "training": {"framework": "Megatron-LM", "iteration": common.get("iteration"),
+                     "consumed_train_samples": getattr(args, "consumed_train_samples", None)},
+    }
+
+
+def arch_from_ckpt(ckpt_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ModelArch:
     """ModelArch of a checkpoint; `vocab_size` is the TRUE vocab (tokenizer rows, an extended one included)."""
-    meta = read_meta(ckpt_dir)
+    meta = read_meta(ckpt_dir, tokenizer)
     cfg = dict(meta["hf_config"])
     cfg["vocab_size"] = int(meta.get("vocab_size", cfg["vocab_size"]))
     return ModelArch.from_hf_config(cfg, source=str(Path(ckpt_dir) / META_NAME))
@@ -114,13 +173,44 @@ class HFReader:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
+
+    def _mapped(self, shard: str, name: str) -> torch.Tensor | None:
+        """A zero-copy tensor over the memory-mapped shard (file pages, not anonymous memory); None if unusual."""
+        import warnings
+
+        import numpy as np
+
+        key = ("mm", shard)
+        if key not in self._open:
+            path = self.dir / shard
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            self._open[key] = (header, 8 + n, np.memmap(path, mode="r") if path.stat().st_size else None)
+        header, start, mm = self._open[key]
+        info = header.get(name)
+        dt = self._ST_DTYPES.get(info["dtype"]) if info else None
+        if dt is None or mm is None:
+            return None
+        b, e = info["data_offsets"]
+        count = (e - b) // torch.empty((), dtype=dt).element_size()
+        if count == 0:
+            return torch.empty(info["shape"], dtype=dt)
+        with warnings.catch_warnings():  # read-only mapping: converters never write into source tensors
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(mm, dtype=dt, count=count, offset=start + b).view(info["shape"])
+
     def get(self, name: str) -> torch.Tensor:
         shard = self.weight_map.get(name)
         if shard is None:
             raise CptError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
         try:
             if shard.endswith(".safetensors"):
-                return self._safe(shard).get_tensor(name)
+                t = self._mapped(shard, name)
+                return t if t is not None else self._safe(shard).get_tensor(name)
             return self._bin(shard)[name]
         except CptError:
             raise
@@ -159,8 +249,11 @@ def check_safetensors_file(path: Path) -> None:
         raise CptError(f"{path}: truncated or corrupt safetensors shard (expected {8 + n + end} bytes, found {size})")
 
 
-def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, extra_state: list[str]) -> int:
+def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, extra_state: list[str],
+                     common: dict | None = None) -> int:
     """Write (spec, tensor) pairs as a megatron-core torch_dist checkpoint at `out_dir`; returns bytes staged.
+
+    `common` (checkpoint_version, iteration, args: see checkpoint.megatron_lm) lands in common.pt.
 
     Each converted tensor is streamed to `staging` and re-opened memory-mapped, so the state dict handed to
     `dist_checkpointing.save` holds no tensor data in anonymous memory (only pages being written are resident).
@@ -186,19 +279,44 @@ def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, ext
     for key in extra_state:
         for i in range(num_layers):
             sharded[f"{key}.{i}"] = ShardedObject(key, None, (num_layers,), (i,), replica_id=0)
+    sharded.update(common or {})
     out_dir.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sharded, str(out_dir))
+    # one writer process, not megatron's default two: each forked writer's RSS re-counts the parent's
+    # (copy-on-write) anonymous pages, and a converter has nothing to overlap
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    dist_checkpointing.save(sharded, str(out_dir), TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
     del sharded
     return nbytes
+
+
+_VERIFIED: dict[str, float] = {}
+
+
+def open_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
+    """The iteration folder of `ckpt_dir` (any layout), its manifest checked once per process (sizes + checksums)."""
+    from cpt_megatron.checkpoint import layout
+
+    folder = layout.resolve(ckpt_dir)
+    man = folder / layout.MANIFEST
+    stamp = man.stat().st_mtime if man.is_file() else 0.0
+    if _VERIFIED.get(str(folder)) != stamp:
+        layout.check_manifest(folder)
+        _VERIFIED[str(folder)] = stamp
+    return folder
 
 
 def ckpt_tensor_keys(ckpt_dir: str | os.PathLike) -> dict:
     """{key: ShardedTensor metadata (global shape, dtype)} for the tensors in a torch_dist checkpoint."""
     from megatron.core import dist_checkpointing
 
-    if not (Path(ckpt_dir) / "metadata.json").is_file():
-        raise CptError(f"{ckpt_dir}: not a megatron-core distributed checkpoint (no metadata.json)")
-    return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    from cpt_megatron.checkpoint.layout import read_errors
+
+    folder = open_checkpoint(ckpt_dir)
+    if not (folder / "metadata.json").is_file():
+        raise CptError(f"{folder}: not a megatron-core distributed checkpoint (no metadata.json)")
+    with read_errors(folder):
+        return dist_checkpointing.load_tensors_metadata(str(folder))
 
 
 def read_ckpt_tensor(ckpt_dir, key: str, meta, layer: int | None) -> torch.Tensor:
@@ -206,6 +324,9 @@ def read_ckpt_tensor(ckpt_dir, key: str, meta, layer: int | None) -> torch.Tenso
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from cpt_megatron.checkpoint.layout import read_errors, resolve
+
+    ckpt_dir = resolve(ckpt_dir)
     shape = tuple(meta.global_shape)
     if layer is None:
         st = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
@@ -213,7 +334,8 @@ def read_ckpt_tensor(ckpt_dir, key: str, meta, layer: int | None) -> torch.Tenso
         # a (1, ...) slice with an explicit layer offset (no prepend axis: that legacy path wants every layer)
         st = ShardedTensor.from_rank_offsets(key, torch.empty((1, *shape[1:]), dtype=meta.dtype),
                                              (0, layer, shape[0]), replica_id=0)
-    out = dist_checkpointing.load({"t": st}, str(ckpt_dir), validate_access_integrity=False)
+    with read_errors(ckpt_dir):
+        out = dist_checkpointing.load({"t": st}, str(ckpt_dir), validate_access_integrity=False)
     return out["t"] if layer is None else out["t"][0]
 
 
@@ -221,7 +343,10 @@ def read_ckpt_tensor(ckpt_dir, key: str, meta, layer: int | None) -> torch.Tenso
 def _ckpt_object_keys(ckpt_dir) -> set[str]:
     from torch.distributed.checkpoint import FileSystemReader
 
-    md = FileSystemReader(str(ckpt_dir)).read_metadata()
+    from cpt_megatron.checkpoint.layout import read_errors
+
+    with read_errors(ckpt_dir):
+        md = FileSystemReader(str(ckpt_dir)).read_metadata()
     return {k.split("/shard_")[0] for k in md.state_dict_metadata}
 
 
@@ -235,7 +360,9 @@ def load_model_weights(chunks, ckpt_dir: str | os.PathLike) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
-    ckpt_dir = str(ckpt_dir)
+    from cpt_megatron.checkpoint.layout import read_errors
+
+    ckpt_dir = str(open_checkpoint(ckpt_dir))
     available = ckpt_tensor_keys(ckpt_dir)
     objects = _ckpt_object_keys(ckpt_dir)
     state = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -255,7 +382,8 @@ def load_model_weights(chunks, ckpt_dir: str | os.PathLike) -> None:
     if missing:
         raise CptError(f"{ckpt_dir}: checkpoint lacks model tensor(s) {sorted(missing)}; it was written for a "
                        "different architecture (check tie_word_embeddings / qkv bias)")
-    loaded = dist_checkpointing.load(state, ckpt_dir)
+    with read_errors(ckpt_dir):
+        loaded = dist_checkpointing.load(state, ckpt_dir)
     for i, c in enumerate(chunks):
         res = c.load_state_dict(loaded[f"model{i}"], strict=False)
         bad = [k for k in res.missing_keys if not k.endswith("_extra_state")]

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from cpt_megatron.checkpoint import mapping
+from cpt_megatron.checkpoint import layout, mapping, megatron_lm
 from cpt_megatron.checkpoint.io import (
     META_NAME,
     TOKENIZER_DIR,
     arch_from_ckpt,
     ckpt_tensor_keys,
+    open_checkpoint,
     read_ckpt_tensor,
     read_meta,
     single_process_group,
@@ -71,7 +72,7 @@ def resize_embeddings(ckpt: str | os.PathLike, tokenizer: str | os.PathLike, out
     t0 = time.time()
     if init not in INITS:
         raise CptError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = open_checkpoint(ckpt), Path(out)  # any layout; manifest checked before any work
     if out.exists() and not overwrite:
         raise CptError(f"output {out} already exists; pass --overwrite to replace it")
     meta = read_meta(ckpt)
@@ -100,10 +101,18 @@ def resize_embeddings(ckpt: str | os.PathLike, tokenizer: str | os.PathLike, out
                     t = grow_rows(t, arch.vocab_size, new_rows, padded, new_ids, init)
                 yield spec, t
 
-        with atomic_dir(out, overwrite=overwrite) as tmp:
+        with atomic_dir(out, overwrite=overwrite) as root:
+            tmp = root / layout.RELEASE
+            new_meta = dict(meta, hf_config=new_cfg, vocab_size=new_rows, padded_vocab_size=padded,
+                            tokenizer=TOKENIZER_DIR, created_by="cpt resize-embeddings", parent=str(ckpt.resolve()))
+            new_meta.pop("training", None)
+            new_meta.pop("eval", None)
+            final = out.resolve() / layout.RELEASE
+            common = megatron_lm.common_entries(new_meta, iteration=0, tokenizer_model=final / TOKENIZER_DIR)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
             try:
-                nbytes = write_torch_dist(tmp, tensors(), arch.num_layers, staging, mapping.extra_state_keys())
+                nbytes = write_torch_dist(tmp, tensors(), arch.num_layers, staging, mapping.extra_state_keys(),
+                                          common)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             (tmp / TOKENIZER_DIR).mkdir()
@@ -111,15 +120,14 @@ def resize_embeddings(ckpt: str | os.PathLike, tokenizer: str | os.PathLike, out
             for f in files:
                 shutil.copy2(f, tmp / TOKENIZER_DIR / (f.name if Path(tokenizer).is_dir() else "tokenizer.json"))
             empty = sum(1 for v in new_ids.values() if not v)
-            new_meta = dict(meta, hf_config=new_cfg, vocab_size=new_rows, padded_vocab_size=padded,
-                            tokenizer=TOKENIZER_DIR, created_by="cpt resize-embeddings", parent=str(ckpt.resolve()))
-            new_meta.pop("training", None)
-            new_meta.pop("eval", None)
             new_meta["tokenizer_extension"] = {
                 "base_vocab_size": arch.vocab_size, "vocab_size": new_rows, "new_tokens": len(new_ids),
                 "init": init, "tokenizer_source": str(Path(tokenizer).resolve()), "empty_subtoken_splits": empty,
             }
             write_json(tmp / META_NAME, new_meta)
+            megatron_lm.write_args_file(tmp, new_meta, final)
+            layout.write_manifest(tmp)
+            layout.write_tracker(root, layout.RELEASE)
     return {"out": str(out), "old_vocab": arch.vocab_size, "new_vocab": new_rows, "padded_vocab_size": padded,
             "new_tokens": len(new_ids), "init": init, "tied": arch.tie_word_embeddings, "bytes": nbytes,
             "seconds": round(time.time() - t0, 2)}

@@ -8,7 +8,10 @@ from cpt_megatron.cli._types import byte_size, positive_float
 def register(subparsers):
     p = subparsers.add_parser("export-hf", parents=[subparsers.common],
                               help="export a megatron-core checkpoint to an HF directory (streaming, verified)")
-    p.add_argument("--ckpt", required=True, help="checkpoint dir (cpt import-hf output or RUN/checkpoints/iter_N)")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: cpt import-hf output, RUN/checkpoints[/iter_N], or a Megatron-LM save root/iter folder")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer dir (a Megatron-LM save whose args.tokenizer_model is not on this machine)")
     p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: the checkpoint's dtype")
     p.add_argument("--max-shard-size", type=byte_size, default="5GB",
@@ -26,7 +29,8 @@ def run(args):
     from cpt_megatron.checkpoint.hf_export import export_hf
 
     out = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                    overwrite=args.overwrite, verify=not args.no_verify, verify_tol=args.verify_tol)
+                    overwrite=args.overwrite, verify=not args.no_verify, verify_tol=args.verify_tol,
+                    tokenizer=args.tokenizer)
     v = out.get("verify")
     msg = f"exported {out['shards']} shard(s), {out['bytes'] / 1e6:.1f} MB {out['dtype']} to {out['out']}"
     if v:

@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     r.add_argument("--valid-samples", type=nonneg_int, default=0, help="validation samples (default 0)")
     r.add_argument("--cache-dir", default=None, help="megatron index cache (default: a temp dir, removed after)")
     r.add_argument("--png", default=None, metavar="OUT.png", help="plot the domain share over the run")
+    r.add_argument("--megatron", action="store_true",
+                   help="also print Megatron-LM's --data-path/--split per phase (and what does not carry over)")
     r.set_defaults(func=run_report)
     p.set_defaults(func=lambda args: p.print_help())
 
@@ -47,7 +49,8 @@ def run_report(args) -> dict:
         cfg = load_recipe(args.recipe, args.overrides)
         prepared = load_prepared(cfg, prepare_command(args.recipe, args.overrides))
         mix = recipe_mixture(cfg, prepared, valid_samples=args.valid_samples or 8)
-        return _show(mix.report() | ({"png": mix.plot(args.png)} if args.png else {}), args)
+        return _show(mix.report() | ({"png": mix.plot(args.png)} if args.png else {})
+                     | ({"megatron": mix.megatron_lm()} if args.megatron else {}), args)
     if args.seq_len is None or args.train_samples is None:
         raise CptError("--mixture needs --seq-len and --train-samples (or use --recipe R)")
     raw = read_yaml(args.mixture, "--mixture", hint="give a mixture YAML (see docs/mixtures.md, recipes/mixtures/)")
@@ -77,6 +80,8 @@ def run_report(args) -> dict:
             tokenizer_sha256=tok.get("sha256"),
         )
         report = mix.report()
+        if args.megatron:
+            report["megatron"] = mix.megatron_lm()
         if args.png:
             report["png"] = mix.plot(args.png)
     finally:
@@ -98,4 +103,10 @@ def _show(report: dict, args) -> dict:
             print(f"WARNING: {w}")
         if args.png:
             print(f"wrote {report['png']}")
+        if "megatron" in report:
+            print("Megatron-LM (pretrain_gpt.py) equivalent:")
+            for ph in report["megatron"]["phases"]:
+                print(f"  phase {ph['phase']} (samples [{ph['start_sample']}, {ph['end_sample']})): {ph['args']}")
+            for c in report["megatron"]["caveats"]:
+                print(f"  caveat: {c}")
     return json.loads(json.dumps(report))

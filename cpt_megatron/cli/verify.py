@@ -35,8 +35,10 @@ def run(args):
     import torch
 
     from cpt_megatron.checkpoint.io import arch_from_ckpt
+    from cpt_megatron.checkpoint.layout import resolve
     from cpt_megatron.checkpoint.verify import check_parity, verify_checkpoint
 
+    args.ckpt = str(resolve(args.ckpt))  # save root / iteration folder / old layout -> the tensors' folder
     res = verify_checkpoint(args.hf, args.ckpt, tp=args.tp, pp=args.pp, vpp=args.vpp, batch=args.batch,
                             seq_len=args.seq_len, seed=args.seed, text=text)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(__import__("os").environ.get("RANK", 0))

@@ -347,6 +347,31 @@ class Mixture:
                 "sources": sources, "groups": group_share, "phases": phases, "warnings": warnings,
                 "valid_samples": {k: len(v) for k, v in self.valid.items()}}
 
+    def megatron_lm(self) -> dict:
+        """The Megatron-LM `--data-path w1 p1 w2 p2 ... --split` equivalent of each phase, and what does not carry over."""
+        prefixes = [s.prefix for s in self.cfg.sources]
+        vf = float(self.cfg.valid_fraction)
+        train_pct = round(100 * (1 - vf), 4)
+        split = f"{train_pct:g},{round(100 - train_pct, 4):g},0"
+        phases = []
+        for k, w in enumerate(self.source_weights):
+            b, e = self.phase_boundaries[k], self.phase_boundaries[k + 1]
+            pairs = [f"{wi:.6g} {p}" for wi, p in zip(w, prefixes) if wi > 0]
+            phases.append({"phase": k, "start_sample": b, "end_sample": e, "data_path": " ".join(pairs),
+                           "args": f"--data-path {' '.join(pairs)} --split {split}"})
+        caveats = [
+            "Megatron-LM blends by fixed weights over the whole job: it has no phases. Run one pretrain_gpt.py job "
+            "per phase, each with --train-samples = that phase's end_sample, --load = the previous phase's --save"
+            + (" (the weights above change at each boundary)" if len(phases) > 1 else ""),
+            "token budgets (source `tokens:`) and alpha were turned into these weights for this run length; "
+            "Megatron-LM knows only weights, so a different --train-samples no longer honours the budgets",
+            f"--split {split} is the same per-source document split as data.valid_fraction={vf:g} (the same rule); "
+            "Megatron-LM evaluates the blend, cpt-megatron each source separately",
+            "Megatron-LM builds ceil(ceil(N*w)*1.005) samples per source and shuffles with its own seed: sample order "
+            "differs, realized shares match",
+        ]
+        return {"phases": phases, "split": split, "caveats": caveats}
+
     def plot(self, path: str) -> str:
         """PNG of the planned alpha and the realized domain share over the run.
 

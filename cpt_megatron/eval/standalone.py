@@ -68,14 +68,14 @@ def loaded_checkpoint(ckpt: str | os.PathLike, *, tp: int = 1, pp: int = 1, vpp:
 
     Collective: enter on every rank (a 1-rank world is created when absent); torn down on exit.
     """
-    from cpt_megatron.checkpoint.io import arch_from_ckpt, load_model_weights
+    from cpt_megatron.checkpoint.io import arch_from_ckpt, load_model_weights, open_checkpoint
     from cpt_megatron.model import ModelOptions, build_model
     from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
     from cpt_megatron.tokenizer.load import load_tokenizer
 
-    ckpt = Path(ckpt)
+    ckpt = open_checkpoint(ckpt)  # any layout (ours, old, Megatron-LM's); manifest checked
     tok = load_tokenizer(checkpoint_tokenizer(ckpt, tokenizer))
-    arch = arch_from_ckpt(ckpt)
+    arch = arch_from_ckpt(ckpt, tokenizer)
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
     init_distributed(parallel)
     try:
@@ -89,18 +89,18 @@ def loaded_checkpoint(ckpt: str | os.PathLike, *, tp: int = 1, pp: int = 1, vpp:
 
 def checkpoint_tokenizer(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Path:
     """The tokenizer to use with `ckpt` (checked before anything loads): --tokenizer, else CKPT/tokenizer/."""
-    from cpt_megatron.checkpoint.io import TOKENIZER_DIR
+    from cpt_megatron.checkpoint.io import TOKENIZER_DIR, read_meta, tokenizer_path
+    from cpt_megatron.checkpoint.layout import resolve
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint {ckpt} not found")
+    ckpt = resolve(ckpt)  # save root / iteration folder / old layout -> the tensors' folder (one line if missing)
     if tokenizer is not None:
         if not Path(tokenizer).exists():
             raise CptError(f"--tokenizer {tokenizer}: not found (give an HF tokenizer directory or tokenizer.json)")
         return Path(tokenizer)
-    if not (ckpt / TOKENIZER_DIR).exists():
+    found = tokenizer_path(ckpt, read_meta(ckpt)) or (ckpt / TOKENIZER_DIR)
+    if not Path(found).exists():
         raise CptError(f"{ckpt} carries no {TOKENIZER_DIR}/; pass --tokenizer")
-    return ckpt / TOKENIZER_DIR
+    return Path(found)
 
 
 def evaluate_checkpoint(ckpt: str | os.PathLike, files: Sequence[str | os.PathLike], *, make_eval_fn: MakeEvalFn,

@@ -1,14 +1,18 @@
-"""Training checkpoints: megatron-core dist_checkpointing, atomic (temp dir + rename, `latest` written last).
+"""Training checkpoints: megatron-core dist_checkpointing, atomic (temp dir + rename, tracker written last).
 
-Layout: RUN/checkpoints/iter_0000010/ holds model tensors (same unprefixed keys as an imported base, so
-`cpt export-hf` and `load_model_weights` read it), optimizer state (resharded on load: any TP/PP/DP),
-per-rank RNG states, and the common train state (step, consumed samples, data phases, config).
-A copy of the base's cpt_meta.json and tokenizer/ sits next to the tensors so every checkpoint describes
-itself. RUN/checkpoints/latest names the newest complete one.
+Layout (checkpoint.layout, Megatron-LM's): RUN/checkpoints/iter_0000010/ holds model tensors (same
+unprefixed keys as an imported base, so `cpt export-hf`, `load_model_weights` and Megatron-LM read it),
+optimizer state (resharded on load: any TP/PP/DP), per-rank RNG states, and common.pt with the train state
+(step, consumed samples, data phases) plus Megatron-LM's checkpoint_version/iteration/args. A copy of the
+base's cpt_meta.json (with a `training` section) and tokenizer/, megatron_args.txt and train_state.json sit
+next to the tensors; cpt_manifest.json (sizes + xxh3_64 checksums) is written last inside the folder, then the folder is
+renamed into place, then RUN/checkpoints/latest_checkpointed_iteration.txt names it.
+`select_resume` picks the newest checkpoint that is complete and verifies (resume=auto).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -18,19 +22,85 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "iter_name", "prune_checkpoints"]
+from cpt_megatron.checkpoint import layout
+from cpt_megatron.checkpoint.layout import iter_name
+from cpt_megatron.errors import CptError
 
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "iter_name", "prune_checkpoints",
+           "select_resume", "RESUME_MODES"]
 
-def iter_name(step: int) -> str:
-    return f"iter_{step:07d}"
+RESUME_MODES = ("auto", "none", "base")
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    f = Path(run_dir) / "checkpoints" / "latest"
-    if not f.is_file():
+    """The folder the run's tracker names, if it is complete (no integrity check: see select_resume)."""
+    try:
+        return layout.resolve(Path(run_dir) / "checkpoints")
+    except CptError:
         return None
-    p = f.parent / f.read_text().strip()
-    return p if p.is_dir() else None
+
+
+def _problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from (None = complete and verified)."""
+    if not layout.is_ckpt_folder(folder) or not (folder / "common.pt").is_file():
+        return "incomplete (no metadata.json/common.pt)"
+    try:
+        if not layout.check_manifest(folder) and not (folder / "train_state.json").is_file():
+            return "incomplete (no manifest, no train_state.json)"
+    except CptError as e:
+        return str(e)
+    return None
+
+
+def _scan(run_dir: Path, mode: str) -> tuple[str | None, list[str], str | None]:
+    root = run_dir / "checkpoints"
+    folders = layout.iteration_folders(root) if root.is_dir() else []
+    tracked = None
+    try:
+        tracked = layout.read_tracker(root) if root.is_dir() else None
+    except CptError as e:
+        return None, [], str(e)
+    if not folders and tracked is None:
+        return None, [], None
+    if mode == "none":
+        return None, [], (f"{run_dir} already has checkpoints ({(folders[-1].name if folders else tracked)}); "
+                          "use resume=auto or a new run.dir")
+    if mode == "base":
+        return None, [f"resume=base: starting from the base model although {root} has checkpoints"], None
+    skipped = []
+    if tracked is not None and not (root / tracked).is_dir():
+        skipped.append(f"{tracked} (named by the tracker): missing")
+    for f in reversed(folders):
+        why = _problem(f)
+        if why is None:
+            return str(f), skipped, None
+        skipped.append(f"{f.name}: {why}")
+    return None, skipped, (f"{root} has checkpoints but none is complete and valid ({'; '.join(skipped)}); "
+                           "refusing to restart from the base model over them: pass resume=base to do that, "
+                           "or move them away")
+
+
+def select_resume(run_dir: str | os.PathLike, mode: str = "auto") -> tuple[Path | None, list[str]]:
+    """(checkpoint to resume from or None = start from the base, lines saying what was skipped and why).
+
+    auto: the newest iter_* that is complete and passes its manifest (a tracker naming a missing or damaged
+    folder never means "start over"); none: refuse when checkpoints exist; base: start from the base anyway.
+    Collective when torch.distributed is initialized: rank 0 checks, every rank gets the same answer.
+    """
+    import torch
+
+    if mode not in RESUME_MODES:
+        raise CptError(f"resume={mode!r}: expected one of {', '.join(RESUME_MODES)}")
+    dist = torch.distributed.is_initialized()
+    res = [None]
+    if not dist or torch.distributed.get_rank() == 0:
+        res[0] = _scan(Path(run_dir), mode)
+    if dist:
+        torch.distributed.broadcast_object_list(res, src=0)
+    found, skipped, error = res[0]
+    if error:
+        raise CptError(error)
+    return (Path(found) if found else None), skipped
 
 
 def _rng_state() -> dict:
@@ -65,10 +135,33 @@ def _state_dict(engine, is_loading: bool, rng: dict | None):
     return sd
 
 
+def _training_meta(run_dir: Path, common: dict) -> dict:
+    """The `training` section of a trained checkpoint's cpt_meta.json (what the exported model card shows)."""
+    tr = {"framework": "cpt-megatron (cpt train)", "run": Path(run_dir).name, "step": common.get("step"),
+          "consumed_samples": common.get("consumed_samples")}
+    per_step = (common.get("train") or {}).get("tokens_per_step")
+    if per_step and common.get("step") is not None:
+        tr["tokens_trained"] = int(per_step) * int(common["step"])
+    cfg_file = Path(run_dir) / "config.yaml"
+    if cfg_file.is_file():
+        import yaml
+
+        data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
+        srcs = data.get("sources") or []
+        if srcs:
+            tr["mixture"] = {s.get("name", "?"): s.get("weight", s.get("group", "")) for s in srcs}
+        if data.get("alpha") is not None:
+            tr["domain_share_alpha"] = data["alpha"]
+    return tr
+
+
 def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | None, saver=None) -> Path:
     """Collective. Returns the final checkpoint dir. With `saver` (train/async_save.AsyncCheckpointSaver,
     checkpoint.async_save) the write runs in the background and the dir appears when the saver finalizes it."""
     from megatron.core import dist_checkpointing
+
+    from cpt_megatron.checkpoint import megatron_lm
+    from cpt_megatron.checkpoint.io import TOKENIZER_DIR, read_meta
 
     engine.sync_params()  # overlapped param all-gather (distributed optimizer on GPU) finished before saving
     root = Path(run_dir) / "checkpoints"
@@ -79,37 +172,51 @@ def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | N
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
+    meta = read_meta(base_ckpt) if base_ckpt else None
     sd = _state_dict(engine, False, _rng_state())
     sd["train_state"] = {**common, "world_size": torch.distributed.get_world_size()}
+    if meta is not None:  # what Megatron-LM's load_checkpoint reads (checkpoint_version, iteration, args)
+        from megatron.core import parallel_state as ps
+
+        sd.update(megatron_lm.common_entries(
+            meta, iteration=step, tp=ps.get_tensor_model_parallel_world_size(),
+            pp=ps.get_pipeline_model_parallel_world_size(), tokenizer_model=final.resolve() / TOKENIZER_DIR,
+            extra={"consumed_train_samples": int(common.get("consumed_samples") or 0)}))
+    finish = functools.partial(_finish_save, Path(run_dir), final, tmp, common, base_ckpt, meta)
     if saver is not None:
-        saver.save(sd, tmp, lambda: _finish_save(root, final, tmp, common, base_ckpt))
+        saver.save(sd, tmp, finish)
         return final
     dist_checkpointing.save(sd, str(tmp))
-    _finish_save(root, final, tmp, common, base_ckpt)
+    finish()
     return final
 
 
-def _finish_save(root: Path, final: Path, tmp: Path, common: dict, base_ckpt: str | None) -> None:
-    """Collective: metadata files, then the atomic rename of the written tmp dir and `latest` (rank 0)."""
-    from cpt_megatron.utils import atomic_file
+def _finish_save(run_dir: Path, final: Path, tmp: Path, common: dict, base_ckpt: str | None,
+                 meta: dict | None) -> None:
+    """Collective: metadata files and the manifest, then the atomic rename of the written tmp dir and the
+    tracker (rank 0)."""
+    from cpt_megatron.checkpoint import megatron_lm
+    from cpt_megatron.checkpoint.io import META_NAME, TOKENIZER_DIR
+    from cpt_megatron.utils import write_json
 
     rank = torch.distributed.get_rank()
     torch.distributed.barrier()
     if rank == 0:
-        if base_ckpt:
-            for name in ("cpt_meta.json", "tokenizer"):
-                src = Path(base_ckpt) / name
-                if src.is_dir():
-                    shutil.copytree(src, tmp / name)
-                elif src.is_file():
-                    shutil.copy(src, tmp / name)
+        if base_ckpt and meta is not None:
+            base = layout.resolve(base_ckpt)
+            src = base / (meta.get("tokenizer") or TOKENIZER_DIR)
+            if src.is_dir():
+                shutil.copytree(src, tmp / TOKENIZER_DIR)
+            write_json(tmp / META_NAME, dict(meta, tokenizer=TOKENIZER_DIR if src.is_dir() else meta.get("tokenizer"),
+                                             training=_training_meta(run_dir, common)))
+            megatron_lm.write_args_file(tmp, meta, final)
         with open(tmp / "train_state.json", "w") as f:
             json.dump(common, f, indent=2, default=str)
+        layout.write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        with atomic_file(root / "latest") as f:
-            f.write(final.name + "\n")
+        layout.write_tracker(final.parent, final.name)
     torch.distributed.barrier()
 
 
@@ -117,12 +224,15 @@ def load_checkpoint(ckpt_dir, engine) -> dict:
     """Collective: restore model, optimizer and (same world size) RNG; returns the common train state."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["train_state"]
+    ckpt_dir = layout.resolve(ckpt_dir)
+    with layout.read_errors(ckpt_dir):
+        common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["train_state"]
     same_world = common.get("world_size") == torch.distributed.get_world_size()
     sd = _state_dict(engine, True, None)
     if not same_world:
         del sd["rng_state"]  # different layout: RNG streams cannot be mapped (dropout-free CPT is unaffected)
-    loaded = dist_checkpointing.load(sd, str(ckpt_dir))
+    with layout.read_errors(ckpt_dir):
+        loaded = dist_checkpointing.load(sd, str(ckpt_dir))
     for i, c in enumerate(engine.chunks):
         c.load_state_dict(loaded[f"model{i}"], strict=False)
     engine.optimizer.load_state_dict(loaded["optimizer"])
@@ -133,7 +243,7 @@ def load_checkpoint(ckpt_dir, engine) -> dict:
 
 def prune_checkpoints(run_dir, keep_last: int, milestones: list[int]) -> None:
     root = Path(run_dir) / "checkpoints"
-    dirs = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    dirs = layout.iteration_folders(root)
     keep = {p for p in dirs[-keep_last:]} if keep_last > 0 else set(dirs)
     best = root.parent / "best"
     if best.is_file():

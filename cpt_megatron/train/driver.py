@@ -20,15 +20,14 @@ from pathlib import Path
 import torch
 
 from cpt_megatron.config import RecipeConfig, to_dict
-from cpt_megatron.errors import CptError
 from cpt_megatron.runtime import destroy_distributed, dist_env, init_distributed, on_gpu
 from cpt_megatron.train.batches import rank_microbatches
 from cpt_megatron.train.checkpointing import (
     iter_name,
-    latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    select_resume,
 )
 from cpt_megatron.train.checks import check_recipe
 from cpt_megatron.train.metrics import cut_logs
@@ -86,12 +85,12 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
 
     # ---- check: read-only, on every rank, before any process group or file exists ----------------------
     prepared = load_prepared(cfg, prepare_command(recipe, overrides))
-    arch = arch_from_ckpt(prepared["base"])
+    arch = arch_from_ckpt(prepared["base"], prepared["tokenizer"])  # the tokenizer: a Megatron-LM base
     check_recipe(cfg, dist_env().world_size, arch, prepared)
     run_dir = Path(cfg.run.dir)
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is not None and cfg.resume == "none":
-        raise CptError(f"{run_dir} already has checkpoints ({resume_from.name}); use resume=auto or a new run.dir")
+    resume_from, skipped = select_resume(run_dir, cfg.resume)  # newest complete + verified checkpoint
+    for line in skipped if dist_env().rank == 0 else ():
+        print(f"resume: skipped {line}", flush=True)
 
     run_lock = hold_run_lock(run_dir, dist_env().rank)  # one trainer per run.dir (rank 0 holds it)
     preempt = None

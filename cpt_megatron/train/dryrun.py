@@ -70,11 +70,12 @@ def _arch(cfg: RecipeConfig):
 
     m = cfg.model
     if m.base:
-        if not Path(m.base, "cpt_meta.json").is_file():
-            return None, [f"model.base={m.base}: not an imported checkpoint (run cpt import-hf first)"]
-        from cpt_megatron.checkpoint import arch_from_ckpt
+        from cpt_megatron.checkpoint import arch_from_ckpt, layout
 
-        return arch_from_ckpt(m.base), []
+        try:
+            return arch_from_ckpt(layout.resolve(m.base)), []
+        except CptError as e:
+            return None, [f"model.base={m.base}: not a usable checkpoint ({e}); run cpt import-hf first"]
     if m.hf_config or m.hf:
         src = resolve_path(m.hf_config or m.hf)
         if not Path(src).exists():

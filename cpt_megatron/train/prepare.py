@@ -66,24 +66,25 @@ def resolve_tokenizer(spec: str) -> str:
 def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
     """Return the imported base checkpoint dir for `model` (importing it into the cache when missing)."""
     from cpt_megatron import checkpoint
+    from cpt_megatron.checkpoint import layout
 
     if model_cfg.base:
-        if not Path(model_cfg.base, "cpt_meta.json").is_file():
-            raise CptError(f"model.base={model_cfg.base} is not an imported checkpoint (no cpt_meta.json); "
-                           "create it with `cpt import-hf --hf DIR --out CKPT`")
-        return model_cfg.base
+        try:  # ours (any layout) or a Megatron-LM save: the folder that holds the tensors
+            return str(layout.resolve(model_cfg.base))
+        except CptError as e:
+            raise CptError(f"model.base={model_cfg.base}: {e}; create one with `cpt import-hf --hf DIR --out CKPT`") from e
     cache = Path(cache_dir) / "models"
     if model_cfg.gguf:
         gguf = smollm2_gguf() if model_cfg.gguf == "@smollm2" else model_cfg.gguf
         out = cache / f"gguf-{Path(gguf).stem}-{_key(gguf, os.path.getsize(gguf))}"
         if not out.exists():
             _import_atomic(out, lambda tmp: checkpoint.import_hf(None, tmp, gguf=gguf, dtype="fp32", overwrite=True))
-        return str(out)
+        return str(layout.resolve(out))
     if model_cfg.hf:
         out = cache / f"hf-{Path(model_cfg.hf).name}-{_key(str(Path(model_cfg.hf).resolve()))}"
         if not out.exists():
             _import_atomic(out, lambda tmp: checkpoint.import_hf(model_cfg.hf, tmp, dtype="fp32", overwrite=True))
-        return str(out)
+        return str(layout.resolve(out))
     # random init from an HF config: build a seeded HF model, save it, import it (same path as real models)
     hf_config = resolve_path(model_cfg.hf_config)
     cfg_text = Path(hf_config).read_text()
@@ -93,20 +94,27 @@ def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
         tok = resolve_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else None
         _random_hf_model(hf_config, tok, hf_dir, seed)
         _import_atomic(out, lambda tmp: checkpoint.import_hf(hf_dir, tmp, dtype="fp32", overwrite=True))
-    return str(out)
+    return str(layout.resolve(out))
+
+
+def _base_meta(base: str | os.PathLike) -> Path:
+    """The file that describes the base model: our cpt_meta.json, or common.pt of a Megatron-LM save."""
+    meta = Path(base) / "cpt_meta.json"
+    return meta if meta.is_file() else Path(base) / "common.pt"
 
 
 def _import_atomic(out: Path, run_import) -> None:
-    """Import into OUT.partial, keep the summary (with its parity check) beside it, then rename to OUT."""
+    """Import into OUT.partial, keep the summary (with its parity check) beside the tensors, then rename to OUT."""
     import shutil
 
+    from cpt_megatron.checkpoint import layout
     from cpt_megatron.utils import write_json
 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)  # an interrupted earlier import
     summary = run_import(tmp)
-    write_json(tmp / "import_summary.json", summary)
+    write_json(layout.resolve(tmp) / "import_summary.json", summary)
     os.replace(tmp, out)
 
 
@@ -257,7 +265,7 @@ def prepare(cfg, workers: int = 1) -> dict:
         check_dataset_tokenizer(s["prefix"], vocab)
         s.update(_fingerprint(s["prefix"]))
     manifest = {"version": MANIFEST_VERSION, "key": prepare_key(cfg), "base": base,
-                "base_meta_sha256": sha256_file(Path(base) / "cpt_meta.json"), "tokenizer": tok_spec,
+                "base_meta_sha256": sha256_file(_base_meta(base)), "tokenizer": tok_spec,
                 "vocab_size": vocab, "eod_id": int(tokenizer.eos_token_id),
                 "sources": [{k: s[k] for k in ("name", "prefix", "idx_sha256", "bin_bytes")} for s in sources]}
     mixture = recipe_mixture(cfg, manifest, valid_samples=max(1, cfg.eval.batches * cfg.train.micro_batch))
@@ -284,7 +292,7 @@ def load_prepared(cfg, command: str) -> dict:
         raise stale(f"has an unreadable manifest ({e})") from e
     if manifest.get("version") != MANIFEST_VERSION or manifest.get("key") != prepare_key(cfg):
         raise stale("was prepared by another version")
-    meta = Path(manifest["base"]) / "cpt_meta.json"
+    meta = _base_meta(manifest["base"])
     if not meta.is_file() or sha256_file(meta) != manifest["base_meta_sha256"]:
         raise stale(f"has a changed or missing base checkpoint {manifest['base']}")
     for s in manifest["sources"]:
