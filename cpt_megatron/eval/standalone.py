@@ -92,11 +92,12 @@ def checkpoint_tokenizer(ckpt: str | os.PathLike, tokenizer: str | os.PathLike |
     from cpt_megatron.checkpoint.io import TOKENIZER_DIR, read_meta, tokenizer_path
     from cpt_megatron.checkpoint.layout import resolve
 
-    ckpt = resolve(ckpt)  # save root / iteration folder / old layout -> the tensors' folder (one line if missing)
     if tokenizer is not None:
         if not Path(tokenizer).exists():
             raise CptError(f"--tokenizer {tokenizer}: not found (give an HF tokenizer directory or tokenizer.json)")
+        resolve(ckpt)  # one line if the checkpoint is missing or not one
         return Path(tokenizer)
+    ckpt = resolve(ckpt)  # save root / iteration folder / old layout -> the tensors' folder (one line if missing)
     found = tokenizer_path(ckpt, read_meta(ckpt)) or (ckpt / TOKENIZER_DIR)
     if not Path(found).exists():
         raise CptError(f"{ckpt} carries no {TOKENIZER_DIR}/; pass --tokenizer")
