@@ -84,10 +84,12 @@ def test_language_id_on_every_script(tmp_path):
             assert identify(ln).lang == lang, (lang, ln, identify(ln))
     docs = [{"id": f"{lang}{i}", "text": t} for lang, lines in synth.MULTI_SCRIPT.items() for i, t in enumerate(lines)]
     cfg = load_config(overrides={"stages": ["normalize", "langid"], "normalize": {"indic": True},
-                                 "langid": {"keep": ["hi", "en"], "romanized_hindi": "keep"}})
+                                 "langid": {"keep": ["hi", "en"], "romanized_hindi": "route"}})
     res = curate([synth.write_jsonl(tmp_path / "in.jsonl", docs)], tmp_path / "out", cfg)
     kept = {d["id"] for d in _read_out(tmp_path / "out")}
-    assert kept == {d["id"] for d in docs if d["id"][:2] in ("hi", "en")}  # hi, en and hi-Latn (tagged hi-Latn)
+    assert kept == {d["id"] for d in docs if d["id"].rstrip("0123456789") in ("hi", "en")}
+    assert res.report["languages"] == {k: len(v) for k, v in synth.MULTI_SCRIPT.items()}
+    assert res.report["routes"] == {"hi-Latn": len(synth.MULTI_SCRIPT["hi-Latn"])}
     assert res.removed["langid"] == sum(len(v) for k, v in synth.MULTI_SCRIPT.items() if k in ("mr", "bn", "ta"))
 
 
@@ -180,10 +182,11 @@ def test_tokenizer_extension_on_generated_medical_text(gpt2_tokenizer_dir, tmp_p
     nv = new.get_vocab()
     assert all(nv[t] == i for t, i in base.get_vocab().items())  # every old id keeps its string
     n_base, n_new = len(base.encode(held)), len(new.encode(held))
-    assert 1 - n_new / n_base >= 0.25, (n_base, n_new)  # templated text: the phrases win (measured 0.)
-    assert "ĠbloodĠpressure" in nv and nv["ĠbloodĠpressure"] in new.encode("high blood pressure")
-    g_base, g_new = len(base.encode(general)), len(new.encode(general))
-    assert abs(g_new - g_base) / g_base < 0.01
+    assert 1 - n_new / n_base >= 0.4, (n_base, n_new)  # templated text: the phrases win (measured 50.1%)
+    used = {i for i in new.encode(held) if i >= len(base)}
+    words = [new.convert_ids_to_tokens(i) for i in used]
+    assert len(used) > 100 and any(w.count("Ġ") >= 2 for w in words) and any("Ġ" not in w for w in words)
+    assert len(new.encode(general)) == len(base.encode(general))  # general English: no new token fires
     samples = [held, general, *synth.code_docs(5), *(x for v in synth.MULTI_SCRIPT.values() for x in v),
                "tab\there  two spaces, emoji 🦙 and ① ﬁ"]
     for text in samples:

@@ -6,6 +6,7 @@ files in a scratch directory, so the layout, step plan and memory estimate are c
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def test_recipe_validates(name, tmp_path, monkeypatch):
         assert (out["tp"], out["pp"], out["dp"]) == layout
         assert out["world_size"] == world and out["micro_batches_per_step"] >= 1
     if cfg.train.tokens:
-        assert out["steps"] == int(cfg.train.tokens // (cfg.train.global_batch * cfg.data.seq_len)), out["steps"]
+        assert out["steps"] == math.ceil(cfg.train.tokens / (cfg.train.global_batch * cfg.data.seq_len)), out["steps"]
     if gib is not None:
         assert out["fits"] and out["memory_per_gpu_gb"] == pytest.approx(gib, abs=0.5), out["memory_breakdown_gb"]
 
