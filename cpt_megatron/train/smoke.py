@@ -13,7 +13,7 @@ from cpt_megatron.model.sharding import load_global_tensors, local_param_specs
 from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
 from cpt_megatron.train.engine import Engine, OptimConfig
 
-__all__ = ["run_smoke", "init_random_weights", "synthetic_batch"]
+__all__ = ["run_smoke", "init_random_weights", "synthetic_batch", "update_norms"]
 
 
 def init_random_weights(chunks, seed: int, tp_rank: int, tp_size: int, std: float = 0.02) -> None:
@@ -40,7 +40,7 @@ def split_for_rank(samples: torch.Tensor, dp_rank: int, dp: int, micro_batch: in
     return out
 
 
-def update_norms(chunks, start: dict[str, torch.Tensor]) -> dict[str, float]:
+def update_norms(chunks, start: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """||w - w_start|| per global parameter name, assembled from every rank's TP shards (collective).
 
     Layout-independent: TP shards add up (sum of squares), replicated tensors count once, DP replicas and the
@@ -51,14 +51,14 @@ def update_norms(chunks, start: dict[str, torch.Tensor]) -> dict[str, float]:
     tp_rank = ps.get_tensor_model_parallel_rank()
     mine = {}
     if ps.get_data_parallel_rank() == 0:
-        for c in chunks:
+        for c, c_start in zip(chunks, start):
             specs = local_param_specs(c)
             for name, p in c.named_parameters():
                 spec = specs[name]
                 if spec.kind == "replicated" and tp_rank:
                     continue
                 key = (spec.global_name, tp_rank if spec.kind != "replicated" else 0)
-                d = p.detach().double() - start[f"{id(c)}.{name}"]
+                d = p.detach().double() - c_start[name]
                 mine.setdefault(key, float(d.pow(2).sum()))
     parts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, mine)
@@ -86,7 +86,7 @@ def run_smoke(hf_config: str, *, steps: int, parallel: ParallelConfig, seq_len: 
         engine = Engine(chunks, parallel, OptimConfig(lr=lr, min_lr=lr, weight_decay=0.0), seq_len=seq_len,
                         micro_batch=micro_batch)
         fixed = synthetic_batch(global_batch, seq_len, arch.vocab_size, seed)
-        start = {f"{id(c)}.{n}": p.detach().double().clone() for c in chunks for n, p in c.named_parameters()}
+        start = [{n: p.detach().double().clone() for n, p in c.named_parameters()} for c in chunks]
         losses, grad_norms, first_update = [], [], None
         for step in range(steps):
             samples = fixed
