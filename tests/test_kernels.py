@@ -193,10 +193,9 @@ def test_throughput_bench_tiny_cpu(tmp_path):
     # both start near ln(vocab) (random init); exact HF/ours first-loss parity is checked by test_mapping
     for r in res["results"]:
         assert abs(r["losses"][0] - math.log(res["shape"]["vocab"])) < 0.5, r["losses"]
-    # the speeds are bench figures (no claim on CPU); what is asserted is that they are derived correctly and
-    # that both variants time the same model: HF starts from our weights on the same batches
+    # the speeds are bench figures (the README claims none on CPU): what is asserted is that they are derived
+    # from the timed steps correctly (tokens/s, TFLOP/s, the ours/HF ratio)
     ours, hf = res["results"]
-    assert hf["losses"][0] == pytest.approx(ours["losses"][0], abs=1e-4), (ours["losses"], hf["losses"])
     for r in res["results"]:
         assert r["step_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(res["tokens_per_step"] / r["step_s"], rel=1e-9)
