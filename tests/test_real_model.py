@@ -70,17 +70,19 @@ def test_demo_pipeline_reduced(smollm2_gguf, cache, tmp_path):
     assert summary["table"]["stdlib_code"]["ppl_after"] < summary["table"]["stdlib_code"]["ppl_before"]
     prompt = "def fibonacci(n):"
     assert summary["completion"].startswith(prompt) and len(summary["completion"]) > len(prompt) + 10
-    # the completion is the trained megatron checkpoint's own greedy continuation: one teacher-forced forward
-    # of the megatron-core model over prompt + completion predicts every completion token (near-ties aside)
-    from transformers import AutoTokenizer
+    # the completion is the trained megatron checkpoint's own greedy continuation: regenerate the ids from the
+    # export, check they decode to the demo's completion, and one teacher-forced forward of the megatron-core
+    # model over them predicts every generated token (near-ties aside)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out_dir / "export")
-    p_ids = tok(prompt).input_ids
-    ids = tok(summary["completion"]).input_ids
-    assert ids[:len(p_ids)] == p_ids
+    p_ids = tok(prompt, return_tensors="pt").input_ids
+    gen = AutoModelForCausalLM.from_pretrained(out_dir / "export").generate(p_ids, max_new_tokens=40, do_sample=False)
+    ids = gen[0].tolist()
+    assert prompt + tok.decode(ids[p_ids.shape[1]:], skip_special_tokens=True) == summary["completion"]
     logits = _mcore_logits(out_dir / "run" / "checkpoints" / summary["artifacts"]["best"], ids)
     top2 = logits.topk(2, dim=-1)
-    for pos in range(len(p_ids) - 1, len(ids) - 1):
+    for pos in range(p_ids.shape[1] - 1, len(ids) - 1):
         margin = float(top2.values[pos, 0] - top2.values[pos, 1])
         assert int(top2.indices[pos, 0]) == ids[pos + 1] or margin < 1e-3, (pos, margin)
     assert (out_dir / "export" / "config.json").is_file() and summary["artifacts"]["best"].startswith("iter_")
