@@ -19,7 +19,7 @@ import pytest
 import torch
 
 FAMILIES = ("llama3", "mistral", "qwen2", "smollm2")
-TOL = 1e-4
+TOL = 5e-7  # README claims max |logit diff| <= 2.4e-7 (fp32); 2x headroom for BLAS reduction order
 
 
 def _tokenizer(out: Path, vocab: int = 512) -> None:

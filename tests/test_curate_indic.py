@@ -67,13 +67,19 @@ def test_zero_width_policy_danda_digits():
     assert normalize_text("a|b", cfg)[0] == "a|b"  # pipes in non-Indic text are not dandas
 
 
+# README "language ID (FLORES devtest)": the claimed accuracies. The classifier is deterministic, so the
+# bound is the claim itself (1,012 lines per language: one line is 0.001).
+CLAIMED_ACCURACY = {"hin_Deva": 1.000, "mar_Deva": 0.998, "ben_Beng": 1.000, "tam_Taml": 1.000, "eng_Latn": 0.995}
+
+
 @pytest.mark.parametrize("flores,code", [("hin_Deva", "hi"), ("mar_Deva", "mr"), ("ben_Beng", "bn"), ("tam_Taml", "ta"), ("eng_Latn", "en")])
 def test_language_id_accuracy_flores_devtest(shared_data, flores, code):
     from cpt_megatron.curate.langid import identify
 
     lines = _lines(shared_data / f"indic/flores200/devtest/{flores}.devtest")
     acc = sum(identify(ln).lang == code for ln in lines) / len(lines)
-    assert acc >= 0.95, acc
+    assert len(lines) == 1012
+    assert acc >= CLAIMED_ACCURACY[flores], acc
 
 
 def test_romanized_hindi_f1(shared_data):
@@ -85,7 +91,7 @@ def test_romanized_hindi_f1(shared_data):
     fp = sum(identify(t).lang == "hi-Latn" for t in en)
     precision, recall = tp / max(1, tp + fp), tp / len(hi)
     f1 = 2 * precision * recall / (precision + recall)
-    assert f1 >= 0.9, (precision, recall, f1)
+    assert f1 >= 0.9945, (precision, recall, f1)  # README: romanized Hindi F1 0.995 (measured 0.99468)
 
 
 def test_langid_stage_keep_route_and_code_mixed(shared_data, tmp_path):

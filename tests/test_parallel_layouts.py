@@ -59,6 +59,21 @@ def test_layout_matches_tp1pp1(name, reference):
     assert out["losses"][-1] < out["losses"][0], out["losses"]
     # Adam on the same data: the whole curve stays close to the single-process one
     assert max(abs(a - b) for a, b in zip(out["losses"], reference["losses"])) < 1e-3
+    assert_same_step(out, reference)
+
+
+def assert_same_step(out: dict, ref: dict) -> None:
+    """Gradient norms and per-tensor weight updates equal the TP1PP1 run's (a 2x DP/normalization bug fails)."""
+    g, g0 = out["grad_norms"], ref["grad_norms"]
+    assert len(g) == len(g0) and all(x > 0 for x in g0), (g, g0)
+    assert g[0] == pytest.approx(g0[0], rel=1e-5), (g, g0)  # same weights, same batch: same gradient
+    assert g == pytest.approx(g0, rel=1e-3), (g, g0)
+    for key, rel in (("update_norms_step1", 1e-4), ("update_norms", 1e-3)):
+        u, u0 = out[key], ref[key]
+        assert set(u) == set(u0), sorted(set(u) ^ set(u0))
+        assert all(v > 0 for v in u0.values()), key  # every tensor moved
+        bad = {k: (u[k], u0[k]) for k in u0 if u[k] != pytest.approx(u0[k], rel=rel)}
+        assert not bad, (key, bad)
 
 
 def test_bad_layout_is_one_clear_line():
@@ -82,7 +97,8 @@ def test_tied_embeddings_pp2_matches(tmp_path):
             cmd += ["--nproc", str(nproc)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])["losses"]
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
     ref, pp2 = run(), run("--pp", "2", nproc=2)
-    assert max(abs(a - b) for a, b in zip(ref, pp2)) < 1e-5, (ref, pp2)
+    assert max(abs(a - b) for a, b in zip(ref["losses"], pp2["losses"])) < 1e-5, (ref["losses"], pp2["losses"])
+    assert_same_step(pp2, ref)  # the shared embedding's two gradient halves are summed exactly once

@@ -108,8 +108,19 @@ def _final_loss(run_dir: Path) -> float:
     return losses[max(losses)]
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    return any("checkpoint" in p.name or p.name.startswith("iter_") for p in run_dir.rglob("*"))
+def _assert_complete_checkpoint(run_dir: Path) -> Path:
+    """The trainer's own resume pointer names a complete megatron-core checkpoint of the last logged step."""
+    from megatron.core.dist_checkpointing import check_is_distributed_checkpoint
+
+    from cpt_megatron.train.checkpointing import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    listing = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))[:40]
+    assert ckpt is not None, f"no resumable checkpoint under {run_dir}: {listing}"
+    assert check_is_distributed_checkpoint(str(ckpt)), f"{ckpt} has no dist-checkpoint metadata: {listing}"
+    assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")], listing  # no half-written save
+    assert int(re.findall(r"\d+", ckpt.name)[-1]) == max(_metrics(run_dir)), (ckpt, max(_metrics(run_dir)))
+    return ckpt
 
 
 def _preempt_once(job_id: str, run_dir: Path, log: Path, min_steps: int = 3, timeout: float = 600) -> dict:
@@ -224,7 +235,7 @@ def test_tiny_cpu_training_completes(slurm_cluster, tmp_path):
     info = _wait(job, 900, log)
     assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
     assert _metrics(run_dir), f"no metrics in {run_dir}"
-    assert _has_checkpoint(run_dir), f"no checkpoint under {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"
+    _assert_complete_checkpoint(run_dir)
 
 
 @pytest.mark.slurm
@@ -241,7 +252,7 @@ def test_tiny_cpu_preempt_requeue_same_final_loss(slurm_cluster, tmp_path):
     info = _preempt_once(job, run_dir, log, min_steps=2, timeout=900)
     assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
     assert info.get("Restarts") == "1", log.read_text()[-3000:]
-    assert _has_checkpoint(run_dir)
+    _assert_complete_checkpoint(run_dir)
     assert max(_metrics(run_dir)) == max(_metrics(ref_dir))
     assert _final_loss(run_dir) == pytest.approx(_final_loss(ref_dir), rel=1e-6, abs=1e-7)
 

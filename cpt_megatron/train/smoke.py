@@ -15,7 +15,7 @@ from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distr
 from cpt_megatron.train.batches import rank_microbatches
 from cpt_megatron.train.engine import Engine, OptimConfig
 
-__all__ = ["run_smoke", "init_random_weights", "synthetic_batch"]
+__all__ = ["run_smoke", "init_random_weights", "synthetic_batch", "update_norms"]
 
 
 def init_random_weights(chunks, seed: int, tp_rank: int, tp_size: int, std: float = 0.02) -> None:
@@ -38,6 +38,37 @@ def split_for_rank(samples: torch.Tensor, dp_rank: int, dp: int, micro_batch: in
     return rank_microbatches(rows, 0, len(rows), dp_rank, dp, micro_batch)[0]
 
 
+def update_norms(chunks, start: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """||w - w_start|| per global parameter name, assembled from every rank's TP shards (collective).
+
+    Layout-independent: TP shards add up (sum of squares), replicated tensors count once, DP replicas and the
+    last stage's tied copy of the embedding are the same tensor and count once.
+    """
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    mine = {}
+    if ps.get_data_parallel_rank() == 0:
+        for c, c_start in zip(chunks, start):
+            specs = local_param_specs(c)
+            for name, p in c.named_parameters():
+                spec = specs[name]
+                if spec.kind == "replicated" and tp_rank:
+                    continue
+                key = (spec.global_name, tp_rank if spec.kind != "replicated" else 0)
+                d = p.detach().double() - c_start[name]
+                mine.setdefault(key, float(d.pow(2).sum()))
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    sums: dict[str, float] = {}
+    for (gname, _), sq in merged.items():
+        sums[gname] = sums.get(gname, 0.0) + sq
+    return {k: v ** 0.5 for k, v in sorted(sums.items())}
+
+
 def run_smoke(hf_config: str, *, steps: int, parallel: ParallelConfig, seq_len: int = 32, global_batch: int = 8,
               micro_batch: int = 2, seed: int = 1234, lr: float = 1e-3, dtype: str = "auto") -> dict:
     from megatron.core import parallel_state as ps
@@ -53,14 +84,21 @@ def run_smoke(hf_config: str, *, steps: int, parallel: ParallelConfig, seq_len: 
         engine = Engine(chunks, parallel, OptimConfig(lr=lr, min_lr=lr, weight_decay=0.0), seq_len=seq_len,
                         micro_batch=micro_batch)
         fixed = synthetic_batch(global_batch, seq_len, arch.vocab_size, seed)
-        losses = []
+        start = [{n: p.detach().double().clone() for n, p in c.named_parameters()} for c in chunks]
+        losses, grad_norms, first_update = [], [], None
         for step in range(steps):
             samples = fixed
             mbs = split_for_rank(samples, ps.get_data_parallel_rank(), dp, micro_batch)
             res = engine.train_step(mbs)
             losses.append(res.loss)
+            grad_norms.append(res.grad_norm)
+            if step == 0:
+                first_update = update_norms(chunks, start)
             if denv.rank == 0:
                 print(f"step {step + 1}/{steps} loss {res.loss:.6f} grad_norm {res.grad_norm or 0:.4f}", flush=True)
-        return {"losses": losses, "tp": parallel.tp, "pp": parallel.pp, "dp": dp, "rank": denv.rank}
+        # grad norms (before clipping) and per-tensor update norms: Adam + clipping would hide a uniform
+        # gradient scale (a DP or token-normalization bug) from the losses, not from these
+        return {"losses": losses, "grad_norms": grad_norms, "update_norms_step1": first_update,
+                "update_norms": update_norms(chunks, start), "tp": parallel.tp, "pp": parallel.pp, "dp": dp, "rank": denv.rank}
     finally:
         destroy_distributed()
