@@ -131,7 +131,7 @@ def test_eval_missing_tokenizer_names_the_flag(tmp_path, capsys):
     data = tmp_path / "d.txt"
     data.write_text("hello world\n")
     rc, out, err = cli(["eval", "--ckpt", ckpt, "--tokenizer", tmp_path / "missing_dir", "--data", data], capsys)
-    last = assert_one_line_error(rc, out, err, "missing_dir not found", "--tokenizer")
+    last = assert_one_line_error(rc, out, err, "missing_dir: not found", "--tokenizer")
     assert "carries no tokenizer" not in last
 
 
@@ -288,7 +288,9 @@ def test_nproc_non_multiple_is_refused_before_spawning(capsys):
 def test_readme_tp_examples_fit_smollm2():
     """SmolLM2-135M (the shipped model) has 3 KV heads: every README verify/eval --tp must divide 3."""
     readme = (REPO / "README.md").read_text()
-    tps = [int(m) for m in re.findall(r"cpt (?:verify|eval) [^`]*?--tp (\d+)", readme)]
+    # the quick-start examples (the Commands table) run on SmolLM2; the benchmark section's CKPT is any model
+    table = readme[readme.index("## Commands"):readme.index("### Training")]
+    tps = [int(m) for m in re.findall(r"cpt (?:verify|eval) [^`]*?--tp (\d+)", table)]
     assert tps and all(3 % tp == 0 for tp in tps), tps
 
 
