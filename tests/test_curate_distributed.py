@@ -1,0 +1,135 @@
+"""Distributed curation (curate/distributed.py) == one-process `cpt curate`, for any number of shards."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cpt_megatron.curate import CurateConfig, curate, load_config
+from cpt_megatron.curate.distributed import run_stage, shard_files
+
+_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+          "upsilon phi chi psi omega patient dose clinic trial result cohort symptom therapy").split()
+
+
+def _doc(rng: random.Random, n: int = 60) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(n)) + "."
+
+
+def _edit(text: str, rng: random.Random, k: int = 2) -> str:
+    w = text.split()
+    for _ in range(k):
+        w[rng.randrange(len(w))] = rng.choice(_WORDS)
+    return " ".join(w)
+
+
+def _fixture(folder: Path, n_files: int = 6, per_file: int = 25) -> list[str]:
+    """JSONL files with exact and near duplicates of documents in EARLIER files (so across any shard
+    boundary), near-dups of near-dups (kept-ness matters), short docs the length filter drops, a
+    malformed line and an email for PII."""
+    rng = random.Random(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    made: list[str] = []
+    paths = []
+    for f in range(n_files):
+        lines = []
+        for i in range(per_file):
+            r = rng.random()
+            if made and r < 0.15:
+                text = rng.choice(made)  # exact duplicate
+            elif made and r < 0.35:
+                text = _edit(rng.choice(made), rng, rng.choice([1, 2, 6]))  # near duplicate (some below threshold)
+            elif r < 0.4:
+                text = "too short"
+            else:
+                text = _doc(rng) + f" Contact user{f}x{i}@example.com for details."
+            made.append(text)
+            lines.append(json.dumps({"id": f"{f}-{i}", "text": text}))
+        if f == 2:
+            lines.insert(5, "{not json")
+        p = folder / f"part-{f:02d}.jsonl"
+        p.write_text("\n".join(lines) + "\n")
+        paths.append(str(p))
+    return paths
+
+
+def _cfg() -> CurateConfig:
+    return load_config(None, {"stages": ["normalize", "length", "quality", "exact_dedup", "minhash_dedup", "pii"],
+                              "shard_docs": 7, "length": {"min_chars": 20}, "rejected_samples": 4})
+
+
+def _kept(folder: Path) -> bytes:
+    return b"".join(gzip.decompress(p.read_bytes()) for p in sorted(folder.glob("shard-*.jsonl.gz")))
+
+
+def _report(folder: Path) -> dict:
+    r = json.loads((folder / "report.json").read_text())
+    r.pop("elapsed_s", None)
+    return r
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    inputs = _fixture(root / "in")
+    ref = root / "ref"
+    res = curate(inputs, ref, _cfg())
+    assert res.removed["exact_dedup"] > 5 and res.removed["minhash_dedup"] > 5 and res.malformed == 1
+    return root, inputs, ref
+
+
+@pytest.mark.parametrize("shards", [1, 3, 4])
+def test_local_executor_equals_one_process(corpus, shards):
+    root, inputs, ref = corpus
+    out = root / f"out{shards}"
+    res = run_stage(inputs, out, _cfg(), shards, workers=1)
+    assert len(res["done"]) == 2 * shards + 1 and res["skipped"] == []
+    assert _kept(out) == _kept(ref)
+    assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in ref.rglob("*"))
+    for p in ref.rglob("*.gz"):  # every output file byte for byte (the rejected samples too)
+        assert (out / p.relative_to(ref)).read_bytes() == p.read_bytes(), p
+    assert _report(out) == _report(ref)
+    nd = _report(out)["near_dup"]
+    assert nd["candidate_pairs"] >= nd["verified_pairs"] >= nd["removed"] > 0
+
+
+def test_shards_are_contiguous_and_balanced(tmp_path):
+    files = []
+    for i, n in enumerate([10, 10, 10, 10, 40]):
+        files.append(tmp_path / f"{i}")
+        files[-1].write_bytes(b"x" * n)
+    parts = shard_files(files, 3)
+    assert [f for p in parts for f in p] == files
+    assert [len(p) for p in parts] == [3, 1, 1]  # middle bytes at 5, 15, 25, 35, 60 of 80
+    assert shard_files(files[:1], 4) == [[], [], files[:1], []]
+
+
+def test_resume_skips_done_tasks_and_redoes_missing(corpus):
+    root, inputs, ref = corpus
+    out, work = root / "resume", root / "resume.work"
+    cfg = _cfg()
+    r = run_stage(inputs, out, cfg, 3, stage="sketch", task=1)
+    assert r["done"] == ["sketch:1"]
+    with pytest.raises(Exception, match="needs every sketch task"):
+        run_stage(inputs, out, cfg, 3, stage="buckets", task=0)
+    r = run_stage(inputs, out, cfg, 3)
+    assert r["skipped"] == ["sketch:1"] and "write:0" in r["done"]
+    stamp = (work / "sketch" / "shard-00000" / "docs.pkl").stat().st_mtime_ns
+    # a task killed mid-way leaves no folder (atomic rename): simulate by deleting one, then re-run
+    shutil.rmtree(work / "buckets" / "part-00002")
+    (work / "write.done").unlink()
+    r = run_stage(inputs, out, cfg, 3, overwrite=True)
+    assert r["done"] == ["buckets:2", "write:0"] and len(r["skipped"]) == 5
+    assert (work / "sketch" / "shard-00000" / "docs.pkl").stat().st_mtime_ns == stamp
+    assert _kept(out) == _kept(ref) and _report(out) == _report(ref)
+    r = run_stage(inputs, out, cfg, 3)  # everything done: nothing runs
+    assert r["done"] == [] and r["report"] is None
+    with pytest.raises(Exception, match="fingerprint"):
+        run_stage(inputs, out, cfg, 4, work=work)
