@@ -14,7 +14,7 @@
 #SBATCH --job-name=cpt-curate
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
-#SBATCH --cpus-per-task=8             # = WORKERS
+#SBATCH --cpus-per-task=8             # the submit step overrides it: WORKERS for sketch, 1 for the others
 #SBATCH --time=04:00:00
 #SBATCH --requeue
 #SBATCH --output=%x-%A_%a.out
@@ -26,9 +26,10 @@ OUT="${OUT:-data/curated}"                        # output folder (shards + repo
 WORK="${WORK:-$OUT.work}"                         # stage outputs, on a filesystem every node sees
 RECIPE="${RECIPE:-}"                              # curate recipe YAML (recipes/curate/*.yaml); empty = defaults
 ARRAY_TASKS="${ARRAY_TASKS:-16}"                  # shards: array size of the sketch and buckets jobs
-WORKERS="${WORKERS:-${SLURM_CPUS_PER_TASK:-8}}"   # processes per sketch task (per-document stages)
+WORKERS="${WORKERS:-8}"                           # processes (= CPUs) per sketch task (per-document stages)
 CURATE_ARGS="${CURATE_ARGS:-}"                    # extra `cpt curate` flags, e.g. "--stages normalize,length"
 PARTITION="${PARTITION:-}"                        # CPU partition for the three jobs; empty = default
+LOG_DIR="${LOG_DIR:-}"                            # folder for the jobs' logs; empty = the repo (CPT_REPO)
 CPT_REPO="${CPT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" # repo checkout (with .venv) on a shared filesystem
 # -------------------------------------------------------------------------------------------------------
 
@@ -50,9 +51,10 @@ else
   # ---- submit: sketch array -> buckets array -> write, each after every task of the previous succeeded
   opts=(--parsable "--export=ALL,CPT_REPO=$CPT_REPO")
   if [ -n "$PARTITION" ]; then opts+=(--partition="$PARTITION"); fi
+  if [ -n "$LOG_DIR" ]; then mkdir -p "$LOG_DIR"; opts+=(--output="$LOG_DIR/%x-%A_%a.out"); fi
   last=$((ARRAY_TASKS - 1))
   sketch=$(sbatch "${opts[@]}" "--export=ALL,CPT_REPO=$CPT_REPO,STAGE=sketch" --job-name=cpt-curate-sketch \
-    --array="0-$last" "$CPT_REPO/slurm/curate.sh")
+    --cpus-per-task="$WORKERS" --array="0-$last" "$CPT_REPO/slurm/curate.sh")
   buckets=$(sbatch "${opts[@]}" "--export=ALL,CPT_REPO=$CPT_REPO,STAGE=buckets" --job-name=cpt-curate-buckets \
     --cpus-per-task=1 --array="0-$last" --dependency="afterok:${sketch%%;*}" "$CPT_REPO/slurm/curate.sh")
   write=$(sbatch "${opts[@]}" "--export=ALL,CPT_REPO=$CPT_REPO,STAGE=write" --job-name=cpt-curate-write \
