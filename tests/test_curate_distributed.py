@@ -89,11 +89,11 @@ def corpus(tmp_path_factory):
     return root, inputs, ref
 
 
-@pytest.mark.parametrize("shards", [1, 3, 4])
-def test_local_executor_equals_one_process(corpus, shards):
+@pytest.mark.parametrize("shards,workers", [(1, 1), (3, 2), (4, 1), (8, 1)])  # 8 > 6 files: empty shards
+def test_local_executor_equals_one_process(corpus, shards, workers):
     root, inputs, ref = corpus
     out = root / f"out{shards}"
-    res = run_stage(inputs, out, _cfg(), shards, workers=1)
+    res = run_stage(inputs, out, _cfg(), shards, workers=workers)
     assert len(res["done"]) == 2 * shards + 1 and res["skipped"] == []
     assert _kept(out) == _kept(ref)
     assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in ref.rglob("*"))
@@ -133,6 +133,21 @@ def test_resume_skips_done_tasks_and_redoes_missing(corpus):
     assert r["done"] == ["buckets:2", "write:0"] and len(r["skipped"]) == 5
     assert (work / "sketch" / "shard-00000" / "docs.pkl").stat().st_mtime_ns == stamp
     assert _kept(out) == _kept(ref) and _report(out) == _report(ref)
+    # a task that dies mid-way leaves no folder: the rerun does it and nothing else
+    import cpt_megatron.curate.distributed as dist
+
+    shutil.rmtree(work / "buckets" / "part-00001")
+    real = dist._band_pairs
+    dist._band_pairs = lambda *a: (_ for _ in ()).throw(MemoryError("killed"))
+    try:
+        with pytest.raises(MemoryError):
+            run_stage(inputs, out, cfg, 3, stage="buckets", task=1)
+    finally:
+        dist._band_pairs = real
+    assert not (work / "buckets" / "part-00001").exists()
+    assert not [p for p in (work / "buckets").iterdir() if p.name.startswith(".")]  # temp folder removed
+    r = run_stage(inputs, out, cfg, 3, stage="buckets")
+    assert r["done"] == ["buckets:1"]
     r = run_stage(inputs, out, cfg, 3)  # everything done: nothing runs
     assert r["done"] == [] and r["report"] is None
     with pytest.raises(Exception, match="fingerprint"):
@@ -169,3 +184,27 @@ def test_slurm_four_array_tasks_equal_one_process(corpus, slurm_cluster, tmp_pat
     assert sorted(p.name for p in (tmp_path / "curated.work" / "sketch").iterdir()) == [f"shard-{k:05d}" for k in range(4)]
     assert _kept(out) == _kept(ref)
     assert _report(out) == _report(ref)
+
+
+def test_cli_staged_json_and_errors(corpus, tmp_path, capsys):
+    from cpt_megatron.cli import main
+
+    root, inputs, ref = corpus
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(_OVERRIDES))  # JSON is YAML
+    base = ["curate", *[a for i in inputs for a in ("-i", i)], "-c", recipe, "--no-progress"]
+    out = tmp_path / "o"
+    assert main([str(a) for a in [*base, "-o", out, "--shards", 2, "--stage", "sketch", "--task", 1, "--json"]]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["done"] == ["sketch:1"] and last["work"] == str(tmp_path / "o.work")
+    assert main([str(a) for a in [*base, "-o", out, "--shards", 2, "--json"]]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["skipped"] == ["sketch:1"] and last["kept"] == _report(ref)["kept"]
+    assert _kept(out) == _kept(ref)
+    assert main([str(a) for a in [*base, "-o", tmp_path / "x", "--stage", "write"]]) == 2
+    assert "need --shards" in capsys.readouterr().err
+    assert main([str(a) for a in [*base, "-o", tmp_path / "y", "--shards", 2, "--stage", "write"]]) == 2
+    err = capsys.readouterr().err
+    assert "needs every buckets task" in err and len(err.strip().splitlines()) == 1
+    assert main([str(a) for a in [*base, "-o", ref, "--shards", 2]]) == 2  # never replaces an output silently
+    assert "already exists" in capsys.readouterr().err

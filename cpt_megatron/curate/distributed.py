@@ -320,6 +320,11 @@ def _write(plan: _Plan, out: Path, overwrite: bool) -> dict:
     return report
 
 
+def _write_done(plan: _Plan, out: Path) -> bool:
+    done = plan.work / "write.done"
+    return done.exists() and out.exists() and json.loads(done.read_text()).get("out") == str(out.resolve())
+
+
 # --- driver ---------------------------------------------------------------------------------------------
 def _tasks_of(stage: str, shards: int) -> int:
     return 1 if stage == "write" else shards
@@ -334,6 +339,8 @@ def run_stage(inputs, out, cfg: CurateConfig, shards: int, stage: str = "all", t
     out = Path(out)
     plan = _Plan(inputs, cfg, shards, Path(work) if work else default_work_dir(out))
     plan.check_work()
+    if stage in ("all", "write") and out.exists() and not overwrite and not _write_done(plan, out):
+        raise CptError(f"output {out} already exists; pass --overwrite to replace it")
     result: dict = {"work": str(plan.work), "done": [], "skipped": [], "report": None}
     for st in (STAGES if stage == "all" else (stage,)):
         if st not in STAGES:
@@ -348,8 +355,7 @@ def run_stage(inputs, out, cfg: CurateConfig, shards: int, stage: str = "all", t
                 raise CptError(f"stage {st} needs every {prev[0]} task; tasks {missing[:5]} are not done in {plan.work} "
                                f"(run --stage {prev[0]} first)")
             if st == "write":
-                done = plan.work / "write.done"
-                if done.exists() and out.exists() and json.loads(done.read_text()).get("out") == str(out.resolve()):
+                if _write_done(plan, out):
                     result["skipped"].append(name)
                     continue
                 result["report"] = _write(plan, out, overwrite)
