@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_slurm import REPO, _wait, slurm_cluster  # noqa: F401, F811  (slurm_cluster: the session fixture)
 
 from cpt_megatron.curate import CurateConfig, curate, load_config
 from cpt_megatron.curate.distributed import run_stage, shard_files
-from test_slurm import REPO, _wait, slurm_cluster  # noqa: F401  (slurm_cluster: the session fixture)
 
 _WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
           "upsilon phi chi psi omega patient dose clinic trial result cohort symptom therapy").split()
@@ -157,7 +157,7 @@ def test_resume_skips_done_tasks_and_redoes_missing(corpus):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_slurm_four_array_tasks_equal_one_process(corpus, slurm_cluster, tmp_path):
+def test_slurm_four_array_tasks_equal_one_process(corpus, slurm_cluster, tmp_path):  # noqa: F811
     """slurm/curate.sh on the real one-node Slurm (tests/slurm_setup.sh): 4 sketch + 4 buckets array tasks
     and the write job, chained by afterok, give the one-process result byte for byte."""
     import yaml

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cpt_megatron.curate.config import CurateConfig
+from cpt_megatron.curate.dedup import _splitmix64 as _mix
 from cpt_megatron.curate.readers import DocumentReader, Malformed
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
@@ -152,12 +153,6 @@ class _Shard:
 
 
 # --- stage 2: one partition of the exact keys and band values ------------------------------------------
-def _mix(h: np.ndarray) -> np.ndarray:
-    from cpt_megatron.curate.dedup import _splitmix64
-
-    return _splitmix64(h)
-
-
 def _buckets(plan: _Plan, p: int) -> None:
     from cpt_megatron.curate.dedup import decide_candidates, lsh_params
 
