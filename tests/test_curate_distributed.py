@@ -208,3 +208,16 @@ def test_cli_staged_json_and_errors(corpus, tmp_path, capsys):
     assert "needs every buckets task" in err and len(err.strip().splitlines()) == 1
     assert main([str(a) for a in [*base, "-o", ref, "--shards", 2]]) == 2  # never replaces an output silently
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [
+    {"stages": ["normalize", "length", "minhash_dedup"], "minhash_dedup": {"decide": "estimate"}},  # no exact stage
+    {"stages": ["normalize", "exact_dedup", "pii"]},  # no near-dup stage
+])
+def test_other_stage_sets_equal_one_process(corpus, tmp_path, overrides):
+    _root, inputs, _ref = corpus
+    cfg = load_config(None, {**_OVERRIDES, **overrides})
+    curate(inputs, tmp_path / "ref", cfg)
+    run_stage(inputs, tmp_path / "out", cfg, 3)
+    assert _kept(tmp_path / "out") == _kept(tmp_path / "ref")
+    assert _report(tmp_path / "out") == _report(tmp_path / "ref")

@@ -23,7 +23,6 @@ The sharding unit is an input file: split a single huge file to use more tasks t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -128,7 +127,10 @@ def _sketch(plan: _Plan, k: int, workers: int) -> None:
         np.save(tmp / "values.npy", np.concatenate(sets) if sets else np.zeros(0, np.uint64))
         np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int64))
         np.save(tmp / "exact.npy", np.frombuffer(b"".join(keys), np.uint64).reshape(-1, 2))
-        write_json(tmp / "keys.json", ids, indent=0)
+        enc = [k.encode("utf-8", "surrogatepass") for k in ids]  # dup_of keys, read back one at a time
+        (tmp / "keys.bin").write_bytes(b"".join(enc))
+        np.save(tmp / "key_offsets.npy", np.concatenate([[0], np.cumsum([len(b) for b in enc], dtype=np.int64)])
+                .astype(np.int64))
 
 
 def _load(path: Path) -> np.ndarray:
@@ -147,9 +149,15 @@ class _Shard:
         self.sigs, self.values, self.offsets, self.exact = (_load(folder / n) for n in (
             "sigs.npy", "values.npy", "offsets.npy", "exact.npy"))
 
-    @functools.cached_property
-    def keys(self) -> list[str]:
-        return json.loads((self.folder / "keys.json").read_text())
+        self.key_offsets = np.load(folder / "key_offsets.npy")
+        self.live = len(self.key_offsets) - 1
+
+    def key(self, i: int) -> str:
+        """`source:position` of live document i (what `dup_of` names)."""
+        lo, hi = int(self.key_offsets[i]), int(self.key_offsets[i + 1])
+        with open(self.folder / "keys.bin", "rb") as f:
+            f.seek(lo)
+            return f.read(hi - lo).decode("utf-8", "surrogatepass")
 
 
 # --- stage 2: one partition of the exact keys and band values ------------------------------------------
@@ -262,7 +270,7 @@ class _ReplayDedup:
         for s in range(plan.shards):
             sh = _Shard(plan.sketch_dir(s))
             self.shards.append(sh)
-            self.kept.append(np.zeros(len(sh.keys), bool))
+            self.kept.append(np.zeros(sh.live, bool))
             parts = [plan.bucket_dir(p) for p in range(plan.shards)]
             if "exact_dedup" in plan.cfg.stages:
                 self.exact = set(np.concatenate([np.load(d / f"exact-{s:05d}.npy") for d in parts]).tolist())
@@ -293,7 +301,7 @@ class _ReplayDedup:
             b = int(np.argmax(js))  # first maximum: the earliest kept document
             self.near_stats.add(len(cand), checked, int(ok.sum()), float(js[b]))
             c = int(cand[b])
-            return self.shards[c >> _SHARD_BITS].keys[c & _LOCAL], float(js[b])
+            return self.shards[c >> _SHARD_BITS].key(c & _LOCAL), float(js[b])
         self.near_stats.add(len(cand), checked, 0, None)
         self.kept[s][jl] = True
         return None, float(max(js.max(initial=0.0), 0.0))
