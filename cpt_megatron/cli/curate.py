@@ -29,6 +29,14 @@ def register(subparsers) -> None:
                    "(without it each text file is one document)")
     p.add_argument("--text-field", help="JSONL/Parquet text field (default: text)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g = p.add_argument_group("many tasks (docs/curate.md: Curating on many nodes); same output as without --shards")
+    g.add_argument("--shards", type=positive_int, help="split the inputs into N shards (by file) and run the staged "
+                   "executor: sketch (N tasks) -> buckets (N tasks) -> write (1 task)")
+    g.add_argument("--stage", default="all", choices=["all", "sketch", "buckets", "write"],
+                   help="stage to run (default all, in order); done tasks are skipped")
+    g.add_argument("--task", type=int, help="run only this task of --stage (a Slurm array task: $SLURM_ARRAY_TASK_ID); "
+                   "default: every task, one after another")
+    g.add_argument("--work", help="folder for the stages' outputs, on a filesystem every task sees (default: OUT.work)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
 
@@ -55,6 +63,12 @@ def run(args) -> dict:
             if is_plain_text(path) and Path(path).stat().st_size > 64 << 10:
                 print(f"cpt curate: warning: {path} is plain text and is read as ONE document (no --doc-separator); "
                       "pass a regex for the first line of each document, e.g. --doc-separator '^# '", file=sys.stderr)
+    if args.shards is None and (args.stage != "all" or args.task is not None or args.work):
+        from cpt_megatron.errors import CptError
+
+        raise CptError("--stage/--task/--work need --shards N (the staged executor)")
+    if args.shards is not None:
+        return _run_staged(args, cfg)
     res = curate(args.input, args.out, cfg, workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
     for line in res.report["malformed_records"][:5]:
         print(f"cpt curate: malformed: {line}", file=sys.stderr)
@@ -74,3 +88,23 @@ def run(args) -> dict:
         "elapsed_s": res.report["elapsed_s"],
         "near_dup": res.report.get("near_dup"),
     }
+
+
+def _run_staged(args, cfg) -> dict:
+    from cpt_megatron.curate.distributed import run_stage
+
+    r = run_stage(args.input, args.out, cfg, args.shards, stage=args.stage, task=args.task, work=args.work,
+                  workers=args.workers, overwrite=args.overwrite)
+    rep = r["report"]
+    if not args.json:
+        print(f"stage {args.stage}: ran {', '.join(r['done']) or 'nothing'}; skipped (done) {len(r['skipped'])}; "
+              f"work {r['work']}")
+        if rep:
+            removed = ", ".join(f"{k} {v}" for k, v in rep["removed"].items())
+            print(f"read {rep['read']}, kept {rep['kept']}, malformed {rep['malformed']}; removed: {removed}; "
+                  f"out {args.out}")
+    out = {"stage": args.stage, "done": r["done"], "skipped": r["skipped"], "work": r["work"], "out": str(args.out)}
+    if rep:
+        out.update({k: rep[k] for k in ("read", "kept", "malformed", "removed", "elapsed_s")})
+        out["near_dup"] = rep.get("near_dup")
+    return out

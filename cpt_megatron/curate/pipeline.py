@@ -53,6 +53,7 @@ class _Out:
     shingles: object = None  # sorted unique uint64 shingle hashes (decide: exact)
     pii_text: str | None = None
     pii: Counter | None = None
+    uid: int | None = None  # the distributed executor's id of a live document (curate/distributed.py)
 
 
 @dataclasses.dataclass
@@ -266,7 +267,38 @@ def curate(
     return CurateResult(report["read"], report["kept"], report["malformed"], report["removed"], str(out), report)
 
 
-def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, workers: int, progress: bool) -> dict:
+class _LocalDedup:
+    """The global decisions of one process: a set of exact keys and a `NearDupIndex`, in input order.
+    curate/distributed.py supplies the same interface from precomputed decisions."""
+
+    def __init__(self, cfg: CurateConfig, tmp: Path, final_out: Path):
+        self.seen: set[bytes] = set()
+        self.near = None
+        if "minhash_dedup" in cfg.stages:
+            from cpt_megatron.curate.dedup import NearDupIndex
+
+            base = "cpt_curate:" + hashlib.sha1(str(final_out.resolve()).encode()).hexdigest()[:12]
+            self.near = NearDupIndex(cfg.minhash_dedup, cfg.lsh, basename=base, workdir=str(tmp))
+        self.near_stats = self.near.stats if self.near is not None else None
+
+    def exact_dup(self, o: _Out) -> bool:
+        if o.exact in self.seen:
+            return True
+        self.seen.add(o.exact)
+        return False
+
+    def near_dup(self, o: _Out) -> tuple[str | None, float]:
+        return self.near.check_and_add(f"{o.source}:{o.position}", o.sig, o.shingles)
+
+    def close(self) -> None:
+        if self.near is not None:
+            self.near.close()
+
+
+def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, workers: int, progress: bool,
+         batches=None, dedup=None) -> dict:
+    """The accounting loop. `batches` (default: the worker pool over `reader`) yields (records read,
+    per-record results) in input order; `dedup` (default `_LocalDedup`) makes the exact/near decisions."""
     stages = cfg.stages
     stats = {s: _StageStats() for s in stages}
     removed = {s: 0 for s in stages}
@@ -281,13 +313,10 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
     writers: dict[str | None, _ShardWriter] = {None: _ShardWriter(tmp, cfg.shard_docs)}
     rejects: dict[str, _ShardWriter] = {}
     reject_counts: Counter = Counter()
-    seen_exact: set[bytes] = set()
-    near = None
-    if "minhash_dedup" in stages:
-        from cpt_megatron.curate.dedup import NearDupIndex
-
-        base = "cpt_curate:" + hashlib.sha1(str(final_out.resolve()).encode()).hexdigest()[:12]
-        near = NearDupIndex(cfg.minhash_dedup, cfg.lsh, basename=base, workdir=str(tmp))
+    dedup = dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out)
+    near = "minhash_dedup" in stages
+    if batches is None:
+        batches = _ordered_map(_batches(reader, _BATCH), cfg, workers)
     scorer = None
     if "perplexity" in stages:
         from cpt_megatron.curate.perplexity import PerplexityScorer
@@ -345,7 +374,7 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
         bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc="curate", file=sys.stderr, dynamic_ncols=True)
     t0 = time.time()
     try:
-        for n_batch, results in _ordered_map(_batches(reader, _BATCH), cfg, workers):
+        for n_batch, results in batches:
             n_read += n_batch
             for o in results:
                 if isinstance(o, Malformed):
@@ -366,14 +395,13 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
                     continue
                 n = len(o.text)
                 if "exact_dedup" in stages:
-                    dup = o.exact in seen_exact
+                    dup = dedup.exact_dup(o)
                     stats["exact_dedup"].add(n, n, "exact_duplicate" if dup else None)
                     if dup:
                         reject(o, "exact_dedup", "exact_duplicate")
                         continue
-                    seen_exact.add(o.exact)
-                if near is not None:
-                    dup_of, j = near.check_and_add(f"{o.source}:{o.position}", o.sig, o.shingles)
+                if near:
+                    dup_of, j = dedup.near_dup(o)
                     stats["minhash_dedup"].add(n, n, "near_duplicate" if dup_of else None)
                     if dup_of:
                         reject(o, "minhash_dedup", "near_duplicate", {"dup_of": dup_of, "jaccard": round(j, 4)})
@@ -396,8 +424,7 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
             bar.close()
         for w in list(writers.values()) + list(rejects.values()):
             w.close()
-        if near is not None:
-            near.close()
+        dedup.close()
 
     total_removed = sum(removed.values())
     assert n_kept + total_removed + n_malformed == n_read, (n_kept, removed, n_malformed, n_read)
@@ -416,8 +443,8 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
         "rejected": {s: rel(w.files[0]) for s, w in sorted(rejects.items())},
         "config": dataclasses.asdict(cfg),
     }
-    if near is not None:
-        report["near_dup"] = near.stats.as_dict()
+    if near:
+        report["near_dup"] = dedup.near_stats.as_dict()
     if "langid" in stages:
         report["languages"] = dict(sorted(langs.items(), key=lambda kv: (-kv[1], kv[0])))
         report["scripts"] = dict(sorted(scripts.items(), key=lambda kv: (-kv[1], kv[0])))
