@@ -6,7 +6,7 @@ RECIPE ?= demo
 DOMAIN ?= code
 export PYTHONUNBUFFERED=1
 
-.PHONY: setup test test-fast lint demo demo-gpu prepare curate preprocess train export clean
+.PHONY: setup test test-all test-fast lint demo demo-gpu prepare curate preprocess train export clean
 
 $(BIN)/cpt: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,10 +21,13 @@ $(BIN)/cpt: pyproject.toml
 setup: $(BIN)/cpt
 
 test: setup
+	$(BIN)/python -m pytest -q -ra --durations=25 -m "not heavy" tests
+
+test-all: setup
 	$(BIN)/python -m pytest -q -ra --durations=25 tests
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+	$(BIN)/python -m pytest -q -ra -m "not slow and not heavy" tests
 
 lint: setup
 	$(BIN)/ruff check cpt_megatron tests tools bench experiments

@@ -42,7 +42,7 @@ if [[ "$DRY" != "1" ]] && compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    [[ "$DRY" == "1" ]] && log "dry run (CPU, tiny shapes): work dir $WORK" || log "no .whl/ carried: the image's packages"
+    if [[ "$DRY" == "1" ]]; then log "dry run (CPU, tiny shapes): work dir $WORK"; else log "no .whl/ carried: the image's packages"; fi
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1 || true

@@ -15,6 +15,7 @@ def _train(run_dir, cache, *overrides):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: `make test-all` (not in `make test`)
 def test_async_save_then_resume(tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     first = _train(run, cache, "checkpoint.async_save=true", "train.exit_interval=4")

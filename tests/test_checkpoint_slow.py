@@ -115,7 +115,9 @@ def test_resize_subtoken_mean_beats_mean_on_medquad(smol, shared_data, tmp_path)
     cut = text.index("\n# ", len(text) - 20000)  # held-out: the last documents, never seen by the extension
     train, held = tmp_path / "train.txt", text[cut + 1:]
     train.write_text(text[: len(text) - 2_000_000])
-    ext = extend_tokenizer(root / "mc" / "tokenizer", [train], 1000, tmp_path / "tok", max_chars=5_000_000)
+    from cpt_megatron.checkpoint.layout import resolve
+
+    ext = extend_tokenizer(resolve(root / "mc") / "tokenizer", [train], 1000, tmp_path / "tok", max_chars=5_000_000)
     assert ext.vocab_size > 49152
     out = {"base": per_char_loss(root / "mc", held)}
     for init in ("subtoken-mean", "mean"):

@@ -171,6 +171,9 @@ def train(run_dir: Path, cache: Path, *overrides: str) -> tuple[int, dict | None
     import subprocess
     import sys
 
+    from conftest import cpt_prepare
+
+    cpt_prepare(cache, *overrides)
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run_dir}",
            f"data.cache_dir={cache}", *overrides, "--json"]

@@ -293,7 +293,10 @@ def test_monitor_benchmark_noise_vs_regression():
 
 # -- benchmarks in a real (tiny) training run ------------------------------------------------------------------
 def cpt_train(run_dir: Path, cache: Path, *overrides: str) -> dict:
-    """`cpt train --recipe tiny_cpu` in a subprocess; the JSON summary line."""
+    """`cpt train --recipe tiny_cpu` in a subprocess (after `cpt prepare`); the JSON summary line."""
+    from conftest import cpt_prepare
+
+    cpt_prepare(cache, *overrides)
     cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run_dir}",
            f"data.cache_dir={cache}", *overrides, "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -33,6 +33,7 @@ def cpt(*args, timeout=1500):
     return out.stdout
 
 
+@pytest.mark.heavy  # minutes: `make test-all` (not in `make test`)
 def test_smollm2_medquad_cpt_loss_falls_and_exports(smollm2_gguf, shared_data, cache, tmp_path):
     run = tmp_path / "run"
     sources = (f"data.sources=[{{name: medquad, group: domain, inputs: [{shared_data}/domain/medquad_qa.txt], "

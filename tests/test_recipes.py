@@ -38,10 +38,22 @@ BIG = {
 
 
 def _stub_paths(cfg, root: Path) -> None:
-    """Empty files at every data prefix/input the recipe names, under the scratch cwd."""
+    """A one-document dataset at every data prefix and an empty file at every raw input the recipe names,
+    under the scratch cwd (the dry run reads the .idx header and the token ids)."""
+    import numpy as np
+
+    from cpt_megatron.data.indexed import IndexWriter
+
     for s in cfg.data.sources:
-        paths = [s.prefix + ".idx"] if s.prefix else [i for i in s.inputs if not i.startswith("@")]
-        for p in paths:
+        if s.prefix:
+            prefix = Path(s.prefix) if Path(s.prefix).is_absolute() else root / s.prefix
+            if not prefix.with_name(prefix.name + ".idx").exists():
+                prefix.parent.mkdir(parents=True, exist_ok=True)
+                w = IndexWriter(prefix, np.int32)
+                w.add_document([1, 2, 3])
+                w.finalize()
+            continue
+        for p in (i for i in s.inputs if not i.startswith("@")):
             f = Path(p) if Path(p).is_absolute() else root / p
             if not f.exists():
                 f.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +91,7 @@ def test_recipe_validates(name, tmp_path, monkeypatch):
 
 def test_big_recipe_without_its_base_names_the_import():
     cfg = load_recipe("llama3_8b_medical")
-    with pytest.raises(CptError, match="model.base=ckpts/llama3.1-8b: not an imported checkpoint"):
+    with pytest.raises(CptError, match="model.base=ckpts/llama3.1-8b: not a usable checkpoint .*run cpt import-hf"):
         dry_run(cfg, nproc=16)
 
 

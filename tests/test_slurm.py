@@ -200,6 +200,7 @@ def test_rendezvous_two_tasks(slurm_cluster, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.slow  # Slurm delays a requeued job's start by ~2 min
+@pytest.mark.heavy  # minutes: `make test-all` (not in `make test`)
 def test_preemption_requeue_plumbing_with_stub_trainer(slurm_cluster, tmp_path, stub_cpt):
     """USR1 -> forwarded to srun -> trainer saves, exits 75 -> scontrol requeue -> resume=auto finishes."""
     env = {"CPT_REPO": str(REPO), "CPT": stub_cpt, "OVERRIDES": "train.steps=30"}
@@ -240,6 +241,7 @@ def test_tiny_cpu_training_completes(slurm_cluster, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.slow  # Slurm delays a requeued job's start by ~2 min
+@pytest.mark.heavy  # minutes: `make test-all` (not in `make test`)
 def test_tiny_cpu_preempt_requeue_same_final_loss(slurm_cluster, tmp_path):
     """USR1 mid-run: real `cpt train` checkpoints, exits 75, is requeued and ends at the same loss."""
     base = {"CPT_REPO": str(REPO), "RECIPE": TINY_RECIPE, "OVERRIDES": TINY_OVERRIDES}

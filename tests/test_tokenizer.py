@@ -254,6 +254,7 @@ def test_roundtrip_samples_of_all_corpora(gpt2_med, mistral_med, mistral_hi, sha
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: `make test-all` (not in `make test`)
 def test_roundtrip_all_corpora_full(gpt2_med, mistral_med, shared_data):
     """Issue 5: the round trip on all shared corpora, whole, for extended byte-level BPE and SentencePiece.
 
