@@ -89,6 +89,9 @@ def per_char_loss(ckpt, text: str, window: int = 256) -> float:
     from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
     from cpt_megatron.tokenizer.load import load_tokenizer
 
+    from cpt_megatron.checkpoint.layout import resolve
+
+    ckpt = resolve(ckpt)  # Megatron-LM layout: the tensors live in CKPT/release/
     arch = arch_from_ckpt(ckpt)
     ids = load_tokenizer(ckpt / "tokenizer", cache=False).encode(text, add_special_tokens=False)
     parallel = ParallelConfig()
