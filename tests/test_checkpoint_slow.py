@@ -84,12 +84,11 @@ def test_smollm2_parity_tp3(smol, shared_data, tmp_path):
 def per_char_loss(ckpt, text: str, window: int = 256) -> float:
     """Sum of next-token NLL (nats) over `text` divided by its characters, megatron-core model at TP1."""
     from cpt_megatron.checkpoint import arch_from_ckpt, load_model_weights
+    from cpt_megatron.checkpoint.layout import resolve
     from cpt_megatron.checkpoint.verify import megatron_logits
     from cpt_megatron.model import ModelOptions, build_model
     from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
     from cpt_megatron.tokenizer.load import load_tokenizer
-
-    from cpt_megatron.checkpoint.layout import resolve
 
     ckpt = resolve(ckpt)  # Megatron-LM layout: the tensors live in CKPT/release/
     arch = arch_from_ckpt(ckpt)
