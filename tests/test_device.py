@@ -203,13 +203,14 @@ class _Toy(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_step_loader_matches_plain_reads(workers):
-    from cpt_megatron.train.data_loader import StepLoader, step_microbatches
+    from cpt_megatron.train.batches import rank_microbatches
+    from cpt_megatron.train.data_loader import StepLoader
 
     ds = _Toy()
     loader = StepLoader(global_batch=8, dp_rank=1, dp=2, micro=2, workers=workers, pin_memory=False)
     for start in (0, 8, 16, 8, 40):  # sequential read-ahead, then a rollback to 8, then a jump
         mbs, samples = loader.get(ds, start)
-        ref, ref_samples = step_microbatches(ds, start, 8, 1, 2, 2)
+        ref, ref_samples = rank_microbatches(ds, start, 8, 1, 2, 2)
         assert len(mbs) == 2 and all(torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
                                      for a, b in zip(mbs, ref))
         assert int(mbs[0]["tokens"][0, 0]) == start + 4  # DP rank 1 of 2: the second half of the global batch

@@ -13,7 +13,6 @@ Nothing is downloaded: a spec that is not a local path is an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -150,7 +149,3 @@ def tokenizer_info(spec: str | os.PathLike, tokenizer=None) -> TokenizerInfo:
         eod_id=int(eod),
         sha256={f.name: sha256_file(f) for f in tokenizer_files(spec)},
     )
-
-
-def _json_dump(obj) -> str:  # pragma: no cover - debugging helper
-    return json.dumps(obj, indent=2)

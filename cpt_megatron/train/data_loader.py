@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from cpt_megatron.train.batches import rank_microbatches as step_microbatches
+from cpt_megatron.train.batches import rank_microbatches
 
-__all__ = ["StepLoader", "step_microbatches"]
+__all__ = ["StepLoader"]
 
 
 class _Steps(torch.utils.data.Dataset):
@@ -28,12 +28,12 @@ class _Steps(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int):
         dataset, start, count, dp_rank, dp, micro = self.args
-        return step_microbatches(dataset, start + k * count, count, dp_rank, dp, micro)
+        return rank_microbatches(dataset, start + k * count, count, dp_rank, dp, micro)
 
 
 class StepLoader:
     """`get(dataset, start)` -> (micro-batches, samples) of the step starting at sample `start`, identical to
-    `step_microbatches` on every rank of a TP group. Collective over the TP group when tp > 1."""
+    `train.batches.rank_microbatches` on every rank of a TP group. Collective over the TP group when tp > 1."""
 
     def __init__(self, dataset=None, *, global_batch: int, dp_rank: int, dp: int, micro: int, workers: int | None = None,
                  pin_memory: bool | None = None, tp_group=None, tp_src: int = 0, reader: bool = True):
@@ -62,7 +62,7 @@ class StepLoader:
             try:
                 item = next(self._it)
             except StopIteration:  # past the end of the dataset: the plain read raises the dataset's own error
-                item = step_microbatches(self.dataset, start, self.G, self.dp_rank, self.dp, self.micro)
+                item = rank_microbatches(self.dataset, start, self.G, self.dp_rank, self.dp, self.micro)
             self._next = start + self.G
         if self.tp_group is not None and torch.distributed.get_world_size(self.tp_group) > 1:
             box = [item]
