@@ -88,14 +88,15 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
     arch = arch_from_ckpt(prepared["base"], prepared["tokenizer"])  # the tokenizer: a Megatron-LM base
     check_recipe(cfg, dist_env().world_size, arch, prepared)
     run_dir = Path(cfg.run.dir)
-    resume_from, skipped = select_resume(run_dir, cfg.resume)  # newest complete + verified checkpoint
-    for line in skipped if dist_env().rank == 0 else ():
-        print(f"resume: skipped {line}", flush=True)
 
     run_lock = hold_run_lock(run_dir, dist_env().rank)  # one trainer per run.dir (rank 0 holds it)
     preempt = None
     try:
         denv = init_distributed(cfg.parallel, seed=cfg.run.seed)
+        # the newest complete + verified checkpoint: rank 0 scans (under the lock) and broadcasts the answer
+        resume_from, skipped = select_resume(run_dir, cfg.resume)
+        for line in skipped if denv.rank == 0 else ():
+            print(f"resume: skipped {line}", flush=True)
         preempt = PreemptionHandler()
         if denv.rank == 0:
             _write_config(run_dir, cfg, overrides)
