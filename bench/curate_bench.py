@@ -85,8 +85,9 @@ def ours(docs: list[str], thr: float, decide: str = "exact", batch: int = 256, s
     try:
         for b in range(0, len(docs), batch):
             values, offsets = hasher.hash_sets(docs[b : b + batch])
-            for k, sig in enumerate(hasher.signatures(values, offsets)):
-                if index.check_and_add(str(b + k), sig, values[offsets[k] : offsets[k + 1]])[0] is not None:
+            keys = [str(i) for i in range(b, b + len(offsets) - 1)]
+            for k, (dup_of, _) in enumerate(index.check_batch(keys, hasher.signatures(values, offsets), values, offsets)):
+                if dup_of is not None:
                     removed.add(b + k)
     finally:
         index.close()

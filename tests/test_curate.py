@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from cpt_megatron.curate import CurateConfig, curate, load_config
@@ -188,6 +189,44 @@ def test_generated_near_duplicates_exact_decisions(tmp_path):
                  load_config(overrides={**DEDUP_ONLY, "minhash_dedup": {"decide": "estimate"}}))
     rep = json.loads((tmp_path / "est/report.json").read_text())["near_dup"]
     assert rep["decide"] == "estimate" and rep["removed"] == est.removed["minhash_dedup"] > 0
+
+
+def test_batch_decisions_equal_per_document_and_subsample_filter_is_safe():
+    """One batch decides exactly as one document at a time (keys, Jaccards, report); on long documents the
+    subsample check skips most pairs below the threshold and never one at or above it."""
+    from cpt_megatron.curate.config import MinHashConfig
+    from cpt_megatron.curate.dedup import NearDupIndex, SetTable, hash_ranges, pair_jaccard
+
+    rng = random.Random(5)
+    vocab = [f"w{i}" for i in range(20000)]
+    base = [" ".join(rng.choice(vocab) for _ in range(rng.randrange(1500, 2500))) for _ in range(12)]
+    docs = list(base)
+    for k in range(60):  # edits from J ~ 0.97 down to ~0.5 of a base document
+        docs.append(_edit(base[k % 12], [0.002, 0.01, 0.02, 0.03, 0.04, 0.06, 0.09][k % 7], rng))
+    cfg = MinHashConfig()
+    hasher = MinHasher(cfg)
+    values, offsets = hasher.hash_sets(docs)
+    sigs = hasher.signatures(values, offsets)
+    keys = [str(i) for i in range(len(docs))]
+    one, per_doc = NearDupIndex(cfg), NearDupIndex(cfg)
+    try:
+        got = one.check_batch(keys, sigs, values, offsets)
+        ref = [per_doc.check_batch([keys[i]], sigs[i : i + 1], values[offsets[i] : offsets[i + 1]],
+                                   np.array([0, offsets[i + 1] - offsets[i]]))[0] for i in range(len(docs))]
+        assert got == ref and one.stats.as_dict() == per_doc.stats.as_dict()
+    finally:
+        one.close(), per_doc.close()
+    assert {i for i, (d, _) in enumerate(got) if d is not None} == brute_force_removed(docs)
+    # every (planted, base) pair through the filters: exact where checked, skipped ones all below threshold
+    pa = np.arange(12, len(docs))
+    pb = (pa - 12) % 12
+    tab = SetTable(sigs, values, offsets, hash_ranges(values, offsets))
+    js, checked = pair_jaccard(cfg, pa, pb, tab, tab)
+    true = np.array([jaccard(values[offsets[a] : offsets[a + 1]], values[offsets[b] : offsets[b + 1]]) for a, b in zip(pa, pb)])
+    assert np.allclose(js[checked], true[checked]) and (true[~checked] < 0.8).all()
+    assert checked[true >= 0.8].all() and (true >= 0.8).sum() >= 10
+    skipped_near = ~checked & (true > 0.6)  # the sketch filter alone lets these through (estimate >= 0.7)
+    assert skipped_near.sum() >= 5, (true[~checked], true[checked])
 
 
 @pytest.mark.slow

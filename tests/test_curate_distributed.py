@@ -134,16 +134,16 @@ def test_resume_skips_done_tasks_and_redoes_missing(corpus):
     assert (work / "sketch" / "shard-00000" / "docs.pkl").stat().st_mtime_ns == stamp
     assert _kept(out) == _kept(ref) and _report(out) == _report(ref)
     # a task that dies mid-way leaves no folder: the rerun does it and nothing else
-    import cpt_megatron.curate.distributed as dist
+    import cpt_megatron.curate.dedup as dedup
 
     shutil.rmtree(work / "buckets" / "part-00001")
-    real = dist._band_pairs
-    dist._band_pairs = lambda *a: (_ for _ in ()).throw(MemoryError("killed"))
+    real = dedup.same_key_pairs
+    dedup.same_key_pairs = lambda *a: (_ for _ in ()).throw(MemoryError("killed"))
     try:
         with pytest.raises(MemoryError):
             run_stage(inputs, out, cfg, 3, stage="buckets", task=1)
     finally:
-        dist._band_pairs = real
+        dedup.same_key_pairs = real
     assert not (work / "buckets" / "part-00001").exists()
     assert not [p for p in (work / "buckets").iterdir() if p.name.startswith(".")]  # temp folder removed
     r = run_stage(inputs, out, cfg, 3, stage="buckets")

@@ -21,9 +21,13 @@ The kept documents' shingle sets live in a `ShingleStore` (an append-only file r
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -37,9 +41,15 @@ __all__ = [
     "NearDupIndex",
     "NearDupStats",
     "ShingleStore",
+    "SetTable",
+    "band_keys",
+    "equal_runs",
     "exact_key",
+    "hash_ranges",
     "jaccard",
     "lsh_params",
+    "pair_jaccard",
+    "same_key_pairs",
     "shingle_hash_reference",
     "shingle_hashes",
     "shingles",
@@ -99,16 +109,26 @@ def shingle_hash_reference(shingle: tuple[str, ...], seed: int = 1) -> int:
 _POW_CACHE: dict[str, np.ndarray] = {}
 
 
+def _power_table(base: np.uint64, m: int) -> np.ndarray:
+    """base^k mod 2^64 for k < m, by doubling: p[L:2L] = p[:L] * base^L (log2 m vector multiplies)."""
+    p = np.empty(m, np.uint64)
+    p[0] = 1
+    filled, step = 1, base
+    with np.errstate(over="ignore"):
+        while filled < m:
+            k = min(filled, m - filled)
+            np.multiply(p[:k], step, out=p[filled : filled + k])
+            filled += k
+            step = step * step
+    return p
+
+
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     """P^k and P^-k (mod 2^64) for k < n, grown geometrically and cached per process."""
     have = _POW_CACHE.get("p")
     if have is None or len(have) < n:
         m = max(n, 2 * (0 if have is None else len(have)), 1 << 16)
-        p = np.full(m, _P, dtype=np.uint64)
-        p[0] = 1
-        q = np.full(m, _PINV, dtype=np.uint64)
-        q[0] = 1
-        _POW_CACHE["p"], _POW_CACHE["q"] = np.cumprod(p, dtype=np.uint64), np.cumprod(q, dtype=np.uint64)
+        _POW_CACHE["p"], _POW_CACHE["q"] = _power_table(_P, m), _power_table(_PINV, m)
     return _POW_CACHE["p"], _POW_CACHE["q"]
 
 
@@ -150,7 +170,9 @@ def shingle_hashes(texts: list[str], n: int = 5, lowercase: bool = False, seed: 
     data = np.frombuffer(buf, dtype=np.uint8)
     nb = len(data)
     ws = _whitespace(data)
-    edge = np.flatnonzero(np.diff(np.concatenate([[1], ws.view(np.int8), [1]])))
+    w = np.ones(nb + 2, bool)  # whitespace before the first byte and after the last
+    w[1:-1] = ws
+    edge = np.flatnonzero(w[1:] != w[:-1])
     w_start, w_end = edge[0::2].astype(np.int64), edge[1::2].astype(np.int64)  # runs of non-whitespace
     nw = len(w_start)
     if nw == 0:
@@ -158,8 +180,11 @@ def shingle_hashes(texts: list[str], n: int = 5, lowercase: bool = False, seed: 
     starts = np.concatenate([[0], np.cumsum(np.fromiter(map(len, parts), np.int64, ndoc) + 1)[:-1]])
     w_doc = np.searchsorted(starts, w_start, side="right") - 1
     pw, pinv = _powers(nb + 1)
-    c = (data.astype(np.uint64) + np.uint64(1)) * pinv[:nb]
-    pre = np.concatenate([np.zeros(1, np.uint64), np.cumsum(c, dtype=np.uint64)])
+    pre = np.zeros(nb + 1, np.uint64)
+    c = data.astype(np.uint64)
+    c += np.uint64(1)
+    c *= pinv[:nb]
+    np.cumsum(c, out=pre[1:])
     wh = (pre[w_end] - pre[w_start]) * pw[w_end - 1]
     wh = _splitmix64(wh + (w_end - w_start).astype(np.uint64) * np.uint64(_C) + np.uint64((seed * _S) & _M64))
     counts = np.bincount(w_doc, minlength=ndoc)
@@ -287,8 +312,9 @@ class ShingleStore:
     it is remapped O(log n) times): resident memory is the page cache's business, not the process's."""
 
     def __init__(self, folder: str | None = None, capacity: int = 1 << 20):
-        fd, self.path = tempfile.mkstemp(prefix="cpt-shingles-", suffix=".u64", dir=folder)
-        os.close(fd)
+        fd, path = tempfile.mkstemp(prefix="cpt-shingles-", suffix=".u64", dir=folder)
+        self._file = os.fdopen(fd, "r+b")
+        os.unlink(path)  # nameless from the start: nothing is left behind, even by a killed process
         self._n = 0  # uint64 values written
         self._cap = 0
         self._arr = np.zeros(0, np.uint64)
@@ -299,23 +325,26 @@ class ShingleStore:
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * self._cap)
         self._arr = np.zeros(0, np.uint64)  # drop the old mapping before resizing the file
-        with open(self.path, "r+b") as f:
-            f.truncate(8 * cap)
-        self._arr = np.asarray(np.memmap(self.path, dtype=np.uint64, mode="r+", shape=(cap,)))
+        self._file.truncate(8 * cap)
+        self._arr = np.asarray(np.memmap(self._file, dtype=np.uint64, mode="r+", shape=(cap,)))
         self._cap = cap
 
     def add(self, values: np.ndarray) -> int:
         """Append one set; returns its row number."""
-        k = len(values)
+        self.add_many(values, np.array([len(values)], np.int64))
+        return self.count - 1
+
+    def add_many(self, values: np.ndarray, lens: np.ndarray) -> None:
+        """Append len(lens) sets: values holds them back to back."""
+        k, m = len(values), len(lens)
         if self._n + k > self._cap:
             self._grow(self._n + k)
         self._arr[self._n : self._n + k] = values
-        self._n += k
-        self.count += 1
-        if self.count == len(self._off):
+        while self.count + m >= len(self._off):
             self._off = np.concatenate([self._off, np.zeros_like(self._off)])
-        self._off[self.count] = self._n
-        return self.count - 1
+        self._off[self.count + 1 : self.count + m + 1] = self._n + np.cumsum(lens)
+        self._n += k
+        self.count += m
 
     def offsets_array(self) -> np.ndarray:
         return self._off[: self.count + 1]
@@ -328,20 +357,15 @@ class ShingleStore:
 
     def close(self) -> None:
         self._arr = np.zeros(0, np.uint64)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._file.close()
 
 
-def _redis_storage(url: str, default_basename: str) -> tuple[dict, dict]:
+def _redis_conn(url: str) -> dict:
     u = urlparse(url)
-    q = parse_qs(u.query)
     conn = {"host": u.hostname or "localhost", "port": u.port or 6379}
     if u.path.strip("/"):
         conn["db"] = int(u.path.strip("/"))
-    basename = q.get("basename", [default_basename])[0]
-    return {"type": "redis", "basename": basename.encode(), "redis": conn}, conn
+    return conn
 
 
 class NearDupStats:
@@ -363,6 +387,16 @@ class NearDupStats:
         if removed_j is not None:
             self.removed += 1
             self.hist[min(int(removed_j * _HIST_BINS), _HIST_BINS - 1)] += 1
+
+    def add_batch(self, n_candidates: np.ndarray, n_checked: np.ndarray, n_verified: np.ndarray,
+                  removed_j: np.ndarray) -> None:
+        """Per-document counts of a batch; removed_j: the best Jaccard of each removed document."""
+        self.candidate_pairs += int(n_candidates.sum())
+        self.checked_pairs += int(n_checked.sum())
+        self.verified_pairs += int(n_verified.sum())
+        self.removed += len(removed_j)
+        bins = np.minimum((np.asarray(removed_j) * _HIST_BINS).astype(np.int64), _HIST_BINS - 1)
+        self.hist += np.bincount(bins, minlength=_HIST_BINS)
 
     def merge(self, other: NearDupStats) -> None:
         self.add(other.candidate_pairs, other.checked_pairs, other.verified_pairs, None)
@@ -387,94 +421,226 @@ def gather(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarr
     return values[base + np.arange(total)]
 
 
-def decide_candidates(cfg: MinHashConfig, sig: np.ndarray, shingle_set: np.ndarray | None,
-                      cand_sigs: np.ndarray, values: np.ndarray | None = None, starts: np.ndarray | None = None,
-                      lens: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """Jaccard of one document against its candidates (rows of `cand_sigs`; candidate i's set is
-    values[starts[i]:starts[i]+lens[i]]): exact where the size bound and the sketch pre-filter let a
-    candidate through, else -1 (not checked); with `decide: estimate` the sketch estimate itself.
-    Returns (jaccard per candidate, number checked exactly)."""
-    est = (cand_sigs == sig[None, :]).mean(axis=1) if len(cand_sigs) else np.zeros(0)
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """uint64[num_docs, bands]: band b's key is a 64-bit mix of b and the band's `rows` sketch values.
+    Two documents are LSH candidates iff they share a key (in memory, on Redis and across Slurm tasks)."""
+    sigs = np.asarray(sigs)
+    out = np.empty((len(sigs), bands), np.uint64)
+    for b in range(bands):
+        h = np.full(len(sigs), b, np.uint64)
+        for c in range(b * rows, (b + 1) * rows):
+            h = _splitmix64(h ^ sigs[:, c].astype(np.uint64))
+        out[:, b] = h
+    return out
+
+
+_RANGE_BITS = 4  # hash-range offsets: each set's count below k/16 of the 64-bit range, k = 0..16
+_SUBSAMPLE = 256  # the subsample check reads at least this many values of the larger-side document
+
+
+def hash_ranges(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """int32[num_sets, 17]: row d, column k = how many of set d's (sorted) values lie below k/16 of the
+    hash range, so values[offsets[d]:offsets[d] + r[d, k]] is the set restricted to that range."""
+    nset, nr = len(offsets) - 1, 1 << _RANGE_BITS
+    out = np.zeros((nset, nr + 1), np.int32)
+    if nset and len(values):
+        doc = np.repeat(np.arange(nset, dtype=np.int64), np.diff(offsets))
+        cell = doc * nr + (np.asarray(values) >> np.uint64(64 - _RANGE_BITS)).astype(np.int64)
+        np.cumsum(np.bincount(cell, minlength=nset * nr).reshape(nset, nr), axis=1, out=out[:, 1:])
+    return out
+
+
+@dataclass(frozen=True)
+class SetTable:
+    """Documents' sketches and shingle sets: document i has sigs[i] and values[offsets[i]:offsets[i+1]],
+    and ranges[i] = `hash_ranges` of its set (values None with `decide: estimate`)."""
+
+    sigs: np.ndarray
+    values: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    ranges: np.ndarray | None = None
+
+    def lens(self, idx: np.ndarray) -> np.ndarray:
+        return self.offsets[idx + 1] - self.offsets[idx]
+
+
+def _intersections(s: np.ndarray, values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """|s & values[starts[i]:starts[i]+lens[i]]| for each i (s and every run sorted, unique)."""
+    if len(s) == 0 or len(lens) == 0:
+        return np.zeros(len(lens), np.int64)
+    allv = gather(values, starts, lens)
+    hit = np.append(s, s[-1])[np.searchsorted(s, allv)] == allv  # past the end lands on s[-1] < it: no match
+    c = np.concatenate([[0], np.cumsum(hit, dtype=np.int64)])[np.cumsum(lens)]
+    c[1:] -= c[:-1].copy()
+    return c
+
+
+def pair_jaccard(cfg: MinHashConfig, pa: np.ndarray, pb: np.ndarray, a: SetTable, b: SetTable,
+                 chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Jaccard of document pa[k] of `a` and pb[k] of `b`, for pairs sorted by pa.
+
+    `estimate`: the sketch estimate. `exact`: the exact Jaccard of the pairs that pass three filters,
+    else -1 (not checked): the size bound (exact); the sketch estimate >= threshold - prefilter_margin;
+    and for large sets a subsample check: both sets restricted to the lowest hash ranges holding
+    >= 256 of a's values are a uniform sample of the union, and a pair whose sample Jaccard is more
+    than z standard errors below the threshold (z = prefilter_margin / the sketch's standard error at
+    the threshold: the same confidence as the sketch filter), or whose exact upper bound (sample
+    overlap + the smaller remainder) is below it, is not checked. Returns (jaccard, checked)."""
+    n, t = len(pa), cfg.threshold
     if cfg.decide == "estimate":
-        return est, len(est)
-    t = cfg.threshold
-    js = np.full(len(est), -1.0)
-    n = len(shingle_set)
-    live = np.flatnonzero((est >= t - cfg.prefilter_margin) & (np.minimum(lens, n) >= t * np.maximum(lens, n)))
-    if len(live) == 0:
-        return js, 0
-    if n == 0:
-        js[live] = 1.0  # two empty sets (the size bound let only empty ones through)
-        return js, len(live)
-    ln = lens[live]
-    allv = gather(values, starts[live], ln)
-    pos = np.minimum(np.searchsorted(shingle_set, allv), n - 1)
-    hit = shingle_set[pos] == allv
-    inter = np.bincount(np.repeat(np.arange(len(live)), ln)[hit], minlength=len(live))
-    js[live] = inter / (ln + n - inter)
-    return js, len(live)
+        return _estimate(pa, pb, a, b, chunk), np.ones(n, bool)
+    js = np.full(n, -1.0)
+    la, lb = a.lens(pa), b.lens(pb)
+    idx = np.flatnonzero(np.minimum(la, lb) >= t * np.maximum(la, lb))  # the size bound first: no sketch read
+    idx = idx[_estimate(pa[idx], pb[idx], a, b, chunk) >= t - cfg.prefilter_margin]
+    z = cfg.prefilter_margin / math.sqrt(max(t * (1 - t), 1e-12) / cfg.num_perm)
+    live = np.zeros(n, bool)
+    nr = 1 << _RANGE_BITS
+    for lo, hi in equal_runs(pa[idx]):  # per document of `a`, against all its live partners
+        k = idx[lo:hi]
+        d = int(pa[k[0]])
+        s = a.values[a.offsets[d] : a.offsets[d + 1]]
+        if len(s) >= 2 * _SUBSAMPLE and a.ranges is not None and b.ranges is not None:
+            cut = min(nr, -(-_SUBSAMPLE * nr // len(s)))  # ranges [0, cut/16): ~256+ of s
+            na, nb = int(a.ranges[d, cut]), b.ranges[pb[k], cut].astype(np.int64)
+            inter = _intersections(s[:na], b.values, b.offsets[pb[k]], nb)
+            union = na + nb - inter
+            sample = inter / np.maximum(union, 1)
+            bound = inter + np.minimum(len(s) - na, lb[k] - nb)
+            keep = (sample >= t - z * np.sqrt(t * (1 - t) / np.maximum(union, 1))) & \
+                   (bound >= t * (len(s) + lb[k] - bound) - 1e-9)
+            k = k[keep]
+        live[k] = True
+        if len(s) == 0:
+            js[k] = 1.0  # two empty sets (the size bound let only empty ones through)
+            continue
+        inter = _intersections(s, b.values, b.offsets[pb[k]], lb[k])
+        js[k] = inter / (lb[k] + len(s) - inter)
+    return js, live
+
+
+def _estimate(pa: np.ndarray, pb: np.ndarray, a: SetTable, b: SetTable, chunk: int) -> np.ndarray:
+    """Sketch estimate of each pair's Jaccard (fraction of equal bins), chunk pairs at a time."""
+    est = np.empty(len(pa))
+    for lo in range(0, len(pa), chunk):  # bounded memory: chunk x num_perm sketch values at a time
+        eq = np.asarray(a.sigs)[pa[lo : lo + chunk]] == np.asarray(b.sigs)[pb[lo : lo + chunk]]
+        est[lo : lo + chunk] = np.count_nonzero(eq, axis=1)
+    return est / max(a.sigs.shape[1], 1)
+
+
+def equal_runs(sorted_keys: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values in a sorted array."""
+    if len(sorted_keys) == 0:
+        return []
+    cut = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
+    edges = np.concatenate([[0], cut, [len(sorted_keys)]])
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def same_key_pairs(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (later, earlier) pair of `ids` sharing a key, unique, sorted by (later, earlier)."""
+    if len(keys) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.lexsort((ids, keys))
+    k, g = keys[order], ids[order]
+    start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+    size = np.diff(np.concatenate([start, [len(k)]]))
+    pj, pi = [], []
+    for st, m in zip(start[size > 1].tolist(), size[size > 1].tolist()):
+        lo, hi = np.triu_indices(m, 1)
+        pi.append(g[st + lo])
+        pj.append(g[st + hi])
+    if not pj:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pj, pi = np.concatenate(pj), np.concatenate(pi)
+    keep = pj != pi  # one document with a key twice (two equal bands) is not a pair
+    return _unique_pairs(pj[keep], pi[keep])
+
+
+def _unique_pairs(pj: np.ndarray, pi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(pj) == 0:
+        return pj.astype(np.int64), pi.astype(np.int64)
+    pj, pi = pj.astype(np.int64), pi.astype(np.int64)
+    span = int(pi.max()) + 1
+    if int(pj.max()) < (1 << 62) // span:  # one int64 code per pair: a flat sort
+        u = np.unique(pj * span + pi)
+        return u // span, u % span
+    order = np.lexsort((pi, pj))
+    pj, pi = pj[order], pi[order]
+    first = np.concatenate([[True], (pj[1:] != pj[:-1]) | (pi[1:] != pi[:-1])])
+    return pj[first], pi[first]
 
 
 class _Bands:
-    """In-memory LSH: one dict per band from the band's bytes to the rows that have it."""
+    """In-memory LSH: one dict from a band key (`band_keys`) to the rows that have it."""
 
-    def __init__(self, bands: int, rows: int):
-        self.bands, self.rows = bands, rows
-        self.tables: list[dict] = [{} for _ in range(bands)]
+    def __init__(self):
+        self.table: collections.defaultdict[int, list[int]] = collections.defaultdict(list)
 
-    def _keys(self, sig: np.ndarray) -> list[bytes]:
-        b = sig[: self.bands * self.rows].tobytes()
-        w = 4 * self.rows
-        return [b[i * w : (i + 1) * w] for i in range(self.bands)]
+    def query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(document index, row) for every row sharing a key with keys[document] (repeats possible)."""
+        hits = list(map(self.table.get, keys.ravel().tolist()))
+        lens = np.fromiter((len(h) if h else 0 for h in hits), np.int64, len(hits))
+        rows = np.fromiter(itertools.chain.from_iterable(h for h in hits if h), np.int64, int(lens.sum()))
+        return np.repeat(np.arange(len(hits)) // max(keys.shape[1], 1), lens), rows
 
-    def query(self, sig: np.ndarray) -> list[int]:
-        out: set[int] = set()
-        for t, k in zip(self.tables, self._keys(sig)):
-            hit = t.get(k)
-            if hit:
-                out.update(hit)
-        return sorted(out)
+    def insert(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        t = self.table
+        for r, ks in zip(rows.tolist(), keys.tolist()):
+            for k in ks:
+                t[k].append(r)
 
-    def insert(self, row: int, sig: np.ndarray) -> None:
-        for t, k in zip(self.tables, self._keys(sig)):
-            t.setdefault(k, []).append(row)
+    def close(self) -> None:
+        pass
 
 
 class _RedisBands:
-    """datasketch's MinHashLSH on Redis with our banding (rows are stored as their decimal keys)."""
+    """The same table on Redis (one list per band key, `BASENAME:KEY`), read and written in pipelines:
+    several processes or a restarted one see one index, and the decisions equal the in-memory ones."""
 
-    def __init__(self, cfg: MinHashConfig, bands: int, rows: int, url: str, basename: str):
+    def __init__(self, url: str, basename: str):
         import redis
-        from datasketch import LeanMinHash, MinHashLSH
 
-        storage, conn = _redis_storage(url, basename)
+        conn = _redis_conn(url)
+        self.prefix = parse_qs(urlparse(url).query).get("basename", [basename])[0] + ":"
         self._redis = redis.Redis(**conn)
         try:
             self._redis.ping()
         except redis.exceptions.ConnectionError as e:
             raise CptError(f"cannot reach redis at {url}: {e}; start redis-server or drop --lsh") from e
         # A run owns its basename: stale keys from an earlier run would change decisions.
-        for k in self._redis.scan_iter(match=storage["basename"] + b"*"):
+        for k in self._redis.scan_iter(match=self.prefix + "*", count=10_000):
             self._redis.delete(k)
-        self.lsh = MinHashLSH(num_perm=cfg.num_perm, params=(bands, rows), storage_config=storage)
-        self._lean = lambda sig: LeanMinHash(seed=cfg.seed, hashvalues=sig, scheme="affine32")  # label only
 
-    def query(self, sig: np.ndarray) -> list[int]:
-        return sorted(int(k) for k in self.lsh.query(self._lean(sig)))
+    def query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pipe = self._redis.pipeline(transaction=False)
+        for k in keys.ravel().tolist():
+            pipe.lrange(f"{self.prefix}{k:016x}", 0, -1)
+        hits = pipe.execute()
+        lens = np.fromiter(map(len, hits), np.int64, len(hits))
+        rows = np.fromiter(map(int, itertools.chain.from_iterable(hits)), np.int64, int(lens.sum()))
+        return np.repeat(np.arange(len(hits)) // max(keys.shape[1], 1), lens), rows
 
-    def insert(self, row: int, sig: np.ndarray) -> None:
-        self.lsh.insert(str(row), self._lean(sig), check_duplication=False)
+    def insert(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for r, ks in zip(rows.tolist(), keys.tolist()):
+            for k in ks:
+                pipe.rpush(f"{self.prefix}{k:016x}", r)
+        pipe.execute()
 
     def close(self) -> None:
         self._redis.close()
 
 
 class NearDupIndex:
-    """Sequential near-duplicate decisions over kept documents.
+    """Sequential near-duplicate decisions over kept documents, a batch at a time.
 
-    `check_and_add(key, sig, shingle_set)` -> (dup_of key or None, best Jaccard). Candidates are the
-    earlier kept documents sharing an LSH band (in memory, or on Redis with `lsh_url`); the best is the
-    highest Jaccard, ties to the earliest kept document. `stats` accumulates the report.
+    `check_batch(keys, sigs, values, offsets)` -> [(dup_of key or None, best Jaccard)] per document, in
+    order: document j is a near-duplicate iff an earlier KEPT document (before the batch, or earlier in
+    it) shares an LSH band key with it at Jaccard >= threshold; the best is the highest Jaccard, ties to
+    the earliest kept document. The decisions equal one `check_batch` per document whatever the batch
+    size (every pair's Jaccard depends only on the two documents; the batch resolves who is kept in
+    order). Band keys live in memory, or on Redis with `lsh_url`; `stats` accumulates the report.
     """
 
     def __init__(self, cfg: MinHashConfig, lsh_url: str | None = None, basename: str = "cpt_curate",
@@ -482,40 +648,67 @@ class NearDupIndex:
         self.cfg = cfg
         self.bands, self.rows = lsh_params(cfg.threshold, cfg.num_perm)
         self.stats = NearDupStats(cfg, self.bands, self.rows)
-        self.lsh = (_RedisBands(cfg, self.bands, self.rows, lsh_url, basename) if lsh_url
-                    else _Bands(self.bands, self.rows))
+        self.lsh = _RedisBands(lsh_url, basename) if lsh_url else _Bands()
         self._keys: list[str] = []
         self._sigs = np.zeros((1024, cfg.num_perm), np.uint32)
+        self._ranges = np.zeros((1024, (1 << _RANGE_BITS) + 1), np.int32)
         self._store = ShingleStore(workdir) if cfg.decide == "exact" else None
 
-    def check_and_add(self, key: str, sig: np.ndarray, shingle_set: np.ndarray | None = None):
-        rows = self.lsh.query(sig)
-        st = self._store
-        if st is not None:
-            r = np.asarray(rows, np.int64)
-            off = st.offsets_array()
-            js, checked = decide_candidates(self.cfg, sig, shingle_set, self._sigs[r], st.values(), off[r],
-                                            off[r + 1] - off[r])
-        else:
-            js, checked = decide_candidates(self.cfg, sig, shingle_set, self._sigs[rows])
-        ok = js >= self.cfg.threshold
-        if ok.any():
-            b = int(np.argmax(js))  # first maximum: the earliest kept document
-            self.stats.add(len(rows), checked, int(ok.sum()), float(js[b]))
-            return self._keys[rows[b]], float(js[b])
-        self.stats.add(len(rows), checked, 0, None)
-        row = len(self._keys)
-        if row == len(self._sigs):
+    def _kept_table(self) -> SetTable:
+        n, st = len(self._keys), self._store
+        if st is None:
+            return SetTable(self._sigs[:n])
+        return SetTable(self._sigs[:n], st.values(), st.offsets_array(), self._ranges[:n])
+
+    def check_batch(self, keys: list[str], sigs: np.ndarray, values: np.ndarray | None = None,
+                    offsets: np.ndarray | None = None) -> list[tuple[str | None, float]]:
+        """keys[j], sigs[j] (and with `decide: exact` the set values[offsets[j]:offsets[j+1]]) per document."""
+        b, n, t = len(keys), len(self._keys), self.cfg.threshold
+        if b == 0:
+            return []
+        sigs = np.asarray(sigs, np.uint32).reshape(b, -1)
+        bk = band_keys(sigs, self.bands, self.rows)
+        oj, oc = self.lsh.query(bk)  # kept rows before the batch
+        wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # earlier in the batch
+        pj, pc = _unique_pairs(np.concatenate([oj, wj]), np.concatenate([oc, wi + n]))  # c >= n: batch doc c-n
+        batch = SetTable(sigs, values, offsets, None if values is None else hash_ranges(values, offsets))
+        js, checked = np.full(len(pj), -1.0), np.zeros(len(pj), bool)
+        old = pc < n
+        js[old], checked[old] = pair_jaccard(self.cfg, pj[old], pc[old], batch, self._kept_table())
+        js[~old], checked[~old] = pair_jaccard(self.cfg, pj[~old], pc[~old] - n, batch, batch)
+        ok = js >= t
+        kept = np.ones(b, bool)
+        for j, c in zip(pj[ok].tolist(), pc[ok].tolist()):  # in order: c - n < j is decided already
+            if c < n or kept[c - n]:
+                kept[j] = False
+        valid = old | kept[np.maximum(pc - n, 0)]  # only kept documents are candidates
+        pj, pc, js, checked, ok = pj[valid], pc[valid], js[valid], checked[valid], ok[valid]
+        best_j, best_c = np.zeros(b), np.full(b, -1, np.int64)
+        if len(pj):
+            order = np.lexsort((pc, -js, pj))  # per document: highest Jaccard, then earliest
+            first = order[np.concatenate([[True], pj[order][1:] != pj[order][:-1]])]
+            best_j[pj[first]], best_c[pj[first]] = np.maximum(js[first], 0.0), pc[first]
+        self.stats.add_batch(np.bincount(pj, minlength=b), np.bincount(pj[checked], minlength=b),
+                             np.bincount(pj[ok], minlength=b), best_j[~kept])
+        out = [(None, float(best_j[j])) if kept[j] else
+               (self._keys[c] if (c := int(best_c[j])) < n else keys[c - n], float(best_j[j])) for j in range(b)]
+        self._add(keys, bk, kept, batch)
+        return out
+
+    def _add(self, keys: list[str], bk: np.ndarray, kept: np.ndarray, batch: SetTable) -> None:
+        n, idx = len(self._keys), np.flatnonzero(kept)
+        while n + len(idx) > len(self._sigs):
             self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-        self._sigs[row] = sig
-        self._keys.append(key)
+            self._ranges = np.concatenate([self._ranges, np.zeros_like(self._ranges)])
+        self._sigs[n : n + len(idx)] = batch.sigs[idx]
+        self._keys.extend(keys[i] for i in idx.tolist())
         if self._store is not None:
-            self._store.add(shingle_set)
-        self.lsh.insert(row, sig)
-        return None, float(max(js.max(initial=0.0), 0.0))
+            self._ranges[n : n + len(idx)] = batch.ranges[idx]
+            lens = batch.lens(idx)
+            self._store.add_many(gather(batch.values, batch.offsets[idx], lens), lens)
+        self.lsh.insert(np.arange(n, n + len(idx)), bk[idx])
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
-        if isinstance(self.lsh, _RedisBands):
-            self.lsh.close()
+        self.lsh.close()

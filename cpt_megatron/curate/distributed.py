@@ -9,7 +9,7 @@ folder appears by one rename when it is complete, so re-running a stage skips th
    keys. Memory: one shard's sketches and sets.
 2. ``buckets`` (N tasks): task p owns the exact keys and LSH band values that hash to p. It groups them
    across all shards: every exact key's first occurrence survives; every pair of documents sharing a
-   band is a candidate, and the pair's Jaccard is computed here with `dedup.decide_candidates` (it
+   band is a candidate, and the pair's Jaccard is computed here with `dedup.pair_jaccard` (it
    depends only on the two documents, not on what was kept before). Memory: 1/N of the band table.
 3. ``write`` (1 task): replays the shards in input order through the one-process accounting loop
    (`pipeline._run`) with the decisions read from stage 2: a document is a near-duplicate iff an
@@ -124,8 +124,14 @@ def _sketch(plan: _Plan, k: int, workers: int) -> None:
                     pickle.dump((n_batch, results), f, protocol=pickle.HIGHEST_PROTOCOL)
         p = cfg.minhash_dedup.num_perm
         np.save(tmp / "sigs.npy", np.stack(sigs) if sigs else np.zeros((0, p), np.uint32))
-        np.save(tmp / "values.npy", np.concatenate(sets) if sets else np.zeros(0, np.uint64))
-        np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int64))
+        values = np.concatenate(sets) if sets else np.zeros(0, np.uint64)
+        np.save(tmp / "values.npy", values)
+        offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int64)
+        np.save(tmp / "offsets.npy", offsets)
+        if sets:
+            from cpt_megatron.curate.dedup import hash_ranges
+
+            np.save(tmp / "ranges.npy", hash_ranges(values, offsets))
         np.save(tmp / "exact.npy", np.frombuffer(b"".join(keys), np.uint64).reshape(-1, 2))
         enc = [k.encode("utf-8", "surrogatepass") for k in ids]  # dup_of keys, read back one at a time
         (tmp / "keys.bin").write_bytes(b"".join(enc))
@@ -152,6 +158,13 @@ class _Shard:
         self.key_offsets = np.load(folder / "key_offsets.npy")
         self.live = len(self.key_offsets) - 1
 
+    def ranges(self) -> np.ndarray:
+        """`dedup.hash_ranges` of the shard's sets (saved by the sketch task; computed if absent)."""
+        from cpt_megatron.curate.dedup import hash_ranges
+
+        f = self.folder / "ranges.npy"
+        return _load(f) if f.exists() else hash_ranges(self.values, self.offsets)
+
     def key(self, i: int) -> str:
         """`source:position` of live document i (what `dup_of` names)."""
         lo, hi = int(self.key_offsets[i]), int(self.key_offsets[i + 1])
@@ -162,7 +175,14 @@ class _Shard:
 
 # --- stage 2: one partition of the exact keys and band values ------------------------------------------
 def _buckets(plan: _Plan, p: int) -> None:
-    from cpt_megatron.curate.dedup import decide_candidates, lsh_params
+    from cpt_megatron.curate.dedup import (
+        SetTable,
+        band_keys,
+        equal_runs,
+        lsh_params,
+        pair_jaccard,
+        same_key_pairs,
+    )
 
     cfg, n, parts = plan.cfg, plan.shards, plan.shards
     shards = [_Shard(plan.sketch_dir(s)) for s in range(n)]
@@ -182,70 +202,28 @@ def _buckets(plan: _Plan, p: int) -> None:
             dup[1:] = (k[1:] == k[:-1]).all(axis=1)
             _save_by_shard(tmp, "exact", g[dup], n)
         if "minhash_dedup" in stages:
-            bands, rows = lsh_params(cfg.minhash_dedup.threshold, cfg.minhash_dedup.num_perm)
-            entries, gids = [], []
+            mh = cfg.minhash_dedup
+            bands, rows = lsh_params(mh.threshold, mh.num_perm)
+            keys, gids = [], []
             for s, sh in enumerate(shards):
-                sig = np.asarray(sh.sigs)
-                for b in range(bands):
-                    v = sig[:, b * rows : (b + 1) * rows]
-                    h = np.full(len(v), b, np.uint64)
-                    for c in range(rows):
-                        h = _mix(h ^ v[:, c].astype(np.uint64))
-                    mine = np.flatnonzero(h % np.uint64(parts) == p)
-                    entries.append(np.concatenate([np.full((len(mine), 1), b, np.uint32), v[mine]], axis=1))
-                    gids.append((s << _SHARD_BITS) | mine.astype(np.int64))
-            pj, pi = _band_pairs(entries, gids, rows)
+                bk = band_keys(sh.sigs, bands, rows)
+                mine = bk % np.uint64(parts) == p
+                keys.append(bk[mine])
+                gids.append((s << _SHARD_BITS) | np.nonzero(mine)[0].astype(np.int64))
+            pj, pi = same_key_pairs(np.concatenate(keys), np.concatenate(gids))
             js = np.full(len(pj), -1.0)
-            # Jaccard per pair, one call per (document, shard of its candidates)
-            for lo, hi in _runs(pj):
-                j = int(pj[lo])
-                a = shards[j >> _SHARD_BITS]
-                jl = j & _LOCAL
-                s_j = np.asarray(a.values[a.offsets[jl] : a.offsets[jl + 1]]) if cfg.minhash_dedup.decide == "exact" \
-                    else None
-                cand = pi[lo:hi]
-                for clo, chi in _runs(cand >> _SHARD_BITS):
-                    c = shards[int(cand[clo]) >> _SHARD_BITS]
-                    loc = cand[clo:chi] & _LOCAL
-                    off = np.asarray(c.offsets)
-                    r, _ = decide_candidates(cfg.minhash_dedup, np.asarray(a.sigs[jl]), s_j, np.asarray(c.sigs)[loc],
-                                             c.values, off[loc] if len(off) > 1 else None,
-                                             (off[loc + 1] - off[loc]) if len(off) > 1 else None)
-                    js[lo + clo : lo + chi] = r
+            tables = [SetTable(sh.sigs, sh.values, sh.offsets, sh.ranges() if mh.decide == "exact" else None)
+                      for sh in shards]
+            sj, si = pj >> _SHARD_BITS, pi >> _SHARD_BITS
+            order = np.lexsort((pi, pj, si, sj))  # grouped by (shard of j, shard of i), j ascending inside
+            grp = sj[order] * n + si[order]
+            for lo, hi in equal_runs(grp):
+                k = order[lo:hi]
+                a, c = int(sj[k[0]]), int(si[k[0]])
+                js[k], _ = pair_jaccard(mh, pj[k] & _LOCAL, pi[k] & _LOCAL, tables[a], tables[c])
             for s in range(n):
-                m = (pj >> _SHARD_BITS) == s
+                m = sj == s
                 np.savez(tmp / f"pairs-{s:05d}.npz", j=pj[m] & _LOCAL, i=pi[m], js=js[m])
-
-
-def _runs(sorted_keys: np.ndarray):
-    """(start, end) of each run of equal values in a sorted array."""
-    if len(sorted_keys) == 0:
-        return []
-    cut = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
-    edges = np.concatenate([[0], cut, [len(sorted_keys)]])
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
-
-
-def _band_pairs(entries: list, gids: list, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """All (later, earlier) document pairs sharing a (band, band values) entry, unique, sorted by later."""
-    if not entries or not sum(len(e) for e in entries):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    e, g = np.concatenate(entries), np.concatenate(gids)
-    order = np.lexsort((g, *[e[:, c] for c in range(rows, -1, -1)]))
-    e, g = e[order], g[order]
-    same = np.zeros(len(g), bool)
-    same[1:] = (e[1:] == e[:-1]).all(axis=1)
-    start = np.flatnonzero(~same)
-    size = np.diff(np.concatenate([start, [len(g)]]))
-    pj, pi = [], []
-    for st, m in zip(start[size > 1].tolist(), size[size > 1].tolist()):
-        a, b = np.triu_indices(m, 1)
-        pi.append(g[st + a])
-        pj.append(g[st + b])
-    if not pj:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pair = np.unique(np.stack([np.concatenate(pj), np.concatenate(pi)], axis=1), axis=0)  # sorted by (j, i)
-    return pair[:, 0], pair[:, 1]
 
 
 def _save_by_shard(folder: Path, name: str, gids: np.ndarray, shards: int) -> None:
@@ -289,7 +267,10 @@ class _ReplayDedup:
     def exact_dup(self, o) -> bool:
         return (o.uid & _LOCAL) in self.exact
 
-    def near_dup(self, o) -> tuple[str | None, float]:
+    def near_dups(self, outs: list) -> list[tuple[str | None, float]]:
+        return [self._near_dup(o) for o in outs]
+
+    def _near_dup(self, o) -> tuple[str | None, float]:
         s, jl = o.uid >> _SHARD_BITS, o.uid & _LOCAL
         lo, hi = np.searchsorted(self.pj, [jl, jl + 1])
         cand, js = self.pi[lo:hi], self.pjs[lo:hi]

@@ -23,6 +23,8 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from cpt_megatron.curate.config import CurateConfig
 from cpt_megatron.curate.readers import DocumentReader, Malformed
 from cpt_megatron.utils import atomic_dir, write_json
@@ -287,8 +289,14 @@ class _LocalDedup:
         self.seen.add(o.exact)
         return False
 
-    def near_dup(self, o: _Out) -> tuple[str | None, float]:
-        return self.near.check_and_add(f"{o.source}:{o.position}", o.sig, o.shingles)
+    def near_dups(self, outs: list[_Out]) -> list[tuple[str | None, float]]:
+        """(dup_of or None, Jaccard) per document, decided in order (one batch)."""
+        sigs = np.stack([o.sig for o in outs])
+        values = offsets = None
+        if self.near.cfg.decide == "exact":
+            values = np.concatenate([o.shingles for o in outs])
+            offsets = np.concatenate([[0], np.cumsum([len(o.shingles) for o in outs])]).astype(np.int64)
+        return self.near.check_batch([f"{o.source}:{o.position}" for o in outs], sigs, values, offsets)
 
     def close(self) -> None:
         if self.near is not None:
@@ -376,6 +384,7 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
     try:
         for n_batch, results in batches:
             n_read += n_batch
+            live: list[_Out] = []  # past the per-document stages and exact dedup
             for o in results:
                 if isinstance(o, Malformed):
                     n_malformed += 1
@@ -393,19 +402,25 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
                 if o.removed:
                     reject(o, o.removed, o.reason)
                     continue
-                n = len(o.text)
                 if "exact_dedup" in stages:
+                    n = len(o.text)
                     dup = dedup.exact_dup(o)
                     stats["exact_dedup"].add(n, n, "exact_duplicate" if dup else None)
                     if dup:
                         reject(o, "exact_dedup", "exact_duplicate")
                         continue
-                if near:
-                    dup_of, j = dedup.near_dup(o)
+                live.append(o)
+            if near and live:  # the batch's near-dup decisions at once, in order
+                survivors = []
+                for o, (dup_of, j) in zip(live, dedup.near_dups(live)):
+                    n = len(o.text)
                     stats["minhash_dedup"].add(n, n, "near_duplicate" if dup_of else None)
                     if dup_of:
                         reject(o, "minhash_dedup", "near_duplicate", {"dup_of": dup_of, "jaccard": round(j, 4)})
-                        continue
+                    else:
+                        survivors.append(o)
+                live = survivors
+            for o in live:
                 if scorer is not None:
                     ppl_pending.append(o)
                     if len(ppl_pending) >= cfg.perplexity.batch_size:
