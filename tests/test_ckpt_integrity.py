@@ -200,3 +200,53 @@ def test_train_resume_skips_missing_and_corrupt_checkpoints(tmp_path):
     assert "resume: skipped iter_0000009 (named by the tracker): missing" in log
     skipped = [line for line in log.splitlines() if line.startswith("resume: skipped iter_0000006")]
     assert skipped and shard.name in skipped[0] and "checksum mismatch" in skipped[0], skipped or log[-2000:]
+
+
+_RANKS = r"""
+import json, os, sys
+import torch.distributed as dist
+from cpt_megatron.checkpoint import layout
+from cpt_megatron.checkpoint.io import open_checkpoint
+from cpt_megatron.errors import CptError
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+calls = []
+real = layout._digest
+layout._digest = lambda p, a="xxh3_64": calls.append(p.name) or real(p, a)
+out = {}
+for name in sys.argv[1:]:
+    n0 = len(calls)
+    try:
+        out[name] = {"ok": str(open_checkpoint(name, collective=True))}
+    except CptError as e:
+        out[name] = {"error": str(e)}
+    out[name]["digests"] = len(calls) - n0
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
+
+
+def test_collective_open_checksums_on_rank0_only_and_every_rank_gets_the_verdict(ckpt, tmp_path):
+    """A job's ranks read the base's checksums once (rank 0) instead of once per rank; a damaged base is
+    the same one-line error on every rank (no rank trains on while another fails)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    bad = _copy(ckpt, tmp_path / "bad")
+    _zero_8k(_shard(bad))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", _RANKS, str(ckpt), str(bad)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r)}) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    r0, r1 = (json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    files = len(json.loads((ckpt / "release" / "cpt_manifest.json").read_text())["files"])
+    assert r0[str(ckpt)]["digests"] == files > 1 and r1[str(ckpt)]["digests"] == 0
+    assert r0[str(ckpt)]["ok"] == r1[str(ckpt)]["ok"] == str(ckpt / "release")
+    assert r1[str(bad)]["digests"] == 0 and "checksum mismatch" in r0[str(bad)]["error"]
+    assert r0[str(bad)]["error"] == r1[str(bad)]["error"] and _shard(bad).name in r1[str(bad)]["error"]

@@ -293,15 +293,31 @@ def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, ext
 _VERIFIED: dict[str, float] = {}
 
 
-def open_checkpoint(ckpt_dir: str | os.PathLike) -> Path:
-    """The iteration folder of `ckpt_dir` (any layout), its manifest checked once per process (sizes + checksums)."""
+def open_checkpoint(ckpt_dir: str | os.PathLike, *, collective: bool = False) -> Path:
+    """The iteration folder of `ckpt_dir` (any layout), its manifest checked once per process (sizes + checksums).
+
+    collective=True (every rank of an initialized process group calls it, as `load_model_weights` does):
+    rank 0 alone reads and checksums the files and broadcasts its verdict, so a 70B base is read once
+    per job instead of once per rank; every rank raises the same one-line error when it is damaged."""
     from cpt_megatron.checkpoint import layout
 
     folder = layout.resolve(ckpt_dir)
     man = folder / layout.MANIFEST
     stamp = man.stat().st_mtime if man.is_file() else 0.0
     if _VERIFIED.get(str(folder)) != stamp:
-        layout.check_manifest(folder)
+        dist = torch.distributed
+        if collective and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            verdict = [None]
+            if dist.get_rank() == 0:
+                try:
+                    layout.check_manifest(folder)
+                except CptError as e:
+                    verdict[0] = str(e)
+            dist.broadcast_object_list(verdict, src=0)
+            if verdict[0] is not None:
+                raise CptError(verdict[0])
+        else:
+            layout.check_manifest(folder)
         _VERIFIED[str(folder)] = stamp
     return folder
 
@@ -362,7 +378,7 @@ def load_model_weights(chunks, ckpt_dir: str | os.PathLike) -> None:
 
     from cpt_megatron.checkpoint.layout import read_errors
 
-    ckpt_dir = str(open_checkpoint(ckpt_dir))
+    ckpt_dir = str(open_checkpoint(ckpt_dir, collective=True))
     available = ckpt_tensor_keys(ckpt_dir)
     objects = _ckpt_object_keys(ckpt_dir)
     state = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}

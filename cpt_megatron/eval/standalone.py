@@ -68,12 +68,13 @@ def loaded_checkpoint(ckpt: str | os.PathLike, *, tp: int = 1, pp: int = 1, vpp:
 
     Collective: enter on every rank (a 1-rank world is created when absent); torn down on exit.
     """
-    from cpt_megatron.checkpoint.io import arch_from_ckpt, load_model_weights, open_checkpoint
+    from cpt_megatron.checkpoint.io import arch_from_ckpt, load_model_weights
+    from cpt_megatron.checkpoint.layout import resolve
     from cpt_megatron.model import ModelOptions, build_model
     from cpt_megatron.runtime import ParallelConfig, destroy_distributed, init_distributed
     from cpt_megatron.tokenizer.load import load_tokenizer
 
-    ckpt = open_checkpoint(ckpt)  # any layout (ours, old, Megatron-LM's); manifest checked
+    ckpt = resolve(ckpt)  # any layout (ours, old, Megatron-LM's); load_model_weights checks the manifest (rank 0)
     tok = load_tokenizer(checkpoint_tokenizer(ckpt, tokenizer))
     arch = arch_from_ckpt(ckpt, tokenizer)
     parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
