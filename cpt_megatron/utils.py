@@ -279,3 +279,14 @@ def check_gguf(path: str | os.PathLike, what: str = "GGUF file") -> Path:
         found = "is empty" if not head else f"does not start with the GGUF magic (starts with {head!r})"
         raise _user_error(f"{what} {p} {found}: not a GGUF model; re-download or re-copy it")
     return p
+
+
+def gather_runs(values, starts, lens):
+    """values[starts[0]:starts[0]+lens[0]] ++ values[starts[1]:...] ++ ... in one fancy index (numpy)."""
+    import numpy as np
+
+    total = int(lens.sum())
+    if total == 0:
+        return values[:0]
+    base = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return values[base + np.arange(total)]

@@ -258,3 +258,41 @@ def test_sentencepiece_fast_path_id_for_id_with_hf(mistral_sp_model, tmp_path):
     for i in range(len(ds)):
         ids = ds[i].tolist()
         assert ids[-1] == 2 and 1 not in ids and 2 not in ids[:-1], ids
+
+
+def test_sentencepiece_segment_cache_equals_plain_encode(mistral_sp_model):
+    """The segment-cached encoder (single-spaced texts split in C, the rest through the segment regex)
+    gives sentencepiece's own ids on adversarial whitespace, unicode, byte fallback and digits, across
+    batches that reuse and restart the cache; models it cannot segment exactly are refused by name."""
+    import random
+
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    import cpt_megatron.data.fast_sp as fsp
+
+    mistral_sp_model = str(mistral_sp_model)
+    enc = fsp.FastSentencePiece(mistral_sp_model)
+    assert enc.segments_why == "ok"
+    rng = random.Random(0)
+    atoms = ["a", "b", " ", "  ", "\n", "\t", "\r", "1", "23", "é", "😀", "the", "\u3000", "\u00a0", "▁", ".", "ab"]
+    texts = ["", " ", "a", " a", "a ", "a  b", "a\nb", "\n\n  x\t\ty ", "12345 6789", "héllo — “q” 𝔘 ｶﾀｶﾅ",
+             "\x0b\x0c\r\n", "ab" * 50 + " " * 7 + "z"]
+    texts += ["".join(rng.choice(atoms) for _ in range(rng.randrange(0, 40))) for _ in range(600)]
+    ref = enc.sp.encode(texts, out_type=int)
+    assert [enc.encode_batch(texts[b : b + 50]) for b in range(0, len(texts), 50)] == \
+        [ref[b : b + 50] for b in range(0, len(texts), 50)]
+    old = fsp._MAX_CACHE
+    fsp._MAX_CACHE = 20  # the table starts over mid-stream: same ids
+    try:
+        enc2 = fsp.FastSentencePiece(mistral_sp_model)
+        assert sum((enc2.encode_batch(texts[b : b + 50]) for b in range(0, len(texts), 50)), []) == ref
+        assert len(enc2._index) <= max(20, 50 * 40)
+    finally:
+        fsp._MAX_CACHE = old
+    m = pb.ModelProto()
+    m.ParseFromString(open(mistral_sp_model, "rb").read())
+    m.normalizer_spec.remove_extra_whitespaces = True
+    assert fsp.segmenter(m.SerializeToString())[0] is None
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.name = "nmt_nfkc"
+    assert "identity" in fsp.segmenter(m.SerializeToString())[2]

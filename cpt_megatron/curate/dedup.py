@@ -34,6 +34,7 @@ import numpy as np
 
 from cpt_megatron.curate.config import MinHashConfig
 from cpt_megatron.errors import CptError
+from cpt_megatron.utils import gather_runs
 
 __all__ = [
     "MinHasher",
@@ -412,15 +413,6 @@ class NearDupStats:
                 "verified_pairs": self.verified_pairs, "removed": self.removed, "removed_jaccard_histogram": hist}
 
 
-def gather(values: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """values[starts[0]:starts[0]+lens[0]] ++ values[starts[1]:...] ++ ... in one fancy index."""
-    total = int(lens.sum())
-    if total == 0:
-        return values[:0]
-    base = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-    return values[base + np.arange(total)]
-
-
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """uint64[num_docs, bands]: band b's key is a 64-bit mix of b and the band's `rows` sketch values.
     Two documents are LSH candidates iff they share a key (in memory, on Redis and across Slurm tasks)."""
@@ -468,7 +460,7 @@ def _intersections(s: np.ndarray, values: np.ndarray, starts: np.ndarray, lens: 
     """|s & values[starts[i]:starts[i]+lens[i]]| for each i (s and every run sorted, unique)."""
     if len(s) == 0 or len(lens) == 0:
         return np.zeros(len(lens), np.int64)
-    allv = gather(values, starts, lens)
+    allv = gather_runs(values, starts, lens)
     hit = np.append(s, s[-1])[np.searchsorted(s, allv)] == allv  # past the end lands on s[-1] < it: no match
     c = np.concatenate([[0], np.cumsum(hit, dtype=np.int64)])[np.cumsum(lens)]
     c[1:] -= c[:-1].copy()
@@ -705,7 +697,7 @@ class NearDupIndex:
         if self._store is not None:
             self._ranges[n : n + len(idx)] = batch.ranges[idx]
             lens = batch.lens(idx)
-            self._store.add_many(gather(batch.values, batch.offsets[idx], lens), lens)
+            self._store.add_many(gather_runs(batch.values, batch.offsets[idx], lens), lens)
         self.lsh.insert(np.arange(n, n + len(idx)), bk[idx])
 
     def close(self) -> None:

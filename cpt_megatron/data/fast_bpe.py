@@ -61,13 +61,13 @@ def _version(pkg: str) -> str:
         return "none"
 
 
-_CACHE_FORMAT = 2  # 2: special tokens encoded as text (records carry the `special` list)
+_CACHE_FORMAT = 3  # 2: special tokens encoded as text (records carry the `special` list); 3: sentencepiece segments
 
 
 def cache_key(tokenizer_sha256: dict) -> str:
     blob = json.dumps(
         [sorted(tokenizer_sha256.items()), _version("tiktoken"), _version("tokenizers"), _version("transformers"),
-         _CACHE_FORMAT]
+         _version("sentencepiece"), _CACHE_FORMAT]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

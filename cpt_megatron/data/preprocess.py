@@ -105,14 +105,20 @@ class _Tok:
     hf: object = None
     encoder_name: str = "hf"
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the documents' ids back to back, each document's length)."""
+        if self.fast is not None and hasattr(self.fast, "encode_flat"):
+            return self.fast.encode_flat(texts)
         if self.fast is not None:
-            return self.fast.encode_batch(texts)
-        if self.hf is None:
-            from cpt_megatron.tokenizer.load import load_tokenizer
+            ids = self.fast.encode_batch(texts)
+        else:
+            if self.hf is None:
+                from cpt_megatron.tokenizer.load import load_tokenizer
 
-            self.hf = load_tokenizer(self.spec)
-        return fast_bpe.hf_encode_batch(self.hf, texts)
+                self.hf = load_tokenizer(self.spec)
+            ids = fast_bpe.hf_encode_batch(self.hf, texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        return np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())), lengths
 
 
 def _setup_tokenizer(cfg: PreprocessConfig, sample_texts) -> _Tok:
@@ -272,22 +278,16 @@ def _encode_shard(task) -> dict:
         empty = 0
         with IndexWriter(prefix, dtype) as w:
             for b in range(0, len(texts), cfg.batch_docs):
-                ids = tok.encode_batch(texts[b : b + cfg.batch_docs])
-                lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+                flat, lengths = tok.encode_flat(texts[b : b + cfg.batch_docs])
                 keep = lengths > 0
                 empty += int((~keep).sum())
                 if not keep.all() and not cfg.keep_empty:
-                    ids = [x for x in ids if x]
                     lengths = lengths[keep]
                     keep = keep[keep]
                 if cfg.append_eod:  # never to an empty document (Megatron does the same)
-                    for x in ids:
-                        if x:
-                            x.append(eod)
+                    flat = np.insert(flat, np.cumsum(lengths)[keep], eod)
                     lengths = lengths + keep
-                total = int(lengths.sum())
-                flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total)
-                w.add_documents(flat, lengths)
+                w.add_documents(flat.astype(dtype, copy=False), lengths)
             max_id = w.max_token_id
             res = w.finalize()
         stats[key] = {"documents": res["documents"], "tokens": res["tokens"], "empty": empty, "max_token_id": max_id}
