@@ -232,7 +232,7 @@ class CurateConfig:
     rejected_samples: int = 100
     """Rejected documents written per stage to rejected/<stage>.jsonl.gz."""
     lsh: str | None = None
-    """None: in-memory LSH. `redis://host:port[/db][?basename=NAME]`: datasketch's Redis storage."""
+    """None: in-memory LSH. `redis://host:port[/db][?basename=NAME]`: the band keys in Redis lists."""
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]

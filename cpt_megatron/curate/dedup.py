@@ -427,7 +427,7 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 _RANGE_BITS = 4  # hash-range offsets: each set's count below k/16 of the 64-bit range, k = 0..16
-_SUBSAMPLE = 256  # the subsample check reads at least this many values of the larger-side document
+_SUBSAMPLE = 128  # the subsample check reads at least this many values of the document
 
 
 def hash_ranges(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -474,7 +474,7 @@ def pair_jaccard(cfg: MinHashConfig, pa: np.ndarray, pb: np.ndarray, a: SetTable
     `estimate`: the sketch estimate. `exact`: the exact Jaccard of the pairs that pass three filters,
     else -1 (not checked): the size bound (exact); the sketch estimate >= threshold - prefilter_margin;
     and for large sets a subsample check: both sets restricted to the lowest hash ranges holding
-    >= 256 of a's values are a uniform sample of the union, and a pair whose sample Jaccard is more
+    >= 128 of a's values are a uniform sample of the union, and a pair whose sample Jaccard is more
     than z standard errors below the threshold (z = prefilter_margin / the sketch's standard error at
     the threshold: the same confidence as the sketch filter), or whose exact upper bound (sample
     overlap + the smaller remainder) is below it, is not checked. Returns (jaccard, checked)."""
@@ -493,7 +493,7 @@ def pair_jaccard(cfg: MinHashConfig, pa: np.ndarray, pb: np.ndarray, a: SetTable
         d = int(pa[k[0]])
         s = a.values[a.offsets[d] : a.offsets[d + 1]]
         if len(s) >= 2 * _SUBSAMPLE and a.ranges is not None and b.ranges is not None:
-            cut = min(nr, -(-_SUBSAMPLE * nr // len(s)))  # ranges [0, cut/16): ~256+ of s
+            cut = min(nr, -(-_SUBSAMPLE * nr // len(s)))  # ranges [0, cut/16): ~128+ of s
             na, nb = int(a.ranges[d, cut]), b.ranges[pb[k], cut].astype(np.int64)
             inter = _intersections(s[:na], b.values, b.offsets[pb[k]], nb)
             union = na + nb - inter

@@ -45,8 +45,10 @@ def is_sentencepiece_model(spec: str) -> bool:
 
 def segmenter(model_proto: bytes) -> tuple[re.Pattern | None, bytes | None, str]:
     """(segment regex, the model with the dummy prefix off, why not) for exact segment-wise encoding."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:  # the model proto needs protobuf
+        return None, None, "protobuf not installed (pip install protobuf)"
     m = pb.ModelProto()
     m.ParseFromString(model_proto)
     ns, ts = m.normalizer_spec, m.trainer_spec
