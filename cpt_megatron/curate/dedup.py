@@ -578,9 +578,8 @@ class _Bands:
 
     def insert(self, rows: np.ndarray, keys: np.ndarray) -> None:
         t = self.table
-        for r, ks in zip(rows.tolist(), keys.tolist()):
-            for k in ks:
-                t[k].append(r)
+        for k, r in zip(keys.ravel().tolist(), np.repeat(rows, keys.shape[1]).tolist()):
+            t[k].append(r)
 
     def close(self) -> None:
         pass
@@ -660,20 +659,21 @@ class NearDupIndex:
             return []
         sigs = np.asarray(sigs, np.uint32).reshape(b, -1)
         bk = band_keys(sigs, self.bands, self.rows)
-        oj, oc = self.lsh.query(bk)  # kept rows before the batch
-        wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # earlier in the batch
-        pj, pc = _unique_pairs(np.concatenate([oj, wj]), np.concatenate([oc, wi + n]))  # c >= n: batch doc c-n
         batch = SetTable(sigs, values, offsets, None if values is None else hash_ranges(values, offsets))
-        js, checked = np.full(len(pj), -1.0), np.zeros(len(pj), bool)
-        old = pc < n
-        js[old], checked[old] = pair_jaccard(self.cfg, pj[old], pc[old], batch, self._kept_table())
-        js[~old], checked[~old] = pair_jaccard(self.cfg, pj[~old], pc[~old] - n, batch, batch)
+        oj, oc = _unique_pairs(*self.lsh.query(bk))  # with kept rows before the batch
+        wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # with earlier batch docs
+        js_o, ch_o = pair_jaccard(self.cfg, oj, oc, batch, self._kept_table())
+        js_w, ch_w = pair_jaccard(self.cfg, wj, wi, batch, batch)
+        pj, pc = np.concatenate([oj, wj]), np.concatenate([oc, wi + n])  # c >= n: batch document c - n
+        js, checked = np.concatenate([js_o, js_w]), np.concatenate([ch_o, ch_w])
         ok = js >= t
         kept = np.ones(b, bool)
-        for j, c in zip(pj[ok].tolist(), pc[ok].tolist()):  # in order: c - n < j is decided already
+        okj, okc = pj[ok], pc[ok]
+        order = np.lexsort((okc, okj))
+        for j, c in zip(okj[order].tolist(), okc[order].tolist()):  # in order: c - n < j is decided already
             if c < n or kept[c - n]:
                 kept[j] = False
-        valid = old | kept[np.maximum(pc - n, 0)]  # only kept documents are candidates
+        valid = (pc < n) | kept[np.maximum(pc - n, 0)]  # only kept documents are candidates
         pj, pc, js, checked, ok = pj[valid], pc[valid], js[valid], checked[valid], ok[valid]
         best_j, best_c = np.zeros(b), np.full(b, -1, np.int64)
         if len(pj):
