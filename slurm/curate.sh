@@ -21,7 +21,7 @@
 set -euo pipefail
 
 # ---- knobs --------------------------------------------------------------------------------------------
-INPUT="${INPUT:-data/raw}"                        # input files/directories, space-separated (sharded by file)
+INPUT="${INPUT:-data/raw}"                        # input files/directories, space-separated (sharded by file; big .jsonl files by byte range)
 OUT="${OUT:-data/curated}"                        # output folder (shards + report.json), as `cpt curate -o`
 WORK="${WORK:-$OUT.work}"                         # stage outputs, on a filesystem every node sees
 RECIPE="${RECIPE:-}"                              # curate recipe YAML (recipes/curate/*.yaml); empty = defaults

@@ -104,6 +104,28 @@ def test_local_executor_equals_one_process(corpus, shards, workers):
     assert nd["candidate_pairs"] >= nd["verified_pairs"] >= nd["removed"] > 0
 
 
+@pytest.mark.parametrize("shards", [2, 4, 7])
+def test_one_big_jsonl_file_is_split_by_byte_range_and_equals_one_process(corpus, tmp_path, shards):
+    """A single uncompressed JSONL file spreads over every task (byte ranges cut at line starts); ids,
+    positions (line numbers of the whole file), outputs and report equal the one-process run."""
+    from cpt_megatron.curate.readers import FilePart
+
+    root, inputs, _ = corpus
+    lines = b"".join(Path(p).read_bytes() for p in inputs).split(b"\n")
+    for k in range(3, len(lines), 17):  # blank lines, documents without an id (named by line number)
+        lines[k] = b"" if k % 2 else json.dumps({"text": _doc(random.Random(k))}).encode()
+    big = tmp_path / "all.jsonl"
+    big.write_bytes(b"\n".join(lines))
+    ref = curate([big], tmp_path / "ref", _cfg())
+    parts = shard_files([big], shards)
+    assert all(len(p) == 1 and isinstance(p[0], FilePart) for p in parts)
+    assert [(p[0].lo, p[0].hi) for p in parts][0][0] == 0 and parts[-1][0].hi == big.stat().st_size
+    out = tmp_path / "out"
+    run_stage([big], out, _cfg(), shards)
+    assert _kept(out) == _kept(tmp_path / "ref") and _report(out) == _report(tmp_path / "ref")
+    assert ref.read == _report(out)["read"] and any(":" in json.loads(x)["id"] for x in _kept(out).splitlines())
+
+
 def test_shards_are_contiguous_and_balanced(tmp_path):
     files = []
     for i, n in enumerate([10, 10, 10, 10, 40]):

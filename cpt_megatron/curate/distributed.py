@@ -17,7 +17,9 @@ folder appears by one rename when it is complete, so re-running a stage skips th
    decides, so the kept documents, the shards and report.json are byte-identical to `curate` (only
    elapsed_s differs) for any N. Memory: one shard's candidate pairs plus one bit per live document.
 
-The sharding unit is an input file: split a single huge file to use more tasks than files.
+Shards are runs of input files; an uncompressed JSONL file bigger than one shard's share is cut into
+byte ranges (`readers.FilePart`, whole lines each, the file's own line numbers), so one big file spreads
+over every task. Compressed, Parquet and plain-text files are not split.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 
 from cpt_megatron.curate.config import CurateConfig
 from cpt_megatron.curate.dedup import _splitmix64 as _mix
-from cpt_megatron.curate.readers import DocumentReader, Malformed
+from cpt_megatron.curate.readers import DocumentReader, FilePart, Malformed, splittable
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
 
@@ -52,8 +54,21 @@ def default_work_dir(out: str | os.PathLike) -> Path:
 
 def shard_files(files: list[Path], shards: int) -> list[list[Path]]:
     """Contiguous runs of `files` (their order kept), balanced by bytes: a file goes to the shard its
-    middle byte falls in. Some shards are empty when there are fewer files than shards."""
-    sizes = [max(f.stat().st_size, 1) for f in files]
+    middle byte falls in. An uncompressed JSONL file larger than one shard's share is first cut into
+    byte ranges of about that share (`readers.FilePart`: each range holds the lines starting in it), so
+    one big file still spreads over every task. Other shards are empty when there are fewer files."""
+    total = sum(max(f.stat().st_size, 1) for f in files)
+    share = -(-total // shards)
+    parts: list = []
+    for f in files:
+        size = f.stat().st_size
+        if splittable(f) and size > share and shards > 1:
+            cuts = list(range(0, size, share)) + [size]
+            parts += [FilePart(f, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
+        else:
+            parts.append(f)
+    files = parts
+    sizes = [max((f.hi - f.lo) if isinstance(f, FilePart) else f.stat().st_size, 1) for f in files]
     total = sum(sizes)
     out: list[list[Path]] = [[] for _ in range(shards)]
     before = 0

@@ -23,7 +23,7 @@ from cpt_megatron.curate.config import InputConfig
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import check_text_file, lone_surrogate
 
-__all__ = ["Doc", "Malformed", "DocumentReader", "read_documents", "is_plain_text"]
+__all__ = ["Doc", "FilePart", "Malformed", "DocumentReader", "read_documents", "is_plain_text", "splittable"]
 
 
 @dataclass(slots=True)
@@ -47,6 +47,43 @@ class Malformed:
 
 
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """The lines of an uncompressed JSONL file that START in bytes [lo, hi): one task's share of a file
+    too big for one task (line numbers, hence positions and ids, are those of the whole file)."""
+
+    path: Path
+    lo: int
+    hi: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def stat(self):
+        return self.path.stat()
+
+    def __str__(self) -> str:
+        return f"{self.path}[{self.lo}:{self.hi}]"
+
+
+def splittable(path: Path) -> bool:
+    """An input whose documents can be split across tasks by byte range (uncompressed JSONL)."""
+    return path.name.lower().endswith((".jsonl", ".ndjson"))
+
+
+def _newlines_before(path: Path, end: int, chunk: int = 1 << 24) -> int:
+    n, done = 0, 0
+    with open(path, "rb") as f:
+        while done < end:
+            b = f.read(min(chunk, end - done))
+            if not b:
+                break
+            n += b.count(b"\n")
+            done += len(b)
+    return n
 
 
 def _kind(path: Path) -> str:
@@ -81,7 +118,7 @@ class DocumentReader:
     def __init__(self, inputs: list[str | os.PathLike], config: InputConfig | None = None):
         self.config = config or InputConfig()
         self.files = self._expand(inputs)
-        self.total_bytes = sum(p.stat().st_size for p in self.files)
+        self.total_bytes = sum((p.hi - p.lo) if isinstance(p, FilePart) else p.stat().st_size for p in self.files)
         self._done_bytes = 0
         self._raw = None
         self._sep = re.compile(self.config.doc_separator) if self.config.doc_separator else None
@@ -89,6 +126,9 @@ class DocumentReader:
     def _expand(self, inputs) -> list[Path]:
         files: list[Path] = []
         for spec in inputs:
+            if isinstance(spec, FilePart):
+                files.append(spec)
+                continue
             p = Path(spec)
             if p.is_dir():
                 found = sorted(
@@ -102,7 +142,7 @@ class DocumentReader:
             else:
                 raise CptError(f"input {spec} not found (give JSONL/Parquet/text files or directories)")
         for f in files:  # binary files (images, archives) are refused up front, not curated as text
-            if _kind(f) != "parquet" and not f.name.lower().endswith((".gz", ".zst")):
+            if not isinstance(f, FilePart) and _kind(f) != "parquet" and not f.name.lower().endswith((".gz", ".zst")):
                 check_text_file(f, "input", hint="give JSONL/Parquet/text files (set input.glob to skip "
                                 "other files of a directory)")
         return files
@@ -115,6 +155,11 @@ class DocumentReader:
 
     def __iter__(self) -> Iterator[Doc | Malformed]:
         for path in self.files:
+            if isinstance(path, FilePart):
+                yield from self._jsonl(path.path, path.lo, path.hi)
+                self._done_bytes += path.hi - path.lo
+                self._raw = None
+                continue
             kind = _kind(path)
             if kind == "jsonl":
                 yield from self._jsonl(path)
@@ -127,12 +172,22 @@ class DocumentReader:
             self._done_bytes += path.stat().st_size
             self._raw = None
 
-    def _jsonl(self, path: Path) -> Iterator[Doc | Malformed]:
+    def _jsonl(self, path: Path, lo: int = 0, hi: int | None = None) -> Iterator[Doc | Malformed]:
+        """The records of `path`, or (uncompressed files) those of the lines starting in bytes [lo, hi)."""
         src, tf, idf = str(path), self.config.text_field, self.config.id_field
         raw, f = _open_binary(path)
         self._raw = raw
+        first, at = 1, 0
+        if lo > 0:  # the first line starting at or after lo: skip the one byte lo - 1 belongs to
+            raw.seek(lo - 1)
+            at = lo - 1 + len(raw.readline())
+            first = 1 + _newlines_before(path, at)
         with raw, f:
-            for lineno, line in enumerate(f, 1):
+            for lineno, line in enumerate(f, first):
+                if hi is not None:
+                    if at >= hi:
+                        break
+                    at += len(line)
                 if not line.strip():
                     continue
                 try:
