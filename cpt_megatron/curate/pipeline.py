@@ -303,58 +303,104 @@ class _LocalDedup:
             self.near.close()
 
 
-def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, workers: int, progress: bool,
-         batches=None, dedup=None) -> dict:
-    """The accounting loop. `batches` (default: the worker pool over `reader`) yields (records read,
-    per-record results) in input order; `dedup` (default `_LocalDedup`) makes the exact/near decisions."""
-    stages = cfg.stages
-    stats = {s: _StageStats() for s in stages}
-    removed = {s: 0 for s in stages}
-    changes: Counter = Counter()
-    pii_counts: Counter = Counter()
-    langs: Counter = Counter()
-    scripts: Counter = Counter()
-    routes: Counter = Counter()
-    code_mixed = 0
-    malformed: list[str] = []
-    n_read = n_malformed = n_kept = 0
-    writers: dict[str | None, _ShardWriter] = {None: _ShardWriter(tmp, cfg.shard_docs)}
-    rejects: dict[str, _ShardWriter] = {}
-    reject_counts: Counter = Counter()
-    dedup = dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out)
-    near = "minhash_dedup" in stages
-    if batches is None:
-        batches = _ordered_map(_batches(reader, _BATCH), cfg, workers)
-    scorer = None
-    if "perplexity" in stages:
-        from cpt_megatron.curate.perplexity import PerplexityScorer
+class _Accounts:
+    """The accounting of one curation run: every record read ends kept, removed by one stage (with a
+    sample written to rejected/), or malformed; the kept ones go to the output shards in input order."""
 
-        scorer = PerplexityScorer(cfg.perplexity)
-    ppl_pending: list[_Out] = []
+    def __init__(self, tmp: Path, cfg: CurateConfig, dedup):
+        self.tmp, self.cfg, self.dedup, self.stages = tmp, cfg, dedup, cfg.stages
+        self.stats = {s: _StageStats() for s in cfg.stages}
+        self.removed = {s: 0 for s in cfg.stages}
+        self.changes: Counter = Counter()
+        self.pii: Counter = Counter()
+        self.langs: Counter = Counter()
+        self.scripts: Counter = Counter()
+        self.routes: Counter = Counter()
+        self.code_mixed = 0
+        self.malformed: list[str] = []
+        self.n_read = self.n_malformed = self.n_kept = 0
+        self.writers: dict[str | None, _ShardWriter] = {None: _ShardWriter(tmp, cfg.shard_docs)}
+        self.rejects: dict[str, _ShardWriter] = {}
+        self.reject_counts: Counter = Counter()
+        self.scorer = None
+        if "perplexity" in cfg.stages:
+            from cpt_megatron.curate.perplexity import PerplexityScorer
 
-    def reject(o: _Out, stage: str, reason: str, extra: dict | None = None) -> None:
-        removed[stage] += 1
-        if reject_counts[stage] < cfg.rejected_samples:
-            reject_counts[stage] += 1
-            w = rejects.setdefault(stage, _ShardWriter(tmp / "rejected", 1 << 62, prefix=stage))
+            self.scorer = PerplexityScorer(cfg.perplexity)
+        self.ppl_pending: list[_Out] = []
+
+    def batch(self, n_batch: int, results: list) -> None:
+        """One batch in input order: per-document stages and exact dedup, the batch's near-dup decisions
+        at once, then perplexity (batched) and the output."""
+        self.n_read += n_batch
+        live = [o for o in results if self._account(o)]
+        if "minhash_dedup" in self.stages and live:
+            survivors = []
+            for o, (dup_of, j) in zip(live, self.dedup.near_dups(live)):
+                n = len(o.text)
+                self.stats["minhash_dedup"].add(n, n, "near_duplicate" if dup_of else None)
+                if dup_of:
+                    self.reject(o, "minhash_dedup", "near_duplicate", {"dup_of": dup_of, "jaccard": round(j, 4)})
+                else:
+                    survivors.append(o)
+            live = survivors
+        for o in live:
+            if self.scorer is None:
+                self.finish(o, None)
+                continue
+            self.ppl_pending.append(o)
+            if len(self.ppl_pending) >= self.cfg.perplexity.batch_size:
+                self.flush_ppl()
+
+    def _account(self, o) -> bool:
+        """Count one record's per-document results; True if it is still live after exact dedup."""
+        if isinstance(o, Malformed):
+            self.n_malformed += 1
+            if len(self.malformed) < _MAX_MALFORMED_LISTED:
+                self.malformed.append(str(o))
+            return False
+        if o.changes:
+            self.changes.update(o.changes)
+        if o.lang:
+            self.langs[o.lang["lang"]] += 1
+            self.scripts[o.lang["script"]] += 1
+            self.code_mixed += bool(o.lang["code_mixed"])
+        for stage, cin, cout in o.chars:
+            self.stats[stage].add(cin, cout, o.reason if stage == o.removed else None)
+        if o.removed:
+            self.reject(o, o.removed, o.reason)
+            return False
+        if "exact_dedup" in self.stages:
+            n = len(o.text)
+            dup = self.dedup.exact_dup(o)
+            self.stats["exact_dedup"].add(n, n, "exact_duplicate" if dup else None)
+            if dup:
+                self.reject(o, "exact_dedup", "exact_duplicate")
+                return False
+        return True
+
+    def reject(self, o: _Out, stage: str, reason: str, extra: dict | None = None) -> None:
+        self.removed[stage] += 1
+        if self.reject_counts[stage] < self.cfg.rejected_samples:
+            self.reject_counts[stage] += 1
+            w = self.rejects.setdefault(stage, _ShardWriter(self.tmp / "rejected", 1 << 62, prefix=stage))
             rec = {"id": o.id, "source": o.source, "position": o.position, "reason": reason, **(extra or {})}
             rec["text"] = o.text[:_REJECT_TEXT_CHARS]
             w.write(rec)
 
-    def finish(o: _Out, ppl: float | None) -> None:
-        nonlocal n_kept
-        if scorer is not None:
-            why = scorer.reason(ppl)
-            stats["perplexity"].add(len(o.text), len(o.text), why)
+    def finish(self, o: _Out, ppl: float | None) -> None:
+        if self.scorer is not None:
+            why = self.scorer.reason(ppl)
+            self.stats["perplexity"].add(len(o.text), len(o.text), why)
             if why:
-                reject(o, "perplexity", why, {"perplexity": ppl})
+                self.reject(o, "perplexity", why, {"perplexity": ppl})
                 return
         rec = {"id": o.id, "source": o.source, "position": o.position}
         text = o.text
-        if "pii" in stages:
+        if "pii" in self.stages:
             text = o.pii_text
-            stats["pii"].add(len(o.text), len(text), None)
-            pii_counts.update(o.pii)
+            self.stats["pii"].add(len(o.text), len(text), None)
+            self.pii.update(o.pii)
             if o.pii:
                 rec["pii"] = dict(sorted(o.pii.items()))
         rec["text"] = text
@@ -363,18 +409,60 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
         if ppl is not None:
             rec["perplexity"] = ppl
         if o.route:
-            routes[o.route] += 1
-            if o.route not in writers:
-                writers[o.route] = _ShardWriter(tmp / "routes" / o.route, cfg.shard_docs)
-        writers[o.route].write(rec)
-        n_kept += 1
+            self.routes[o.route] += 1
+            if o.route not in self.writers:
+                self.writers[o.route] = _ShardWriter(self.tmp / "routes" / o.route, self.cfg.shard_docs)
+        self.writers[o.route].write(rec)
+        self.n_kept += 1
 
-    def flush_ppl() -> None:
-        if ppl_pending:
-            for o, ppl in zip(ppl_pending, scorer.score([o.text for o in ppl_pending])):
-                finish(o, ppl)
-            ppl_pending.clear()
+    def flush_ppl(self) -> None:
+        if self.ppl_pending:
+            for o, ppl in zip(self.ppl_pending, self.scorer.score([o.text for o in self.ppl_pending])):
+                self.finish(o, ppl)
+            self.ppl_pending.clear()
 
+    def close(self) -> None:
+        for w in list(self.writers.values()) + list(self.rejects.values()):
+            w.close()
+        self.dedup.close()
+
+    def report(self, reader: DocumentReader) -> dict:
+        stages, tmp = self.stages, self.tmp
+        total_removed = sum(self.removed.values())
+        assert self.n_kept + total_removed + self.n_malformed == self.n_read, (self.n_kept, self.removed,
+                                                                              self.n_malformed, self.n_read)
+        rel = lambda p: str(Path(p).relative_to(tmp))  # noqa: E731
+        report = {
+            "read": self.n_read,
+            "kept": self.n_kept,
+            "malformed": self.n_malformed,
+            "removed": self.removed,
+            "inputs": [str(p) for p in reader.files],
+            "stages": {s: self.stats[s].as_dict() for s in stages},
+            "normalize_changes": dict(sorted(self.changes.items())),
+            "pii": dict(sorted(self.pii.items())),
+            "malformed_records": self.malformed,
+            "shards": [rel(p) for w in self.writers.values() for p in w.files],
+            "rejected": {s: rel(w.files[0]) for s, w in sorted(self.rejects.items())},
+            "config": dataclasses.asdict(self.cfg),
+        }
+        if "minhash_dedup" in stages:
+            report["near_dup"] = self.dedup.near_stats.as_dict()
+        if "langid" in stages:
+            report["languages"] = dict(sorted(self.langs.items(), key=lambda kv: (-kv[1], kv[0])))
+            report["scripts"] = dict(sorted(self.scripts.items(), key=lambda kv: (-kv[1], kv[0])))
+            report["code_mixed"] = self.code_mixed
+            report["routes"] = dict(sorted(self.routes.items()))
+        return report
+
+
+def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, workers: int, progress: bool,
+         batches=None, dedup=None) -> dict:
+    """The accounting loop. `batches` (default: the worker pool over `reader`) yields (records read,
+    per-record results) in input order; `dedup` (default `_LocalDedup`) makes the exact/near decisions."""
+    acc = _Accounts(tmp, cfg, dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out))
+    if batches is None:
+        batches = _ordered_map(_batches(reader, _BATCH), cfg, workers)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -383,86 +471,16 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
     t0 = time.time()
     try:
         for n_batch, results in batches:
-            n_read += n_batch
-            live: list[_Out] = []  # past the per-document stages and exact dedup
-            for o in results:
-                if isinstance(o, Malformed):
-                    n_malformed += 1
-                    if len(malformed) < _MAX_MALFORMED_LISTED:
-                        malformed.append(str(o))
-                    continue
-                if o.changes:
-                    changes.update(o.changes)
-                if o.lang:
-                    langs[o.lang["lang"]] += 1
-                    scripts[o.lang["script"]] += 1
-                    code_mixed += bool(o.lang["code_mixed"])
-                for stage, cin, cout in o.chars:
-                    stats[stage].add(cin, cout, o.reason if stage == o.removed else None)
-                if o.removed:
-                    reject(o, o.removed, o.reason)
-                    continue
-                if "exact_dedup" in stages:
-                    n = len(o.text)
-                    dup = dedup.exact_dup(o)
-                    stats["exact_dedup"].add(n, n, "exact_duplicate" if dup else None)
-                    if dup:
-                        reject(o, "exact_dedup", "exact_duplicate")
-                        continue
-                live.append(o)
-            if near and live:  # the batch's near-dup decisions at once, in order
-                survivors = []
-                for o, (dup_of, j) in zip(live, dedup.near_dups(live)):
-                    n = len(o.text)
-                    stats["minhash_dedup"].add(n, n, "near_duplicate" if dup_of else None)
-                    if dup_of:
-                        reject(o, "minhash_dedup", "near_duplicate", {"dup_of": dup_of, "jaccard": round(j, 4)})
-                    else:
-                        survivors.append(o)
-                live = survivors
-            for o in live:
-                if scorer is not None:
-                    ppl_pending.append(o)
-                    if len(ppl_pending) >= cfg.perplexity.batch_size:
-                        flush_ppl()
-                else:
-                    finish(o, None)
+            acc.batch(n_batch, results)
             if bar is not None:
                 bar.n = reader.bytes_done()
-                rate = n_read / max(time.time() - t0, 1e-9)
-                bar.set_postfix_str(f"{n_read} docs, {rate:,.0f} docs/s, kept {n_kept}", refresh=False)
+                rate = acc.n_read / max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{acc.n_read} docs, {rate:,.0f} docs/s, kept {acc.n_kept}", refresh=False)
                 bar.refresh()
-        if scorer is not None:
-            flush_ppl()
+        if acc.scorer is not None:
+            acc.flush_ppl()
     finally:
         if bar is not None:
             bar.close()
-        for w in list(writers.values()) + list(rejects.values()):
-            w.close()
-        dedup.close()
-
-    total_removed = sum(removed.values())
-    assert n_kept + total_removed + n_malformed == n_read, (n_kept, removed, n_malformed, n_read)
-    rel = lambda p: str(Path(p).relative_to(tmp))  # noqa: E731
-    report = {
-        "read": n_read,
-        "kept": n_kept,
-        "malformed": n_malformed,
-        "removed": removed,
-        "inputs": [str(p) for p in reader.files],
-        "stages": {s: stats[s].as_dict() for s in stages},
-        "normalize_changes": dict(sorted(changes.items())),
-        "pii": dict(sorted(pii_counts.items())),
-        "malformed_records": malformed,
-        "shards": [rel(p) for w in writers.values() for p in w.files],
-        "rejected": {s: rel(w.files[0]) for s, w in sorted(rejects.items())},
-        "config": dataclasses.asdict(cfg),
-    }
-    if near:
-        report["near_dup"] = dedup.near_stats.as_dict()
-    if "langid" in stages:
-        report["languages"] = dict(sorted(langs.items(), key=lambda kv: (-kv[1], kv[0])))
-        report["scripts"] = dict(sorted(scripts.items(), key=lambda kv: (-kv[1], kv[0])))
-        report["code_mixed"] = code_mixed
-        report["routes"] = dict(sorted(routes.items()))
-    return report
+        acc.close()
+    return acc.report(reader)
