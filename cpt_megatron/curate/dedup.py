@@ -46,6 +46,7 @@ __all__ = [
     "band_keys",
     "equal_runs",
     "exact_key",
+    "fine_sketches",
     "hash_ranges",
     "jaccard",
     "lsh_params",
@@ -275,16 +276,16 @@ class MinHasher:
 
     def __init__(self, cfg: MinHashConfig | None = None):
         self.cfg = cfg or MinHashConfig()
-        self.empty = np.full(self.cfg.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
 
     def hash_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return shingle_hashes(texts, self.cfg.ngram, self.cfg.lowercase, self.cfg.seed)
 
-    def signatures(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Sketches of the sets (values, offsets) from `hash_sets` (sorted within each set); an empty
-        set gets all-ones."""
-        nbin, ndoc = self.cfg.num_perm, len(offsets) - 1
-        out = np.tile(self.empty, (ndoc, 1))
+    def signatures(self, values: np.ndarray, offsets: np.ndarray, nbin: int | None = None,
+                   densify: bool = True) -> np.ndarray:
+        """Sketches (num_perm bins, or `nbin`) of the sets (values, offsets) from `hash_sets` (sorted
+        within each set); an empty set gets all-ones (and so do empty bins with densify=False)."""
+        nbin, ndoc = nbin or self.cfg.num_perm, len(offsets) - 1
+        out = np.full((ndoc, nbin), np.iinfo(np.uint32).max, dtype=np.uint32)
         if len(values) == 0:
             return out
         doc = np.repeat(np.arange(ndoc, dtype=np.int64), np.diff(offsets))
@@ -296,7 +297,7 @@ class MinHasher:
         filled = np.zeros(ndoc * nbin, bool)
         filled[key[first]] = True
         filled = filled.reshape(ndoc, nbin)
-        rows = np.flatnonzero(filled.any(axis=1) & ~filled.all(axis=1))
+        rows = np.flatnonzero(filled.any(axis=1) & ~filled.all(axis=1)) if densify else []
         if len(rows):  # densify: next filled bin to the right, circularly
             f2 = np.concatenate([filled[rows], filled[rows]], axis=1)
             idx = np.where(f2, np.arange(2 * nbin), 4 * nbin)
@@ -426,6 +427,7 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return out
 
 
+FINE_BINS = 512  # the second sketch `exact` pre-filters with (0.018 standard error at J = 0.8)
 _RANGE_BITS = 4  # hash-range offsets: each set's count below k/16 of the 64-bit range, k = 0..16
 _SUBSAMPLE = 128  # the subsample check reads at least this many values of the document
 
@@ -442,15 +444,38 @@ def hash_ranges(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
+_EMPTY = np.uint32(0xFFFFFFFF)
+
+
+def fine_sketches(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """uint32[num_sets, FINE_BINS]: the sets' one-permutation sketches with FINE_BINS bins, empty bins
+    left empty (all-ones): `_fine_estimate` counts agreement over the bins either set fills."""
+    return MinHasher().signatures(values, offsets, FINE_BINS, densify=False)
+
+
+def _fine_estimate(pa: np.ndarray, pb: np.ndarray, sa: np.ndarray, sb: np.ndarray,
+                   chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Jaccard estimate, bins used) per pair from undensified sketches: equal filled bins / bins
+    filled in either (the one-permutation estimator; small sets fill ~one bin per shingle)."""
+    est, used = np.empty(len(pa)), np.empty(len(pa))
+    for lo in range(0, len(pa), chunk):
+        a, b = np.asarray(sa)[pa[lo : lo + chunk]], np.asarray(sb)[pb[lo : lo + chunk]]
+        either = np.count_nonzero((a != _EMPTY) | (b != _EMPTY), axis=1)
+        est[lo : lo + chunk] = np.count_nonzero((a == b) & (a != _EMPTY), axis=1) / np.maximum(either, 1)
+        used[lo : lo + chunk] = either
+    return est, used
+
+
 @dataclass(frozen=True)
 class SetTable:
     """Documents' sketches and shingle sets: document i has sigs[i] and values[offsets[i]:offsets[i+1]],
-    and ranges[i] = `hash_ranges` of its set (values None with `decide: estimate`)."""
+    ranges[i] = `hash_ranges` and fine[i] = `fine_sketches` of its set (None with `decide: estimate`)."""
 
     sigs: np.ndarray
     values: np.ndarray | None = None
     offsets: np.ndarray | None = None
     ranges: np.ndarray | None = None
+    fine: np.ndarray | None = None
 
     def lens(self, idx: np.ndarray) -> np.ndarray:
         return self.offsets[idx + 1] - self.offsets[idx]
@@ -480,12 +505,15 @@ def pair_jaccard(cfg: MinHashConfig, pa: np.ndarray, pb: np.ndarray, a: SetTable
     overlap + the smaller remainder) is below it, is not checked. Returns (jaccard, checked)."""
     n, t = len(pa), cfg.threshold
     if cfg.decide == "estimate":
-        return _estimate(pa, pb, a, b, chunk), np.ones(n, bool)
+        return _estimate(pa, pb, a.sigs, b.sigs, chunk), np.ones(n, bool)
     js = np.full(n, -1.0)
     la, lb = a.lens(pa), b.lens(pb)
     idx = np.flatnonzero(np.minimum(la, lb) >= t * np.maximum(la, lb))  # the size bound first: no sketch read
-    idx = idx[_estimate(pa[idx], pb[idx], a, b, chunk) >= t - cfg.prefilter_margin]
+    idx = idx[_estimate(pa[idx], pb[idx], a.sigs, b.sigs, chunk) >= t - cfg.prefilter_margin]
     z = cfg.prefilter_margin / math.sqrt(max(t * (1 - t), 1e-12) / cfg.num_perm)
+    if a.fine is not None and b.fine is not None and len(idx):  # the finer sketch, same confidence
+        est, used = _fine_estimate(pa[idx], pb[idx], a.fine, b.fine, chunk)
+        idx = idx[est >= t - z * np.sqrt(max(t * (1 - t), 1e-12) / np.maximum(used, 1))]
     live = np.zeros(n, bool)
     nr = 1 << _RANGE_BITS
     for lo, hi in equal_runs(pa[idx]):  # per document of `a`, against all its live partners
@@ -511,13 +539,13 @@ def pair_jaccard(cfg: MinHashConfig, pa: np.ndarray, pb: np.ndarray, a: SetTable
     return js, live
 
 
-def _estimate(pa: np.ndarray, pb: np.ndarray, a: SetTable, b: SetTable, chunk: int) -> np.ndarray:
+def _estimate(pa: np.ndarray, pb: np.ndarray, sa: np.ndarray, sb: np.ndarray, chunk: int) -> np.ndarray:
     """Sketch estimate of each pair's Jaccard (fraction of equal bins), chunk pairs at a time."""
     est = np.empty(len(pa))
-    for lo in range(0, len(pa), chunk):  # bounded memory: chunk x num_perm sketch values at a time
-        eq = np.asarray(a.sigs)[pa[lo : lo + chunk]] == np.asarray(b.sigs)[pb[lo : lo + chunk]]
+    for lo in range(0, len(pa), chunk):  # bounded memory: chunk x bins sketch values at a time
+        eq = np.asarray(sa)[pa[lo : lo + chunk]] == np.asarray(sb)[pb[lo : lo + chunk]]
         est[lo : lo + chunk] = np.count_nonzero(eq, axis=1)
-    return est / max(a.sigs.shape[1], 1)
+    return est / max(sa.shape[1], 1)
 
 
 def equal_runs(sorted_keys: np.ndarray) -> list[tuple[int, int]]:
@@ -644,12 +672,14 @@ class NearDupIndex:
         self._sigs = np.zeros((1024, cfg.num_perm), np.uint32)
         self._ranges = np.zeros((1024, (1 << _RANGE_BITS) + 1), np.int32)
         self._store = ShingleStore(workdir) if cfg.decide == "exact" else None
+        self._fine = ShingleStore(workdir) if cfg.decide == "exact" else None  # FINE_BINS/2 uint64 per doc
 
     def _kept_table(self) -> SetTable:
         n, st = len(self._keys), self._store
         if st is None:
             return SetTable(self._sigs[:n])
-        return SetTable(self._sigs[:n], st.values(), st.offsets_array(), self._ranges[:n])
+        fine = self._fine.values().view(np.uint32).reshape(-1, FINE_BINS)
+        return SetTable(self._sigs[:n], st.values(), st.offsets_array(), self._ranges[:n], fine)
 
     def check_batch(self, keys: list[str], sigs: np.ndarray, values: np.ndarray | None = None,
                     offsets: np.ndarray | None = None) -> list[tuple[str | None, float]]:
@@ -659,7 +689,8 @@ class NearDupIndex:
             return []
         sigs = np.asarray(sigs, np.uint32).reshape(b, -1)
         bk = band_keys(sigs, self.bands, self.rows)
-        batch = SetTable(sigs, values, offsets, None if values is None else hash_ranges(values, offsets))
+        batch = SetTable(sigs) if values is None else \
+            SetTable(sigs, values, offsets, hash_ranges(values, offsets), fine_sketches(values, offsets))
         oj, oc = _unique_pairs(*self.lsh.query(bk))  # with kept rows before the batch
         wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # with earlier batch docs
         js_o, ch_o = pair_jaccard(self.cfg, oj, oc, batch, self._kept_table())
@@ -698,9 +729,12 @@ class NearDupIndex:
             self._ranges[n : n + len(idx)] = batch.ranges[idx]
             lens = batch.lens(idx)
             self._store.add_many(gather_runs(batch.values, batch.offsets[idx], lens), lens)
+            self._fine.add_many(np.ascontiguousarray(batch.fine[idx]).view(np.uint64).reshape(-1),
+                                np.full(len(idx), FINE_BINS // 2, np.int64))
         self.lsh.insert(np.arange(n, n + len(idx)), bk[idx])
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+            self._fine.close()
         self.lsh.close()

@@ -144,9 +144,10 @@ def _sketch(plan: _Plan, k: int, workers: int) -> None:
         offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int64)
         np.save(tmp / "offsets.npy", offsets)
         if sets:
-            from cpt_megatron.curate.dedup import hash_ranges
+            from cpt_megatron.curate.dedup import fine_sketches, hash_ranges
 
             np.save(tmp / "ranges.npy", hash_ranges(values, offsets))
+            np.save(tmp / "fine.npy", fine_sketches(values, offsets))
         np.save(tmp / "exact.npy", np.frombuffer(b"".join(keys), np.uint64).reshape(-1, 2))
         enc = [k.encode("utf-8", "surrogatepass") for k in ids]  # dup_of keys, read back one at a time
         (tmp / "keys.bin").write_bytes(b"".join(enc))
@@ -173,12 +174,13 @@ class _Shard:
         self.key_offsets = np.load(folder / "key_offsets.npy")
         self.live = len(self.key_offsets) - 1
 
-    def ranges(self) -> np.ndarray:
-        """`dedup.hash_ranges` of the shard's sets (saved by the sketch task; computed if absent)."""
-        from cpt_megatron.curate.dedup import hash_ranges
+    def exact_filters(self) -> tuple[np.ndarray, np.ndarray]:
+        """`dedup.hash_ranges` and `dedup.fine_sketches` of the shard's sets (saved by the sketch task)."""
+        from cpt_megatron.curate.dedup import fine_sketches, hash_ranges
 
-        f = self.folder / "ranges.npy"
-        return _load(f) if f.exists() else hash_ranges(self.values, self.offsets)
+        r, f = self.folder / "ranges.npy", self.folder / "fine.npy"
+        return (_load(r) if r.exists() else hash_ranges(self.values, self.offsets),
+                _load(f) if f.exists() else fine_sketches(self.values, self.offsets))
 
     def key(self, i: int) -> str:
         """`source:position` of live document i (what `dup_of` names)."""
@@ -227,7 +229,7 @@ def _buckets(plan: _Plan, p: int) -> None:
                 gids.append((s << _SHARD_BITS) | np.nonzero(mine)[0].astype(np.int64))
             pj, pi = same_key_pairs(np.concatenate(keys), np.concatenate(gids))
             js = np.full(len(pj), -1.0)
-            tables = [SetTable(sh.sigs, sh.values, sh.offsets, sh.ranges() if mh.decide == "exact" else None)
+            tables = [SetTable(sh.sigs, sh.values, sh.offsets, *(sh.exact_filters() if mh.decide == "exact" else ()))
                       for sh in shards]
             sj, si = pj >> _SHARD_BITS, pi >> _SHARD_BITS
             order = np.lexsort((pi, pj, si, sj))  # grouped by (shard of j, shard of i), j ascending inside
