@@ -341,6 +341,31 @@ def _sample_texts(cfg: PreprocessConfig, n_docs: int = 500, max_bytes: int = 1 <
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the pipeline; returns a summary (one entry per json key, plus timing)."""
     t_start = time.perf_counter()
+    _check_inputs(cfg)
+    if cfg.workers > 1:  # workers are processes; HF's own threads would fight them for the cores
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = _setup_tokenizer(cfg, _sample_texts(cfg))
+    dtype = optimal_dtype(tok.info["vocab_size"])
+    prefixes = output_prefixes(cfg.out, cfg.json_keys)
+    shard_dir = _shard_dir(cfg, _fingerprint(cfg, tok.info["sha256"], dtype))
+    _init_worker(tok, cfg, str(shard_dir), dtype)
+    t_tok = time.perf_counter()
+    results, hashes, skipped = _encode_all(cfg, tok, dtype, shard_dir)
+    t_merge = time.perf_counter()
+    summary: dict = {"outputs": _merge(cfg, tok, dtype, shard_dir, prefixes, results, hashes),
+                     "encoder": tok.encoder_name, "workers": cfg.workers, "shards": len(results),
+                     "shards_skipped": skipped}
+    if not cfg.keep_shards:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    t_end = time.perf_counter()
+    tokens = sum(o["tokens"] for o in summary["outputs"].values())
+    summary.update(tokens=tokens, seconds=round(t_end - t_start, 3), tokenize_seconds=round(t_merge - t_tok, 3),
+                   merge_seconds=round(t_end - t_merge, 3), tokens_per_s=round(tokens / max(t_end - t_start, 1e-9)))
+    return summary
+
+
+def _check_inputs(cfg: PreprocessConfig) -> None:
+    """One line naming the input that is missing, unreadable, empty or not JSONL, before any output."""
     for p in cfg.inputs:
         if not os.path.isfile(p):
             raise CptError(f"input {p} not found")
@@ -353,13 +378,11 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             gz = probe.read(2) == b"\x1f\x8b"
         if not gz:  # a text file or an image fails here, before any output exists
             next(iter_jsonl(p, "input", hint=_JSONL_HINT), None)
-    if cfg.workers > 1:  # workers are processes; HF's own threads would fight them for the cores
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = _setup_tokenizer(cfg, _sample_texts(cfg))
-    dtype = optimal_dtype(tok.info["vocab_size"])
-    prefixes = output_prefixes(cfg.out, cfg.json_keys)
+
+
+def _shard_dir(cfg: PreprocessConfig, fp: dict) -> Path:
+    """PREFIX.shards, kept from an interrupted run with the same fingerprint, else started afresh."""
     shard_dir = Path(f"{cfg.out}.shards")
-    fp = _fingerprint(cfg, tok.info["sha256"], dtype)
     manifest = shard_dir / "manifest.json"
     if shard_dir.exists():
         try:
@@ -370,15 +393,17 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             shutil.rmtree(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_json(manifest, fp)
-    _init_worker(tok, cfg, str(shard_dir), dtype)
+    return shard_dir
 
-    total_bytes = sum(os.path.getsize(p) for p in cfg.inputs)
-    bar = _progress(cfg, total_bytes)
+
+def _encode_all(cfg: PreprocessConfig, tok: _Tok, dtype, shard_dir: Path) -> tuple[dict[int, dict], dict, int]:
+    """Encode every chunk not already done (at most 2 x workers in flight): (results by shard, input
+    sha256s, shards skipped)."""
+    bar = _progress(cfg, sum(os.path.getsize(p) for p in cfg.inputs))
     hashes: dict[str, str] = {}
     results: dict[int, dict] = {}
-    skipped = 0
-    n_tokens = 0
-    t_tok = time.perf_counter()
+    skipped = n_tokens = 0
+    t0 = time.perf_counter()
 
     def tasks():
         nonlocal skipped
@@ -397,8 +422,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         n_tokens += sum(s["tokens"] for s in res["stats"].values())
         if bar is not None:
             bar.update(pos - bar.n)
-            el = time.perf_counter() - t_tok
-            bar.set_postfix_str(f"{n_tokens / max(el, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
+            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e3:,.0f}k tok/s", refresh=False)
 
     try:
         if cfg.workers == 1:
@@ -425,10 +449,12 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    t_merge = time.perf_counter()
+    return results, hashes, skipped
 
-    summary: dict = {"outputs": {}, "encoder": tok.encoder_name, "workers": cfg.workers, "shards": len(results),
-                     "shards_skipped": skipped}
+
+def _merge(cfg: PreprocessConfig, tok: _Tok, dtype, shard_dir: Path, prefixes: dict[str, str],
+           results: dict[int, dict], hashes: dict) -> dict:
+    """Merge the shards into PREFIX.bin/.idx + PREFIX.meta.json per json key; the summary's outputs."""
     order = sorted(results)
     for key in prefixes:
         if not sum(results[s]["stats"][key]["documents"] for s in order):
@@ -436,6 +462,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             raise CptError(f"no documents with text under {key!r} in {', '.join(cfg.inputs)} (all empty or blank); "
                            "nothing written: check the inputs and --json-keys")
     _check_space(shard_dir, prefixes)
+    outputs = {}
     for key, prefix in prefixes.items():
         with IndexWriter(prefix, dtype) as w:
             for s in order:
@@ -461,15 +488,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "encoder": tok.encoder_name,
         }
         write_json(f"{prefix}.meta.json", meta)
-        summary["outputs"][key] = {k: meta[k] for k in ("prefix", "documents", "tokens", "empty_docs", "empty_docs_skipped",
-                                                          "max_token_id", "dtype")}
-    if not cfg.keep_shards:
-        shutil.rmtree(shard_dir, ignore_errors=True)
-    t_end = time.perf_counter()
-    tokens = sum(o["tokens"] for o in summary["outputs"].values())
-    summary.update(tokens=tokens, seconds=round(t_end - t_start, 3), tokenize_seconds=round(t_merge - t_tok, 3),
-                   merge_seconds=round(t_end - t_merge, 3), tokens_per_s=round(tokens / max(t_end - t_start, 1e-9)))
-    return summary
+        outputs[key] = {k: meta[k] for k in ("prefix", "documents", "tokens", "empty_docs", "empty_docs_skipped",
+                                             "max_token_id", "dtype")}
+    return outputs
 
 
 def _check_space(shard_dir: Path, prefixes: dict[str, str]) -> None:
