@@ -291,25 +291,25 @@ def test_monitor_benchmark_noise_vs_regression():
     assert mz.observe(4, {"lw": _bench(0.0, 12)})[0].kind == "ok"
 
 
-# -- benchmarks in a real (tiny) training run ------------------------------------------------------------------
-def cpt_train(run_dir: Path, cache: Path, *overrides: str) -> dict:
-    """`cpt train --recipe tiny_cpu` in a subprocess (after `cpt prepare`); the JSON summary line."""
+# -- benchmarks in real (tiny) training runs ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cpu_cache(tmp_path_factory) -> Path:
+    """One `cpt prepare --recipe tiny_cpu` (data + the random base model) shared by the training runs below."""
     from conftest import cpt_prepare
 
-    cpt_prepare(cache, *overrides)
-    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run_dir}",
-           f"data.cache_dir={cache}", *overrides, "--json"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    cache = tmp_path_factory.mktemp("tiny_cpu") / "cache"
+    cpt_prepare(cache)
+    return cache
 
 
 @pytest.mark.slow
-def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path):
+def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path, tiny_cpu_cache):
+    from conftest import cpt_train
+
     tasks = write_tasks(tmp_path, n_docs=8)
     run = tmp_path / "run"
     bench = f"[{{task: {tasks / 'heldout_mc.yaml'}, limit: 8, interval: 2, batch_size: 8}}]"
-    cpt_train(run, tmp_path / "cache", "train.max_steps=4", "eval.interval=4", f"eval.benchmarks={bench}",
+    cpt_train(run, tiny_cpu_cache, "train.max_steps=4", "eval.interval=4", f"eval.benchmarks={bench}",
               "eval.monitor.policy=stop", "checkpoint.save_interval=2")
     evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
     scored = {e["step"]: e["results"]["heldout_mc"] for e in evals if "heldout_mc" in e["results"]}
@@ -325,6 +325,109 @@ def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path):
     assert {e["step"] for e in watched} == {0, 2, 4} and all(e["stderr"] is not None for e in watched if e["step"])
     # 8 documents: any change is inside the stderr, so the benchmark never makes the monitor act
     assert all(e["action"] is None for e in watched)
+
+
+def base_preference_task(hf_dir: Path, out: Path, *, n: int = 200, wrong: int = 50, fragile: int = 8,
+                         seed: int = 0) -> Path:
+    """A next-word multiple-choice task whose answers are the BASE model's own preferences, so that a random
+    model has something to forget: out/base_pref.yaml over local JSONL; base accuracy exactly (n - wrong) / n.
+
+    Each question is a held-out sentence prefix; its choices are single-token words, scored by lm-eval as
+    log P(" word" | prefix). "Robust" questions have two choices 0.15-0.3 nats apart in the base model: a
+    gentle run (lr 1e-4) moves such a gap by ~0.01 and never reorders it, a high-LR run scrambles it. The gold
+    label is the base's favourite for n - wrong questions and the other choice for `wrong` of them, so the base
+    scores (n - wrong) / n with a real binomial stderr (not 1.0, whose stderr is 0). The first `fragile`
+    questions (gold = the favourite) have four choices within 1e-3 nats instead: any training reorders them,
+    so even the gentle run loses some (at most `fragile`), a drop that the monitor must read as noise.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    queries = []  # the longest prefix of <= 7 tokens: a row is 8 tokens, the scorer's narrowest padded width
+    for sent in held_out_sentences(n, seed=seed):
+        w = sent.split()
+        k = max((k for k in range(1, len(w)) if len(tok.encode(" ".join(w[:k]))) <= 7), default=1)
+        queries.append(" ".join(w[:k]))
+    assert len(queries) == n
+    enc = [tok.encode(q) for q in queries]  # lm-eval's context tokens; each choice is the one token " word"
+    width = max(map(len, enc))
+    with torch.no_grad():  # log P(next token | query) at each query's last position, over the whole vocab
+        h = model.model(torch.tensor([e + [0] * (width - len(e)) for e in enc])).last_hidden_state
+        lp = torch.log_softmax(model.lm_head(h[torch.arange(n), torch.tensor([len(e) - 1 for e in enc])]), -1)
+    words = [(i, t[1:]) for t, i in sorted(tok.get_vocab().items(), key=lambda x: x[1])
+             if t.startswith("\u0120") and t[1:].isalpha() and t[1:].islower() and len(t) >= 5]  # "Ġword"
+    ids = torch.tensor([i for i, _ in words])
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "base_pref.jsonl", "w") as f:
+        for q in range(n):
+            v = lp[q, ids]
+            top = int(v.argsort()[len(v) // 2])  # a middling word as the favourite
+            gap = v[top] - v
+            (lo, hi), k = ((1e-4, 1e-3), 3) if q < fragile else ((0.15, 0.3), 1)
+            choices = [top] + rng.sample([int(j) for j in torch.nonzero((gap > lo) & (gap < hi)).flatten()], k)
+            gold = 1 if q >= n - wrong else 0
+            perm = rng.sample(range(k + 1), k + 1)
+            f.write(json.dumps({"query": queries[q], "choices": [words[choices[j]][1] for j in perm],
+                                "gold": perm.index(gold)}) + "\n")
+    _task_yaml(out / "base_pref.yaml", "multiple_choice", out / "base_pref.jsonl", """doc_to_text: "{{query}}"
+doc_to_target: "{{gold}}"
+doc_to_choice: "{{choices}}"
+""", ["acc"])
+    return out / "base_pref.yaml"
+
+
+@pytest.mark.slow
+def test_monitor_acts_on_planted_benchmark_regression_not_on_noise(tmp_path, tiny_cpu_cache):
+    """Issue 21: two real tiny_cpu runs (one `cpt prepare`) with eval.benchmarks, monitor policy stop and its
+    default thresholds (warn 2%, act 3%, noise_z 1), differing only in the LR. The high-LR run (lr 0.1, 100x the
+    recipe's) scrambles the base's preferences: accuracy falls far past the stderr and the monitor stops the run
+    at its first evaluation. The gentle run (lr 1e-4) loses a few fragile questions: a drop past the thresholds
+    but inside the stderr, logged as noise and never acted on; the run completes.
+    Measured: base 0.750 +- 0.031 (n 200); high LR 0.475 at step 4 (-27.5 points, combined stderr 4.7) -> stop;
+    gentle 0.715 at steps 4 and 8 (-3.5 points, +4.7% relative, combined stderr 4.4) -> noise."""
+    from conftest import cpt_train
+
+    from cpt_megatron.checkpoint.hf_export import export_hf
+
+    base = json.loads(next((tiny_cpu_cache / "prepared").glob("*.json")).read_text())["base"]
+    export_hf(base, tmp_path / "base_hf", verify=False)
+    task = base_preference_task(tmp_path / "base_hf", tmp_path / "tasks")
+    bench = f"[{{task: {task}, limit: 200, interval: 4, batch_size: 100}}]"
+    common = ("train.max_steps=8", "eval.interval=4", "checkpoint.save_interval=8", f"eval.benchmarks={bench}",
+              "eval.monitor.policy=stop")
+    n, se0 = 200, (0.75 * 0.25 / 199) ** 0.5
+
+    def scores_and_events(run):
+        evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
+        events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+        return ({e["step"]: e["results"]["base_pref"] for e in evals},
+                {e["step"]: e for e in events if e["source"] == "base_pref"}, events)
+
+    hi = cpt_train(tmp_path / "high_lr", tiny_cpu_cache, *common, "optim.lr=0.1")
+    acc, ev, events = scores_and_events(tmp_path / "high_lr")
+    assert hi["stopped"] == "forgetting monitor stopped the run at step 4" and hi["last_step"] == 4
+    assert sorted(acc) == [0, 4] and acc[0]["acc"] == 0.75 and acc[0]["n"] == n  # the base scores as designed
+    assert acc[0]["acc_stderr"] == pytest.approx(se0)
+    se = (se0 ** 2 + acc[4]["acc_stderr"] ** 2) ** 0.5
+    assert acc[4]["acc"] < 0.75 - 3 * se  # far outside the noise (measured 0.475, se 0.047)
+    assert ev[0]["kind"] == "baseline"
+    assert ev[4]["kind"] == "act" and ev[4]["action"] == "stop" and ev[4]["threshold"] == 0.03
+    assert ev[4]["stderr"] == pytest.approx(se)
+    assert ev[4]["regression"] == pytest.approx((0.75 - acc[4]["acc"]) / 0.75)
+    assert [e["source"] for e in events if e["action"]] == ["base_pref"]  # the benchmark acted, not perplexity
+
+    lo = cpt_train(tmp_path / "low_lr", tiny_cpu_cache, *common, "optim.lr=1e-4")
+    acc, ev, events = scores_and_events(tmp_path / "low_lr")
+    assert lo["stopped"] is None and lo["last_step"] == 8  # not stopped
+    assert sorted(acc) == [0, 4, 8] and acc[0]["acc"] == 0.75
+    for step in (4, 8):
+        drop = 0.75 - acc[step]["acc"]
+        se = (se0 ** 2 + acc[step]["acc_stderr"] ** 2) ** 0.5
+        assert 3 / n <= drop <= min(se, 8 / n + 1e-9)  # past `warn`, inside the stderr: only fragile ones lost
+        assert ev[step]["kind"] == "noise" and ev[step]["action"] is None and ev[step]["stderr"] == pytest.approx(se)
+    assert not any(e["action"] for e in events)
 
 
 def test_select_and_plot_include_benchmarks(tmp_path):
