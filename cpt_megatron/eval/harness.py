@@ -5,10 +5,13 @@ Two pieces:
   for each row the log-probability of every label and the model's argmax at every position. Rows are dealt
   to DP replicas, results are broadcast from the last pipeline stage and gathered over DP, so every rank
   gets every row's result. Collective: every rank calls it with the same rows in the same order.
+  `LayoutScorer.generate`: greedy decoding with megatron-core's static KV cache (one prefill pass per group
+  of equal-length prompts, then one single-token pass per new token), through the same schedules.
 - `MegatronLM`: lm-eval's `LM` interface (loglikelihood, loglikelihood_rolling, generate_until greedy) on a
   scorer, tokenizing exactly like lm-eval's `hf` model (so scores match it on the exported checkpoint).
   Every rank runs the whole lm-eval evaluation on all requests (lm-eval sees rank 0 of 1): the scorer
-  does the sharding, and every rank ends with the same results.
+  does the sharding, and every rank ends with the same results. A scorer without a KV cache (a plain
+  callable, or sequence parallelism on) is decoded by re-running the whole sequence for every new token.
 
 Shapes: B = rows per call, W = padded width (tokens per row), V/tp = this rank's vocab shard.
 """
@@ -73,6 +76,50 @@ def _score_step(data_iterator, model):
     return model(tokens, position_ids, None), partial(_score_output, labels)
 
 
+def _last_argmax_output(logits: torch.Tensor):
+    """loss_func of a decoding forward: the argmax of the last position ([b, 1, V] logits, gathered over TP)."""
+    argmax = logits[:, -1].float().argmax(dim=-1)
+    zero = torch.zeros((), device=logits.device)
+    return zero, torch.ones((), dtype=torch.int, device=logits.device), {"argmax": argmax}
+
+
+def _decode_step(context, data_iterator, model):
+    """forward_step_func of a KV-cached pass: prefill (the whole prompts) or one new token per row, at
+    positions sequence_len_offset.. of `context`; this micro-batch's rows are cache rows batch_size_offset.."""
+    batch = next(data_iterator)
+    dev = next(model.parameters()).device
+    tokens = batch["tokens"].to(dev)
+    context.batch_size_offset = batch["row"]
+    start = context.sequence_len_offset
+    position_ids = torch.arange(start, start + tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+    return (model(tokens, position_ids, None, inference_context=context, runtime_gather_output=True),
+            _last_argmax_output)
+
+
+def _unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def greedy_reforward(scorer, prompts: list[list[int]], max_new: int, stop) -> list[list[int]]:
+    """Greedy continuations by re-running each whole sequence for every new token (any scorer, no cache).
+
+    `stop(i, tokens)`: whether prompt i is done after appending its latest token."""
+    gens = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    for _ in range(max_new):
+        if not live:
+            break
+        seqs = [prompts[j] + gens[j] for j in live]
+        for j, (_, am) in zip(list(live), scorer([(s, s[1:] + [scorer.pad_id]) for s in seqs])):
+            gens[j].append(am[-1])
+            if stop(j, gens[j]):
+                live.remove(j)
+    return gens
+
+
 class LayoutScorer:
     """Per-token log-probabilities and argmax of megatron-core model chunks in their parallel layout.
 
@@ -82,7 +129,8 @@ class LayoutScorer:
     multiple of tp); causal attention keeps padding from affecting real positions.
     """
 
-    def __init__(self, model: list, *, micro_batch: int = 4, pad_id: int = 0, width_multiple: int = 8):
+    def __init__(self, model: list, *, micro_batch: int = 4, pad_id: int = 0, width_multiple: int = 8,
+                 kv_cache: bool = True):
         from megatron.core import parallel_state as ps
 
         self.model = list(model)
@@ -90,19 +138,17 @@ class LayoutScorer:
         self._ps = ps
         self.width_multiple = width_multiple * ps.get_tensor_model_parallel_world_size()
         self.device = next(self.model[0].parameters()).device
+        # megatron-core's static KV cache keeps whole sequences per rank: not with sequence parallelism
+        self.kv_cache = kv_cache and not _unwrap(self.model[0]).config.sequence_parallel
 
     def __call__(self, rows: list[Row]) -> list[tuple[list[float], list[int]]]:
         """For each (inputs, labels) row: (log P(label_i | inputs[:i+1]) for each i, argmax at each i)."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         ps = self._ps
         if not rows:
             return []
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         n, mb = len(rows), self.micro_batch
-        # rows per DP replica: whole micro-batches; the interleaved (VPP) schedule wants a multiple of pp of them
-        group = mb * (ps.get_pipeline_model_parallel_world_size() if len(self.model) > 1 else 1)
-        per = -(-n // (dp * group)) * group
+        per = self._rows_per_replica(n)
         padded = list(rows) + [([self.pad_id], [self.pad_id])] * (per * dp - n)
         m = self.width_multiple
         width = -(-max(len(r[0]) for r in rows) // m) * m
@@ -114,29 +160,84 @@ class LayoutScorer:
             tokens[k, :len(inp)] = torch.tensor(inp)
             labels[k, :len(lab)] = torch.tensor(lab)
         mbs = [{"tokens": tokens[i:i + mb], "labels": labels[i:i + mb]} for i in range(0, per, mb)]
+        outputs = {"logprob": (torch.float32, (width,)), "argmax": (torch.long, (width,))}
+        logprob, argmax = self._run(_score_step, mbs, width, outputs)
+        return [(logprob[k, :len(r[0])].tolist(), argmax[k, :len(r[0])].tolist()) for k, r in enumerate(rows)]
+
+    def _rows_per_replica(self, n: int) -> int:
+        """Rows each DP replica runs for n rows: whole micro-batches (a multiple of pp of them for VPP)."""
+        ps = self._ps
+        group = self.micro_batch * (ps.get_pipeline_model_parallel_world_size() if len(self.model) > 1 else 1)
+        return -(-n // (ps.get_data_parallel_world_size() * group)) * group
+
+    def _run(self, step_func, mbs: list[dict], width: int, outputs: dict) -> list[torch.Tensor]:
+        """One forward-only pass of this replica's micro-batches. Each `outputs` entry of the loss_func's dict
+        ({name: (dtype, shape of one row)}), concatenated over micro-batches, sent from the last stage to every
+        stage and gathered over DP (replica order): [dp x rows, *shape] on every rank, on the CPU."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        ps = self._ps
         for c in self.model:
             c.eval()
         with torch.no_grad():
             out = get_forward_backward_func()(
-                forward_step_func=_score_step, data_iterator=[iter(mbs) for _ in self.model] if len(self.model) > 1
-                else iter(mbs), model=self.model, num_microbatches=len(mbs), seq_length=width, micro_batch_size=mb,
-                forward_only=True)
-        logprob = torch.zeros((per, width), dtype=torch.float32, device=self.device)
-        argmax = torch.zeros((per, width), dtype=torch.long, device=self.device)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            logprob = torch.cat([d["logprob"] for d in out]).to(self.device, torch.float32)
-            argmax = torch.cat([d["argmax"] for d in out]).to(self.device, torch.long)
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
-            torch.distributed.broadcast(logprob, src, group=group)
-            torch.distributed.broadcast(argmax, src, group=group)
-        if dp > 1:
-            lps, ams = [torch.empty_like(logprob) for _ in range(dp)], [torch.empty_like(argmax) for _ in range(dp)]
-            torch.distributed.all_gather(lps, logprob, group=ps.get_data_parallel_group())
-            torch.distributed.all_gather(ams, argmax, group=ps.get_data_parallel_group())
-            logprob, argmax = torch.cat(lps), torch.cat(ams)
-        logprob, argmax = logprob.cpu(), argmax.cpu()
-        return [(logprob[k, :len(r[0])].tolist(), argmax[k, :len(r[0])].tolist()) for k, r in enumerate(rows)]
+                forward_step_func=step_func, data_iterator=[iter(mbs) for _ in self.model] if len(self.model) > 1
+                else iter(mbs), model=self.model, num_microbatches=len(mbs), seq_length=width,
+                micro_batch_size=self.micro_batch, forward_only=True)
+        per = sum(len(m["tokens"]) for m in mbs)
+        res = []
+        for name, (dtype, shape) in outputs.items():
+            if ps.is_pipeline_last_stage(ignore_virtual=True):
+                t = torch.cat([d[name] for d in out]).to(self.device, dtype)
+            else:
+                t = torch.zeros((per, *shape), dtype=dtype, device=self.device)
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                torch.distributed.broadcast(t, ps.get_pipeline_model_parallel_last_rank(),
+                                            group=ps.get_pipeline_model_parallel_group())
+            if ps.get_data_parallel_world_size() > 1:
+                parts = [torch.empty_like(t) for _ in range(ps.get_data_parallel_world_size())]
+                torch.distributed.all_gather(parts, t, group=ps.get_data_parallel_group())
+                t = torch.cat(parts)
+            res.append(t.cpu())
+        return res
+
+    def generate(self, prompts: list[list[int]], max_new: int, stop) -> list[list[int]]:
+        """Greedy continuations (up to max_new tokens) with megatron-core's static KV cache.
+
+        Prompts of equal length are decoded together: one prefill pass over the prompts, then one pass of
+        one token per row per new token (positions continue after the prompt; the cache holds the keys and
+        values of every earlier position). `stop(i, tokens)` says whether prompt i is done; every rank sees
+        every row's tokens, so all ranks stop at the same step. Without the cache (sequence parallelism,
+        kv_cache=False) this is `greedy_reforward`. Collective.
+        """
+        if not self.kv_cache:
+            return greedy_reforward(self, prompts, max_new, stop)
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        dp_rank, mb = self._ps.get_data_parallel_rank(), self.micro_batch
+        gens: list[list[int]] = [[] for _ in prompts]
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        for length, idx in sorted(by_len.items()):
+            per = self._rows_per_replica(len(idx))
+            rows = [prompts[i] for i in idx]
+            rows += [rows[0]] * (per * self._ps.get_data_parallel_world_size() - len(rows))  # filler rows
+            tokens = torch.tensor(rows[dp_rank * per:(dp_rank + 1) * per], dtype=torch.long)
+            context = StaticInferenceContext(per, length + max_new)
+            live = set(range(len(idx)))
+            for _ in range(max_new):
+                mbs = [{"tokens": tokens[r:r + mb], "row": r} for r in range(0, per, mb)]
+                (new,) = self._run(partial(_decode_step, context), mbs, tokens.shape[1], {"argmax": (torch.long, ())})
+                context.sequence_len_offset += tokens.shape[1]
+                for j in sorted(live):
+                    gens[idx[j]].append(int(new[j]))
+                    if stop(idx[j], gens[idx[j]]):
+                        live.discard(j)
+                if not live:
+                    break
+                tokens = new[dp_rank * per:(dp_rank + 1) * per].unsqueeze(1)
+        return gens
 
 
 class MegatronLM(TemplateLM):
@@ -212,8 +313,11 @@ class MegatronLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding, a batch of prompts at a time (full re-forward per token: no KV cache)."""
+        """Greedy decoding, a batch of prompts at a time: with the scorer's KV cache (`generate`) when it has
+        one, else by re-running every sequence for each new token (`greedy_reforward`); the same tokens."""
         eos = self.tokenizer.decode([self.eot_token_id])
+        decode = self.scorer.generate if getattr(self.scorer, "kv_cache", False) else partial(greedy_reforward,
+                                                                                           self.scorer)
         out = []
         for b in range(0, len(requests), self.batch_size):
             batch = [r.args for r in requests[b:b + self.batch_size]]
@@ -228,20 +332,13 @@ class MegatronLM(TemplateLM):
                 if max_gen >= self.max_length:
                     raise ValueError(f"max_gen_toks={max_gen} must be < the model's max length {self.max_length}")
                 ctxs = [self.tok_encode(batch[i][0], left_truncate_len=self.max_length - max_gen) for i in idx]
-                gens = [[] for _ in idx]
-                live = list(range(len(idx)))
-                for _ in range(max_gen):
-                    if not live:
-                        break
-                    seqs = [ctxs[j] + gens[j] for j in live]
-                    rows = [(s, s[1:] + [self.pad]) for s in seqs]
-                    for j, (_, am) in zip(list(live), self.scorer(rows)):
-                        gens[j].append(am[-1])
-                        text = self.tokenizer.decode(gens[j], skip_special_tokens=True)
-                        if am[-1] == self.eot_token_id or any(u in text for u in until):
-                            live.remove(j)
-                for j, i in enumerate(idx):
-                    text = self.tokenizer.decode(gens[j], skip_special_tokens=True)
+
+                def stop(_, gen, until=until):
+                    text = self.tokenizer.decode(gen, skip_special_tokens=True)
+                    return gen[-1] == self.eot_token_id or any(u in text for u in until)
+
+                for i, gen in zip(idx, decode(ctxs, max_gen, stop)):
+                    text = self.tokenizer.decode(gen, skip_special_tokens=True)
                     res[i] = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
                     self.cache_hook.add_partial("generate_until", batch[i], res[i])
             out.extend(res)
