@@ -220,7 +220,8 @@ def test_adapter_rolling_and_generation_match_hf(tiny):
 def test_kv_cache_generation_equals_reforward(tiny, tmp_path, layout):
     """Greedy generate_until with megatron-core's static KV cache (LayoutScorer.generate) gives the same text
     as re-running every sequence for each new token, in TP2 / DP2 / PP2 (2 ranks). TP2 also covers the
-    vocab-padding mask on TP-gathered logits (model/build.py), which the cached path reads."""
+    vocab-padding mask on TP-gathered logits (model/build.py), which the cached path reads.
+    Same worker: one-token continuations of a shared context scored in one row (`alts`) equal one row each."""
     _, ckpt, _, _ = tiny
     out = tmp_path / "gen.json"
     spec = json.dumps({"kind": "kv", "ckpt": str(ckpt), "out": str(out), **layout})
@@ -231,6 +232,22 @@ def test_kv_cache_generation_equals_reforward(tiny, tmp_path, layout):
     assert res["kv"] == res["reforward"] and len(res["kv"]) == 12
     assert max(res["group_sizes"]) >= 2  # prompts of equal length share a prefill and the cache
     assert sum(len(t) for t in res["kv"]) > 12 * 4  # real continuations, not empty strings
+    shared, plain = res["shared"], res["plain"]
+    assert res["rows"] == {"shared": 12 * 2, "plain": 12 * 4}  # 3 one-token candidates per context: 1 row
+    assert len(shared) == len(plain) == 12 * 4
+    assert max(abs(a[0] - b[0]) for a, b in zip(shared, plain)) <= 1e-5
+    assert [a[1] for a in shared] == [b[1] for b in plain] and sum(a[1] for a in shared) == 12  # the greedy ones
+
+
+class _RowCounter:
+    """A scorer that counts the rows it is asked for, with candidate sharing on or off."""
+
+    def __init__(self, scorer, share: bool):
+        self.scorer, self.scores_alternatives, self.pad_id, self.rows = scorer, share, scorer.pad_id, 0
+
+    def __call__(self, rows):
+        self.rows += len(rows)
+        return self.scorer(rows)
 
 
 def _kv_worker(spec: dict) -> None:
@@ -248,6 +265,16 @@ def _kv_worker(spec: dict) -> None:
             res["kv" if kv else "reforward"] = MegatronLM(scorer, tok, max_length=64, batch_size=12).generate_until(reqs)
         lens = [len(tok.encode(t)) for t in texts]
         res["group_sizes"] = [lens.count(n) for n in set(lens)]
+        # each context: its greedy next token, two other tokens, and a two-token continuation
+        ctxs = [tok.encode(t) for t in texts]
+        greedy = scorer.generate(ctxs, 1, lambda i, g: True)
+        lreqs = [(None, c, cont) for c, g in zip(ctxs, greedy) for cont in (g, [11], [262], [11, 262])]
+        res["rows"] = {}
+        for share in (True, False):
+            counted = _RowCounter(scorer, share)
+            lm = MegatronLM(counted, tok, max_length=64, batch_size=8)
+            res["shared" if share else "plain"] = [list(r) for r in lm._loglikelihood_tokens(lreqs)]
+            res["rows"]["shared" if share else "plain"] = counted.rows
         if torch.distributed.get_rank() == 0:
             Path(spec["out"]).write_text(json.dumps(res))
 

@@ -56,15 +56,21 @@ def _argmax_over_tp(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack(idxs).gather(0, best).squeeze(0)
 
 
-def _score_output(labels: torch.Tensor, logits: torch.Tensor):
-    """loss_func of the scoring forward: per-token log P(label) and argmax, fp32, in the full vocab."""
+def _score_output(labels: torch.Tensor, last: torch.Tensor | None, alts: torch.Tensor | None, logits: torch.Tensor):
+    """loss_func of the scoring forward: per-token log P(label) and argmax, fp32, in the full vocab; with
+    `alts` [b, K] also log P(alt) at each row's `last` position [b] (candidate tokens sharing one context)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     logits = logits.float()
     argmax = _argmax_over_tp(logits)
-    logprob = -vocab_parallel_cross_entropy(logits.clone(), labels)  # it shifts its input in place
+    out = {"argmax": argmax}
+    if alts is not None:  # [b, K, V/tp]: the last position's logits once per candidate
+        at_last = logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+        out["alt_logprob"] = -vocab_parallel_cross_entropy(
+            at_last.unsqueeze(1).expand(-1, alts.shape[1], -1).contiguous(), alts.to(logits.device))
+    out["logprob"] = -vocab_parallel_cross_entropy(logits.clone(), labels)  # it shifts its input in place
     zero = torch.zeros((), device=logits.device)
-    return zero, torch.ones((), dtype=torch.int, device=logits.device), {"logprob": logprob, "argmax": argmax}
+    return zero, torch.ones((), dtype=torch.int, device=logits.device), out
 
 
 def _score_step(data_iterator, model):
@@ -73,7 +79,7 @@ def _score_step(data_iterator, model):
     dev = next(model.parameters()).device
     tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
     position_ids = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
-    return model(tokens, position_ids, None), partial(_score_output, labels)
+    return model(tokens, position_ids, None), partial(_score_output, labels, batch.get("last"), batch.get("alts"))
 
 
 def _last_argmax_output(logits: torch.Tensor):
@@ -140,9 +146,13 @@ class LayoutScorer:
         self.device = next(self.model[0].parameters()).device
         # megatron-core's static KV cache keeps whole sequences per rank: not with sequence parallelism
         self.kv_cache = kv_cache and not _unwrap(self.model[0]).config.sequence_parallel
+        self.scores_alternatives = True  # rows may carry candidate last tokens (see __call__)
 
-    def __call__(self, rows: list[Row]) -> list[tuple[list[float], list[int]]]:
-        """For each (inputs, labels) row: (log P(label_i | inputs[:i+1]) for each i, argmax at each i)."""
+    def __call__(self, rows: list[Row]) -> list[tuple]:
+        """For each (inputs, labels) row: (log P(label_i | inputs[:i+1]) for each i, argmax at each i).
+
+        A row (inputs, labels, alts) also gets, third, log P(a | inputs) at its last position for each
+        token a in alts: candidates that share the row's context cost no extra forward pass."""
         ps = self._ps
         if not rows:
             return []
@@ -152,17 +162,28 @@ class LayoutScorer:
         padded = list(rows) + [([self.pad_id], [self.pad_id])] * (per * dp - n)
         m = self.width_multiple
         width = -(-max(len(r[0]) for r in rows) // m) * m
+        num_alts = max((len(r[2]) for r in rows if len(r) > 2), default=0)
         tokens = torch.full((per, width), self.pad_id, dtype=torch.long)
         labels = torch.full((per, width), self.pad_id, dtype=torch.long)
-        for k, (inp, lab) in enumerate(padded[dp_rank * per:(dp_rank + 1) * per]):
+        last = torch.zeros(per, dtype=torch.long)
+        alts = torch.zeros((per, num_alts), dtype=torch.long)
+        for k, (inp, lab, *alt) in enumerate(padded[dp_rank * per:(dp_rank + 1) * per]):
             if len(inp) != len(lab):
                 raise ValueError(f"row {k}: {len(inp)} inputs but {len(lab)} labels")
             tokens[k, :len(inp)] = torch.tensor(inp)
             labels[k, :len(lab)] = torch.tensor(lab)
+            last[k] = len(inp) - 1
+            if alt:
+                alts[k, :len(alt[0])] = torch.tensor(alt[0])
         mbs = [{"tokens": tokens[i:i + mb], "labels": labels[i:i + mb]} for i in range(0, per, mb)]
         outputs = {"logprob": (torch.float32, (width,)), "argmax": (torch.long, (width,))}
-        logprob, argmax = self._run(_score_step, mbs, width, outputs)
-        return [(logprob[k, :len(r[0])].tolist(), argmax[k, :len(r[0])].tolist()) for k, r in enumerate(rows)]
+        if num_alts:
+            for i, m in zip(range(0, per, mb), mbs):
+                m.update(last=last[i:i + mb], alts=alts[i:i + mb])
+            outputs["alt_logprob"] = (torch.float32, (num_alts,))
+        logprob, argmax, *alt_lp = self._run(_score_step, mbs, width, outputs)
+        return [(logprob[k, :len(r[0])].tolist(), argmax[k, :len(r[0])].tolist(),
+                 *([alt_lp[0][k, :len(r[2])].tolist()] if len(r) > 2 else [])) for k, r in enumerate(rows)]
 
     def _rows_per_replica(self, n: int) -> int:
         """Rows each DP replica runs for n rows: whole micro-batches (a multiple of pp of them for VPP)."""
@@ -277,23 +298,39 @@ class MegatronLM(TemplateLM):
 
     # -- scoring -----------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
-        """(sum log P(continuation | context), continuation is the greedy output) per request."""
-        rows = []
-        for _, ctx, cont in requests:
+        """(sum log P(continuation | context), continuation is the greedy output) per request.
+
+        Requests whose continuation is one token after the same context (MMLU's " A"/" B"/" C"/" D", one-word
+        choices) share one row when the scorer supports it: one forward pass, and the last position's
+        log-softmax scores every candidate, as lm-eval's hf model does."""
+        share = getattr(self.scorer, "scores_alternatives", False)
+        rows, members, by_context = [], [], {}  # members[r]: the requests that row r scores
+        for i, (_, ctx, cont) in enumerate(requests):
             if not ctx or not cont:
                 raise ValueError("lm-eval request with an empty context or continuation after tokenization")
             seq = (ctx + cont)[-(self.max_length + 1):]  # left truncation, as HFLM
+            if share and len(cont) == 1:
+                r = by_context.setdefault(tuple(seq[:-1]), len(rows))
+                if r < len(rows):
+                    members[r].append(i)
+                    continue
             rows.append((seq[:-1], seq[1:]))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths per batch
-        res: list = [None] * len(rows)
+            members.append([i])
+        rows = [(*row, [requests[i][2][0] for i in mem]) if len(mem) > 1 else row for row, mem in zip(rows, members)]
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))  # similar lengths per batch
+        res: list = [None] * len(requests)
         for b in range(0, len(order), self.batch_size):
             idx = order[b:b + self.batch_size]
-            for i, (lp, am) in zip(idx, self.scorer([rows[i] for i in idx])):
-                n = len(requests[i][2])
-                labels = rows[i][1][-n:]
-                res[i] = (float(sum(lp[-n:])), am[-n:] == labels)
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], res[i])
+            for r, (lp, am, *alt_lp) in zip(idx, self.scorer([rows[r] for r in idx])):
+                if alt_lp:  # one-token continuations of a shared context
+                    for i, a in zip(members[r], alt_lp[0]):
+                        res[i] = (float(a), am[-1] == requests[i][2][0])
+                else:
+                    i, n = members[r][0], len(requests[members[r][0]][2])
+                    res[i] = (float(sum(lp[-n:])), am[-n:] == rows[r][1][-n:])
+                for i in members[r]:
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], res[i])
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
