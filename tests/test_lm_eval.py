@@ -371,11 +371,24 @@ def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path, tiny_cpu_
     from conftest import cpt_train
 
     tasks = write_tasks(tmp_path, n_docs=8)
+    gen_task = tmp_path / "gen" / "heldout_gen.yaml"  # greedy generation (KV-cached) on the training model
+    gen_task.parent.mkdir()
+    _task_yaml(gen_task, "generate_until", tasks / "lastword.jsonl", """doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' '+text.split(' ')[-1]}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 4}
+""", ["exact_match"])
     run = tmp_path / "run"
-    bench = f"[{{task: {tasks / 'heldout_mc.yaml'}, limit: 8, interval: 2, batch_size: 8}}]"
+    bench = (f"[{{task: {tasks / 'heldout_mc.yaml'}, limit: 8, interval: 2, batch_size: 8}}, "
+             f"{{task: {gen_task}, limit: 4, interval: 2, metric: exact_match, "
+             f"general: false}}]")
     cpt_train(run, tiny_cpu_cache, "train.max_steps=4", "eval.interval=4", f"eval.benchmarks={bench}",
               "eval.monitor.policy=stop", "checkpoint.save_interval=2")
     evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
+    gen = {e["step"]: e["results"]["heldout_gen"] for e in evals if "heldout_gen" in e["results"]}
+    assert sorted(gen) == [0, 2, 4] and all(r["group"] == "domain" and r["n"] == 4 and 0 <= r["exact_match"] <= 1
+                                            for r in gen.values())
+    assert "exact_match,none" in json.loads((run / "benchmarks" / "step_0000004.heldout_gen.json").read_text())[
+        "results"]["heldout_gen"]
     scored = {e["step"]: e["results"]["heldout_mc"] for e in evals if "heldout_mc" in e["results"]}
     assert sorted(scored) == [0, 2, 4]
     for r in scored.values():

@@ -103,7 +103,7 @@ def _decode_step(context, data_iterator, model):
 
 
 def _unwrap(chunk):
-    """The GPTModel inside DDP / Float16Module wrappers."""
+    """The GPTModel inside DDP / Float16Module wrappers (torch.compile's wrapper forwards attributes)."""
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
@@ -145,7 +145,8 @@ class LayoutScorer:
         self.width_multiple = width_multiple * ps.get_tensor_model_parallel_world_size()
         self.device = next(self.model[0].parameters()).device
         # megatron-core's static KV cache keeps whole sequences per rank: not with sequence parallelism
-        self.kv_cache = kv_cache and not _unwrap(self.model[0]).config.sequence_parallel
+        config = getattr(_unwrap(self.model[0]), "config", None)
+        self.kv_cache = kv_cache and config is not None and not config.sequence_parallel
         self.scores_alternatives = True  # rows may carry candidate last tokens (see __call__)
 
     def __call__(self, rows: list[Row]) -> list[tuple]:
