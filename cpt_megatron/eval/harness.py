@@ -4,7 +4,9 @@ Two pieces:
 - `LayoutScorer`: forward-only passes of the model chunks through megatron's pipeline schedules, returning
   for each row the log-probability of every label and the model's argmax at every position. Rows are dealt
   to DP replicas, results are broadcast from the last pipeline stage and gathered over DP, so every rank
-  gets every row's result. Collective: every rank calls it with the same rows in the same order.
+  gets every row's result. Collective: every rank calls it with the same rows in the same order. A row
+  may carry candidate last tokens (`alts`) scored from its last position: one-token continuations of one
+  context (MMLU's letters) cost one row, not one each.
   `LayoutScorer.generate`: greedy decoding with megatron-core's static KV cache (one prefill pass per group
   of equal-length prompts, then one single-token pass per new token), through the same schedules.
 - `MegatronLM`: lm-eval's `LM` interface (loglikelihood, loglikelihood_rolling, generate_until greedy) on a
@@ -31,9 +33,9 @@ from lm_eval.models.utils import (
     postprocess_generated_text,
 )
 
-__all__ = ["LayoutScorer", "MegatronLM"]
+__all__ = ["LayoutScorer", "MegatronLM", "greedy_reforward"]
 
-Row = tuple[list[int], list[int]]  # (input tokens, labels); labels[i] is the token after inputs[i]
+Row = tuple  # (inputs, labels) or (inputs, labels, alts): labels[i] is the token after inputs[i]; alts: list[int]
 
 
 def _argmax_over_tp(logits: torch.Tensor) -> torch.Tensor:
