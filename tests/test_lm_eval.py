@@ -462,8 +462,9 @@ def test_monitor_acts_on_planted_benchmark_regression_not_on_noise(tmp_path, tin
     recipe's) scrambles the base's preferences: accuracy falls far past the stderr and the monitor stops the run
     at its first evaluation. The gentle run (lr 1e-4) loses a few fragile questions: a drop past the thresholds
     but inside the stderr, logged as noise and never acted on; the run completes.
-    Measured: base 0.750 +- 0.031 (n 200); high LR 0.475 at step 4 (-27.5 points, combined stderr 4.7) -> stop;
-    gentle 0.715 at steps 4 and 8 (-3.5 points, +4.7% relative, combined stderr 4.4) -> noise."""
+    Measured (Gutenberg held-out text; generated fallback in brackets): base 0.750 +- 0.031 (n 200); high LR
+    0.515 [0.475] at step 4 (combined stderr 4.7 points) -> stop; gentle 0.730 [0.715] at steps 4 and 8
+    (-2.0 [-3.5] points, combined stderr 4.4) -> noise."""
     from conftest import cpt_train
 
     from cpt_megatron.checkpoint.hf_export import export_hf
@@ -488,7 +489,7 @@ def test_monitor_acts_on_planted_benchmark_regression_not_on_noise(tmp_path, tin
     assert sorted(acc) == [0, 4] and acc[0]["acc"] == 0.75 and acc[0]["n"] == n  # the base scores as designed
     assert acc[0]["acc_stderr"] == pytest.approx(se0)
     se = (se0 ** 2 + acc[4]["acc_stderr"] ** 2) ** 0.5
-    assert acc[4]["acc"] < 0.75 - 3 * se  # far outside the noise (measured 0.475, se 0.047)
+    assert acc[4]["acc"] < 0.75 - 3 * se  # far outside the noise (measured 0.515, se 0.047)
     assert ev[0]["kind"] == "baseline"
     assert ev[4]["kind"] == "act" and ev[4]["action"] == "stop" and ev[4]["threshold"] == 0.03
     assert ev[4]["stderr"] == pytest.approx(se)
