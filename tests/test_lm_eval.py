@@ -215,6 +215,70 @@ def test_adapter_rolling_and_generation_match_hf(tiny):
     assert lm.generate_until(gen) == ref.generate_until(gen)
 
 
+@pytest.mark.parametrize("layout", [{"tp": 2, "pp": 1}, pytest.param({"tp": 1, "pp": 1}, marks=pytest.mark.slow),
+                                    pytest.param({"tp": 1, "pp": 2}, marks=pytest.mark.slow)], ids=["TP2", "DP2", "PP2"])
+def test_kv_cache_generation_equals_reforward(tiny, tmp_path, layout):
+    """Greedy generate_until with megatron-core's static KV cache (LayoutScorer.generate) gives the same text
+    as re-running every sequence for each new token, in TP2 / DP2 / PP2 (2 ranks). TP2 also covers the
+    vocab-padding mask on TP-gathered logits (model/build.py), which the cached path reads.
+    Same worker: one-token continuations of a shared context scored in one row (`alts`) equal one row each."""
+    _, ckpt, _, _ = tiny
+    out = tmp_path / "gen.json"
+    spec = json.dumps({"kind": "kv", "ckpt": str(ckpt), "out": str(out), **layout})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, spec]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["kv"] == res["reforward"] and len(res["kv"]) == 12
+    assert max(res["group_sizes"]) >= 2  # prompts of equal length share a prefill and the cache
+    assert sum(len(t) for t in res["kv"]) > 12 * 4  # real continuations, not empty strings
+    shared, plain = res["shared"], res["plain"]
+    assert res["rows"] == {"shared": 12 * 2, "plain": 12 * 4}  # 3 one-token candidates per context: 1 row
+    assert len(shared) == len(plain) == 12 * 4
+    assert max(abs(a[0] - b[0]) for a, b in zip(shared, plain)) <= 1e-5
+    assert [a[1] for a in shared] == [b[1] for b in plain] and sum(a[1] for a in shared) == 12  # the greedy ones
+
+
+class _RowCounter:
+    """A scorer that counts the rows it is asked for, with candidate sharing on or off."""
+
+    def __init__(self, scorer, share: bool):
+        self.scorer, self.scores_alternatives, self.pad_id, self.rows = scorer, share, scorer.pad_id, 0
+
+    def __call__(self, rows):
+        self.rows += len(rows)
+        return self.scorer(rows)
+
+
+def _kv_worker(spec: dict) -> None:
+    from lm_eval.api.instance import Instance
+
+    from cpt_megatron.eval.harness import LayoutScorer, MegatronLM
+    from cpt_megatron.eval.standalone import loaded_checkpoint
+
+    texts = [" ".join(t.split()[:4]) for t in held_out_sentences(12, seed=5)]
+    reqs = [Instance("generate_until", {}, (t, {"until": ["\n\n"], "max_gen_toks": 10}), i) for i, t in enumerate(texts)]
+    with loaded_checkpoint(spec["ckpt"], tp=spec["tp"], pp=spec["pp"]) as (chunks, tok, arch):
+        res = {}
+        for kv in (True, False):
+            scorer = LayoutScorer(chunks, micro_batch=2, pad_id=int(tok.eos_token_id), kv_cache=kv)
+            res["kv" if kv else "reforward"] = MegatronLM(scorer, tok, max_length=64, batch_size=12).generate_until(reqs)
+        lens = [len(tok.encode(t)) for t in texts]
+        res["group_sizes"] = [lens.count(n) for n in set(lens)]
+        # each context: its greedy next token, two other tokens, and a two-token continuation
+        ctxs = [tok.encode(t) for t in texts]
+        greedy = scorer.generate(ctxs, 1, lambda i, g: True)
+        lreqs = [(None, c, cont) for c, g in zip(ctxs, greedy) for cont in (g, [11], [262], [11, 262])]
+        res["rows"] = {}
+        for share in (True, False):
+            counted = _RowCounter(scorer, share)
+            lm = MegatronLM(counted, tok, max_length=64, batch_size=8)
+            res["shared" if share else "plain"] = [list(r) for r in lm._loglikelihood_tokens(lreqs)]
+            res["rows"]["shared" if share else "plain"] = counted.rows
+        if torch.distributed.get_rank() == 0:
+            Path(spec["out"]).write_text(json.dumps(res))
+
+
 # -- offline task resolution and errors (no model) ----------------------------------------------------------
 def test_task_specs_resolve_and_missing_dataset_is_one_line(tmp_path, monkeypatch):
     import socket
@@ -291,27 +355,40 @@ def test_monitor_benchmark_noise_vs_regression():
     assert mz.observe(4, {"lw": _bench(0.0, 12)})[0].kind == "ok"
 
 
-# -- benchmarks in a real (tiny) training run ------------------------------------------------------------------
-def cpt_train(run_dir: Path, cache: Path, *overrides: str) -> dict:
-    """`cpt train --recipe tiny_cpu` in a subprocess (after `cpt prepare`); the JSON summary line."""
+# -- benchmarks in real (tiny) training runs ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cpu_cache(tmp_path_factory) -> Path:
+    """One `cpt prepare --recipe tiny_cpu` (data + the random base model) shared by the training runs below."""
     from conftest import cpt_prepare
 
-    cpt_prepare(cache, *overrides)
-    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run_dir}",
-           f"data.cache_dir={cache}", *overrides, "--json"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    cache = tmp_path_factory.mktemp("tiny_cpu") / "cache"
+    cpt_prepare(cache)
+    return cache
 
 
 @pytest.mark.slow
-def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path):
+def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path, tiny_cpu_cache):
+    from conftest import cpt_train
+
     tasks = write_tasks(tmp_path, n_docs=8)
+    gen_task = tmp_path / "gen" / "heldout_gen.yaml"  # greedy generation (KV-cached) on the training model
+    gen_task.parent.mkdir()
+    _task_yaml(gen_task, "generate_until", tasks / "lastword.jsonl", """doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' '+text.split(' ')[-1]}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 4}
+""", ["exact_match"])
     run = tmp_path / "run"
-    bench = f"[{{task: {tasks / 'heldout_mc.yaml'}, limit: 8, interval: 2, batch_size: 8}}]"
-    cpt_train(run, tmp_path / "cache", "train.max_steps=4", "eval.interval=4", f"eval.benchmarks={bench}",
+    bench = (f"[{{task: {tasks / 'heldout_mc.yaml'}, limit: 8, interval: 2, batch_size: 8}}, "
+             f"{{task: {gen_task}, limit: 4, interval: 2, metric: exact_match, "
+             f"general: false}}]")
+    cpt_train(run, tiny_cpu_cache, "train.max_steps=4", "eval.interval=4", f"eval.benchmarks={bench}",
               "eval.monitor.policy=stop", "checkpoint.save_interval=2")
     evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
+    gen = {e["step"]: e["results"]["heldout_gen"] for e in evals if "heldout_gen" in e["results"]}
+    assert sorted(gen) == [0, 2, 4] and all(r["group"] == "domain" and r["n"] == 4 and 0 <= r["exact_match"] <= 1
+                                            for r in gen.values())
+    assert "exact_match,none" in json.loads((run / "benchmarks" / "step_0000004.heldout_gen.json").read_text())[
+        "results"]["heldout_gen"]
     scored = {e["step"]: e["results"]["heldout_mc"] for e in evals if "heldout_mc" in e["results"]}
     assert sorted(scored) == [0, 2, 4]
     for r in scored.values():
@@ -325,6 +402,110 @@ def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path):
     assert {e["step"] for e in watched} == {0, 2, 4} and all(e["stderr"] is not None for e in watched if e["step"])
     # 8 documents: any change is inside the stderr, so the benchmark never makes the monitor act
     assert all(e["action"] is None for e in watched)
+
+
+def base_preference_task(hf_dir: Path, out: Path, *, n: int = 200, wrong: int = 50, fragile: int = 8,
+                         seed: int = 0) -> Path:
+    """A next-word multiple-choice task whose answers are the BASE model's own preferences, so that a random
+    model has something to forget: out/base_pref.yaml over local JSONL; base accuracy exactly (n - wrong) / n.
+
+    Each question is a held-out sentence prefix; its choices are single-token words, scored by lm-eval as
+    log P(" word" | prefix). "Robust" questions have two choices 0.15-0.3 nats apart in the base model: a
+    gentle run (lr 1e-4) moves such a gap by ~0.01 and never reorders it, a high-LR run scrambles it. The gold
+    label is the base's favourite for n - wrong questions and the other choice for `wrong` of them, so the base
+    scores (n - wrong) / n with a real binomial stderr (not 1.0, whose stderr is 0). The first `fragile`
+    questions (gold = the favourite) have four choices within 1e-3 nats instead: any training reorders them,
+    so even the gentle run loses some (at most `fragile`), a drop that the monitor must read as noise.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    queries = []  # the longest prefix of <= 7 tokens: a row is 8 tokens, the scorer's narrowest padded width
+    for sent in held_out_sentences(n, seed=seed):
+        w = sent.split()
+        k = max((k for k in range(1, len(w)) if len(tok.encode(" ".join(w[:k]))) <= 7), default=1)
+        queries.append(" ".join(w[:k]))
+    assert len(queries) == n
+    enc = [tok.encode(q) for q in queries]  # lm-eval's context tokens; each choice is the one token " word"
+    width = max(map(len, enc))
+    with torch.no_grad():  # log P(next token | query) at each query's last position, over the whole vocab
+        h = model.model(torch.tensor([e + [0] * (width - len(e)) for e in enc])).last_hidden_state
+        lp = torch.log_softmax(model.lm_head(h[torch.arange(n), torch.tensor([len(e) - 1 for e in enc])]), -1)
+    words = [(i, t[1:]) for t, i in sorted(tok.get_vocab().items(), key=lambda x: x[1])
+             if t.startswith("\u0120") and t[1:].isalpha() and t[1:].islower() and len(t) >= 5]  # "Ġword"
+    ids = torch.tensor([i for i, _ in words])
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "base_pref.jsonl", "w") as f:
+        for q in range(n):
+            v = lp[q, ids]
+            top = int(v.argsort()[len(v) // 2])  # a middling word as the favourite
+            gap = v[top] - v
+            (lo, hi), k = ((1e-4, 1e-3), 3) if q < fragile else ((0.15, 0.3), 1)
+            choices = [top] + rng.sample([int(j) for j in torch.nonzero((gap > lo) & (gap < hi)).flatten()], k)
+            gold = 1 if q >= n - wrong else 0
+            perm = rng.sample(range(k + 1), k + 1)
+            f.write(json.dumps({"query": queries[q], "choices": [words[choices[j]][1] for j in perm],
+                                "gold": perm.index(gold)}) + "\n")
+    _task_yaml(out / "base_pref.yaml", "multiple_choice", out / "base_pref.jsonl", """doc_to_text: "{{query}}"
+doc_to_target: "{{gold}}"
+doc_to_choice: "{{choices}}"
+""", ["acc"])
+    return out / "base_pref.yaml"
+
+
+@pytest.mark.slow
+def test_monitor_acts_on_planted_benchmark_regression_not_on_noise(tmp_path, tiny_cpu_cache):
+    """Issue 21: two real tiny_cpu runs (one `cpt prepare`) with eval.benchmarks, monitor policy stop and its
+    default thresholds (warn 2%, act 3%, noise_z 1), differing only in the LR. The high-LR run (lr 0.1, 100x the
+    recipe's) scrambles the base's preferences: accuracy falls far past the stderr and the monitor stops the run
+    at its first evaluation. The gentle run (lr 1e-4) loses a few fragile questions: a drop past the thresholds
+    but inside the stderr, logged as noise and never acted on; the run completes.
+    Measured (Gutenberg held-out text; generated fallback in brackets): base 0.750 +- 0.031 (n 200); high LR
+    0.515 [0.475] at step 4 (combined stderr 4.7 points) -> stop; gentle 0.730 [0.715] at steps 4 and 8
+    (-2.0 [-3.5] points, combined stderr 4.4) -> noise."""
+    from conftest import cpt_train
+
+    from cpt_megatron.checkpoint.hf_export import export_hf
+
+    base = json.loads(next((tiny_cpu_cache / "prepared").glob("*.json")).read_text())["base"]
+    export_hf(base, tmp_path / "base_hf", verify=False)
+    task = base_preference_task(tmp_path / "base_hf", tmp_path / "tasks")
+    bench = f"[{{task: {task}, limit: 200, interval: 4, batch_size: 100}}]"
+    common = ("train.max_steps=8", "eval.interval=4", "checkpoint.save_interval=8", f"eval.benchmarks={bench}",
+              "eval.monitor.policy=stop")
+    n, se0 = 200, (0.75 * 0.25 / 199) ** 0.5
+
+    def scores_and_events(run):
+        evals = [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
+        events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+        return ({e["step"]: e["results"]["base_pref"] for e in evals},
+                {e["step"]: e for e in events if e["source"] == "base_pref"}, events)
+
+    hi = cpt_train(tmp_path / "high_lr", tiny_cpu_cache, *common, "optim.lr=0.1")
+    acc, ev, events = scores_and_events(tmp_path / "high_lr")
+    assert hi["stopped"] == "forgetting monitor stopped the run at step 4" and hi["last_step"] == 4
+    assert sorted(acc) == [0, 4] and acc[0]["acc"] == 0.75 and acc[0]["n"] == n  # the base scores as designed
+    assert acc[0]["acc_stderr"] == pytest.approx(se0)
+    se = (se0 ** 2 + acc[4]["acc_stderr"] ** 2) ** 0.5
+    assert acc[4]["acc"] < 0.75 - 3 * se  # far outside the noise (measured 0.515, se 0.047)
+    assert ev[0]["kind"] == "baseline"
+    assert ev[4]["kind"] == "act" and ev[4]["action"] == "stop" and ev[4]["threshold"] == 0.03
+    assert ev[4]["stderr"] == pytest.approx(se)
+    assert ev[4]["regression"] == pytest.approx((0.75 - acc[4]["acc"]) / 0.75)
+    assert [e["source"] for e in events if e["action"]] == ["base_pref"]  # the benchmark acted, not perplexity
+
+    lo = cpt_train(tmp_path / "low_lr", tiny_cpu_cache, *common, "optim.lr=1e-4")
+    acc, ev, events = scores_and_events(tmp_path / "low_lr")
+    assert lo["stopped"] is None and lo["last_step"] == 8  # not stopped
+    assert sorted(acc) == [0, 4, 8] and acc[0]["acc"] == 0.75
+    for step in (4, 8):
+        drop = 0.75 - acc[step]["acc"]
+        se = (se0 ** 2 + acc[step]["acc_stderr"] ** 2) ** 0.5
+        assert 3 / n <= drop <= min(se, 8 / n + 1e-9)  # past `warn`, inside the stderr: only fragile ones lost
+        assert ev[step]["kind"] == "noise" and ev[step]["action"] is None and ev[step]["stderr"] == pytest.approx(se)
+    assert not any(e["action"] for e in events)
 
 
 def test_select_and_plot_include_benchmarks(tmp_path):
@@ -371,4 +552,5 @@ def test_smollm2_last_word_accuracy_matches_export(smollm2_gguf, tmp_path):
 
 
 if __name__ == "__main__":
-    _vpp_worker(json.loads(sys.argv[1]))
+    _spec = json.loads(sys.argv[1])
+    (_kv_worker if _spec.get("kind") == "kv" else _vpp_worker)(_spec)

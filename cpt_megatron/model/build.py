@@ -189,15 +189,20 @@ def _mask_vocab_padding(model, true_vocab: int, padded_vocab: int) -> None:
     per_rank = padded_vocab // tp
     start = rank * per_rank
     first_pad = max(0, true_vocab - start)  # local index of the first padding row
-    if first_pad >= per_rank:
+    if padded_vocab == true_vocab:
         return
 
     def hook(_module, _inputs, output):
         logits, bias = output
         if not torch.is_tensor(logits):  # fused linear-CE: it slices the padding rows off the weight itself
             return None
+        # gathered over TP (runtime_gather_output: megatron-core's inference path, e.g. the KV-cached
+        # decoding in eval/harness.py): every rank holds the whole padded vocab
+        first = true_vocab if tp > 1 and logits.shape[-1] == padded_vocab else first_pad
+        if first >= logits.shape[-1]:
+            return None
         logits = logits.clone()
-        logits[..., first_pad:] = torch.finfo(logits.dtype).min
+        logits[..., first:] = torch.finfo(logits.dtype).min
         return logits, bias
 
     model.output_layer.register_forward_hook(hook)
