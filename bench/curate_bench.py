@@ -12,7 +12,8 @@ is never inserted, so "earlier kept document" is the semantics everywhere); shin
 - ours: `cpt_megatron.curate.dedup` (numpy shingle hashes + one-permutation sketch, high-recall LSH,
   exact Jaccard decides), and the same with `decide: estimate`.
 Ground truth: exact Jaccard greedy over ALL earlier kept documents (brute force, with the size bound).
-Time is CPU time of this process (the machine is shared; wall time is printed too).
+Time is CPU time of this process (the machine is shared; wall time is printed too); each method but the
+tutorial loop (~40 s a run) runs `--repeat` times and the fastest run counts, as `timeit` does.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--sep", default="^# ", help="document separator regex (line start)")
     ap.add_argument("--limit", type=int, default=0, help="first N documents only (0 = all)")
     ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--repeat", type=int, default=5, help="runs per fast method; the fastest counts")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not args.corpus.is_file():
@@ -125,9 +127,13 @@ def main() -> None:
                 ("ours (estimate)", lambda: ours(docs, thr, "estimate"))]
     rows = {}
     for name, fn in methods:
-        w, c = time.perf_counter(), time.process_time()
-        removed = fn()
-        cpu, wall = time.process_time() - c, time.perf_counter() - w
+        best = None
+        for _ in range(1 if name == "tutorial loop" else max(1, args.repeat)):
+            w, c = time.perf_counter(), time.process_time()
+            removed = fn()
+            run = (time.process_time() - c, time.perf_counter() - w)
+            best = run if best is None or run < best else best
+        cpu, wall = best
         tp = len(removed & truth)
         rows[name] = {"docs_per_cpu_s": round(len(docs) / cpu), "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
                       "removed": len(removed), "precision": round(tp / max(1, len(removed)), 4),
