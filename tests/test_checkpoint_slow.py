@@ -108,6 +108,7 @@ def per_char_loss(ckpt, text: str, window: int = 256) -> float:
     return nll / len(text), len(ids)
 
 
+@pytest.mark.heavy  # ~1 min: `make test-all` (not in `make test`)
 def test_resize_subtoken_mean_beats_mean_on_medquad(smol, shared_data, tmp_path):
     from cpt_megatron.checkpoint.resize import resize_embeddings
     from cpt_megatron.tokenizer.extend import extend_tokenizer

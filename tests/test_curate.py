@@ -229,7 +229,7 @@ def test_batch_decisions_equal_per_document_and_subsample_filter_is_safe():
     assert skipped_near.sum() >= 5, (true[~checked], true[checked])
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~1 min (O(n^2) brute force): `make test-all` (not in `make test`)
 def test_medquad_exact_decisions_match_brute_force(tmp_path, shared_data):
     import re
 

@@ -529,7 +529,7 @@ def test_select_and_plot_include_benchmarks(tmp_path):
     assert str(tmp_path / "plots" / "benchmarks.png") in plot_run(tmp_path)["plots"]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~1 min: `make test-all` (not in `make test`)
 def test_smollm2_last_word_accuracy_matches_export(smollm2_gguf, tmp_path):
     """Real SmolLM2-135M: the held-out last-word task through our adapter (TP1, CLI) equals lm-eval hf on the export."""
     from cpt_megatron.checkpoint.hf_export import export_hf
