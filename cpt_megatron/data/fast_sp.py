@@ -90,18 +90,25 @@ class FastSentencePiece:
 
     def _reset(self) -> None:
         # segment table: a word w (text between single spaces) is segment "▁w"; its ids are
-        # _tok[_off[k]:_off[k] + _len[k]] for k = _index[w]
+        # _tok[_off[k]:_off[k] + _len[k]] for k = _index[w]; arrays grow geometrically (_ntok ids used)
         self._index: dict[str, int] = {}
-        self._tok, self._off, self._len = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self._tok, self._off, self._len = np.zeros(1024, np.int64), np.zeros(1024, np.int64), np.zeros(1024, np.int64)
+        self._ntok = 0
 
     def _learn(self, words: list[str]) -> None:
         ids = self._plain.encode([" " + w for w in words], out_type=int, num_threads=self.threads)
         lens = np.fromiter(map(len, ids), np.int64, len(ids))
-        self._off = np.concatenate([self._off, len(self._tok) + np.cumsum(lens) - lens])
-        self._len = np.concatenate([self._len, lens])
-        self._tok = np.concatenate([self._tok, np.fromiter(chain.from_iterable(ids), np.int64, int(lens.sum()))])
-        n = len(self._index)
-        self._index.update(zip(words, range(n, n + len(words))))
+        n, m, total = len(self._index), len(words), int(lens.sum())
+        if n + m > len(self._off):
+            grow = max(n + m, 2 * len(self._off)) - len(self._off)
+            self._off, self._len = np.append(self._off, np.zeros(grow, np.int64)), np.append(self._len, np.zeros(grow, np.int64))
+        if self._ntok + total > len(self._tok):
+            self._tok = np.append(self._tok, np.zeros(max(self._ntok + total, 2 * len(self._tok)) - len(self._tok), np.int64))
+        self._off[n : n + m] = self._ntok + np.cumsum(lens) - lens
+        self._len[n : n + m] = lens
+        self._tok[self._ntok : self._ntok + total] = np.fromiter(chain.from_iterable(ids), np.int64, total)
+        self._ntok += total
+        self._index.update(zip(words, range(n, n + m)))
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all documents' ids back to back, int64; each document's length)."""
