@@ -416,3 +416,37 @@ def test_perplexity_stage_scores_and_filters(tmp_path, shared_data, gpt2_tokeniz
     over["perplexity"]["max_perplexity"] = cut
     res = curate([tmp_path / "in.jsonl"], tmp_path / "b", load_config(overrides=over))
     assert res.kept == 3 and res.removed["perplexity"] == 3
+
+
+def test_ngram_fractions_equal_plain_python_definition():
+    """The vectorized Gopher repetition measures (top n-gram share, duplicated n-gram char share) equal
+    their definition computed naively, on texts with heavy and no repetition."""
+    from collections import Counter
+
+    from cpt_megatron.curate.filters import _ngram_fracs
+
+    rng = random.Random(3)
+    for trial in range(40):
+        vocab = [f"w{i}" * rng.randint(1, 3) for i in range(rng.choice([3, 8, 50, 1000]))]
+        words = [rng.choice(vocab) for _ in range(rng.randint(1, 120))]
+        total = sum(map(len, words))
+        top, dup = _ngram_fracs(words, total, [2, 3, 4], [5, 6, 10])
+        for n in (2, 3, 4):
+            grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+            if not grams:
+                assert top[n] == 0.0
+                continue
+            c = Counter(grams)
+            best = max(c.values())
+            g = next(x for x in grams if c[x] == best) if best > 1 else None  # any most frequent: same share
+            want = 0.0 if g is None else sum(map(len, g)) * best / total
+            shares = {sum(map(len, x)) * best / total for x in c if c[x] == best}
+            assert (top[n] == 0.0 and best < 2) or top[n] in shares, (trial, n, top[n], want)
+        for n in (5, 6, 10):
+            grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+            c = Counter(grams)
+            covered = set()
+            for i, x in enumerate(grams):
+                if c[x] > 1:
+                    covered.update(range(i, i + n))
+            assert dup[n] == pytest.approx(sum(len(words[i]) for i in covered) / total), (trial, n)

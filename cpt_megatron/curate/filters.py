@@ -59,39 +59,37 @@ def _dup_frac(items: list[str]) -> tuple[float, float]:
     return n_dup / len(items), chars_dup / total_chars
 
 
-def _ngram_ids(ids, n: int):
-    """One int64 id per word n-gram (polynomial hash of word ids; collisions are negligible at 2^64)."""
-    import numpy as np
-
-    h = np.zeros(len(ids) - n + 1, dtype=np.uint64)
-    for k in range(n):
-        h = h * np.uint64(1_000_003) + ids[k : len(ids) - n + 1 + k]
-    return h
-
-
 def _ngram_fracs(words: list[str], total_chars: int, top_ns, dup_ns) -> tuple[dict, dict]:
     """{n: top n-gram char share}, {n: duplicated n-gram char share}, vectorized with numpy."""
     import numpy as np
 
-    vocab: dict[str, int] = {}
-    ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.uint64)
-    lens = np.array([len(w) for w in words], dtype=np.int64)
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    ids = np.fromiter(map(vocab.__getitem__, words), np.uint64, len(words))
+    lens = np.fromiter(map(len, words), np.int64, len(words))
     top, dup = {}, {}
+    g, have = ids, 1  # g[i]: hash of the `have`-gram at word i (polynomial in the word ids, mod 2^64)
     for n in sorted(set(top_ns) | set(dup_ns)):
         if len(words) < n:
             top[n] = dup[n] = 0.0
             continue
-        g = _ngram_ids(ids, n)
-        uniq, inv, counts = np.unique(g, return_inverse=True, return_counts=True)
+        while have < n:  # extend every gram by one word: h_{k+1}[i] = h_k[i] * P + ids[i + k]
+            g = g[:-1] * np.uint64(1_000_003) + ids[have:]
+            have += 1
+        order = np.argsort(g, kind="stable")  # equal n-grams adjacent, earliest first
+        sg = g[order]
+        run_start = np.flatnonzero(np.concatenate([[True], sg[1:] != sg[:-1]]))
+        run_len = np.diff(np.append(run_start, len(sg)))
+        count = np.empty(len(g), np.int64)
+        count[order] = np.repeat(run_len, run_len)  # each n-gram's number of occurrences
         if n in top_ns:
-            best = int(np.argmax(counts))
-            first = int(np.flatnonzero(inv == best)[0])
-            top[n] = 0.0 if counts[best] < 2 else float(lens[first : first + n].sum() * counts[best]) / total_chars
+            r = int(np.argmax(run_len))  # the most frequent, ties to the smallest hash (as np.unique)
+            first = int(order[run_start[r]])
+            top[n] = 0.0 if run_len[r] < 2 else float(lens[first : first + n].sum() * run_len[r]) / total_chars
         if n in dup_ns:
-            starts = np.flatnonzero(counts[inv] > 1)
+            starts = np.flatnonzero(count > 1)
             covered = np.zeros(len(words) + 1, dtype=np.int64)
-            np.add.at(covered, starts, 1)
-            np.add.at(covered, starts + n, -1)
+            covered[starts] += 1  # starts are distinct: plain fancy updates suffice
+            covered[starts + n] -= 1
             dup[n] = float(lens[np.cumsum(covered)[: len(words)] > 0].sum()) / total_chars
     return top, dup
 
@@ -106,7 +104,7 @@ def quality_reason(text: str, q: QualityConfig) -> str | None:
         return f"words>{q.max_words}"
     if nw == 0:
         return "no_words"
-    total_chars = sum(len(w) for w in words)
+    total_chars = sum(map(len, words))
     mean = total_chars / nw
     if q.min_mean_word_len is not None and mean < q.min_mean_word_len:
         return "mean_word_len_low"
@@ -117,7 +115,7 @@ def quality_reason(text: str, q: QualityConfig) -> str | None:
         if sym / nw > q.max_symbol_word_ratio:
             return "symbol_word_ratio"
     if q.min_alpha_word_frac is not None:
-        alpha = sum(1 for w in words if any(ch.isalpha() for ch in w))
+        alpha = sum(any(map(str.isalpha, w)) for w in words)
         if alpha / nw < q.min_alpha_word_frac:
             return "alpha_word_frac"
     lines = [ln for ln in text.split("\n") if ln.strip()]
