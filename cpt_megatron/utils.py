@@ -290,3 +290,13 @@ def gather_runs(values, starts, lens):
         return values[:0]
     base = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
     return values[base + np.arange(total)]
+
+
+def flatten_ids(ids):
+    """(lists of token ids back to back as int64, each list's length), the shape `encode_flat` returns."""
+    from itertools import chain
+
+    import numpy as np
+
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    return np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths

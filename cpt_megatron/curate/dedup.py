@@ -4,19 +4,21 @@ Shingles are word n-grams of the whitespace-normalized text (`shingles`). Each s
 64 bits (`shingle_hashes`) with a polynomial hash over its UTF-8 bytes computed for a whole batch of
 documents in a few numpy passes (prefix sums of byte * P^-k, so a substring's hash is one multiply),
 then mixed (splitmix64). A document's shingle set is kept as its sorted unique uint64 hashes: exact
-Jaccard of two documents is one `np.intersect1d` (64-bit collisions are negligible at corpus scale).
+Jaccard of two documents is one sorted-set intersection (64-bit collisions are negligible at corpus
+scale).
 
-`MinHasher` turns the hashes into uint32 MinHash signatures (affine permutations mod 2^32 of the
-folded hash, as in datasketch's affine32 scheme); `lsh_params` picks bands x rows for HIGH RECALL at
-the threshold (< 0.5% of pairs at exactly the threshold are missed, fewer above it): the false
-candidates this lets through are removed by the exact check, so recall is bought with CPU, not
-with precision.
+`oph_sketches` turns the hashes into uint32 one-permutation MinHash sketches (`MinHasher.signatures`:
+num_perm bins for LSH; `fine_sketches`: 512 bins for the exact mode's second pre-filter); `lsh_params`
+picks bands x rows for HIGH RECALL at the threshold (< 0.5% of pairs at exactly the threshold are
+missed, fewer above it): the false candidates this lets through are removed by the exact check, so
+recall is bought with CPU, not with precision.
 
-`NearDupIndex` makes the sequential decisions: document j is a near-duplicate iff some earlier KEPT
-document shares an LSH band with it and has Jaccard >= threshold (`decide: exact`, the default), or
-estimated Jaccard from the signatures >= threshold (`decide: estimate`, cheaper, ~0.035 standard
-error at J = 0.8 with 128 permutations, so it removes pairs well below the threshold).
-The kept documents' shingle sets live in a `ShingleStore` (an append-only file read with pread).
+`NearDupIndex` makes the sequential decisions, a batch at a time: document j is a near-duplicate iff
+some earlier KEPT document shares an LSH band key (`band_keys`) with it and has Jaccard >= threshold
+(`decide: exact`, the default; `pair_jaccard` with its pre-filters), or estimated Jaccard from the
+sketches >= threshold (`decide: estimate`, cheaper, ~0.035 standard error at J = 0.8 with 128 bins, so
+it removes pairs well below the threshold). The kept documents' shingle sets and fine sketches live
+in `ShingleStore`s (nameless memory-mapped files).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "equal_runs",
     "exact_key",
     "fine_sketches",
+    "oph_sketches",
     "hash_ranges",
     "jaccard",
     "lsh_params",
@@ -262,17 +265,45 @@ def lsh_params(threshold: float, num_perm: int, max_miss: float = 0.005) -> tupl
     return best
 
 
-class MinHasher:
-    """Batch sketches (uint32[num_docs, num_perm]) from the 64-bit shingle hashes: one-permutation
-    MinHash (Li, Owen & Zhang 2012) with rotation densification (Shrivastava & Li 2014).
+def oph_sketches(values: np.ndarray, offsets: np.ndarray, nbin: int, densify: bool = True) -> np.ndarray:
+    """uint32[num_sets, nbin] one-permutation MinHash sketches (Li, Owen & Zhang 2012) of the sets
+    (values, offsets) from `shingle_hashes` (sorted within each set).
 
-    Each shingle hash falls in one of `num_perm` bins by its high 32 bits; a bin keeps the low 32 bits
-    of its smallest hash; an empty bin borrows the next non-empty bin's value (circularly) plus
-    distance * constant. Two documents agree on a bin with probability ~= their Jaccard, as with
-    `num_perm` independent permutations, but the cost is one pass over the (already sorted) hashes
-    instead of num_perm multiply-adds per shingle. Only candidates come from the sketch (and the
-    `estimate` decision); `exact` decisions never depend on it.
-    """
+    Each hash falls in one of `nbin` bins by its high 32 bits; a bin keeps the low 32 bits of its
+    smallest hash. densify: an empty bin borrows the next non-empty bin's value (circularly) plus
+    distance * constant (rotation, Shrivastava & Li 2014), so two documents agree on a bin with
+    probability ~= their Jaccard, as with `nbin` independent permutations; else empty bins (and empty
+    sets) stay all-ones. The cost is one pass over the sorted hashes, not nbin multiply-adds per shingle."""
+    ndoc = len(offsets) - 1
+    out = np.full((ndoc, nbin), np.iinfo(np.uint32).max, dtype=np.uint32)
+    if len(values) == 0:
+        return out
+    doc = np.repeat(np.arange(ndoc, dtype=np.int64), np.diff(offsets))
+    key = doc * nbin + ((values >> np.uint64(32)) * np.uint64(nbin) >> np.uint64(32)).astype(np.int64)
+    first = np.ones(len(key), bool)
+    first[1:] = key[1:] != key[:-1]  # values ascend within a set, so bins do: a run's first is its min
+    flat = out.reshape(-1)
+    flat[key[first]] = (values[first] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    if not densify:
+        return out
+    filled = np.zeros(ndoc * nbin, bool)
+    filled[key[first]] = True
+    filled = filled.reshape(ndoc, nbin)
+    rows = np.flatnonzero(filled.any(axis=1) & ~filled.all(axis=1))
+    if len(rows):  # densify: next filled bin to the right, circularly
+        f2 = np.concatenate([filled[rows], filled[rows]], axis=1)
+        idx = np.where(f2, np.arange(2 * nbin), 4 * nbin)
+        nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1][:, :nbin]
+        dist = (nxt - np.arange(nbin)).astype(np.uint32)
+        sub = out[rows]
+        borrowed = np.take_along_axis(sub, nxt % nbin, axis=1) + dist * np.uint32(0x9E3779B1)
+        out[rows] = np.where(filled[rows], sub, borrowed)
+    return out
+
+
+class MinHasher:
+    """The configured shingling (`hash_sets`) and LSH sketches (`signatures`: num_perm densified bins).
+    Only candidates come from the sketch (and the `estimate` decision); `exact` decisions never do."""
 
     def __init__(self, cfg: MinHashConfig | None = None):
         self.cfg = cfg or MinHashConfig()
@@ -280,33 +311,9 @@ class MinHasher:
     def hash_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return shingle_hashes(texts, self.cfg.ngram, self.cfg.lowercase, self.cfg.seed)
 
-    def signatures(self, values: np.ndarray, offsets: np.ndarray, nbin: int | None = None,
-                   densify: bool = True) -> np.ndarray:
-        """Sketches (num_perm bins, or `nbin`) of the sets (values, offsets) from `hash_sets` (sorted
-        within each set); an empty set gets all-ones (and so do empty bins with densify=False)."""
-        nbin, ndoc = nbin or self.cfg.num_perm, len(offsets) - 1
-        out = np.full((ndoc, nbin), np.iinfo(np.uint32).max, dtype=np.uint32)
-        if len(values) == 0:
-            return out
-        doc = np.repeat(np.arange(ndoc, dtype=np.int64), np.diff(offsets))
-        key = doc * nbin + ((values >> np.uint64(32)) * np.uint64(nbin) >> np.uint64(32)).astype(np.int64)
-        first = np.ones(len(key), bool)
-        first[1:] = key[1:] != key[:-1]  # values ascend within a set, so bins do: a run's first is its min
-        flat = out.reshape(-1)
-        flat[key[first]] = (values[first] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        filled = np.zeros(ndoc * nbin, bool)
-        filled[key[first]] = True
-        filled = filled.reshape(ndoc, nbin)
-        rows = np.flatnonzero(filled.any(axis=1) & ~filled.all(axis=1)) if densify else []
-        if len(rows):  # densify: next filled bin to the right, circularly
-            f2 = np.concatenate([filled[rows], filled[rows]], axis=1)
-            idx = np.where(f2, np.arange(2 * nbin), 4 * nbin)
-            nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1][:, :nbin]
-            dist = (nxt - np.arange(nbin)).astype(np.uint32)
-            sub = out[rows]
-            borrowed = np.take_along_axis(sub, nxt % nbin, axis=1) + dist * np.uint32(0x9E3779B1)
-            out[rows] = np.where(filled[rows], sub, borrowed)
-        return out
+    def signatures(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """uint32[num_sets, num_perm] sketches of the sets from `hash_sets`; an empty set gets all-ones."""
+        return oph_sketches(values, offsets, self.cfg.num_perm)
 
 
 class ShingleStore:
@@ -331,11 +338,6 @@ class ShingleStore:
         self._arr = np.asarray(np.memmap(self._file, dtype=np.uint64, mode="r+", shape=(cap,)))
         self._cap = cap
 
-    def add(self, values: np.ndarray) -> int:
-        """Append one set; returns its row number."""
-        self.add_many(values, np.array([len(values)], np.int64))
-        return self.count - 1
-
     def add_many(self, values: np.ndarray, lens: np.ndarray) -> None:
         """Append len(lens) sets: values holds them back to back."""
         k, m = len(values), len(lens)
@@ -353,9 +355,6 @@ class ShingleStore:
 
     def values(self) -> np.ndarray:
         return self._arr[: self._n]
-
-    def get(self, row: int) -> np.ndarray:
-        return self._arr[self._off[row] : self._off[row + 1]]
 
     def close(self) -> None:
         self._arr = np.zeros(0, np.uint64)
@@ -383,12 +382,9 @@ class NearDupStats:
         self.hist = np.zeros(_HIST_BINS, np.int64)
 
     def add(self, n_candidates: int, n_checked: int, n_verified: int, removed_j: float | None) -> None:
-        self.candidate_pairs += n_candidates
-        self.checked_pairs += n_checked
-        self.verified_pairs += n_verified
-        if removed_j is not None:
-            self.removed += 1
-            self.hist[min(int(removed_j * _HIST_BINS), _HIST_BINS - 1)] += 1
+        """One document's counts; removed_j: its best Jaccard if it was removed."""
+        self.add_batch(np.array([n_candidates]), np.array([n_checked]), np.array([n_verified]),
+                       np.array([] if removed_j is None else [removed_j]))
 
     def add_batch(self, n_candidates: np.ndarray, n_checked: np.ndarray, n_verified: np.ndarray,
                   removed_j: np.ndarray) -> None:
@@ -399,11 +395,6 @@ class NearDupStats:
         self.removed += len(removed_j)
         bins = np.minimum((np.asarray(removed_j) * _HIST_BINS).astype(np.int64), _HIST_BINS - 1)
         self.hist += np.bincount(bins, minlength=_HIST_BINS)
-
-    def merge(self, other: NearDupStats) -> None:
-        self.add(other.candidate_pairs, other.checked_pairs, other.verified_pairs, None)
-        self.removed += other.removed
-        self.hist += other.hist
 
     def as_dict(self) -> dict:
         w = 1.0 / _HIST_BINS
@@ -450,7 +441,7 @@ _EMPTY = np.uint32(0xFFFFFFFF)
 def fine_sketches(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """uint32[num_sets, FINE_BINS]: the sets' one-permutation sketches with FINE_BINS bins, empty bins
     left empty (all-ones): `_fine_estimate` counts agreement over the bins either set fills."""
-    return MinHasher().signatures(values, offsets, FINE_BINS, densify=False)
+    return oph_sketches(values, offsets, FINE_BINS, densify=False)
 
 
 def _fine_estimate(pa: np.ndarray, pb: np.ndarray, sa: np.ndarray, sb: np.ndarray,

@@ -24,6 +24,7 @@ import pickle
 from pathlib import Path
 
 from cpt_megatron.tokenizer.extend import byte_level_map  # GPT-2 byte -> unicode table (one copy)
+from cpt_megatron.utils import flatten_ids
 
 __all__ = ["FastBPE", "cache_dir", "cache_key", "load_cached", "build_and_verify", "PROBE_TEXTS"]
 
@@ -90,6 +91,9 @@ class FastBPE:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         enc, allowed = self.enc.encode, self._allowed
         return [enc(t, allowed_special=allowed, disallowed_special=()) for t in texts]
+
+    def encode_flat(self, texts: list[str]):
+        return flatten_ids(self.encode_batch(texts))
 
     def __getstate__(self):
         return (self.ranks, self.pattern, self.added, self.special)

@@ -25,17 +25,12 @@ from itertools import chain
 
 import numpy as np
 
-from cpt_megatron.utils import gather_runs
+from cpt_megatron.utils import flatten_ids, gather_runs
 
 __all__ = ["FastSentencePiece", "is_sentencepiece_model", "segmenter"]
 
 _CANDIDATE_ISOLATED = "\n\r\t\x0b\x0c"
 _MAX_CACHE = 1 << 20  # distinct segments kept per process before the cache starts over
-
-
-def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    return np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths
 
 
 def is_sentencepiece_model(spec: str) -> bool:
@@ -113,7 +108,7 @@ class FastSentencePiece:
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all documents' ids back to back, int64; each document's length)."""
         if self._pattern is None:
-            return _flatten(self.sp.encode(texts, out_type=int, num_threads=self.threads))
+            return flatten_ids(self.sp.encode(texts, out_type=int, num_threads=self.threads))
         # single-spaced texts: `text.split(" ")` gives the segments (each "▁" + word) in C; others go
         # through the segment regex (runs of spaces, where "▁▁" pieces may merge)
         simple = [bool(t) and "  " not in t and t[0] != " " and "▁" not in t for t in texts]
@@ -142,7 +137,7 @@ class FastSentencePiece:
         if all(simple):
             return flat, lengths
         other = [k for k, ok in enumerate(simple) if not ok]
-        o_flat, o_len = _flatten(self._encode_segments([texts[k] for k in other]))
+        o_flat, o_len = flatten_ids(self._encode_segments([texts[k] for k in other]))
         pieces, starts = [], np.concatenate([[0], np.cumsum(lengths)])
         oi = np.concatenate([[0], np.cumsum(o_len)])
         j = 0

@@ -27,7 +27,6 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ import numpy as np
 from cpt_megatron.data import fast_bpe
 from cpt_megatron.data.indexed import IndexWriter, optimal_dtype
 from cpt_megatron.errors import CptError
-from cpt_megatron.utils import iter_jsonl, lone_surrogate, write_json
+from cpt_megatron.utils import flatten_ids, iter_jsonl, lone_surrogate, write_json
 
 __all__ = ["PreprocessConfig", "preprocess", "output_prefixes", "read_meta"]
 
@@ -107,18 +106,13 @@ class _Tok:
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(the documents' ids back to back, each document's length)."""
-        if self.fast is not None and hasattr(self.fast, "encode_flat"):
-            return self.fast.encode_flat(texts)
         if self.fast is not None:
-            ids = self.fast.encode_batch(texts)
-        else:
-            if self.hf is None:
-                from cpt_megatron.tokenizer.load import load_tokenizer
+            return self.fast.encode_flat(texts)
+        if self.hf is None:
+            from cpt_megatron.tokenizer.load import load_tokenizer
 
-                self.hf = load_tokenizer(self.spec)
-            ids = fast_bpe.hf_encode_batch(self.hf, texts)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        return np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())), lengths
+            self.hf = load_tokenizer(self.spec)
+        return flatten_ids(fast_bpe.hf_encode_batch(self.hf, texts))
 
 
 def _setup_tokenizer(cfg: PreprocessConfig, sample_texts) -> _Tok:
