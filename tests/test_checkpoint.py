@@ -19,7 +19,8 @@ import pytest
 import torch
 
 FAMILIES = ("llama3", "mistral", "qwen2", "smollm2")
-TOL = 5e-7  # README claims max |logit diff| <= 2.4e-7 (fp32); 2x headroom for BLAS reduction order
+TOL = 1e-6  # README claims max |logit diff| <= 1e-6 (fp32): a few ulps; the BLAS reduction order differs by CPU
+# (measured 2.4e-7 on the dev machine, 6.0e-7 on the CI machine)
 
 
 def _tokenizer(out: Path, vocab: int = 512) -> None:
