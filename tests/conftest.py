@@ -77,6 +77,15 @@ def cpt_prepare(cache, *overrides, recipe: str = "tiny_cpu") -> None:
     _PREPARED.add(key)
 
 
+@pytest.fixture(scope="session")
+def tiny_cpu_cache(tmp_path_factory) -> Path:
+    """One `cpt prepare --recipe tiny_cpu` (data + the random base model) for every test that trains it: the
+    prepared data is read-only to training (runs write under their own run.dir)."""
+    cache = tmp_path_factory.mktemp("tiny_cpu") / "cache"
+    cpt_prepare(cache)
+    return cache
+
+
 def cpt_train(run_dir, cache, *overrides, recipe: str = "tiny_cpu", nproc: int = 1, expect: int = 0,
               env: dict | None = None) -> dict:
     """Prepare (once, see cpt_prepare), then `cpt train --json`; returns its JSON line (or, when `expect` is

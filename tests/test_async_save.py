@@ -16,8 +16,8 @@ def _train(run_dir, cache, *overrides):
 
 @pytest.mark.slow
 @pytest.mark.heavy  # minutes: `make test-all` (not in `make test`)
-def test_async_save_then_resume(tmp_path):
-    run, cache = tmp_path / "run", tmp_path / "cache"
+def test_async_save_then_resume(tmp_path, tiny_cpu_cache):
+    run, cache = tmp_path / "run", tiny_cpu_cache
     first = _train(run, cache, "checkpoint.async_save=true", "train.exit_interval=4")
     ck = run / "checkpoints"
     assert first["last_step"] == 4 and latest_checkpoint(run).name == "iter_0000004"

@@ -185,8 +185,8 @@ def train(run_dir: Path, cache: Path, *overrides: str) -> tuple[int, dict | None
 
 
 @pytest.mark.slow  # three tiny_cpu launches
-def test_train_resume_skips_missing_and_corrupt_checkpoints(tmp_path):
-    run, cache = tmp_path / "run", tmp_path / "cache"
+def test_train_resume_skips_missing_and_corrupt_checkpoints(tmp_path, tiny_cpu_cache):
+    run, cache = tmp_path / "run", tiny_cpu_cache
     rc, first, log = train(run, cache, "train.exit_interval=4")
     assert rc == 0 and first["last_step"] == 4, log[-3000:]
     root = run / "checkpoints"

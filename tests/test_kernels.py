@@ -240,6 +240,7 @@ def test_gpu_report_table():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~40 s: `make test-all`; run it (or `bash scripts/gpu_check.sh --dry-run`) before a device call
 def test_gpu_check_full_dry_run(tmp_path):
     """Every step of the device check in its tiny CPU form: smoke parity, the real-model leg, the bench."""
     env = dict(os.environ, PYTHON=sys.executable, REAL_TIMEOUT="600", BENCH_TIMEOUT="600")

@@ -356,16 +356,6 @@ def test_monitor_benchmark_noise_vs_regression():
 
 
 # -- benchmarks in real (tiny) training runs ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_cpu_cache(tmp_path_factory) -> Path:
-    """One `cpt prepare --recipe tiny_cpu` (data + the random base model) shared by the training runs below."""
-    from conftest import cpt_prepare
-
-    cache = tmp_path_factory.mktemp("tiny_cpu") / "cache"
-    cpt_prepare(cache)
-    return cache
-
-
 @pytest.mark.slow
 def test_training_logs_benchmarks_at_step0_and_each_interval(tmp_path, tiny_cpu_cache):
     from conftest import cpt_train

@@ -81,9 +81,9 @@ def _steps(path: Path) -> list[int]:
     return [json.loads(x)["step"] for x in path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cpt_cache")
+@pytest.fixture
+def cache(tiny_cpu_cache):
+    return tiny_cpu_cache
 
 
 @pytest.mark.slow  # two trainings + a refused one: ~40 s on a quiet 2-core machine

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cpt_prepare
 
 from cpt_megatron.config import load_recipe
 from cpt_megatron.eval import monitor as monitor_mod
@@ -14,10 +13,8 @@ from cpt_megatron.eval.monitor import Event
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("policy_cache")
-    cpt_prepare(cache)  # the driver trains on prepared data only
-    return cache
+def cache(tiny_cpu_cache):
+    return tiny_cpu_cache  # the driver trains on prepared data only
 
 
 def scripted(policy: str, params: dict):

@@ -234,23 +234,36 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
-def brute_force_removed(texts: list[str], cfg: MinHashConfig | None = None) -> set[int]:
-    """Ground truth without LSH: index j is removed iff an earlier KEPT text has exact Jaccard >=
-    threshold (every pair checked, only the exact size bound skips any). O(n^2): tests and bench."""
+def brute_force_removed(texts: list[str], cfg: MinHashConfig | None = None, block: int = 1024) -> set[int]:
+    """Ground truth without LSH or sketches: index j is removed iff an earlier KEPT text has exact
+    Jaccard >= threshold. Every pair's intersection is counted exactly, as the sparse product of the
+    document x shingle incidence matrix with itself (in row blocks: memory ~ block x len(texts)).
+    Tests and bench only (needs scipy: the dev and bench extras)."""
+    import scipy.sparse as sp
+
     cfg = cfg or MinHashConfig()
     values, offsets = shingle_hashes(texts, cfg.ngram, cfg.lowercase, cfg.seed)
-    sizes = np.diff(offsets)
-    kept: list[int] = []
-    removed = set()
-    for j in range(len(texts)):
-        s = values[offsets[j] : offsets[j + 1]]
-        ks = np.array(kept, dtype=np.int64)
-        if len(ks):
-            ks = ks[np.minimum(sizes[ks], len(s)) >= cfg.threshold * np.maximum(sizes[ks], len(s))]
-        if any(jaccard(values[offsets[i] : offsets[i + 1]], s) >= cfg.threshold for i in ks):
+    n, sizes = len(texts), np.diff(offsets)
+    uniq, col, df = np.unique(values, return_inverse=True, return_counts=True)
+    shared = df[col] >= 2  # a shingle in one text adds to no intersection
+    rows = np.repeat(np.arange(n), sizes)[shared]
+    inc = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, col[shared])), shape=(n, len(uniq)))
+    earlier: dict[int, list[int]] = {}
+    for lo in range(0, n, block):
+        c = (inc[lo : lo + block] @ inc.T).tocoo()  # float32 counts: exact below 2**24 shingles
+        i, j, inter = c.row.astype(np.int64) + lo, c.col.astype(np.int64), c.data.astype(np.int64)
+        later = i < j
+        i, j, inter = i[later], j[later], inter[later]
+        near = inter / (sizes[i] + sizes[j] - inter) >= cfg.threshold  # as jaccard() divides
+        for a, b in zip(i[near].tolist(), j[near].tolist()):
+            earlier.setdefault(b, []).append(a)
+    empty = np.flatnonzero(sizes == 0).tolist()  # two empty sets have Jaccard 1.0: the first one is kept
+    for b in empty[1:]:
+        earlier.setdefault(b, []).append(empty[0])
+    removed: set[int] = set()
+    for j in range(n):
+        if any(a not in removed for a in earlier.get(j, ())):
             removed.add(j)
-        else:
-            kept.append(j)
     return removed
 
 
