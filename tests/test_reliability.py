@@ -183,14 +183,16 @@ def test_kill9_of_curate_workers_leaves_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_a_full_disk_is_one_line_and_leaves_no_partial_save(tmp_path, cache):
+@pytest.mark.parametrize("async_save", [False, pytest.param(True, marks=pytest.mark.heavy)], ids=["sync", "async"])
+def test_train_on_a_full_disk_is_one_line_and_leaves_no_partial_save(tmp_path, cache, async_save):
+    """Sync: the save raises. Async (`make test-all`): the background writer fails; the saver's finalize says so."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     # one tiny-recipe checkpoint (~80 MB) fits, the second does not
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        out, err = cpt_train(mnt / "run", cache, expect=2)
+        out, err = cpt_train(mnt / "run", cache, f"checkpoint.async_save={str(async_save).lower()}", expect=2)
         line = err.strip().splitlines()[-1]
         assert line.startswith(f"cpt train: error: no space left to save checkpoint "
                                f"{mnt / 'run' / 'checkpoints' / '.iter_0000008.tmp'}: ~"), err[-2000:]

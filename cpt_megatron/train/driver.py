@@ -253,7 +253,8 @@ class _Trainer:
             if stopped:
                 break
         if self.saver is not None:
-            self.saver.close()  # every checkpoint written and renamed before the run returns
+            with self._async_guard():
+                self.saver.close()  # every checkpoint written and renamed before the run returns
         if bar is not None:
             bar.close()
         self.logger.close()
@@ -270,7 +271,8 @@ class _Trainer:
         mbs, samples = self.loader.get(self.mixture.train, state["consumed_samples"])  # read ahead on TP rank 0
         res = self.engine.train_step(mbs, grad_hook=self.reg)
         if self.saver is not None:
-            self.saver.poll()
+            with self._async_guard():
+                self.saver.poll()
         state["step"] += 1
         state["consumed_samples"] += self.G
         self.launch_steps += 1
@@ -360,18 +362,29 @@ class _Trainer:
                   f", lr scale {state['lr_scale']:.3g}")
         if best is not None:
             if self.saver is not None:
-                self.saver.wait()
+                with self._async_guard():
+                    self.saver.wait()
             load_checkpoint(best, self.engine)
             saved_state = json.loads((best / "train_state.json").read_text())
             state.update(step=saved_state["step"], consumed_samples=saved_state["consumed_samples"])
 
     def save(self) -> None:
+        if self.saver is not None and self.saver.pending:
+            # one checkpoint in flight at a time: bounded disk use, checkpoints finalized in order, a failure named
+            self._say(f"checkpoint: the previous async save is still being written; waiting for it before saving step "
+                      f"{self.state['step']} (a longer checkpoint.save_interval avoids the wait)")
+            with self._async_guard():
+                self.saver.wait()
         with save_guard(self.run_dir, self.rank0):  # a failed save leaves no partial folder, one clear line
             save_checkpoint(self.run_dir, self.state["step"], self.engine, _common(self.state, self.cfg), self.base,
                             saver=self.saver)
         if self.rank0:
             prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.milestones)
         self.logger.reset_clock()
+
+    def _async_guard(self):
+        """An async save's background write fails at the saver's poll/wait/close: same one line, no partial folder."""
+        return save_guard(self.run_dir, self.rank0, clean_first=False)
 
     # ---- output -----------------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:

@@ -4,7 +4,9 @@
 writing here) removes partial saves a killed run left (`RUN/checkpoints/.iter_*.tmp`). If the save fails,
 rank 0 removes the partial folder; when the disk is full (ENOSPC/EDQUOT anywhere in the exception chain,
 or torch's writer failing with less space left than the last checkpoint took) the error becomes one
-CptError line with the folder, the bytes needed and the bytes free.
+CptError line with the folder, the bytes needed and the bytes free. With `checkpoint.async_save` the
+write fails later, in the background writer: the saver's poll/wait/close run under
+`save_guard(..., clean_first=False)` (the folder being written is no leftover), with the same outcome.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ def disk_full_error(exc: BaseException, folder: Path, needed: int | None, free: 
 
 
 @contextlib.contextmanager
-def save_guard(run_dir: str | Path, rank0: bool) -> Iterator[None]:
+def save_guard(run_dir: str | Path, rank0: bool, clean_first: bool = True) -> Iterator[None]:
     root = Path(run_dir) / "checkpoints"
-    if rank0 and root.is_dir():
+    if clean_first and rank0 and root.is_dir():
         remove_partial_saves(root)
     try:
         yield
