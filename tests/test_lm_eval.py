@@ -519,16 +519,12 @@ def test_select_and_plot_include_benchmarks(tmp_path):
     assert str(tmp_path / "plots" / "benchmarks.png") in plot_run(tmp_path)["plots"]
 
 
-@pytest.mark.heavy  # ~1 min: `make test-all` (not in `make test`)
-def test_smollm2_last_word_accuracy_matches_export(smollm2_gguf, tmp_path):
+@pytest.mark.slow  # the session's SmolLM2 import and export (conftest), then two 40-document evaluations
+def test_smollm2_last_word_accuracy_matches_export(smollm2_mcore, smollm2_export, tmp_path):
     """Real SmolLM2-135M: the held-out last-word task through our adapter (TP1, CLI) equals lm-eval hf on the export."""
-    from cpt_megatron.checkpoint.hf_export import export_hf
-    from cpt_megatron.checkpoint.hf_import import import_hf
     from cpt_megatron.eval.standalone import benchmark_hf
 
-    ckpt, exp = tmp_path / "ck", tmp_path / "hf"
-    import_hf(None, ckpt, gguf=smollm2_gguf, dtype="fp32", verify=False)
-    export_hf(ckpt, exp, verify=False)
+    ckpt, exp = smollm2_mcore[0], smollm2_export[0]
     task = write_tasks(tmp_path, n_docs=40) / "heldout_lastword.yaml"
     ref = benchmark_hf(exp, [str(task)], batch_size=8)["summary"]["heldout_lastword"]
     cmd = [sys.executable, "-m", "cpt_megatron", "eval", "--ckpt", str(ckpt), "--tasks", str(task), "--batch-size", "8",
