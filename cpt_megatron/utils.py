@@ -92,10 +92,13 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     os.close(fd)
     try:
         _honour_umask(tmp, is_dir=False)
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _name_path(e, path) from e
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -166,12 +169,12 @@ def remove_stale_temps(path: str | os.PathLike) -> list[str]:
 
 
 def retire_dir(path: str | os.PathLike) -> None:
-    """Delete a folder by renaming it aside first (`.NAME.<pid>@<host>.old`), then removing that: a kill at any
-    point leaves either the whole folder or none under `path` (the next writer removes the aside)."""
+    """Delete a folder by renaming it aside first (`.NAME.<pid>@<host>.retired.tmp`), then removing that: a kill at
+    any point leaves either the whole folder or none under `path` (the next writer removes the aside)."""
     path = Path(path)
     if not path.exists():
         return
-    aside = path.with_name(f".{path.name}.{_owner_tag()}.old")
+    aside = path.with_name(f".{path.name}.{_owner_tag()}.retired.tmp")
     os.replace(path, aside)
     fault_point("retire")
     shutil.rmtree(aside)
