@@ -270,3 +270,74 @@ def test_read_only_checkpoints_found_before_the_first_step(tmp_path):
         assert any("is not writable" in p for p in problems), problems
     finally:
         subprocess.run(["umount", str(run / "checkpoints")], capture_output=True)
+
+
+# -- heavy: the same guarantees through the real commands (make test-all) ----------------------------------------
+def _models_only_cache(tiny_cpu_cache: Path, cache: Path) -> None:
+    """A fresh cache that shares the session's imported tiny base (sources are prepared again, ~15 s)."""
+    import shutil
+
+    cache.mkdir(parents=True)
+    shutil.copytree(tiny_cpu_cache / "models", cache / "models")
+
+
+@pytest.mark.heavy
+def test_cpt_train_refuses_damaged_prepared_data_before_step_1_then_prepare_rebuilds(tmp_path, tiny_cpu_cache):
+    """Rows 1-2 end to end: 64 KiB zeroed in a prepared tokens.bin and a bit flipped in a tokens.idx; `cpt train`
+    exits 2 before step 1 with one line naming the file and the `cpt prepare` command (exit 0 and different losses
+    before); that command rebuilds both sources byte for byte; training then runs."""
+    cache = tmp_path / "cache"
+    _models_only_cache(tiny_cpu_cache, cache)
+    run = tmp_path / "run"
+    ov = [f"data.cache_dir={cache}", f"run.dir={run}", "train.max_steps=2"]
+    prep = _cpt("prepare", "--recipe", "tiny_cpu", *ov, "--json", timeout=900)
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    man = json.loads(prep.stdout.strip().splitlines()[-1])
+    src = {s["name"]: Path(s["prefix"]) for s in man["sources"]}
+    good = {n: {e: Path(f"{p}.{e}").read_bytes() for e in ("bin", "idx")} for n, p in src.items()}
+    bad = bytearray(good["stdlib"]["bin"])
+    bad[1 << 19: (1 << 19) + 65536] = bytes(65536)
+    Path(f"{src['stdlib']}.bin").write_bytes(bad)
+    idx = bytearray(good["pydoc"]["idx"])
+    idx[-9] ^= 4
+    Path(f"{src['pydoc']}.idx").write_bytes(idx)
+    refused = _cpt("train", "--recipe", "tiny_cpu", *ov, timeout=900)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("cpt train: error: prepared data ") and "is damaged (xxh3_64 checksum differs" in line, line
+    assert not (run / "metrics.jsonl").exists()
+    command = line.split("; run `")[1].split("`")[0]
+    assert command.startswith("cpt prepare --recipe tiny_cpu")
+    rebuilt = _cpt(*command.split()[1:], timeout=900)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert "tokens.bin differs from its recorded xxh3_64 checksum (damaged): rebuilding it" in rebuilt.stderr
+    assert "tokens.idx differs from its recorded xxh3_64 checksum (damaged): rebuilding it" in rebuilt.stderr
+    assert {n: {e: Path(f"{p}.{e}").read_bytes() for e in ("bin", "idx")} for n, p in src.items()} == good
+    trained = _cpt("train", "--recipe", "tiny_cpu", *ov, "--json", timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "data: verified" in trained.stdout and "(full, xxh3_64)" in trained.stdout
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("point", ["publish.aside", "publish.retire", "atomic_dir.before_publish"])
+def test_export_hf_overwrite_killed_at_any_point_is_whole_after_rerun(tmp_path, tiny_cpu_cache, point):
+    """Row 4: kill -9 of `cpt export-hf --overwrite` at each point of the replace (before: killed while deleting the
+    old export, `out/` lacked a shard its index lists yet looked finished, the new export stranded in `.out.*.tmp`).
+    Whatever the point, `out/` is a whole export (old or new); the rerun restores/removes what was left (named)
+    and writes the same bytes as an uninterrupted export."""
+    base = next(p for p in (tiny_cpu_cache / "models").iterdir() if p.name.startswith("random-") and
+                not p.name.endswith("-hf"))
+    args = ["export-hf", "--ckpt", base, "--no-verify", "--max-shard-size", "1MB"]
+    ref = _cpt(*args, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "out"
+    assert _cpt(*args, "--out", out).returncode == 0
+    killed = _cpt(*args, "--out", out, "--overwrite", fault=point)
+    assert killed.returncode == -signal.SIGKILL
+    if out.exists():  # never a partial export under the final name
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert all((out / f).is_file() for f in set(index["weight_map"].values()))
+    rerun = _cpt(*args, "--out", out, "--overwrite")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "cpt: removed stale" in rerun.stderr or "cpt: restored" in rerun.stderr
+    assert _tree(out) == _tree(tmp_path / "ref") and not _leftovers(tmp_path)
