@@ -52,7 +52,7 @@ _WRITER = """
 import sys
 from pathlib import Path
 from cpt_megatron.utils import atomic_dir
-with atomic_dir(sys.argv[1], overwrite=True) as tmp:
+with atomic_dir(sys.argv[1], overwrite=sys.argv[3] == "overwrite") as tmp:
     for i in range(3):
         (tmp / f"shard-{i}").write_text(sys.argv[2] * (i + 1))
     (tmp / "index.json").write_text(sys.argv[2])
@@ -67,24 +67,30 @@ def test_replacing_an_output_killed_at_any_point_loses_nothing(tmp_path, point):
     was left and its output equals an uninterrupted run's."""
     out = tmp_path / "out"
 
-    def write(text: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    def write(text: str, fault: str | None = None, mode: str = "overwrite") -> subprocess.CompletedProcess:
         env = {**ENV, **({"CPT_FAULT": fault} if fault else {})}
-        return subprocess.run([sys.executable, "-c", _WRITER, str(out), text], capture_output=True, text=True, env=env)
+        return subprocess.run([sys.executable, "-c", _WRITER, str(out), text, mode], capture_output=True, text=True,
+                              env=env)
 
     assert write("old").returncode == 0
     old = _tree(out)
     killed = write("new", fault=point)
     assert killed.returncode == -signal.SIGKILL
+    assert _leftovers(tmp_path)
     if point == "publish.retire":
         assert _tree(out) == {"shard-0": b"new", "shard-1": b"newnew", "shard-2": b"newnewnew", "index.json": b"new"}
     elif point == "publish.aside":
-        assert not out.exists()  # the window the issue hit: the next run restores the old output first
+        assert not out.exists()  # the window the issue hit: the next writer restores the old output first
+        kept = write("other", mode="keep")  # a writer that must not replace: finds the old output back in place
+        assert kept.returncode == 1 and "already exists" in kept.stderr, kept.stderr
+        assert f"cpt: restored {out} from .out." in kept.stderr and _tree(out) == old
+        assert "cpt: removed stale" in kept.stderr, kept.stderr  # the finished new temp
     else:
         assert _tree(out) == old
-    assert _leftovers(tmp_path)
     rerun = write("new")
     assert rerun.returncode == 0, rerun.stderr
-    assert "cpt: removed stale" in rerun.stderr or "cpt: restored" in rerun.stderr, rerun.stderr
+    if point != "publish.aside":
+        assert "cpt: removed stale" in rerun.stderr, rerun.stderr
     assert _tree(out) == {"shard-0": b"new", "shard-1": b"newnew", "shard-2": b"newnewnew", "index.json": b"new"}
     assert not _leftovers(tmp_path), _leftovers(tmp_path)
 
