@@ -21,6 +21,7 @@ import errno
 import os
 import shutil
 import struct
+import sys
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def _remove_dead_temps(prefix: str) -> None:
     """Temp files a killed writer of `prefix` left behind (PREFIX.bin.tmp<pid> etc. of a pid that is gone)."""
     import re
 
-    from cpt_megatron.runtime.procs import pid_alive
+    from cpt_megatron.utils import pid_alive
 
     p = Path(prefix)
     pat = re.compile(re.escape(p.name) + r"\.(bin|idx|len|doc)\.tmp(\d+)$")
@@ -180,6 +181,8 @@ def _remove_dead_temps(prefix: str) -> None:
         if m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
+                print(f"cpt: removed stale {f} (left by pid {m.group(2)}, no longer running)", file=sys.stderr,
+                      flush=True)
 
 
 class IndexWriter:

@@ -139,7 +139,8 @@ def _import_atomic(out: Path, run_import) -> None:
 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
-        shutil.rmtree(tmp)  # an interrupted earlier import
+        _say(f"removed stale {tmp} (an interrupted earlier import)")
+        shutil.rmtree(tmp)
     summary = run_import(tmp)
     write_json(layout.resolve(tmp) / "import_summary.json", summary)
     os.replace(tmp, out)
