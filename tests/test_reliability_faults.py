@@ -163,6 +163,7 @@ print(prepare_sources(data, resolve_tokenizer("@gpt2"))[0]["prefix"])
 """
 
 
+@pytest.mark.heavy  # ~20-25 s on 2 busy cores: two prepares in subprocesses
 def test_prepare_killed_before_recording_checksums_rebuilds_identical(tmp_path, gpt2_tokenizer_dir):
     """Row 5 (prepare): kill -9 after tokenizing, before the checksums are recorded: the rerun does not trust the
     unrecorded files, rebuilds them (saying so) to the same bytes, and leaves no temp behind."""
