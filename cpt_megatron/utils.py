@@ -98,7 +98,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise _name_path(e, path) from e
+            _raise_named(e, path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -205,11 +205,12 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _name_path(e: OSError, path: Path) -> OSError:
-    """An OS error raised by a write (no file name: numpy/safetensors writes say '?') with `path` attached."""
-    if isinstance(e, OSError) and not e.filename and e.errno:
-        return type(e)(e.errno, e.strerror, str(path))
-    return e
+def _raise_named(e: OSError, path: Path):
+    """Re-raise an OS error; one raised by a write without a file name (numpy, safetensors, gzip: the CLI would
+    print '?') gets `path`, the output being written, so a full disk names it."""
+    if e.filename or not e.errno:
+        raise e
+    raise type(e)(e.errno, e.strerror, str(path)) from e
 
 
 @contextlib.contextmanager
@@ -230,7 +231,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         try:
             yield tmp
         except OSError as e:
-            raise _name_path(e, path) from e
+            _raise_named(e, path)
         fault_point("atomic_dir.before_publish")
         publish_dir(tmp, path)
     except BaseException:
