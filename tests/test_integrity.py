@@ -194,3 +194,50 @@ def test_disk_full_while_tokenizing_is_one_line(tmp_path):
         assert not left, left
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _small_tmpfs(mnt: Path, size: str) -> None:
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+
+def test_disk_full_while_curating_is_one_line(tmp_path):
+    """Disk full everywhere: `cpt curate` onto a full disk is one line with the output, the bytes free and the most
+    it needs (the inputs' size); no temp folder is left."""
+    mnt = tmp_path / "small"
+    _small_tmpfs(mnt, "64k")
+    try:
+        src = _corpus(tmp_path / "in.jsonl", n=2000)
+        out = subprocess.run([sys.executable, "-m", "cpt_megatron", "curate", "-i", str(src), "-o", str(mnt / "out"),
+                              "--stages", "normalize", "--no-progress"],
+                             capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        err = out.stderr.strip()
+        assert err == (f"cpt curate: error: No space left on device: {mnt / 'out'} ({65536:,} bytes free, "
+                       f"{src.stat().st_size:,} needed at most: the inputs' size); free space or point the output to "
+                       "a bigger file system"), err
+        assert not list(mnt.iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.heavy
+def test_export_that_cannot_fit_is_refused_in_one_line(tmp_path, tiny_cpu_cache):
+    """Disk full everywhere: `cpt export-hf` refuses up front, in one line with bytes needed and free, an export that
+    cannot fit (the old export stays until the new one is in place, so the space is needed in full)."""
+    base = next(p for p in (tiny_cpu_cache / "models").iterdir() if p.name.startswith("random-") and
+                not p.name.endswith("-hf"))
+    mnt = tmp_path / "small"
+    _small_tmpfs(mnt, "1m")
+    try:
+        out = subprocess.run([sys.executable, "-m", "cpt_megatron", "export-hf", "--ckpt", str(base), "--out",
+                              str(mnt / "hf"), "--no-verify"], capture_output=True, text=True, cwd=REPO, env=ENV,
+                             timeout=600)
+        assert out.returncode == 2, out.stderr[-2000:]
+        err = out.stderr.strip().splitlines()[-1]
+        assert err.startswith(f"cpt export-hf: error: not enough space to export into {mnt / 'hf'}: ") and \
+            " bytes needed, 1,048,576 bytes free" in err, err
+        assert not list(mnt.iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
