@@ -243,6 +243,10 @@ class DataSection:
     """Prepared datasets and megatron's sample-index caches."""
     append_eod: bool = True
     max_epochs_warn: float = 4.0
+    verify: str = "full"
+    """How `cpt train` checks the prepared data against `cpt prepare`'s checksums before step 1 (rank 0, once per
+    job): full (xxh3 of every byte), sampled (each .idx in full + 64 MiB of each .bin: for corpora too large to
+    read at start-up; damage between the sampled blocks goes unseen), size (sizes only)."""
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -251,6 +255,8 @@ class DataSection:
             raise CptError(f"data.seq_len={self.seq_len} must be >= 1")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise CptError(f"data.valid_fraction={self.valid_fraction} must be in [0, 1)")
+        if self.verify not in ("full", "sampled", "size"):
+            raise CptError(f"data.verify={self.verify!r}: use full, sampled or size")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 __all__ = ["atomic_dir", "atomic_file", "sha256_file", "write_json", "append_jsonl", "read_jsonl", "current_umask",
            "os_error_line", "lone_surrogate", "read_text", "read_json", "read_yaml", "iter_jsonl", "check_text_file",
-           "binary_kind", "parse_size", "check_gguf"]
+           "binary_kind", "parse_size", "check_gguf", "fault_point", "pid_alive", "retire_dir", "publish_dir",
+           "remove_stale_temps"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -91,10 +92,13 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     os.close(fd)
     try:
         _honour_umask(tmp, is_dir=False)
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            _raise_named(e, path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -102,22 +106,134 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
         raise
 
 
+def fault_point(name: str) -> None:
+    """Fault injection for the reliability tests: kill -9 this process at the point `name` when the
+    environment says CPT_FAULT=name (never active otherwise). The one place kill points are read."""
+    if os.environ.get("CPT_FAULT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pid_alive(pid: int) -> bool:
+    """True when `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def _owner_tag() -> str:
+    """pid@host: who writes a temp (`.NAME.<pid>@<host>.*.tmp`) or holds an old output aside (`.NAME.<pid>@<host>.old`)."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[str]:
+    """Clean what a killed writer of `path` left beside it: its temp folders/files (`.NAME.<pid>@<host>.*.tmp`)
+    are removed; an old output it had moved aside (`.NAME.<pid>@<host>.old`) is put back when `path` is
+    missing (the swap was cut between its two renames), else removed. Only for writers on this host whose
+    pid is gone. Each action is named on stderr; returns the lines."""
+    import sys
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pat = re.compile(re.escape(f".{path.name}.") + r"(\d+)@([A-Za-z0-9_-]+)\.(?:(old)|[^/]*\.tmp)$")
+    lines = []
+    for f in sorted(path.parent.iterdir()):
+        m = pat.match(f.name)
+        if not m or m.group(2) != _host() or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        if m.group(3) and not path.exists():
+            os.replace(f, path)
+            lines.append(f"restored {path} from {f.name} (a replace killed between its renames, pid {m.group(1)})")
+        else:
+            shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+            lines.append(f"removed stale {f} (left by pid {m.group(1)}, no longer running)")
+    for line in lines:
+        print(f"cpt: {line}", file=sys.stderr, flush=True)
+    return lines
+
+
+def retire_dir(path: str | os.PathLike) -> None:
+    """Delete a folder by renaming it aside first (`.NAME.<pid>@<host>.retired.tmp`), then removing that: a kill at
+    any point leaves either the whole folder or none under `path` (the next writer removes the aside)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    aside = path.with_name(f".{path.name}.{_owner_tag()}.retired.tmp")
+    os.replace(path, aside)
+    fault_point("retire")
+    shutil.rmtree(aside)
+
+
+def publish_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished folder `tmp` in place at `path`: the old one (if any) aside, the new in place, the old
+    deleted last. A kill between the renames leaves the old aside; the next writer puts it back."""
+    path = Path(path)
+    aside = None
+    if path.exists():
+        aside = path.with_name(f".{path.name}.{_owner_tag()}.old")
+        os.replace(path, aside)
+        fault_point("publish.aside")
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if aside is not None:
+        fault_point("publish.retire")
+        shutil.rmtree(aside)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _raise_named(e: OSError, path: Path):
+    """Re-raise an OS error; one raised by a write without a file name (numpy, safetensors, gzip: the CLI would
+    print '?') gets `path`, the output being written, so a full disk names it."""
+    if e.filename or not e.errno:
+        raise e
+    raise type(e)(e.errno, e.strerror, str(path)) from e
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp directory beside `path`; on success it replaces `path`, on failure it is removed."""
+    """Yield a temp directory beside `path` (`.NAME.<pid>@<host>.<random>.tmp`); on success it replaces `path`
+    (`publish_dir`: old aside, new in place, old deleted last), on failure it is removed. Temps and asides of
+    killed earlier writers of `path` are cleaned first (`remove_stale_temps`)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     if path.exists() and not overwrite:
         from cpt_megatron.errors import CptError
 
         raise CptError(f"output {path} already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".tmp", dir=path.parent))
     try:
         _honour_umask(tmp, is_dir=True)
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        try:
+            yield tmp
+        except OSError as e:
+            _raise_named(e, path)
+        fault_point("atomic_dir.before_publish")
+        publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -158,7 +274,10 @@ def binary_kind(head: bytes) -> str | None:
     for magic, kind in _BINARY_MAGIC.items():
         if head.startswith(magic):
             return kind
-    return "binary data (NUL bytes)" if b"\x00" in head[:8192] else None
+    # NULs on two or more lines: binary. NULs on one line only are damage to that line (a zeroed block, a stray
+    # byte): the readers report it as one malformed line, wherever in the file it sits
+    nul_lines = sum(1 for line in head[:8192].split(b"\n") if b"\x00" in line)
+    return "binary data (NUL bytes)" if nul_lines >= 2 else None
 
 
 def check_text_file(path: str | os.PathLike, what: str, hint: str = "give a UTF-8 text file") -> Path:

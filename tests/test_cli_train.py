@@ -92,15 +92,18 @@ def test_overrides_may_appear_anywhere():
 
 
 def test_prepared_manifest_is_checked_by_content(tmp_path):
-    """`cpt train` trusts the manifest only while every file has the hash `cpt prepare` recorded."""
+    """`cpt train` trusts the manifest only while every file has the size (load_prepared, every rank) and the xxh3
+    checksum (verify_prepared, rank 0) that `cpt prepare` recorded."""
     from cpt_megatron.config import load_recipe
     from cpt_megatron.errors import CptError
     from cpt_megatron.train.prepare import (
-        _fingerprint,
+        MANIFEST_VERSION,
+        data_checksums,
         load_prepared,
         manifest_path,
         prepare_command,
         prepare_key,
+        verify_prepared,
     )
     from cpt_megatron.utils import sha256_file, write_json
 
@@ -115,17 +118,24 @@ def test_prepared_manifest_is_checked_by_content(tmp_path):
     with pytest.raises(CptError, match="prepared data for this recipe is missing; run `cpt prepare --recipe tiny_cpu"):
         load_prepared(cfg, command)
     write_json(manifest_path(cfg), {
-        "version": 1, "key": prepare_key(cfg), "base": str(base), "base_meta_sha256": sha256_file(base / "cpt_meta.json"),
+        "version": MANIFEST_VERSION, "key": prepare_key(cfg), "base": str(base), "base_meta_sha256": sha256_file(base / "cpt_meta.json"),
         "tokenizer": "@gpt2", "vocab_size": 50257, "eod_id": 50256,
-        "sources": [{"name": n, "prefix": str(p), **_fingerprint(str(p))} for n, p in (("dom", dom), ("gen", gen))]})
+        "sources": [{"name": n, "prefix": str(p), **data_checksums(str(p))} for n, p in (("dom", dom), ("gen", gen))]})
     assert load_prepared(cfg, command)["vocab_size"] == 50257
+    assert verify_prepared(load_prepared(cfg, command))["bytes"] > 0
     # weights, alpha and the run length are not part of the key: no re-prepare for them
     assert manifest_path(load_recipe("tiny_cpu", [*ov, "data.alpha=0.3", "train.max_steps=50"])) == manifest_path(cfg)
     assert manifest_path(load_recipe("tiny_cpu", [*ov, "data.append_eod=false"])) != manifest_path(cfg)
     idx = tmp_path / "gen.idx"
     data = idx.read_bytes()
     idx.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other content
-    with pytest.raises(CptError, match=f"changed since it was prepared: {gen}.bin/.idx \\(source gen\\); run `"):
+    prepared = load_prepared(cfg, command)  # same size: passes the cheap check
+    assert verify_prepared(prepared, "size")["bytes"] == 0
+    for mode in ("full", "sampled"):  # the .idx is checksummed in full in both modes
+        with pytest.raises(CptError, match=f"prepared data {gen}.idx is damaged .*source gen.*; run `cpt prepare"):
+            verify_prepared(prepared, mode)
+    idx.write_bytes(data[:-1])
+    with pytest.raises(CptError, match=f"changed since it was prepared: {gen}.idx has"):
         load_prepared(cfg, command)
     idx.write_bytes(data)
     (base / "cpt_meta.json").write_text('{"vocab_size": 50304}')

@@ -71,7 +71,7 @@ class _CharTok:
     eos_token_id = 0
     bos_token_id = None
 
-    def encode(self, text, add_special_tokens=False):
+    def encode(self, text, add_special_tokens=False, split_special_tokens=True):
         return [ord(c) + 1 for c in text]
 
     def decode(self, ids):

@@ -128,6 +128,18 @@ def _generation_config(cfg: dict) -> dict:
     return out
 
 
+def _check_space(out: Path, needed: int) -> None:
+    """The new export is written beside the old one (which is retired only once the new is in place): refuse up
+    front, in one line, when its tensors cannot fit."""
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise CptError(f"not enough space to export into {out}: {needed:,} bytes needed, {free:,} bytes free (an "
+                       "existing export is kept until the new one is complete); free space or use another --out")
+
+
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
               max_shard_size: str | int = "5GB", overwrite: bool = False, verify: bool = True,
               verify_tol: float | None = None, tokenizer: str | os.PathLike | None = None) -> dict:
@@ -180,6 +192,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
             return mapping.to_hf(arch, name, cache["t"]).to(out_dt).contiguous()
 
         total = sum(int(torch.Size(shapes[n]).numel()) * el for n in names)
+        _check_space(out, total)
         weight_map = {}
         with atomic_dir(out, overwrite=overwrite) as tmp:
             for i, entries in enumerate(shards):

@@ -21,7 +21,7 @@ from cpt_megatron.runtime.distributed import single_process_group  # re-exported
 __all__ = [
     "META_NAME", "TOKENIZER_DIR", "read_meta", "arch_from_ckpt", "HFReader", "load_model_weights", "ckpt_tensor_keys",
     "read_ckpt_tensor", "write_torch_dist", "single_process_group", "DTYPES", "open_checkpoint", "tokenizer_path",
-    "megatron_lm_meta",
+    "megatron_lm_meta", "file_checksum", "sampled_checksum",
 ]
 
 META_NAME = "cpt_meta.json"
@@ -288,6 +288,46 @@ def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, ext
     dist_checkpointing.save(sharded, str(out_dir), TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
     del sharded
     return nbytes
+
+
+# -- file checksums (the checkpoint manifest's, reused for prepared data) -----------------------------------
+def file_checksum(path: str | os.PathLike, algorithm: str | None = None) -> tuple[str, str]:
+    """(algorithm, checksum of every byte of `path`): xxh3_64 as checkpoint manifests (crc32 without xxhash)."""
+    from cpt_megatron.checkpoint import layout
+
+    algorithm = algorithm or layout._algorithm()
+    return algorithm, layout._digest(Path(path), algorithm)
+
+
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 1 << 20
+
+
+def sampled_checksum(path: str | os.PathLike, algorithm: str | None = None) -> tuple[str, str]:
+    """(algorithm, checksum of SAMPLE_BLOCKS blocks of SAMPLE_BLOCK_BYTES spread evenly over `path`, first and last
+    included, plus its size): reads at most 64 MiB whatever the size. Catches truncation and damage that hits a
+    sampled block; damage between blocks goes unseen (docs/reliability.md: the trade-off)."""
+    import zlib
+
+    from cpt_megatron.checkpoint import layout
+
+    algorithm = algorithm or layout._algorithm()
+    size = os.path.getsize(path)
+    n = max(1, min(SAMPLE_BLOCKS, -(-size // SAMPLE_BLOCK_BYTES)))
+    last = max(0, size - SAMPLE_BLOCK_BYTES)
+    offsets = sorted({last * i // max(1, n - 1) for i in range(n)})
+    if algorithm == "xxh3_64":
+        import xxhash
+
+        h = xxhash.xxh3_64(str(size).encode())
+        update, result = h.update, h.hexdigest
+    else:
+        state = [zlib.crc32(str(size).encode())]
+        update, result = (lambda b: state.__setitem__(0, zlib.crc32(b, state[0]))), (lambda: f"{state[0]:08x}")
+    with open(path, "rb") as f:
+        for off in offsets:
+            f.seek(off)
+            update(f.read(SAMPLE_BLOCK_BYTES))
+    return algorithm, result()
 
 
 _VERIFIED: dict[str, float] = {}

@@ -27,6 +27,7 @@ import numpy as np
 
 from cpt_megatron.curate.config import CurateConfig
 from cpt_megatron.curate.readers import DocumentReader, Malformed
+from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
 
 __all__ = ["curate", "CurateResult"]
@@ -262,9 +263,19 @@ def curate(
     reader = DocumentReader(inputs, cfg.input)
     out = Path(out)
     t0 = time.time()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        report = _run(reader, tmp, out, cfg, max(1, int(workers)), progress)
-        write_json(tmp / "report.json", report)
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            report = _run(reader, tmp, out, cfg, max(1, int(workers)), progress)
+            write_json(tmp / "report.json", report)
+    except OSError as e:  # a full disk: one line with the output, the bytes free and (at most) needed
+        import errno
+
+        from cpt_megatron.utils import os_error_line
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise CptError(os_error_line(e, out, reader.total_bytes).replace(
+            " needed)", " needed at most: the inputs' size)")) from e
     report["elapsed_s"] = round(time.time() - t0, 3)
     return CurateResult(report["read"], report["kept"], report["malformed"], report["removed"], str(out), report)
 

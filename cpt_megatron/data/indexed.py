@@ -17,9 +17,11 @@ Numpy only; no torch or megatron import.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import struct
+import sys
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -123,9 +125,9 @@ class _Spill:
         if not self.buf:
             return
         if self.f is None:
-            self.f = open(self.path, "wb")
+            self.f = open(self.path, "wb", buffering=0)
         for a in self.buf:
-            a.tofile(self.f)
+            _tofile(a, self.f, self.path)
         self.spilled += self.buffered
         self.buf, self.buffered = [], 0
 
@@ -152,11 +154,25 @@ class _Spill:
             os.unlink(self.path)
 
 
+def _tofile(arr: np.ndarray, f, path: str) -> None:
+    """arr.tofile(f), but a full disk is an OSError naming `path` with its errno (numpy's own says only
+    '285060 requested and 182272 written'): raw writes, short ones retried until the kernel says why."""
+    view = memoryview(np.ascontiguousarray(arr)).cast("B")
+    while len(view):
+        try:
+            n = f.write(view)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from e
+        if not n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        view = view[n:]
+
+
 def _remove_dead_temps(prefix: str) -> None:
     """Temp files a killed writer of `prefix` left behind (PREFIX.bin.tmp<pid> etc. of a pid that is gone)."""
     import re
 
-    from cpt_megatron.runtime.procs import pid_alive
+    from cpt_megatron.utils import pid_alive
 
     p = Path(prefix)
     pat = re.compile(re.escape(p.name) + r"\.(bin|idx|len|doc)\.tmp(\d+)$")
@@ -165,6 +181,8 @@ def _remove_dead_temps(prefix: str) -> None:
         if m and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
+                print(f"cpt: removed stale {f} (left by pid {m.group(2)}, no longer running)", file=sys.stderr,
+                      flush=True)
 
 
 class IndexWriter:
@@ -207,7 +225,7 @@ class IndexWriter:
             tokens = tokens.astype(self.dtype)
         if int(lengths.sum()) != len(tokens):
             raise CptError("lengths do not add up to the number of tokens")
-        tokens.tofile(self._bin)
+        _tofile(tokens, self._bin, self._bin_tmp)
         if len(tokens):
             self.max_token_id = max(self.max_token_id, int(tokens.max()))
         start = len(self._lengths)
@@ -233,7 +251,10 @@ class IndexWriter:
             self._doc_ends.append(np.asarray(di[i : i + _CHUNK]) + offset)
         self._bin.flush()
         with open(f"{prefix}.bin", "rb") as f:
-            _copy_file(f, self._bin)
+            try:
+                _copy_file(f, self._bin)
+            except OSError as e:  # a full disk: name the file being written
+                raise OSError(e.errno, e.strerror, self._bin_tmp) from e
         self.num_tokens += src.num_tokens
 
     # -- finishing ---------------------------------------------------------------------------------
@@ -243,24 +264,20 @@ class IndexWriter:
         os.fsync(self._bin.fileno())
         self._bin.close()
         n_seq, n_doc = len(self._lengths), len(self._doc_ends) + 1
-        with open(self._idx_tmp, "wb") as f:
-            f.write(_HEADER)
-            f.write(struct.pack("<Q", 1))
-            f.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
-            f.write(struct.pack("<Q", n_seq))
-            f.write(struct.pack("<Q", n_doc))
+        with open(self._idx_tmp, "wb", buffering=0) as f:
+            head = _HEADER + struct.pack("<QBQQ", 1, DTYPE_CODES[self.dtype], n_seq, n_doc)
+            _tofile(np.frombuffer(head, np.uint8), f, self._idx_tmp)
             for chunk in self._lengths.chunks():
-                chunk.tofile(f)
+                _tofile(chunk, f, self._idx_tmp)
             running = 0
             for chunk in self._lengths.chunks():  # byte pointers = exclusive cumsum of lengths*itemsize
                 nbytes = chunk.astype(np.int64) * self.itemsize
                 ptr = np.cumsum(nbytes) - nbytes + running
-                ptr.tofile(f)
+                _tofile(ptr, f, self._idx_tmp)
                 running += int(nbytes.sum())
-            np.zeros(1, dtype=np.int64).tofile(f)
+            _tofile(np.zeros(1, dtype=np.int64), f, self._idx_tmp)
             for chunk in self._doc_ends.chunks():
-                chunk.tofile(f)
-            f.flush()
+                _tofile(chunk, f, self._idx_tmp)
             os.fsync(f.fileno())
         self._lengths.close()
         self._doc_ends.close()
@@ -304,7 +321,10 @@ def _copy_file(src, dst) -> None:
             n_total -= n
         if n_total == 0:
             return
-    except (AttributeError, OSError):
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+    except AttributeError:
         pass
     shutil.copyfileobj(src, dst, 1 << 22)
 

@@ -16,7 +16,9 @@ fast-BPE cache or must be used as the encoder (see `fast_bpe`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
@@ -34,7 +36,15 @@ import numpy as np
 from cpt_megatron.data import fast_bpe
 from cpt_megatron.data.indexed import IndexWriter, optimal_dtype
 from cpt_megatron.errors import CptError
-from cpt_megatron.utils import flatten_ids, iter_jsonl, lone_surrogate, write_json
+from cpt_megatron.utils import (
+    flatten_ids,
+    iter_jsonl,
+    lone_surrogate,
+    os_error_line,
+    remove_stale_temps,
+    retire_dir,
+    write_json,
+)
 
 __all__ = ["PreprocessConfig", "preprocess", "output_prefixes", "read_meta"]
 
@@ -344,18 +354,38 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     shard_dir = _shard_dir(cfg, _fingerprint(cfg, tok.info["sha256"], dtype))
     _init_worker(tok, cfg, str(shard_dir), dtype)
     t_tok = time.perf_counter()
-    results, hashes, skipped = _encode_all(cfg, tok, dtype, shard_dir)
-    t_merge = time.perf_counter()
-    summary: dict = {"outputs": _merge(cfg, tok, dtype, shard_dir, prefixes, results, hashes),
-                     "encoder": tok.encoder_name, "workers": cfg.workers, "shards": len(results),
-                     "shards_skipped": skipped}
+    with _disk_full_line(cfg, dtype, shard_dir):
+        results, hashes, skipped = _encode_all(cfg, tok, dtype, shard_dir)
+        t_merge = time.perf_counter()
+        summary: dict = {"outputs": _merge(cfg, tok, dtype, shard_dir, prefixes, results, hashes),
+                         "encoder": tok.encoder_name, "workers": cfg.workers, "shards": len(results),
+                         "shards_skipped": skipped}
     if not cfg.keep_shards:
-        shutil.rmtree(shard_dir, ignore_errors=True)
+        retire_dir(shard_dir)  # renamed aside, then deleted: a kill here never leaves a half-deleted PREFIX.shards
     t_end = time.perf_counter()
     tokens = sum(o["tokens"] for o in summary["outputs"].values())
     summary.update(tokens=tokens, seconds=round(t_end - t_start, 3), tokenize_seconds=round(t_merge - t_tok, 3),
                    merge_seconds=round(t_end - t_merge, 3), tokens_per_s=round(tokens / max(t_end - t_start, 1e-9)))
     return summary
+
+
+@contextlib.contextmanager
+def _disk_full_line(cfg: PreprocessConfig, dtype, shard_dir: Path):
+    """A full disk while tokenizing or merging: one line with the file, about how many bytes the run needs
+    (shards + merged output, from the tokens per input byte so far, else 0.3) and how many are free."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        in_bytes = sum(os.path.getsize(p) for p in cfg.inputs)
+        done = [json.loads(f.read_text()) for f in shard_dir.glob("*.done.json")]
+        tokens = sum(st["tokens"] for d in done for st in d.values())
+        per_byte = tokens / (len(done) * cfg.chunk_bytes) if done else 0.3
+        needed = int(2 * np.dtype(dtype).itemsize * per_byte * in_bytes)
+        raise CptError(f"disk full while writing {cfg.out}: " + os_error_line(e, e.filename or shard_dir, needed)
+                       .replace(" needed)", " needed, estimated)") + "; finished shards are kept: the rerun "
+                       "resumes") from e
 
 
 def _check_inputs(cfg: PreprocessConfig) -> None:
@@ -378,13 +408,14 @@ def _shard_dir(cfg: PreprocessConfig, fp: dict) -> Path:
     """PREFIX.shards, kept from an interrupted run with the same fingerprint, else started afresh."""
     shard_dir = Path(f"{cfg.out}.shards")
     manifest = shard_dir / "manifest.json"
+    remove_stale_temps(shard_dir)  # what a killed earlier run was deleting
     if shard_dir.exists():
         try:
             old = json.loads(manifest.read_text())
         except (OSError, ValueError):
             old = None
         if old != fp:  # different inputs/tokenizer/options: old shards are useless
-            shutil.rmtree(shard_dir)
+            retire_dir(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_json(manifest, fp)
     return shard_dir
@@ -403,7 +434,7 @@ def _encode_all(cfg: PreprocessConfig, tok: _Tok, dtype, shard_dir: Path) -> tup
         nonlocal skipped
         for shard, fi, line, data, pos in _chunks(cfg.inputs, cfg.chunk_bytes, hashes):
             done = shard_dir / f"{shard:06d}.done.json"
-            if done.is_file() and all(Path(shard_dir / f"{shard:06d}_{k}.idx").is_file() for k in cfg.json_keys):
+            if done.is_file() and all(_shard_intact(shard_dir / f"{shard:06d}_{k}") for k in cfg.json_keys):
                 results[shard] = {"shard": shard, "stats": json.loads(done.read_text())}
                 skipped += 1
                 yield None, pos, results[shard]
@@ -444,6 +475,17 @@ def _encode_all(cfg: PreprocessConfig, tok: _Tok, dtype, shard_dir: Path) -> tup
         if bar is not None:
             bar.close()
     return results, hashes, skipped
+
+
+def _shard_intact(prefix: Path) -> bool:
+    """A finished shard still whole: its .bin and .idx exist and agree in size (else it is redone)."""
+    from cpt_megatron.data.indexed import IndexArrays
+
+    try:
+        IndexArrays(prefix)
+        return Path(f"{prefix}.bin").is_file()
+    except (OSError, CptError):
+        return False
 
 
 def _merge(cfg: PreprocessConfig, tok: _Tok, dtype, shard_dir: Path, prefixes: dict[str, str],

@@ -136,7 +136,9 @@ def batches_from_text(pieces: Iterable[tuple[str, bool]], tokenizer, *, name: st
     for text, ends in pieces:
         if budget is not None and len(ids) >= budget:
             break
-        piece = tokenizer.encode(text, add_special_tokens=False) if text else []
+        # as preprocessing tokenizes training data (data.fast_bpe.hf_encode_batch): no BOS/EOS, and special-token
+        # text in a document (a literal <|endoftext|>) is plain text, never the EOD id
+        piece = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
         if ends:
             piece = piece + [eod]
         if budget is not None and len(ids) + len(piece) > budget:

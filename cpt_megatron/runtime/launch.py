@@ -73,7 +73,10 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         env[_LAUNCH_DIR_ENV] = folder
         proc = subprocess.Popen(cmd, env=env, **popen_kwargs())
 
+        forwarded: list[int] = []
+
         def forward(signum, frame):
+            forwarded.append(signum)
             ranks = _rank_pids(proc.pid)
             for pid in ranks or [proc.pid]:  # no ranks yet: let torchrun shut down
                 try:
@@ -98,8 +101,30 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         if e and e not in seen:
             seen.append(e)
             print(e, file=sys.stderr, flush=True)
+    code = _explain_exit(code, proc.pid, forwarded, bool(seen), argv)
     if code and code != PREEMPT_EXIT_CODE and "--json" in argv:  # preempted ranks printed their own line
         print(json.dumps({"exit_code": code, "error": seen[0] if seen else None}), flush=True)
+    return code
+
+
+def _explain_exit(code: int, agent: int, forwarded: list[int], rank_errors: bool, argv: list[str]) -> int:
+    """No silent exit: the agent killed by a signal is named; a preemption signal that ended the ranks before
+    they could save (start-up: no handler yet) becomes one line and exit 75, so Slurm still requeues."""
+    command = f"cpt {argv[0]}" if argv else "cpt"
+    preempt = [s for s in forwarded if s in (signal.SIGTERM, signal.SIGUSR1)]
+    if code in (0, PREEMPT_EXIT_CODE) or rank_errors:
+        return code
+    if preempt:
+        name = signal.Signals(preempt[0]).name
+        print(f"{command}: {name} arrived during start-up, before the ranks could save: nothing was saved by this "
+              f"launch (a rerun resumes from the last checkpoint); exit {PREEMPT_EXIT_CODE} so the job is requeued",
+              file=sys.stderr, flush=True)
+        return PREEMPT_EXIT_CODE
+    if code < 0:
+        name = signal.Signals(-code).name
+        print(f"{command}: the torchrun agent (pid {agent}) was killed by {name}; its ranks died with it, and "
+              "nothing was saved since the last checkpoint (a rerun resumes from it)", file=sys.stderr, flush=True)
+        return 128 - code
     return code
 
 

@@ -22,6 +22,8 @@ import sys
 import threading
 from pathlib import Path
 
+from cpt_megatron.utils import pid_alive  # re-exported: the process checks use it
+
 __all__ = ["install", "die_with_parent", "popen_kwargs", "children", "pid_alive"]
 
 _PR_SET_PDEATHSIG = 1
@@ -137,16 +139,3 @@ def children(pid: int, recursive: bool = False) -> list[int]:
     return out
 
 
-def pid_alive(pid: int) -> bool:
-    """True when `pid` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True

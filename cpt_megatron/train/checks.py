@@ -10,7 +10,7 @@ from __future__ import annotations
 from cpt_megatron.config import RecipeConfig
 from cpt_megatron.errors import CptError
 
-__all__ = ["recipe_problems", "check_recipe", "layout"]
+__all__ = ["recipe_problems", "check_recipe", "layout", "check_writable"]
 
 
 def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
@@ -54,6 +54,7 @@ def recipe_problems(cfg: RecipeConfig, world_size: int, arch=None, prepared: dic
         problems.append("train.ewc.kind=ewc needs a general (replay) source for the Fisher estimate")
     if prepared is not None:
         problems += _check_prepared_data(prepared)
+    problems += _try(lambda: check_writable(cfg.run.dir))
     return problems
 
 
@@ -123,3 +124,24 @@ def _check_prepared_data(prepared: dict) -> list[str]:
     for s in prepared["sources"]:
         out += _try(lambda s=s: check_dataset_tokenizer(s["prefix"], int(prepared["vocab_size"])))
     return out
+
+
+def check_writable(run_dir) -> None:
+    """run.dir and its checkpoints/ accept new files (a probe created and removed), checked before step 1 so a
+    read-only folder is not found at the first save, after the steps before it are spent. A folder that does not
+    exist yet is checked through its nearest existing parent."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            fd, name = tempfile.mkstemp(prefix=".cpt-write-probe.", dir=probe)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as e:
+            raise CptError(f"run.dir: {probe} is not writable ({e.strerror}); checkpoints and logs go there: fix its "
+                           "permissions or set run.dir to a writable folder") from None

@@ -32,7 +32,7 @@ from cpt_megatron.train.checkpointing import (
 from cpt_megatron.train.checks import check_recipe
 from cpt_megatron.train.metrics import cut_logs
 from cpt_megatron.train.plan import plan_steps, recipe_mixture
-from cpt_megatron.train.prepare import check_tokenizer_fits, load_prepared, prepare_command
+from cpt_megatron.train.prepare import check_tokenizer_fits, load_prepared, prepare_command, verify_prepared
 from cpt_megatron.train.runlock import hold_run_lock
 from cpt_megatron.train.saveguard import save_guard
 from cpt_megatron.train.schedule import lr_at
@@ -93,6 +93,7 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
     preempt = None
     try:
         denv = init_distributed(cfg.parallel, seed=cfg.run.seed)
+        verify_prepared(prepared, cfg.data.verify)  # before step 1: rank 0 checksums the data, verdict broadcast
         # the newest complete + verified checkpoint: rank 0 scans (under the lock) and broadcasts the answer
         resume_from, skipped = select_resume(run_dir, cfg.resume)
         for line in skipped if denv.rank == 0 else ():

@@ -3,12 +3,15 @@
     base model (import model.gguf / model.hf / a seeded model.hf_config; parity-checked)
     -> sources with `inputs`: curate -> tokenize (prefix sources are checked as they are)
     -> the mixture's sample indices (megatron's caches under data.cache_dir/indices)
-    -> manifest data.cache_dir/prepared/<key>.json: paths + content hashes.
+    -> manifest data.cache_dir/prepared/<key>.json: paths, sizes + xxh3 checksums of every .bin/.idx.
 
 Every artifact lands in data.cache_dir under a name keyed by its inputs and is written to a temporary name
-first, so a rerun after a crash redoes only what is missing. It needs no GPU and no process group (run it
-on a CPU node, or as the first Slurm step). `cpt train` never prepares: every rank reads the manifest and
-checks the hashes (`load_prepared`), and a missing or stale manifest fails with the `cpt prepare` command.
+first, so a rerun after a crash redoes only what is missing. A rerun re-validates what it finds (the base's
+manifest, the curated shards' manifest, each source's recorded checksums) and rebuilds what is damaged. It
+needs no GPU and no process group (run it on a CPU node, or as the first Slurm step). `cpt train` never
+prepares: every rank reads the manifest and checks sizes (`load_prepared`), then rank 0 checks the checksums
+once per job before step 1 and broadcasts its verdict (`verify_prepared`, `data.verify`); a missing, stale or
+damaged manifest fails with the `cpt prepare` command.
 The key covers what changes the prepared files (model source, tokenizer, the sources' inputs, EOD), not
 the mixture weights, alpha or the run length: those change without re-preparing.
 """
@@ -24,10 +27,11 @@ from pathlib import Path
 
 from cpt_megatron.errors import CptError
 
-__all__ = ["prepare", "load_prepared", "prepare_command", "manifest_path", "prepare_base", "prepare_sources",
+__all__ = ["prepare", "load_prepared", "verify_prepared", "data_checksums", "prepare_command", "manifest_path", "prepare_base", "prepare_sources",
            "special_input", "resolve_tokenizer", "resolve_path"]
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: xxh3 checksums of .bin and .idx (1 had the .idx sha256 and the .bin size only)
+_CHECKS = "tokens.check.json"  # beside a prepared source's tokens.bin/.idx: their checksums, written last
 
 
 def _key(*parts) -> str:
@@ -77,24 +81,47 @@ def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
     if model_cfg.gguf:
         gguf = smollm2_gguf() if model_cfg.gguf == "@smollm2" else model_cfg.gguf
         out = cache / f"gguf-{Path(gguf).stem}-{_key(gguf, os.path.getsize(gguf))}"
-        if not out.exists():
+        if not _intact_import(out):
             _import_atomic(out, lambda tmp: checkpoint.import_hf(None, tmp, gguf=gguf, dtype="fp32", overwrite=True))
         return str(layout.resolve(out))
     if model_cfg.hf:
         out = cache / f"hf-{Path(model_cfg.hf).name}-{_key(str(Path(model_cfg.hf).resolve()))}"
-        if not out.exists():
+        if not _intact_import(out):
             _import_atomic(out, lambda tmp: checkpoint.import_hf(model_cfg.hf, tmp, dtype="fp32", overwrite=True))
         return str(layout.resolve(out))
     # random init from an HF config: build a seeded HF model, save it, import it (same path as real models)
     hf_config = resolve_path(model_cfg.hf_config)
     cfg_text = Path(hf_config).read_text()
     out = cache / f"random-{Path(model_cfg.hf_config).stem}-{_key(cfg_text, seed, model_cfg.tokenizer)}"
-    if not out.exists():
+    if not _intact_import(out):
         hf_dir = cache / (out.name + "-hf")
         tok = resolve_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else None
         _random_hf_model(hf_config, tok, hf_dir, seed)
         _import_atomic(out, lambda tmp: checkpoint.import_hf(hf_dir, tmp, dtype="fp32", overwrite=True))
     return str(layout.resolve(out))
+
+
+def _intact_import(out: Path) -> bool:
+    """An imported base already in the cache and whole (its manifest's sizes + checksums hold); a damaged one
+    is named and retired, so the caller imports it again."""
+    from cpt_megatron.checkpoint import layout
+    from cpt_megatron.utils import retire_dir
+
+    if not out.exists():
+        return False
+    try:
+        layout.check_manifest(layout.resolve(out))
+        return True
+    except CptError as e:
+        _say(f"{e}: importing the base model again")
+        retire_dir(out)
+        return False
+
+
+def _say(line: str) -> None:
+    import sys
+
+    print(f"cpt prepare: {line}", file=sys.stderr, flush=True)
 
 
 def _base_meta(base: str | os.PathLike) -> Path:
@@ -112,7 +139,8 @@ def _import_atomic(out: Path, run_import) -> None:
 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
-        shutil.rmtree(tmp)  # an interrupted earlier import
+        _say(f"removed stale {tmp} (an interrupted earlier import)")
+        shutil.rmtree(tmp)
     summary = run_import(tmp)
     write_json(layout.resolve(tmp) / "import_summary.json", summary)
     os.replace(tmp, out)
@@ -172,9 +200,11 @@ def special_input(name: str, out_dir: Path, max_docs: int | None) -> Path:
 
 def prepare_sources(data_cfg, tokenizer: str, workers: int = 1) -> list[dict]:
     """Return [{name, group, prefix, weight, tokens}] with every `inputs` source curated + preprocessed."""
+    from cpt_megatron.checkpoint import layout
     from cpt_megatron.curate.config import CurateConfig, InputConfig
     from cpt_megatron.curate.pipeline import curate
     from cpt_megatron.data.preprocess import PreprocessConfig, preprocess
+    from cpt_megatron.utils import fault_point, write_json
 
     out = []
     for s in data_cfg.sources:
@@ -186,21 +216,72 @@ def prepare_sources(data_cfg, tokenizer: str, workers: int = 1) -> list[dict]:
         key = _key(s.inputs, s.doc_separator, s.curate_stages, s.max_docs, tokenizer, data_cfg.append_eod)
         root = Path(data_cfg.cache_dir) / "sources" / f"{s.name}-{key}"
         prefix = root / "tokens"
-        if not Path(str(prefix) + ".idx").exists():
+        if not _intact_source(root, prefix):
             inputs = [str(special_input(i, root / "raw", s.max_docs)) if i.startswith("@") else i for i in s.inputs]
             cc = CurateConfig(input=InputConfig(doc_separator=s.doc_separator))
             if s.curate_stages is not None:
                 cc = CurateConfig(input=InputConfig(doc_separator=s.doc_separator), stages=list(s.curate_stages))
             curated = root / "curated"
-            if not (curated / "report.json").exists():
+            if not _intact_curated(curated):
                 curate(inputs, curated, cc, workers=workers, overwrite=True)
+                layout.write_manifest(curated)
             shards = sorted(str(p) for p in curated.glob("*.jsonl.gz"))
             if not shards:
                 raise CptError(f"data.sources[{s.name}]: curation kept no documents from {s.inputs}")
             preprocess(PreprocessConfig(inputs=shards, tokenizer=tokenizer, out=str(prefix), workers=workers,
                                         append_eod=data_cfg.append_eod, progress=False))
+            fault_point("prepare.before_checks")
+            write_json(root / _CHECKS, data_checksums(str(prefix)))
         entry["prefix"] = str(prefix)
         out.append(entry)
+    return out
+
+
+def _intact_curated(curated: Path) -> bool:
+    """Curated shards from an earlier run, whole (their manifest holds): reused; else curated again."""
+    from cpt_megatron.checkpoint import layout
+
+    try:
+        return layout.check_manifest(curated)
+    except CptError as e:
+        _say(f"{e}: curating again")
+        return False
+
+
+def _intact_source(root: Path, prefix: Path) -> bool:
+    """A prepared source whose tokens.bin/.idx still have the checksums recorded when they were written (not
+    merely files that exist): reused. Missing, unrecorded or damaged: rebuilt (the same bytes again)."""
+    checks = root / _CHECKS
+    if not Path(f"{prefix}.idx").exists():
+        return False
+    try:
+        want = json.loads(checks.read_text())
+    except (OSError, ValueError):
+        _say(f"{prefix}.bin/.idx have no recorded checksums (an interrupted prepare): rebuilding them")
+        return False
+    try:
+        now = data_checksums(str(prefix))
+    except OSError as e:
+        _say(f"{prefix}: {e.strerror}: rebuilding")
+        return False
+    for ext in ("bin", "idx"):
+        if now[f"{ext}_bytes"] != want.get(f"{ext}_bytes") or now[f"{ext}_checksum"] != want.get(f"{ext}_checksum"):
+            _say(f"{prefix}.{ext} differs from its recorded {now['algorithm']} checksum (damaged): rebuilding it")
+            checks.unlink()
+            return False
+    return True
+
+
+def data_checksums(prefix: str) -> dict:
+    """Sizes + checksums (full, and the sampled one for `data.verify=sampled`) of a dataset's .bin and .idx."""
+    from cpt_megatron.checkpoint.io import file_checksum, sampled_checksum
+
+    out: dict = {}
+    for ext in ("bin", "idx"):
+        path = f"{prefix}.{ext}"
+        out[f"{ext}_bytes"] = os.path.getsize(path)
+        out["algorithm"], out[f"{ext}_checksum"] = file_checksum(path)
+    out["bin_sampled"] = sampled_checksum(f"{prefix}.bin", out["algorithm"])[1]
     return out
 
 
@@ -224,13 +305,6 @@ def prepare_command(recipe: str | None, overrides: list[str] | None) -> str:
     import shlex
 
     return shlex.join(["cpt", "prepare", "--recipe", recipe or "RECIPE", *(overrides or [])])
-
-
-def _fingerprint(prefix: str) -> dict:
-    """Content hash of a dataset's .idx (small: one row per document) and the .bin's size."""
-    from cpt_megatron.utils import sha256_file
-
-    return {"idx_sha256": sha256_file(f"{prefix}.idx"), "bin_bytes": os.path.getsize(f"{prefix}.bin")}
 
 
 def model_vocab(base: str) -> int:
@@ -263,15 +337,18 @@ def prepare(cfg, workers: int = 1) -> dict:
     sources = prepare_sources(cfg.data, tok_spec, workers=workers)
     for s in sources:
         check_dataset_tokenizer(s["prefix"], vocab)
-        s.update(_fingerprint(s["prefix"]))
+        s.update(data_checksums(s["prefix"]))
     manifest = {"version": MANIFEST_VERSION, "key": prepare_key(cfg), "base": base,
                 "base_meta_sha256": sha256_file(_base_meta(base)), "tokenizer": tok_spec,
                 "vocab_size": vocab, "eod_id": int(tokenizer.eos_token_id),
-                "sources": [{k: s[k] for k in ("name", "prefix", "idx_sha256", "bin_bytes")} for s in sources]}
+                "sources": [{k: s[k] for k in ("name", "prefix", *_CHECK_KEYS)} for s in sources]}
     mixture = recipe_mixture(cfg, manifest, valid_samples=max(1, cfg.eval.batches * cfg.train.micro_batch))
     manifest["mixture"] = mixture.report()
     write_json(manifest_path(cfg), manifest)
     return {**manifest, "manifest": str(manifest_path(cfg))}
+
+
+_CHECK_KEYS = ("algorithm", "bin_bytes", "idx_bytes", "bin_checksum", "idx_checksum", "bin_sampled")
 
 
 def load_prepared(cfg, command: str) -> dict:
@@ -295,12 +372,65 @@ def load_prepared(cfg, command: str) -> dict:
     meta = _base_meta(manifest["base"])
     if not meta.is_file() or sha256_file(meta) != manifest["base_meta_sha256"]:
         raise stale(f"has a changed or missing base checkpoint {manifest['base']}")
-    for s in manifest["sources"]:
-        try:
-            now = _fingerprint(s["prefix"])
-        except OSError:
-            raise stale(f"lacks {s['prefix']}.bin/.idx (source {s['name']})") from None
-        if now != {"idx_sha256": s["idx_sha256"], "bin_bytes": s["bin_bytes"]}:
-            raise stale(f"changed since it was prepared: {s['prefix']}.bin/.idx (source {s['name']})")
+    for s in manifest["sources"]:  # sizes here (every rank, cheap); checksums in verify_prepared (rank 0)
+        for ext in ("bin", "idx"):
+            try:
+                size = os.path.getsize(f"{s['prefix']}.{ext}")
+            except OSError:
+                raise stale(f"lacks {s['prefix']}.{ext} (source {s['name']})") from None
+            if size != s[f"{ext}_bytes"]:
+                raise stale(f"changed since it was prepared: {s['prefix']}.{ext} has {size:,} bytes, "
+                            f"{s[f'{ext}_bytes']:,} recorded (source {s['name']})")
+    manifest["prepare_command"] = command
     return manifest
+
+
+VERIFY_MODES = ("full", "sampled", "size")
+
+
+def verify_prepared(manifest: dict, mode: str = "full") -> dict | None:
+    """Check the prepared data against the checksums `cpt prepare` recorded, once per job before step 1.
+
+    Collective when a process group is up (every rank calls it): rank 0 alone reads the files and broadcasts its
+    verdict, so every rank raises the same one line naming the damaged file and the `cpt prepare` command that
+    rebuilds it. `mode`: full (every byte, xxh3), sampled (the .idx in full + 64 MiB of each .bin: see
+    docs/reliability.md), size (load_prepared's size check only). Returns rank 0's cost (bytes, seconds)."""
+    import time
+
+    import torch
+
+    from cpt_megatron.checkpoint.io import file_checksum, sampled_checksum
+
+    def check() -> dict:
+        t0, nbytes = time.perf_counter(), 0
+        for s in manifest["sources"] if mode != "size" else ():
+            for ext, sampled in (("idx", False), ("bin", mode == "sampled")):
+                path = f"{s['prefix']}.{ext}"
+                algo = s["algorithm"]
+                got = sampled_checksum(path, algo)[1] if sampled else file_checksum(path, algo)[1]
+                if got != s["bin_sampled" if sampled else f"{ext}_checksum"]:
+                    raise CptError(f"prepared data {path} is damaged ({algo} checksum differs from the one `cpt "
+                                   f"prepare` recorded; source {s['name']}); run `{manifest.get('prepare_command', 'cpt prepare')}`"
+                                   " (it rebuilds what is damaged)")
+                nbytes += min(os.path.getsize(path), 64 << 20) if sampled else os.path.getsize(path)
+        cost = {"mode": mode, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+        if nbytes:
+            gb = nbytes / 1e9
+            print(f"data: verified {gb:.3f} GB of prepared data ({mode}, {manifest['sources'][0]['algorithm']}) in "
+                  f"{cost['seconds']:.2f} s ({gb / max(cost['seconds'], 1e-9):.2f} GB/s)", flush=True)
+        return cost
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return check()
+    verdict: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            verdict[0] = check()
+        except (CptError, OSError) as e:
+            verdict[0] = str(e)
+    dist.broadcast_object_list(verdict, src=0)
+    if isinstance(verdict[0], str):
+        raise CptError(verdict[0])
+    return verdict[0]
 
