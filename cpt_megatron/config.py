@@ -358,6 +358,9 @@ class EvalSection:
     """lm-eval tasks run at step 0 and every interval in the training layout, e.g.
     [{task: arc_easy, limit: 1000}, {task: hellaswag, limit: 1000, metric: acc_norm}] (eval/tasks.py);
     general ones are watched by the monitor with their standard error."""
+    benchmark_data: str | None = None
+    """Local benchmark data for eval.benchmarks: DIR/<task>/<split>.jsonl in the Hub dataset's columns (MMLU:
+    DIR/mmlu/<subject>/), read through lm-eval's own task configs (docs/benchmarks.md); None = the datasets cache."""
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -19,6 +19,10 @@ def register(subparsers) -> None:
     p.add_argument("--tasks", default=None, metavar="T1,T2",
                    help="lm-eval tasks, comma-separated: registry names (hellaswag,arc_easy,mmlu; datasets from the "
                         "local cache, never downloaded) or paths of task YAML files / folders of them")
+    p.add_argument("--benchmark-data", default=None, metavar="DIR",
+                   help="read every task's data from local JSONL, DIR/<task>/<split>.jsonl in the Hub dataset's "
+                        "columns (MMLU: DIR/mmlu/<subject>/), with lm-eval's own prompts and metrics "
+                        "(docs/benchmarks.md)")
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task (lm-eval --limit; < 1 = a fraction); for a group, per subtask")
     p.add_argument("--num-fewshot", type=nonneg_int, default=None, help="few-shot examples (default: each task's own)")
@@ -83,6 +87,12 @@ def _check_inputs(args) -> list[str]:
         from cpt_megatron.eval.tasks import resolve_tasks
 
         resolve_tasks(tasks)
+    if args.benchmark_data is not None:
+        if not tasks:
+            raise CptError("--benchmark-data needs --tasks (e.g. --tasks arc_easy,hellaswag,piqa,sciq)")
+        from cpt_megatron.eval.tasks import check_benchmark_data
+
+        check_benchmark_data(tasks, args.benchmark_data)  # every file there before a model loads
     if args.ckpt:
         from cpt_megatron.eval.standalone import checkpoint_tokenizer
 
@@ -95,7 +105,7 @@ def _check_inputs(args) -> list[str]:
 def _bench_kw(args) -> dict:
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     return dict(limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, max_length=args.max_length,
-                log_samples=args.log_samples)
+                log_samples=args.log_samples, benchmark_data=args.benchmark_data)
 
 
 def _write_output(path: str, lm_eval_res: dict) -> None:

@@ -18,10 +18,11 @@ __all__ = ["TrainingBenchmarks"]
 
 class TrainingBenchmarks:
     def __init__(self, benchmarks: list[BenchmarkConfig], *, default_interval: int | None, tokenizer,
-                 max_length: int, micro_batch: int, quiet: bool = False, out_dir=None):
+                 max_length: int, micro_batch: int, quiet: bool = False, out_dir=None, benchmark_data=None):
         self.out_dir = out_dir  # lm-eval's results JSON per evaluation: OUT/step_<N>.<task>.json (rank 0: not quiet)
         self.cfgs = list(benchmarks)
         self.default_interval = default_interval
+        self.benchmark_data = benchmark_data  # eval.benchmark_data: DIR/<task>/<split>.jsonl (eval/tasks.py)
         self.tokenizer, self.max_length, self.micro_batch, self.quiet = tokenizer, max_length, micro_batch, quiet
         require_lm_eval()
         for b in self.cfgs:
@@ -45,7 +46,7 @@ class TrainingBenchmarks:
         for b in due:
             lm = MegatronLM(scorer, self.tokenizer, max_length=self.max_length, batch_size=b.batch_size, quiet=self.quiet)
             res = run_tasks(lm, [b.task], limit=b.limit, num_fewshot=b.num_fewshot, batch_size=b.batch_size,
-                            quiet=self.quiet)
+                            quiet=self.quiet, benchmark_data=self.benchmark_data)
             summary = res["summary"]
             if self.out_dir is not None and not self.quiet:
                 self._write(res["lm_eval"], step, "+".join(summary))

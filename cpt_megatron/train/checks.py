@@ -49,6 +49,7 @@ def recipe_problems(cfg: RecipeConfig, world_size: int, arch=None, prepared: dic
     problems += _try(lambda: _check_model(cfg, arch))
     problems += _try(lambda: _check_monitor(cfg))
     problems += _try(lambda: _check_mixture(cfg))
+    problems += _try(lambda: _check_benchmark_data(cfg))
     if cfg.train.ewc.kind == "ewc" and not any(s.group == "general" for s in cfg.data.sources):
         problems.append("train.ewc.kind=ewc needs a general (replay) source for the Fisher estimate")
     if prepared is not None:
@@ -97,6 +98,22 @@ def _check_mixture(cfg: RecipeConfig) -> None:
         raise CptError(f"data.phases: {e} (each phase is {{until: FRACTION, alpha: SHARE}})") from e
     except CptError as e:
         raise CptError(f"data: {e}") from e
+
+
+def _check_benchmark_data(cfg: RecipeConfig) -> None:
+    """eval.benchmark_data: every file of every eval.benchmarks task there (nothing loaded), before training."""
+    ev = cfg.eval
+    if ev.benchmark_data is None:
+        return
+    if not ev.benchmarks:
+        raise CptError("eval.benchmark_data is set but eval.benchmarks is empty; add tasks, e.g. "
+                       "eval.benchmarks=[{task: arc_easy, limit: 500}]")
+    from cpt_megatron.eval.tasks import check_benchmark_data
+
+    try:
+        check_benchmark_data([b.task for b in ev.benchmarks], ev.benchmark_data)
+    except CptError as e:
+        raise CptError(f"eval.benchmark_data: {e}") from e
 
 
 def _check_prepared_data(prepared: dict) -> list[str]:

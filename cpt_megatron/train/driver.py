@@ -208,7 +208,8 @@ class _Trainer:
 
         return TrainingBenchmarks(self.cfg.eval.benchmarks, default_interval=self.cfg.eval.interval,
                                   tokenizer=self.tokenizer, max_length=self.arch.max_position_embeddings,
-                                  micro_batch=self.micro, quiet=not self.rank0, out_dir=self.run_dir / "benchmarks")
+                                  micro_batch=self.micro, quiet=not self.rank0, out_dir=self.run_dir / "benchmarks",
+                                  benchmark_data=self.cfg.eval.benchmark_data)
 
     def _monitor_config(self):
         """The forgetting monitor needs a general validation source; without one it is off."""
