@@ -320,16 +320,17 @@ print(json.dumps({"base": base, "peak": peak[0]}))
 """
 
 
-@pytest.mark.heavy  # ~45 s here (two 85 MB imports and a merge in a child process): `make test-all`
+@pytest.mark.heavy  # ~90 s here (two 169 MB imports and a merge in a child process): `make test-all`
 def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path, capsys):
-    """A 24-layer model of ~58 MB per checkpoint (largest tensor, one layer's fc1, 1.6 MB; embedding 0.5 MB): the
-    merge's anonymous RSS grows by well under the model size (measured ~20 MB: allocator + megatron's writer)."""
+    """A 48-layer model of 169 MB per checkpoint (largest tensor, one layer's fc1, 1.6 MB): the merge's anonymous RSS
+    grows by far less than one model. Measured: +23.8 MB at 48 layers, +22.5 MB at 24 layers (85 MB): ~5 MB while
+    merging, the rest megatron's writer; without the per-tensor heap trim glibc keeps ~1/4 of the bytes read."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from cpt_megatron.checkpoint.hf_import import import_hf
 
     _tokenizer(tmp_path / "tok", vocab=512)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=800, num_hidden_layers=24,
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=800, num_hidden_layers=48,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, bos_token_id=0,
                       eos_token_id=0, tie_word_embeddings=True)
     torch.manual_seed(0)
@@ -339,7 +340,7 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path, ca
     B = import_hf(tmp_path / "hfB", tmp_path / "B", verify=False)
     C = import_hf(_perturbed(tmp_path / "hfB", tmp_path / "hfC", 7), tmp_path / "C", verify=False)["out"]
     model_bytes = B["bytes"]
-    assert model_bytes > 50e6
+    assert model_bytes > 160e6
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, B["out"], C, str(tmp_path / "M")], capture_output=True,
                           text=True, env=env, timeout=600)
@@ -347,7 +348,7 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path, ca
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     grown = r["peak"] - r["base"]
     print(f"model {model_bytes / 1e6:.1f} MB, anon RSS grew {grown / 1e6:.1f} MB")
-    assert grown < 0.5 * model_bytes, (grown, model_bytes)
+    assert grown < 0.25 * model_bytes, (grown, model_bytes)
 
 
 if __name__ == "__main__":  # torchrun worker of test_inputs_saved_in_tp2_and_pp2_layouts
