@@ -133,6 +133,15 @@ def test_lambda_0_and_1_are_the_inputs_bit_for_bit(models, tmp_path, capsys):
         assert all(_bits_equal(got[k], ref[k]) for k in ref), lam
 
 
+def test_zero_coefficient_terms_are_skipped_so_signed_zeros_survive():
+    """0·w would turn a -0.0 of the other input into +0.0 (-0.0 + 0.0 = +0.0): λ=0/1 must be the input's bytes."""
+    from cpt_megatron.checkpoint.merge import combine
+
+    b, c = torch.tensor([-0.0, 3.0, -1.5]), torch.tensor([5.0, -0.0, 2.0])
+    assert _bits_equal(combine(combine(None, b, 1.0), c, 0.0), b)
+    assert _bits_equal(combine(combine(None, b, 0.0), c, 1.0), c)
+
+
 def test_average_of_checkpoints(models, tmp_path, capsys):
     d = models["smollm2"]
     out = tmp_path / "avg"
