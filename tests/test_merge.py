@@ -459,3 +459,24 @@ def test_select_merge_grid_cli_scores_real_text(models, tmp_path, capsys):
         assert rc == 2 and msg in line, (grid, line)
     rc, line = _cli(["select", "--run", str(run), "--merge-grid", "0.5", "--base", str(d["C"])], capsys)
     assert rc == 2 and "needs --domain-data" in line
+
+
+@pytest.mark.heavy  # 7 min on the loaded dev box (prepare, two short trainings): `make test-all`
+def test_cpt_train_continues_from_a_merge(tiny_cpu_cache, tmp_path, capsys):
+    """tiny_cpu trained 4 steps, merged half-way with its base, is a `model.base` `cpt prepare` / `cpt train` accept;
+    the merge's step-0 evaluation lies between the base's and the checkpoint's on the domain source."""
+    from tests.conftest import cpt_train
+
+    run = tmp_path / "run"
+    cpt_train(run, tiny_cpu_cache, "train.max_steps=4")
+    base = json.loads(sorted((tiny_cpu_cache / "prepared").glob("*.json"))[-1].read_text())["base"]
+    merged = tmp_path / "merged"
+    rc, line = _cli(["merge", "--base", base, "--ckpt", str(run), "--weight", "0.5", "--out", str(merged)], capsys)
+    assert rc == 0, line
+    run2 = tmp_path / "run2"
+    cpt_train(run2, tiny_cpu_cache, "train.max_steps=2", "model.hf_config=null", f"model.base={merged}")
+    ev = [json.loads(x) for x in (run.joinpath("evals.jsonl")).read_text().splitlines()]
+    ev2 = [json.loads(x) for x in (run2.joinpath("evals.jsonl")).read_text().splitlines()]
+    dom = lambda e: e["results"]["stdlib"]["ppl"]  # noqa: E731
+    start, end, mid = dom(ev[0]), dom(ev[-1]), dom(ev2[0])
+    assert min(start, end) < mid < max(start, end), (start, mid, end)
