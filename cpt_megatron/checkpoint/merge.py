@@ -113,10 +113,10 @@ def combine(acc: torch.Tensor | None, t: torch.Tensor, coef: float) -> torch.Ten
     return term if acc is None else acc.add_(term)
 
 
-def _open(given, coef: float) -> _Input:
+def _open(given, coef: float, tokenizer=None) -> _Input:
     path = open_checkpoint(given)  # any layout; manifest (sizes + checksums) verified before any work
-    meta = read_meta(path)
-    return _Input(path=path, given=str(given), coef=coef, meta=meta, arch=arch_from_ckpt(path),
+    meta = read_meta(path, tokenizer)  # `tokenizer`: for Megatron-LM saves whose tokenizer_model is elsewhere
+    return _Input(path=path, given=str(given), coef=coef, meta=meta, arch=arch_from_ckpt(path, tokenizer),
                   tensors=ckpt_tensor_keys(path))
 
 
@@ -224,8 +224,9 @@ _LIBC = None
 
 def merge_checkpoints(ckpts: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                       base: str | os.PathLike | None = None, weight: float | None = None, dtype: str | None = None,
-                      overwrite: bool = False) -> dict:
-    """Write `out` = (1-λ)·base + λ·ckpts[0] (with `base`), else the equal-weight average of `ckpts`."""
+                      overwrite: bool = False, tokenizer: str | os.PathLike | None = None) -> dict:
+    """Write `out` = (1-λ)·base + λ·ckpts[0] (with `base`), else the equal-weight average of `ckpts`.
+    `tokenizer` stands in for checkpoints that carry none (Megatron-LM saves), as in `cpt export-hf`."""
     t0 = time.time()
     coefs = merge_coefficients(len(ckpts), base=base is not None, weight=weight)
     if dtype is not None and dtype not in DTYPES:
@@ -235,7 +236,7 @@ def merge_checkpoints(ckpts: Sequence[str | os.PathLike], out: str | os.PathLike
         raise CptError(f"output {out} already exists; pass --overwrite to replace it")
     paths = ([base] if base is not None else []) + list(ckpts)
     with single_process_group():
-        inputs = [_open(p, c) for p, c in zip(paths, coefs)]
+        inputs = [_open(p, c, tokenizer) for p, c in zip(paths, coefs)]
         resolved = [x.path.resolve() for x in inputs]
         if out.resolve() in resolved or any(out.resolve() in r.parents for r in resolved):
             raise CptError(f"--out {out} is one of the inputs; write the merge to a new folder")

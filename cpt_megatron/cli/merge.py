@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output checkpoint dir (a model-only release checkpoint)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="output dtype (default: the widest of the inputs; fp32 when any input is fp32)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="the tokenizer, for Megatron-LM checkpoints whose tokenizer is not on this machine")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
@@ -23,7 +25,7 @@ def run(args) -> dict:
     from cpt_megatron.checkpoint.merge import merge_checkpoints
 
     out = merge_checkpoints(args.ckpt, args.out, base=args.base, weight=args.weight, dtype=args.dtype,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, tokenizer=args.tokenizer)
     print(f"merged {len(out['inputs'])} checkpoints ({out['formula']}, {out['dtype']}, {out['tensors']} tensors, "
           f"{out['bytes'] / 2**20:.1f} MiB, {out['seconds']:.1f}s) to {out['out']}", flush=True)
     return out
