@@ -480,3 +480,28 @@ def test_cpt_train_continues_from_a_merge(tiny_cpu_cache, tmp_path, capsys):
     dom = lambda e: e["results"]["stdlib"]["ppl"]  # noqa: E731
     start, end, mid = dom(ev[0]), dom(ev[-1]), dom(ev2[0])
     assert min(start, end) < mid < max(start, end), (start, mid, end)
+
+
+@pytest.mark.heavy  # ~55 s on the loaded dev box (two Megatron-LM-style saves, an export with parity): `make test-all`
+def test_average_of_megatron_lm_saves(tmp_path_factory, capsys):
+    """Checkpoints Megatron-LM's pretrain_gpt.py saved (common.pt args, no cpt_meta.json; one fp32, one bf16 with the
+    distributed optimizer) average in fp32; the merge carries their tokenizer and exports with transformers parity."""
+    from tests.test_megatron_lm import base as mlm_base
+    from tests.test_megatron_lm import save_like_megatron_lm
+
+    b = mlm_base.__wrapped__(tmp_path_factory)
+    root = b["root"]
+    save_like_megatron_lm(b["ours"], root / "s32", tokenizer=str(b["tok"]))
+    save_like_megatron_lm(b["ours"], root / "s16", bf16=True, dist_opt=True, tokenizer=str(b["tok"]))
+    out = root / "avg"
+    rc, line = _cli(["merge", "--ckpt", str(root / "s32"), str(root / "s16"), "--out", str(out), "--json"], capsys)
+    assert rc == 0, line
+    assert json.loads(line)["dtype"] == "float32"
+    got, a, c = _tensors(out), _tensors(root / "s32"), _tensors(root / "s16")
+    assert c[("embedding.word_embeddings.weight", None)].dtype == torch.bfloat16
+    for k, v in got.items():
+        assert torch.equal(v, a[k].float() * 0.5 + c[k].float() * 0.5), k
+    from cpt_megatron.checkpoint.hf_export import export_hf
+
+    res = export_hf(out, root / "hf_avg")
+    assert res["vocab_size"] == 512 and res["verify"]["max_abs_diff"] <= 1e-4
