@@ -39,8 +39,9 @@ SETTINGS = {
 }
 
 
-def write_recipe(path: Path, s: dict, cache_dir: Path) -> Path:
-    medquad = SHARED / "domain" / "medquad_qa.txt"
+def write_recipe(path: Path, s: dict, cache_dir: Path, medquad: Path | None = None) -> Path:
+    """`medquad`: the domain file to train on (default the whole MedQuAD; experiments/forgetting.py holds some out)."""
+    medquad = medquad or SHARED / "domain" / "medquad_qa.txt"
     wiki = SHARED / "general" / "wikitext2_raw_test.txt"
     for f in (medquad, wiki):
         if not f.is_file():

@@ -14,7 +14,7 @@ from pathlib import Path
 from cpt_megatron.eval.monitor import MonitorConfig
 from cpt_megatron.utils import read_jsonl, read_yaml
 
-__all__ = ["plot_run", "run_thresholds"]
+__all__ = ["plot_run", "run_thresholds", "pareto_plot"]
 
 _EVENT_STYLE = {"warn": ("C1", ":"), "act": ("C3", "--")}
 
@@ -144,3 +144,47 @@ def plot_run(run_dir: str | Path, *, metric: str = "ppl") -> dict:
         save(fig, "benchmarks.png")
     return {"plots": [str(p) for p in written], "metrics_lines": len(metrics), "evals": len(by_step),
             "events": len(events)}
+
+
+def pareto_plot(path: str | Path, points: list[dict], *, limit: float | None, best: str | None = None,
+                metric: str = "ppl", title: str | None = None) -> Path:
+    """Domain gain (y) vs general regression (x), in %, one labelled marker per point, the Pareto front joined,
+    the forgetting budget as a dashed line and `best` starred. points: {"label", "domain_gain",
+    "general_regression", "pareto"}; optional "general_err" / "domain_err" (fractions) draw error bars.
+    Used by `cpt select` (checkpoints, merge grid) and experiments/forgetting.py (arms). Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cpt_megatron.utils import atomic_file
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    xs = [100 * p["general_regression"] for p in points]
+    ys = [100 * p["domain_gain"] for p in points]
+    xerr = [100 * (p.get("general_err") or 0.0) for p in points]
+    yerr = [100 * (p.get("domain_err") or 0.0) for p in points]
+    if any(xerr) or any(yerr):
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.7", lw=1, capsize=2, zorder=1)
+    ax.scatter(xs, ys, c="0.6", s=28, label="candidate", zorder=2)
+    front = sorted((p for p in points if p.get("pareto")), key=lambda p: p["general_regression"])
+    ax.plot([100 * p["general_regression"] for p in front], [100 * p["domain_gain"] for p in front], "o-",
+            color="C0", label="Pareto front", zorder=3)
+    for p, x, y in zip(points, xs, ys):
+        ax.annotate(str(p["label"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if limit is not None:
+        ax.axvline(100 * limit, color="C3", ls="--", lw=1, label=f"general budget {limit:.1%}")
+    for p, x, y in zip(points, xs, ys):
+        if best is not None and str(p["label"]) == best:
+            ax.scatter([x], [y], marker="*", s=220, color="C1", label=f"best ({best})", zorder=4)
+    ax.set_xlabel(f"general {metric} regression vs base (%)")
+    ax.set_ylabel(f"domain {metric} gain vs base (%)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -19,12 +19,14 @@ working.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_file, read_jsonl
 
-__all__ = ["select_checkpoint", "load_evals", "list_checkpoints", "score_results", "pareto_front", "parse_weights"]
+__all__ = ["select_checkpoint", "load_evals", "list_checkpoints", "score_results", "pareto_front", "parse_weights",
+           "select_merge", "parse_grid", "run_budget"]
 
 _ITER = re.compile(r"^iter_(\d+)$")
 
@@ -167,33 +169,137 @@ def _markdown(summary: dict) -> str:
 
 
 def _plot(path: Path, summary: dict) -> None:
-    import matplotlib
+    from cpt_megatron.eval.plot import pareto_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    best = next((c for c in summary["candidates"] if c["iter"] == summary["best"]), None)
+    pareto_plot(path, [dict(c, label=c["step"]) for c in summary["candidates"]],
+                limit=summary["max_general_regression"], best=str(best["step"]) if best else None,
+                metric=summary["metric"], title=f"checkpoints of {path.parent.name} (label: step)")
 
-    cands = summary["candidates"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    xs = [100 * c["general_regression"] for c in cands]
-    ys = [100 * c["domain_gain"] for c in cands]
-    ax.scatter(xs, ys, c="0.6", s=28, label="checkpoint", zorder=2)
-    front = sorted((c for c in cands if c["pareto"]), key=lambda c: c["general_regression"])
-    ax.plot([100 * c["general_regression"] for c in front], [100 * c["domain_gain"] for c in front], "o-", color="C0",
-            label="Pareto front", zorder=3)
-    for c in cands:
-        ax.annotate(str(c["step"]), (100 * c["general_regression"], 100 * c["domain_gain"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.axvline(100 * summary["max_general_regression"], color="C3", ls="--", lw=1, label="general limit")
-    if summary["best"]:
-        b = next(c for c in cands if c["iter"] == summary["best"])
-        ax.scatter([100 * b["general_regression"]], [100 * b["domain_gain"]], marker="*", s=220, color="C1",
-                   label=f"best ({b['iter']})", zorder=4)
-    m = summary["metric"]
-    ax.set_xlabel(f"general {m} regression vs base (%)")
-    ax.set_ylabel(f"domain {m} gain vs base (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+
+# -- merge grid: base <-> CPT interpolation (cpt merge) chosen on the same trade-off ---------------------------------
+Evaluate = Callable[[Path], dict]
+"""evaluate(checkpoint dir) -> {source: {"group": "domain"|"general", metric: value, ...}} (the evals.jsonl
+`results` format, lm-eval benchmark rows included); the caller builds it (eval/ must not import train/)."""
+
+
+def parse_grid(spec: str) -> list[float]:
+    """'0.25,0.5,0.75' -> [0.25, 0.5, 0.75]: λ values strictly inside (0, 1) (the ends are always evaluated)."""
+    from cpt_megatron.checkpoint.merge import check_weight
+
+    out = []
+    for part in str(spec).split(","):
+        if not part.strip():
+            continue
+        lam = check_weight(part.strip(), "--merge-grid")
+        if lam in (0.0, 1.0):
+            raise CptError(f"--merge-grid {spec!r}: give λ strictly between 0 and 1; λ=0 (the base) and λ=1 (the "
+                           "checkpoint) are always evaluated")
+        out.append(lam)
+    if not out:
+        raise CptError(f"--merge-grid {spec!r}: expected comma-separated λ values such as 0.25,0.5,0.75")
+    return sorted(set(out))
+
+
+def run_budget(run_dir: str | Path) -> float:
+    """The run's forgetting budget: its recipe's eval.monitor.act (RUN/config.yaml), else the monitor default."""
+    from cpt_megatron.eval.plot import run_thresholds
+
+    return run_thresholds(run_dir)[1]
+
+
+def _merge_dir(run_dir: Path, lam: float) -> Path:
+    return run_dir / "merges" / f"lambda_{lam:.4f}".rstrip("0").rstrip(".")
+
+
+def _reusable(out: Path, base: Path, ckpt: Path, lam: float) -> bool:
+    """An earlier merge of the same inputs and λ (complete: tracker + manifest), so a re-run does not redo it."""
+    from cpt_megatron.checkpoint import layout
+    from cpt_megatron.checkpoint.io import read_meta
+
+    try:
+        folder = layout.resolve(out)
+        m = read_meta(folder).get("merge") or {}
+        return (layout.check_manifest(folder, checksums=False) and m.get("weight") == lam
+                and [i["path"] for i in m.get("inputs", [])] == [str(base.resolve()), str(ckpt.resolve())])
+    except (CptError, OSError, KeyError, TypeError):
+        return False
+
+
+def select_merge(run_dir: str | Path, *, base: str | Path, grid: list[float], evaluate: Evaluate,
+                 ckpt: str | Path | None = None, max_general_regression: float | None = None,
+                 weights: dict[str, float] | None = None, metric: str = "ppl", write: bool = True) -> dict:
+    """Merge the run's checkpoint with its base at each λ of `grid` (RUN/merges/lambda_X/, `cpt merge`), evaluate
+    λ = 0 (the base: the baseline), every λ and λ = 1 (the checkpoint) with `evaluate`, and pick on the Pareto front
+    of domain gain vs general regression under the budget (default: the run's eval.monitor.act).
+
+    Writes RUN/merge_selection.{md,png,json} and RUN/best_merge (the chosen checkpoint's path) when one is within
+    the budget; "best" None otherwise (nothing written). λ=1 is chosen only when no merge does better."""
+    from cpt_megatron.checkpoint import layout
+    from cpt_megatron.checkpoint.merge import merge_checkpoints
+
+    run_dir = Path(run_dir)
+    base = layout.resolve(base)
+    ckpt = layout.resolve(ckpt if ckpt is not None else run_dir / "checkpoints")
+    budget = run_budget(run_dir) if max_general_regression is None else max_general_regression
+    points = [(0.0, base)]
+    for lam in grid:
+        out = _merge_dir(run_dir, lam)
+        if not _reusable(out, base, ckpt, lam):
+            merge_checkpoints([ckpt], out, base=base, weight=lam, overwrite=True)
+        points.append((lam, layout.resolve(out)))
+    points.append((1.0, ckpt))
+    results = {lam: evaluate(path) for lam, path in points}
+    baseline = results[0.0]
+    cands = []
+    for lam, path in points:
+        gain, reg = score_results(results[lam], baseline, metric)
+        if gain is None or reg is None:
+            raise CptError(f"the evaluation of {path} lacks {metric!r} for the domain or general group (sources: "
+                           f"{sorted(results[lam])}); evaluate both")
+        score = gain if weights is None else weights["domain"] * gain - weights["general"] * reg
+        cands.append({"lambda": lam, "ckpt": str(path), "domain_gain": gain, "general_regression": reg,
+                      "score": score, "feasible": reg <= budget + 1e-9, "results": results[lam]})
+    for c, on_front in zip(cands, pareto_front([(c["domain_gain"], c["general_regression"]) for c in cands])):
+        c["pareto"] = on_front
+    # on the front, within the budget, best score; ties: less regression, then the smaller λ (closer to the base)
+    pick = sorted((c for c in cands if c["pareto"] and c["feasible"] and c["lambda"] > 0),
+                  key=lambda c: (-c["score"], c["general_regression"], c["lambda"]))
+    best = pick[0] if pick else None
+    summary = {"best": best["ckpt"] if best else None, "lambda": best["lambda"] if best else None, "metric": metric,
+               "max_general_regression": budget, "weights": weights, "base": str(base), "ckpt": str(ckpt),
+               "candidates": cands}
+    summary["report"] = _merge_markdown(summary)
+    if write and best is not None:
+        from cpt_megatron.eval.plot import pareto_plot
+        from cpt_megatron.utils import write_json
+
+        with atomic_file(run_dir / "merge_selection.md") as f:
+            f.write(summary["report"])
+        pareto_plot(run_dir / "merge_selection.png", [dict(c, label=f"λ={c['lambda']:g}") for c in cands],
+                    limit=budget, best=f"λ={best['lambda']:g}", metric=metric,
+                    title=f"base ↔ {ckpt.parent.name}/{ckpt.name} merges (λ=0 base, λ=1 checkpoint)")
+        write_json(run_dir / "merge_selection.json", {k: v for k, v in summary.items() if k != "report"})
+        with atomic_file(run_dir / "best_merge") as f:
+            f.write(best["ckpt"] + "\n")
+        summary["files"] = [str(run_dir / n) for n in ("merge_selection.md", "merge_selection.png",
+                                                        "merge_selection.json", "best_merge")]
+    return summary
+
+
+def _merge_markdown(summary: dict) -> str:
+    m, lim = summary["metric"], summary["max_general_regression"]
+    rule = (f"score = {summary['weights']['domain']} x domain gain - {summary['weights']['general']} x general "
+            "regression" if summary["weights"] else "score = domain gain")
+    best = f"λ = {summary['lambda']:g} ({summary['best']})" if summary["best"] else "none within the budget"
+    lines = [f"# Base ↔ checkpoint merge selection ({m})", "",
+             f"w = (1-λ)·base + λ·checkpoint; base {summary['base']}, checkpoint {summary['ckpt']}.", "",
+             f"Best: **{best}**. Feasible: worst general {m} regression <= {lim:.1%} (the forgetting budget); {rule}; "
+             "chosen on the Pareto front (*).", "",
+             f"| λ | domain {m} gain | general {m} regression | score | feasible | pareto | checkpoint |",
+             "|---:|---:|---:|---:|:---:|:---:|---|"]
+    for c in summary["candidates"]:
+        lines.append(f"| {c['lambda']:g} | {c['domain_gain']:+.2%} | {c['general_regression']:+.2%} | "
+                     f"{c['score']:+.4f} | {'yes' if c['feasible'] else 'no'} | {'*' if c['pareto'] else ''} | "
+                     f"{c['ckpt']} |")
+    return "\n".join(lines) + "\n"
