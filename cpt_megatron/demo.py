@@ -201,8 +201,11 @@ def _select_export_generate(run_dir: Path, out_dir: Path, want, prompt: str, sum
     if want("generate"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tk = AutoTokenizer.from_pretrained(export_dir)
-        model = AutoModelForCausalLM.from_pretrained(export_dir)
+        from cpt_megatron.utils import hf_quiet
+
+        with hf_quiet():
+            tk = AutoTokenizer.from_pretrained(export_dir)
+            model = AutoModelForCausalLM.from_pretrained(export_dir)
         ids = tk(prompt, return_tensors="pt").input_ids
         gen = model.generate(ids, max_new_tokens=40, do_sample=False)
         text = tk.decode(gen[0][ids.shape[1]:], skip_special_tokens=True)

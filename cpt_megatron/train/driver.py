@@ -84,10 +84,10 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
     from cpt_megatron.checkpoint import arch_from_ckpt
 
     # ---- check: read-only, on every rank, before any process group or file exists ----------------------
+    check_run_dir(cfg)  # run.dir holds no other recipe's run
     prepared = load_prepared(cfg, prepare_command(recipe, overrides))
     arch = arch_from_ckpt(prepared["base"], prepared["tokenizer"])  # the tokenizer: a Megatron-LM base
     check_recipe(cfg, dist_env().world_size, arch, prepared)
-    check_run_dir(cfg)
     run_dir = Path(cfg.run.dir)
 
     run_lock = hold_run_lock(run_dir, dist_env().rank)  # one trainer per run.dir (rank 0 holds it)
