@@ -53,7 +53,8 @@ demo-prepare: setup
 # Your data: `make preprocess RECIPE=R [OVERRIDES="k=v ..."] [WORKERS=N]` runs all of recipe R's data work on
 # this (CPU) node: `cpt prepare` (base model import, curation, tokenization, mixture index, hashes; resumable),
 # by running slurm/prepare.sh, the script `sbatch` runs. `make preprocess INPUT="a.jsonl b.jsonl"
-# TOKENIZER=DIR OUT=PREFIX [WORKERS=N]` tokenizes one corpus (`cpt preprocess`). `make prepare` is the same.
+# TOKENIZER=DIR OUT=PREFIX [KEYS="question answer"] [WORKERS=N]` tokenizes one corpus (`cpt preprocess`).
+# `make prepare` is the same target.
 CPT ?= $(BIN)/cpt
 WORKERS ?= 1
 PREPARE_USAGE := give RECIPE=R [OVERRIDES="k=v ..."] (e.g. make preprocess RECIPE=llama3_8b_medical), or \
@@ -65,7 +66,7 @@ endif
 endif
 preprocess prepare: setup
 	CPT="$(CPT)" RECIPE="$(RECIPE)" OVERRIDES="$(OVERRIDES)" INPUT="$(INPUT)" TOKENIZER="$(TOKENIZER)" \
-		OUT="$(OUT)" WORKERS="$(WORKERS)" VENV="$(VENV)" bash slurm/prepare.sh
+		OUT="$(OUT)" KEYS="$(KEYS)" WORKERS="$(WORKERS)" VENV="$(VENV)" bash slurm/prepare.sh
 
 clean:
 	rm -rf runs/demo runs/demo_medical

@@ -457,7 +457,8 @@ def recipe_path(recipe: str) -> Path:
         if cand.is_file():
             return cand.resolve()
     names = sorted(x.stem for x in REPO_RECIPES.glob("*.yaml"))
-    raise CptError(f"recipe {recipe!r} not found; give a YAML path or one of: {', '.join(names)}")
+    what = "is a directory" if p.is_dir() else "not found"
+    raise CptError(f"recipe {recipe!r} {what}; give a YAML path or one of: {', '.join(names)}")
 
 
 def compose(recipe: str, overrides: list[str] | None = None) -> dict:

@@ -25,7 +25,8 @@ __all__ = ["run_demo", "STEPS"]
 STEPS = ("curate", "analyze", "preprocess", "mixture", "import", "train", "select", "export", "generate")
 _ANALYZE_CHARS = 300_000
 PROMPTS = {"code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-           "medical": "What are the symptoms of high blood pressure?"}
+           # ends with a newline: after a bare "?" SmolLM2 (instruct) ends the text at once (EOS, an empty completion)
+           "medical": "What are the symptoms of high blood pressure?\n"}
 
 
 def _say(step: str, msg: str) -> None:
@@ -209,7 +210,8 @@ def _select_export_generate(run_dir: Path, out_dir: Path, want, prompt: str, sum
         ids = tk(prompt, return_tensors="pt").input_ids
         gen = model.generate(ids, max_new_tokens=40, do_sample=False)
         text = tk.decode(gen[0][ids.shape[1]:], skip_special_tokens=True)
-        _say("generate", "transformers loaded the export; completion:\n" + prompt + text)
+        _say("generate", "transformers loaded the export; completion:\n" + prompt + text if text.strip() else
+             f"transformers loaded the export; it ended the text right after the prompt {prompt!r} (EOS)")
         summary["completion"] = prompt + text
 
 

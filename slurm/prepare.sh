@@ -25,6 +25,7 @@ OVERRIDES="${OVERRIDES:-}"                        # hydra overrides, space-separ
 INPUT="${INPUT:-}"                                # or one corpus: JSONL files, space-separated ...
 TOKENIZER="${TOKENIZER:-}"                        # ... its tokenizer (HF dir, tokenizer.json, .model, .gguf)
 OUT="${OUT:-}"                                    # ... and the output prefix (OUT.bin/.idx)
+KEYS="${KEYS:-}"                                  # ... JSON fields to tokenize (default text; several: OUT_<key>)
 WORKERS="${WORKERS:-${SLURM_CPUS_PER_TASK:-1}}"   # curation/tokenization processes
 CPT_REPO="${CPT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" # repo on a filesystem all nodes see
 # -------------------------------------------------------------------------------------------------------
@@ -45,6 +46,8 @@ read -r -a cpt_cmd <<<"$CPT"
 read -r -a extra <<<"$OVERRIDES"
 if [ -n "$INPUT" ]; then
   read -r -a inputs <<<"$INPUT"
-  exec "${cpt_cmd[@]}" preprocess --input "${inputs[@]}" --tokenizer "$TOKENIZER" --out "$OUT" --workers "$WORKERS"
+  read -r -a keys <<<"$KEYS"
+  exec "${cpt_cmd[@]}" preprocess --input "${inputs[@]}" --tokenizer "$TOKENIZER" --out "$OUT" --workers "$WORKERS" \
+    ${KEYS:+--json-keys "${keys[@]}"}
 fi
 exec "${cpt_cmd[@]}" prepare --recipe "$RECIPE" --workers "$WORKERS" "${extra[@]}"

@@ -367,6 +367,16 @@ def test_preprocess_directory_input_says_directory_not_not_found(tmp_path, capsy
     assert "not found" not in last
 
 
+@pytest.mark.parametrize("argv", [["curate", "-i", "x.jsonl", "-o", "o", "-c", "{d}"], ["train", "--recipe", "{d}", "--dry-run"],
+                                  ["eval", "--data", "{d}", "--hf", "h"]])
+def test_a_directory_where_a_file_is_expected_says_so(tmp_path, capsys, argv):
+    d = tmp_path / "somedir"
+    d.mkdir()
+    rc, out, err = cli([a.format(d=d) for a in argv], capsys)
+    last = assert_one_line_error(rc, out, err, str(d), "is a directory")
+    assert "not found" not in last
+
+
 def test_max_docs_applies_to_file_inputs(tmp_path):
     """demo_medical's max_docs: 1500 was ignored for its .txt input (curate read all 5486 documents)."""
     from cpt_megatron.curate.config import InputConfig

@@ -50,6 +50,9 @@ def test_make_preprocess_recipe_runs_exactly_cpt_prepare():
                                                    "data.cache_dir=/x train.max_steps=2")
     out = make("prepare", "INPUT=a.jsonl b.jsonl", "TOKENIZER=tok", "OUT=data/x", "CPT=echo cpt")
     assert out.stdout.strip().splitlines()[-1] == "cpt preprocess --input a.jsonl b.jsonl --tokenizer tok --out data/x --workers 1"
+    out = make("preprocess", "INPUT=gsm8k.jsonl", "TOKENIZER=tok", "OUT=x", "KEYS=question answer", "CPT=echo cpt")
+    assert out.stdout.strip().splitlines()[-1] == ("cpt preprocess --input gsm8k.jsonl --tokenizer tok --out x --workers 1 "
+                                                   "--json-keys question answer")
 
 
 def test_make_preprocess_recipe_is_what_cpt_train_accepts(tiny_cpu_cache):

@@ -288,7 +288,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         import yaml
 
         if not os.path.isfile(path):
-            raise CptError(f"config {path} not found; see recipes/curate/ for examples")
+            what = "is a directory; give a curate YAML file" if os.path.isdir(path) else "not found"
+            raise CptError(f"config {path} {what}; see recipes/curate/ for examples")
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     for k, v in (overrides or {}).items():
