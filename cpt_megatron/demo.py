@@ -1,10 +1,12 @@
 """`cpt demo` / `make demo`: the whole CPT pipeline on real data, offline, each step one line of result.
 
-prepare (import + verify, curate, preprocess: `cpt prepare`) -> tokenizer analyze -> mixture report -> train
-(eval at start/end) -> monitor events -> select -> export-hf -> reload in transformers and complete a prompt
--> summary. The run lands under OUT (default runs/demo), the prepared data in the recipe's data.cache_dir;
-OUT/summary.json holds the summary table. Each step reuses what earlier runs left, so `--only STEP` reruns
-one step (preparation always runs first: it is a quick hash check once done).
+prepare (import + verify, curate, preprocess: `cpt prepare`) -> tokenizer analyze (on the curated text) ->
+mixture report -> train (eval at start/end) -> monitor events -> loss/eval plots (`cpt plot`) -> select (under
+the run's own general-regression limit, eval.monitor.act) -> export-hf -> prune (keep the last and the exported
+checkpoint) -> reload in transformers and complete a prompt -> summary. The run lands under OUT (default
+runs/<recipe>: runs/demo, runs/demo_medical; a folder holding another recipe's demo is refused), the prepared data
+in the recipe's data.cache_dir; OUT/summary.json holds the summary table. Each step reuses what earlier runs left,
+so `--only STEP` reruns one step (preparation always runs first: it is a quick hash check once done).
 """
 
 from __future__ import annotations
