@@ -216,13 +216,14 @@ def test_train_header_finished_rerun_and_other_recipes_run_dir(tmp_path, tiny_cp
     run = tmp_path / "run"
     cpt_prepare(tiny_cpu_cache)
     cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={run}",
-           f"data.cache_dir={tiny_cpu_cache}", "train.max_steps=2", "checkpoint.save_interval=2", "eval.interval=2"]
+           f"data.cache_dir={tiny_cpu_cache}", "train.max_steps=1", "checkpoint.save_interval=1", "eval.interval=1",
+           "eval.batches=1"]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_clean_env(), timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "global batch 8 x seq 64 (512 tokens/step)" in first.stdout, first.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_clean_env(), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"nothing to do: {run} already finished at step 2 of 2" in again.stdout and "train.max_steps" in again.stdout
+    assert f"nothing to do: {run} already finished at step 1 of 1" in again.stdout and "train.max_steps" in again.stdout
     config = (run / "config.yaml").read_bytes()
     rc = main(["train", "--recipe", "demo", f"run.dir={run}"])
     err = capsys.readouterr().err.strip().splitlines()
