@@ -2,11 +2,12 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-RECIPE ?= demo
+RECIPE ?=
 DOMAIN ?= code
 export PYTHONUNBUFFERED=1
 
-.PHONY: setup test test-all test-fast lint demo demo-gpu prepare curate preprocess train export clean
+.PHONY: setup test test-all test-fast lint demo demo-gpu demo-curate demo-preprocess demo-prepare demo-train \
+	demo-export prepare preprocess clean
 
 $(BIN)/cpt: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,21 +34,39 @@ lint: setup
 	$(BIN)/ruff check cpt_megatron tests tools bench experiments
 
 # The whole pipeline on SmolLM2-135M: DOMAIN=code (Python stdlib, pydoc replay; works offline anywhere) or
-# DOMAIN=medical (MedQuAD with WikiText-2 replay from ../shared/data).
+# DOMAIN=medical (MedQuAD with WikiText-2 replay from ../shared/data). Each its own folder: runs/demo,
+# runs/demo_medical (run, export, plots, summary.json).
 DEMO_RECIPE := $(if $(filter medical,$(DOMAIN)),demo_medical,demo)
 demo: setup
-	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --out runs/demo
+	$(BIN)/cpt demo --recipe $(DEMO_RECIPE)
 
 demo-gpu: setup
-	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --out runs/demo --device cuda
+	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --device cuda
 
-# the demo recipe's base model + data only (`cpt prepare`: what `cpt train` needs first; no GPU)
-prepare: setup
+# rerun one step of the demo (each prepares first: a quick hash check once done); demo-prepare: its data only
+demo-curate demo-preprocess demo-train demo-export: setup
+	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --only $(patsubst demo-%,%,$@)
+
+demo-prepare: setup
 	$(BIN)/cpt prepare --recipe $(DEMO_RECIPE)
 
-# rerun one step of the demo (each prepares first: a quick hash check once done)
-curate preprocess train export: setup
-	$(BIN)/cpt demo --recipe $(DEMO_RECIPE) --out runs/demo --only $@
+# Your data: `make preprocess RECIPE=R [OVERRIDES="k=v ..."] [WORKERS=N]` runs all of recipe R's data work on
+# this (CPU) node: `cpt prepare` (base model import, curation, tokenization, mixture index, hashes; resumable),
+# by running slurm/prepare.sh, the script `sbatch` runs. `make preprocess INPUT="a.jsonl b.jsonl"
+# TOKENIZER=DIR OUT=PREFIX [KEYS="question answer"] [WORKERS=N]` tokenizes one corpus (`cpt preprocess`).
+# `make prepare` is the same target.
+CPT ?= $(BIN)/cpt
+WORKERS ?= 1
+PREPARE_USAGE := give RECIPE=R [OVERRIDES="k=v ..."] (e.g. make preprocess RECIPE=llama3_8b_medical), or \
+	INPUT="a.jsonl ..." TOKENIZER=DIR OUT=PREFIX for one corpus
+ifneq ($(filter preprocess prepare,$(MAKECMDGOALS)),)
+ifeq ($(strip $(RECIPE)$(INPUT)),)
+$(error make $(filter preprocess prepare,$(MAKECMDGOALS)): $(PREPARE_USAGE))
+endif
+endif
+preprocess prepare: setup
+	CPT="$(CPT)" RECIPE="$(RECIPE)" OVERRIDES="$(OVERRIDES)" INPUT="$(INPUT)" TOKENIZER="$(TOKENIZER)" \
+		OUT="$(OUT)" KEYS="$(KEYS)" WORKERS="$(WORKERS)" VENV="$(VENV)" bash slurm/prepare.sh
 
 clean:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo_medical

@@ -416,6 +416,11 @@ def _build(cls, data, where: str):
         if unknown:
             raise CptError(f"unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
                            f"valid keys here: {', '.join(sorted(fields))}")
+        missing = [k for k, f in fields.items() if f.init and k not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise CptError(f"{where or 'recipe'}: missing required key(s) {', '.join(missing)}"
+                           + ("" if where else " (see recipes/tiny_cpu.yaml for a complete recipe)"))
         hints = typing.get_type_hints(cls)
         kwargs = {k: _build(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
         try:
@@ -461,7 +466,8 @@ def recipe_path(recipe: str) -> Path:
         if cand.is_file():
             return cand.resolve()
     names = sorted(x.stem for x in REPO_RECIPES.glob("*.yaml"))
-    raise CptError(f"recipe {recipe!r} not found; give a YAML path or one of: {', '.join(names)}")
+    what = "is a directory" if p.is_dir() else "not found"
+    raise CptError(f"recipe {recipe!r} {what}; give a YAML path or one of: {', '.join(names)}")
 
 
 def compose(recipe: str, overrides: list[str] | None = None) -> dict:
@@ -493,6 +499,9 @@ def compose(recipe: str, overrides: list[str] | None = None) -> dict:
 def load_recipe(recipe: str, overrides: list[str] | None = None) -> RecipeConfig:
     tree = compose(recipe, overrides)
     tree.pop("defaults", None)
+    if not tree:
+        raise CptError(f"recipe {recipe_path(recipe)} is empty; give at least its model: and train: sections "
+                       "(see recipes/tiny_cpu.yaml)")
     cfg = _build(RecipeConfig, tree, "")
     base = os.environ.get("CPT_RUNS_BASE")
     if base and not os.path.isabs(cfg.run.dir):

@@ -75,6 +75,29 @@ def have_module(module: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def hf_quiet(gguf: bool = False) -> Iterator[None]:
+    """transformers without its per-tensor progress bars ("Loading weights"; with `gguf`, the GGUF de-quantizing
+    one) while we load a model: our steps print one line each, and a bar inside another step's line is noise."""
+    import functools
+    import importlib
+
+    from transformers.utils import logging as hf_logging
+
+    mod = importlib.import_module("transformers.modeling_gguf_pytorch_utils") if gguf else None
+    was, gguf_tqdm = hf_logging.is_progress_bar_enabled(), getattr(mod, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if gguf_tqdm is not None:  # that module calls tqdm.auto directly, past transformers' switch
+        mod.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            mod.tqdm = gguf_tqdm
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -313,3 +313,90 @@ def test_curate_warns_when_a_big_text_file_is_one_document(tmp_path, capsys):
                         "--doc-separator", "^# ", "--json"], capsys)
     assert rc == 0 and "ONE document" not in err
     assert json.loads(out.strip().splitlines()[-1])["read"] == 3000
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 28 item 6: silently ignored or misleading input
+
+
+def test_mixture_yaml_typo_names_the_key_not_a_python_typeerror(tmp_path, capsys):
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"sources:\n  - {{name: med, grop: domain, prefix: {tmp_path / 'x'}}}\n")
+    rc, out, err = cli(["mixture", "report", "--mixture", mix, "--seq-len", "8", "--train-samples", "8"], capsys)
+    last = assert_one_line_error(rc, out, err, "mixture.sources[0]", "unknown key(s) grop", "valid keys", "group")
+    assert "__init__" not in last and "keyword argument" not in last
+    mix.write_text(f"sources:\n  - {{name: med, prefix: {tmp_path / 'x'}}}\n")
+    rc, out, err = cli(["mixture", "report", "--mixture", mix, "--seq-len", "8", "--train-samples", "8"], capsys)
+    assert_one_line_error(rc, out, err, "mixture.sources[0]", "missing required key(s) group")
+
+
+def test_empty_or_partial_recipe_is_one_line_not_init_message(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    rc, out, err = cli(["train", "--recipe", empty, "--dry-run"], capsys)
+    last = assert_one_line_error(rc, out, err, str(empty), "is empty", "model:", "train:")
+    assert "__init__" not in last
+    part = tmp_path / "part.yaml"
+    part.write_text("model: {hf_config: x.json}\n")
+    rc, out, err = cli(["train", "--recipe", part, "--dry-run"], capsys)
+    last = assert_one_line_error(rc, out, err, "missing required key(s) train")
+    assert "__init__" not in last and "keyword-only" not in last
+
+
+def test_curate_empty_file_is_an_error_not_kept_0(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    rc, out, err = cli(["curate", "-i", empty, "-o", tmp_path / "cur", "--no-progress"], capsys)
+    assert_one_line_error(rc, out, err, str(empty), "is empty")
+    assert "kept 0" not in out and not (tmp_path / "cur").exists()
+
+
+def test_curate_zip_is_refused_without_the_one_document_warning(tmp_path, capsys):
+    z = tmp_path / "corpus.zip"
+    z.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 400)  # > 64 KiB: the size that triggers the warning
+    rc, out, err = cli(["curate", "-i", z, "-o", tmp_path / "cur", "--no-progress"], capsys)
+    assert_one_line_error(rc, out, err, str(z), "zip archive")
+    assert "ONE document" not in err, err
+
+
+def test_preprocess_directory_input_says_directory_not_not_found(tmp_path, capsys):
+    d = tmp_path / "curated"
+    d.mkdir()
+    rc, out, err = cli(["preprocess", "--input", d, "--tokenizer", tmp_path, "--out", tmp_path / "o"], capsys)
+    last = assert_one_line_error(rc, out, err, str(d), "is a directory", "jsonl")
+    assert "not found" not in last
+
+
+@pytest.mark.parametrize("argv", [["curate", "-i", "x.jsonl", "-o", "o", "-c", "{d}"], ["train", "--recipe", "{d}", "--dry-run"],
+                                  ["eval", "--data", "{d}", "--hf", "h"]])
+def test_a_directory_where_a_file_is_expected_says_so(tmp_path, capsys, argv):
+    d = tmp_path / "somedir"
+    d.mkdir()
+    rc, out, err = cli([a.format(d=d) for a in argv], capsys)
+    last = assert_one_line_error(rc, out, err, str(d), "is a directory")
+    assert "not found" not in last
+
+
+def test_max_docs_applies_to_file_inputs(tmp_path):
+    """demo_medical's max_docs: 1500 was ignored for its .txt input (curate read all 5486 documents)."""
+    from cpt_megatron.curate.config import InputConfig
+    from cpt_megatron.curate.readers import Doc, DocumentReader
+
+    txt = tmp_path / "qa.txt"
+    txt.write_text("".join(f"# Q{i}\nanswer {i}\n" for i in range(50)))
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)))
+    docs = [r for r in DocumentReader([txt, jsonl], InputConfig(doc_separator="^# ", max_docs=60)) if isinstance(r, Doc)]
+    assert len(docs) == 60 and docs[49].text.startswith("# Q49") and docs[-1].text == "doc 9"
+    with pytest.raises(CptError, match="max_docs"):
+        InputConfig(max_docs=0)
+    # the recipe's max_docs reaches curation (train/prepare.py builds the InputConfig from the source)
+    from cpt_megatron.config import load_recipe
+
+    src = load_recipe("demo_medical").data.sources[0]
+    assert src.max_docs == 1500 and not src.inputs[0].startswith("@")
+    import inspect
+
+    from cpt_megatron.train import prepare
+
+    assert "max_docs=s.max_docs" in inspect.getsource(prepare.prepare_sources)

@@ -90,6 +90,11 @@ def test_demo_pipeline_reduced(smollm2_gguf, cache, tmp_path):
         assert int(top2.indices[pos, 0]) == ids[pos + 1] or margin < 1e-3, (pos, margin)
     assert (out_dir / "export" / "config.json").is_file() and summary["artifacts"]["best"].startswith("iter_")
     assert summary["tokens_trained"] == 4 * 4 * 128
+    # issue 28 item 8: curves written, only the last + exported checkpoints kept, the card shows group shares
+    run = out_dir / "run"
+    assert {p.name for p in (run / "plots").glob("*.png")} >= {"loss.png", "evals.png"}
+    assert {p.name for p in (run / "checkpoints").glob("iter_*")} == {"iter_0000004", summary["artifacts"]["best"]}
+    assert "Data mixture: domain 0.70 (stdlib_code 0.70" in (out_dir / "export" / "README.md").read_text()
 
 
 def _mcore_logits(ckpt: Path, ids: list[int]):

@@ -74,6 +74,25 @@ def base_model_id(meta: dict) -> tuple[str | None, str]:
     return None, name or "unknown"
 
 
+def mixture_text(mix, alpha) -> str:
+    """'domain 0.70 (stdlib_code 0.70, in-group weight 1.0); general 0.30 (...)': each group's share of the
+    training tokens (alpha / 1 - alpha) and each source's share of all tokens, with its weight inside the group."""
+    if not isinstance(mix, dict) or not all(isinstance(v, dict) for v in mix.values()) or alpha is None:
+        return ", ".join(f"{k}: {v}" for k, v in mix.items()) if isinstance(mix, dict) else str(mix)
+    parts = []
+    for group, share in (("domain", float(alpha)), ("general", 1 - float(alpha))):
+        srcs = {k: v for k, v in mix.items() if v.get("group") == group}
+        if not srcs:
+            continue
+        wsum = sum(float(v.get("weight") or 0) for v in srcs.values() if v.get("tokens") is None)
+        cells = [f"{k} {v['tokens']:,} tokens (budget)" if v.get("tokens") is not None else
+                 f"{k} {share * float(v.get('weight') or 0) / wsum:.2f} (in-group weight {v.get('weight')})"
+                 if wsum and not any(x.get("tokens") is not None for x in srcs.values()) else
+                 f"{k} (in-group weight {v.get('weight')})" for k, v in srcs.items()]
+        parts.append(f"{group} {share:.2f} ({', '.join(cells)})")
+    return "; ".join(parts) + " of training tokens"
+
+
 def model_card(meta: dict, arch, dtype: str) -> str:
     hub, name = base_model_id(meta)
     lines = ["---", "library_name: transformers"] + ([f"base_model: {hub}"] if hub else []) + [
@@ -90,9 +109,8 @@ def model_card(meta: dict, arch, dtype: str) -> str:
     tr = meta.get("training") or {}
     if tr:
         if "mixture" in tr:
-            mix = tr["mixture"]
-            mix_s = ", ".join(f"{k}: {v}" for k, v in mix.items()) if isinstance(mix, dict) else str(mix)
-            lines.append(f"- Data mixture: {mix_s}")
+            lines.append(f"- Data mixture: {mixture_text(tr['mixture'], tr.get('domain_share_alpha'))}"
+                         + ("; phases change alpha over the run (below)" if tr.get("phases") else ""))
         if "tokens_trained" in tr:
             lines.append(f"- Tokens trained: {tr['tokens_trained']:,}" if isinstance(tr["tokens_trained"], int)
                          else f"- Tokens trained: {tr['tokens_trained']}")

@@ -45,8 +45,11 @@ def gguf_to_hf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype="float32")
-        tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+        from cpt_megatron.utils import hf_quiet
+
+        with hf_quiet(gguf=True):
+            model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype="float32")
+            tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
     except ImportError as e:
         raise CptError(f"reading GGUF needs the `gguf` and `accelerate` packages: {e}") from e
     out = Path(out_dir)

@@ -180,11 +180,15 @@ def check_manifest(folder: str | os.PathLike, *, checksums: bool = True) -> bool
 def read_errors(folder: str | os.PathLike):
     """Turn the unpickling/EOF/torch errors of a damaged checkpoint into one line naming the file."""
     import pickle
+    import warnings
 
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException wrapping rank failures
 
     try:
-        yield
+        with warnings.catch_warnings():  # torch's planner on megatron-core's ShardedTensors: not the user's concern
+            warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+            yield
     except CptError:
         raise
     except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError, OSError, KeyError, CheckpointException) as e0:

@@ -95,7 +95,10 @@ def megatron_logits(chunks, tokens: torch.Tensor, true_vocab: int, parallel) -> 
 def _hf_logits(hf_dir, tokens: torch.Tensor, round_to: torch.dtype | None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    from cpt_megatron.utils import hf_quiet
+
+    with hf_quiet():
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     model.eval()
     _round_params(model, round_to)
     with torch.no_grad():

@@ -66,7 +66,7 @@ def _check_inputs(args) -> list[str]:
     for f in args.data:
         p = Path(f)
         if not p.is_file():
-            raise CptError(f"--data {f}: file not found (give .txt or .jsonl files)")
+            raise CptError(f"--data {f}: {'is a directory' if p.is_dir() else 'file not found'} (give .txt or .jsonl files)")
         with open(p, "rb") as fh:
             head = fh.read(1 << 16)
         try:

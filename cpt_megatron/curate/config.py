@@ -50,6 +50,8 @@ class InputConfig:
     MedQuAD or `^<<< .* >>>$` for CUAD. None: one document per plain-text file."""
     glob: str = "**/*"
     """Files taken from an input directory (recursive glob); hidden files are skipped."""
+    max_docs: int | None = None
+    """Read at most this many documents (the first ones, in input order; malformed records not counted)."""
 
     def __post_init__(self):
         if self.doc_separator is not None:
@@ -59,6 +61,8 @@ class InputConfig:
                 re.compile(self.doc_separator)
             except re.error as e:
                 raise CptError(f"input.doc_separator={self.doc_separator!r} is not a valid regex: {e}") from e
+        if self.max_docs is not None and not (isinstance(self.max_docs, int) and self.max_docs > 0):
+            raise CptError(f"input.max_docs={self.max_docs!r}: give a positive number of documents (or leave it unset)")
 
 
 @dataclass(kw_only=True)
@@ -284,7 +288,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         import yaml
 
         if not os.path.isfile(path):
-            raise CptError(f"config {path} not found; see recipes/curate/ for examples")
+            what = "is a directory; give a curate YAML file" if os.path.isdir(path) else "not found"
+            raise CptError(f"config {path} {what}; see recipes/curate/ for examples")
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     for k, v in (overrides or {}).items():

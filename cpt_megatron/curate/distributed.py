@@ -337,6 +337,8 @@ def run_stage(inputs, out, cfg: CurateConfig, shards: int, stage: str = "all", t
     Done tasks are skipped. Returns {"done": [...], "skipped": [...], "report": report or None}."""
     if shards < 1:
         raise CptError(f"--shards {shards}: give at least 1")
+    if cfg.input.max_docs is not None:  # each task would apply it to its own share
+        raise CptError(f"input.max_docs={cfg.input.max_docs} needs one task: drop --shards, or cut the inputs first")
     out = Path(out)
     plan = _Plan(inputs, cfg, shards, Path(work) if work else default_work_dir(out))
     plan.check_work()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cpt_megatron.curate.config import InputConfig
 from cpt_megatron.errors import CptError
-from cpt_megatron.utils import check_text_file, lone_surrogate
+from cpt_megatron.utils import binary_kind, check_text_file, lone_surrogate
 
 __all__ = ["Doc", "FilePart", "Malformed", "DocumentReader", "read_documents", "is_plain_text", "splittable"]
 
@@ -97,7 +97,11 @@ def _kind(path: Path) -> str:
 
 def is_plain_text(path: str | os.PathLike) -> bool:
     """True for an input file read as plain text (not JSONL/Parquet by its name)."""
-    return Path(path).is_file() and _kind(Path(path)) == "text"
+    p = Path(path)
+    if not (p.is_file() and _kind(p) == "text"):
+        return False
+    with open(p, "rb") as f:  # an archive or image is refused by the reader, not read as text
+        return binary_kind(f.read(8192)) is None
 
 
 def _open_binary(path: Path):
@@ -138,6 +142,8 @@ class DocumentReader:
                     raise CptError(f"input directory {p} has no files matching {self.config.glob!r}")
                 files.extend(found)
             elif p.is_file():
+                if p.stat().st_size == 0:
+                    raise CptError(f"input {p} is empty: nothing to curate; check the file (or drop it from the inputs)")
                 files.append(p)
             else:
                 raise CptError(f"input {spec} not found (give JSONL/Parquet/text files or directories)")
@@ -154,6 +160,17 @@ class DocumentReader:
             return self._done_bytes
 
     def __iter__(self) -> Iterator[Doc | Malformed]:
+        if self.config.max_docs is None:
+            yield from self._records()
+            return
+        n = 0
+        for rec in self._records():  # closing the generator closes the file it was reading
+            yield rec
+            n += isinstance(rec, Doc)
+            if n >= self.config.max_docs:
+                return
+
+    def _records(self) -> Iterator[Doc | Malformed]:
         for path in self.files:
             if isinstance(path, FilePart):
                 yield from self._jsonl(path.path, path.lo, path.hi)

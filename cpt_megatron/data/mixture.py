@@ -137,14 +137,29 @@ class MixtureConfig:
 
 def mixture_config_from_dict(d: dict) -> MixtureConfig:
     """From a plain dict (YAML); unknown keys are errors."""
-    known = {f.name for f in dataclasses.fields(MixtureConfig)}
-    unknown = set(d) - known
-    if unknown:
-        raise CptError(f"mixture: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    try:
-        return MixtureConfig(**d)
-    except TypeError as e:
-        raise CptError(f"mixture: {e}") from e
+    if not isinstance(d, dict):
+        raise CptError(f"mixture: expected a mapping with sources:, got {type(d).__name__}")
+    _check_keys(MixtureConfig, d, "mixture")
+    for key, cls in (("sources", SourceConfig), ("phases", PhaseConfig)):
+        items = d.get(key) or []
+        if not isinstance(items, list):
+            raise CptError(f"mixture.{key}: expected a list, got {type(items).__name__}")
+        for i, item in enumerate(items):
+            _check_keys(cls, item, f"mixture.{key}[{i}]")
+    return MixtureConfig(**d)
+
+
+def _check_keys(cls, d, where: str) -> None:
+    """One line naming an unknown or missing key of `cls` in the YAML mapping `d` (not a Python TypeError)."""
+    if not isinstance(d, dict):
+        raise CptError(f"{where}: expected a mapping, got {d!r}")
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    if unknown := sorted(set(d) - known):
+        raise CptError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(sorted(known))}")
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing := [k for k in required if k not in d]:
+        raise CptError(f"{where}: missing required key(s) {', '.join(missing)}")
 
 
 def resolve_phases(cfg: MixtureConfig, train_samples: int) -> list[tuple[int, int, float]]:

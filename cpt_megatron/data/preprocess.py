@@ -391,6 +391,9 @@ def _disk_full_line(cfg: PreprocessConfig, dtype, shard_dir: Path):
 def _check_inputs(cfg: PreprocessConfig) -> None:
     """One line naming the input that is missing, unreadable, empty or not JSONL, before any output."""
     for p in cfg.inputs:
+        if os.path.isdir(p):
+            raise CptError(f"input {p} is a directory; give its JSONL files (e.g. {p}/*.jsonl.gz, the shards "
+                           "`cpt curate` writes)")
         if not os.path.isfile(p):
             raise CptError(f"input {p} not found")
         if not os.access(p, os.R_OK):

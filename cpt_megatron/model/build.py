@@ -104,6 +104,7 @@ def transformer_config(arch: ModelArch, parallel, opts: ModelOptions, kernels: K
         # gloo's batched isend/irecv corrupts interleaved-1F1B (vpp) exchanges on CPU; plain p2p is exact
         batch_p2p_comm=cuda,
         calculate_per_token_loss=True,  # exact token-mean loss whatever the layout / microbatching
+        cuda_graph_scope=[],  # megatron-core's default "full", which its own __post_init__ warns is deprecated
     )
     if fp8:
         kw.update(fp8=fp8, fp8_recipe="delayed", fp8_margin=0, fp8_amax_history_len=1024,

@@ -149,9 +149,11 @@ def _training_meta(run_dir: Path, common: dict) -> dict:
         data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
         srcs = data.get("sources") or []
         if srcs:
-            tr["mixture"] = {s.get("name", "?"): s.get("weight", s.get("group", "")) for s in srcs}
+            tr["mixture"] = {s.get("name", "?"): {k: s.get(k) for k in ("group", "weight", "tokens")} for s in srcs}
         if data.get("alpha") is not None:
             tr["domain_share_alpha"] = data["alpha"]
+    if common.get("phases"):  # curriculum or the monitor's added phases: alpha is not constant
+        tr["phases"] = common["phases"]
     return tr
 
 

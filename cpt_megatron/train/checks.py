@@ -10,7 +10,7 @@ from __future__ import annotations
 from cpt_megatron.config import RecipeConfig
 from cpt_megatron.errors import CptError
 
-__all__ = ["recipe_problems", "check_recipe", "layout", "check_writable"]
+__all__ = ["recipe_problems", "check_recipe", "layout", "check_writable", "check_run_dir"]
 
 
 def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
@@ -62,6 +62,35 @@ def check_recipe(cfg: RecipeConfig, world_size: int, arch=None, prepared: dict |
     problems = recipe_problems(cfg, world_size, arch, prepared)
     if problems:
         raise CptError("; ".join(problems))
+
+
+def _run_identity(d: dict) -> dict:
+    """What makes a run the same run across launches: the model it starts from and the data it trains on
+    (not the schedule, lengths or knobs a resumed run may change)."""
+    m, data = d.get("model") or {}, d.get("data") or {}
+    return {"model": {k: m.get(k) for k in ("base", "hf", "gguf", "hf_config")},
+            "sources": [(s.get("name"), s.get("group"), list(s.get("inputs") or []), s.get("prefix"))
+                        for s in data.get("sources") or []]}
+
+
+def check_run_dir(cfg: RecipeConfig) -> None:
+    """Refuse a run.dir that holds another recipe's run (its config.yaml names another model or other data):
+    resuming it would mix that run's checkpoints with this recipe and rewrite its config.yaml."""
+    from pathlib import Path
+
+    from cpt_megatron.config import to_dict
+    from cpt_megatron.utils import read_yaml
+
+    saved_path = Path(cfg.run.dir) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = read_yaml(saved_path, "run config")
+    if not isinstance(saved, dict) or _run_identity(saved) == _run_identity(to_dict(cfg)):
+        return
+    names = ", ".join(s[0] or "?" for s in _run_identity(saved)["sources"])
+    what = saved.get("description") or f"sources {names}"
+    raise CptError(f"run.dir {cfg.run.dir} holds another recipe's run ({what}; see {saved_path}); give this run its "
+                   f"own run.dir=..., or delete {cfg.run.dir} to start over")
 
 
 def _try(check) -> list[str]:

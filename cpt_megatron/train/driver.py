@@ -29,7 +29,7 @@ from cpt_megatron.train.checkpointing import (
     save_checkpoint,
     select_resume,
 )
-from cpt_megatron.train.checks import check_recipe
+from cpt_megatron.train.checks import check_recipe, check_run_dir
 from cpt_megatron.train.metrics import cut_logs
 from cpt_megatron.train.plan import plan_steps, recipe_mixture
 from cpt_megatron.train.prepare import check_tokenizer_fits, load_prepared, prepare_command, verify_prepared
@@ -84,6 +84,7 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
     from cpt_megatron.checkpoint import arch_from_ckpt
 
     # ---- check: read-only, on every rank, before any process group or file exists ----------------------
+    check_run_dir(cfg)  # run.dir holds no other recipe's run
     prepared = load_prepared(cfg, prepare_command(recipe, overrides))
     arch = arch_from_ckpt(prepared["base"], prepared["tokenizer"])  # the tokenizer: a Megatron-LM base
     check_recipe(cfg, dist_env().world_size, arch, prepared)
@@ -224,6 +225,9 @@ class _Trainer:
         self._say_plan()
         losses, first_step = [], state["step"]
         stopped, exit_code = None, 0
+        if self.resumed and state["step"] >= self.total_steps:
+            self._say(f"nothing to do: {self.run_dir} already finished at step {state['step']} of {self.total_steps}; "
+                      "raise train.max_steps to continue it, or give a new run.dir= to start another run")
         if state["step"] == 0 and not self.resumed:
             self.evaluate(0)  # baseline = the base model
         self.launch_steps, self.skipped_run, self.running = 0, 0, None
@@ -396,7 +400,7 @@ class _Trainer:
     def _say_plan(self) -> None:
         a, p, tps = self.arch, self.cfg.parallel, self.G * self.S
         self._say(f"cpt train: {a.model_type} {a.num_layers}L h{a.hidden_size} | tp {p.tp} pp {p.pp} dp {self.dp} | "
-                  f"global batch {self.G} seq ({tps:,} tokens/step), {self.G // (self.micro * self.dp)} micro-batches "
+                  f"global batch {self.G} x seq {self.S} ({tps:,} tokens/step), {self.G // (self.micro * self.dp)} micro-batches "
                   f"of {self.micro} per rank | {self.total_steps} steps, {self.total_steps * tps:,} tokens | run "
                   f"{self.run_dir}")
 

@@ -213,14 +213,14 @@ def prepare_sources(data_cfg, tokenizer: str, workers: int = 1) -> list[dict]:
             entry["prefix"] = s.prefix
             out.append(entry)
             continue
-        key = _key(s.inputs, s.doc_separator, s.curate_stages, s.max_docs, tokenizer, data_cfg.append_eod)
+        key = _key(s.inputs, s.doc_separator, s.curate_stages, s.max_docs, tokenizer, data_cfg.append_eod,
+                   *(["max_docs applies to files"] if s.max_docs and not all(i.startswith("@") for i in s.inputs) else []))
         root = Path(data_cfg.cache_dir) / "sources" / f"{s.name}-{key}"
         prefix = root / "tokens"
         if not _intact_source(root, prefix):
             inputs = [str(special_input(i, root / "raw", s.max_docs)) if i.startswith("@") else i for i in s.inputs]
-            cc = CurateConfig(input=InputConfig(doc_separator=s.doc_separator))
-            if s.curate_stages is not None:
-                cc = CurateConfig(input=InputConfig(doc_separator=s.doc_separator), stages=list(s.curate_stages))
+            ic = InputConfig(doc_separator=s.doc_separator, max_docs=s.max_docs)  # max_docs: files too
+            cc = CurateConfig(input=ic) if s.curate_stages is None else CurateConfig(input=ic, stages=list(s.curate_stages))
             curated = root / "curated"
             if not _intact_curated(curated):
                 curate(inputs, curated, cc, workers=workers, overwrite=True)
