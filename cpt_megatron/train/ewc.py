@@ -86,8 +86,9 @@ class Regularizer:
             for m in engine.model:
                 m.zero_grad_buffer()
             # interleaved pipelines need >= pp micro-batches: fully masked copies add no loss, tokens or gradient
-            masked = {**mb, "loss_mask": torch.zeros(mb["labels"].shape, dtype=torch.float)}
-            engine.accumulate_grads([mb] + [masked] * (engine.min_microbatches() - 1), full_grads=True)
+            pad = engine.min_microbatches() - 1
+            masked = [{**mb, "loss_mask": torch.zeros_like(mb["labels"], dtype=torch.float)}] * pad if pad else []
+            engine.accumulate_grads([mb] + masked, full_grads=True)
             for f, p in zip(fisher, self.params):
                 g = getattr(p, "main_grad", None)
                 if g is None:
