@@ -51,3 +51,24 @@ def test_penalty_pulls_toward_the_anchor(reference):
     assert free["fisher_normaliser"] == reference["fisher_normaliser"]  # same Fisher, only lam differs
     pulled, loose = reference["penalties"][-1] / 1.0, free["penalties"][-1] / 1e-6
     assert pulled < 0.5 * loose, (pulled, loose)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # two tiny_cpu trainings, one of them 2-rank: `make test-all`
+def test_cpt_train_ewc_tp2_matches_tp1(tmp_path, tiny_cpu_cache):
+    """The driver's EWC (Fisher on the replay source's validation micro-batches, every rank the same) in TP2
+    logs the same global `ewc_penalty` and losses as TP1."""
+    import json
+
+    from conftest import cpt_train
+
+    ewc = ["train.ewc.kind=ewc", "train.ewc.lam=1", "train.ewc.batches=2", "train.max_steps=4"]
+    out = {}
+    for name, extra, nproc in (("tp1", [], 1), ("tp2", ["parallel.tp=2"], 2)):
+        res = cpt_train(tmp_path / name, tiny_cpu_cache, *ewc, *extra, nproc=nproc)
+        metrics = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        out[name] = (res["losses"], [m["ewc_penalty"] for m in metrics])
+    (l1, p1), (l2, p2) = out["tp1"], out["tp2"]
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5, (l1, l2)
+    assert p1[0] == 0 and all(p > 0 for p in p1[1:]), p1  # lr 0 at the first warmup step: still at the anchor
+    assert p2 == pytest.approx(p1, rel=1e-4), (p1, p2)

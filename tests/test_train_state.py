@@ -202,11 +202,12 @@ def test_resumed_run_with_acting_monitor_matches_uninterrupted(tmp_path, tiny_cp
 
 def test_rollback_after_requeue_with_async_saves_is_exact(tmp_path, tiny_cpu_cache, monkeypatch):
     """Requeued after step 5; at step 6 the monitor rolls back (lr_factor=1) to step 4, saved before the requeue,
-    with async saves in flight: the re-run steps 5 and 6 equal the originals bit for bit (model, optimizer,
-    data position and stability state all step 4's), the abandoned checkpoint is gone, the monitor remembers."""
+    with async saves in flight and keep_last=1 (every prune races an async save): the re-run steps 5 and 6 equal
+    the originals bit for bit (model, optimizer, data position and stability state all step 4's), the abandoned
+    checkpoint is gone, the monitor remembers, every checkpoint left is complete."""
     monkeypatch.setattr(monitor_mod, "ForgettingMonitor", inflating_monitor(from_step=6))
     pol = ["eval.monitor.policy=rollback", "eval.monitor.lr_factor=1.0", "eval.monitor.max_actions=1",
-           "checkpoint.async_save=true"]
+           "checkpoint.async_save=true", "checkpoint.keep_last=1"]
     run = tmp_path / "run"
     assert _train(run, tiny_cpu_cache, *pol, "train.exit_interval=5").last_step == 5
     res = _train(run, tiny_cpu_cache, *pol)
@@ -220,4 +221,5 @@ def test_rollback_after_requeue_with_async_saves_is_exact(tmp_path, tiny_cpu_cac
     assert final["monitor"]["rollbacks"] == [{"step": 6, "to": 4}] and final["train"]["step"] == 8
     names = [p.name for p in layout.iteration_folders(run / "checkpoints")]
     assert "iter_0000005" not in names  # the abandoned branch's checkpoint: a requeue must not resume it
+    assert names == ["iter_0000006", "iter_0000008"]  # keep_last=1 while 8 was being written, then 8
     assert all(checkpointing._problem(p) is None for p in layout.iteration_folders(run / "checkpoints"))
