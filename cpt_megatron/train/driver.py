@@ -369,7 +369,10 @@ class _Trainer:
         if self.saver is not None:  # in-flight saves finalized first: they are candidates too
             with self._async_guard():
                 self.saver.wait()
-        target = self.monitor.rollback_target(self._saved_steps()) if self.monitor is not None else None
+        # rank 0 lists the checkpoints and every rank gets its answer (one shared file-system view)
+        target = [self.monitor.rollback_target(self._saved_steps()) if self.rank0 and self.monitor else None]
+        torch.distributed.broadcast_object_list(target, src=0)
+        target = target[0]
         if target is None:
             state.lr_scale *= factor
             self._say(f"monitor: rollback to nothing (no checkpoint below warn), lr scale {state.lr_scale:.3g}")
