@@ -86,7 +86,7 @@ def ewc(arch, parallel):
     guard = DeviceGuard()
     with guard:
         reg = Regularizer(engine, "ewc", 1.0)
-        reg.estimate_fisher(engine, [_batches(arch.vocab_size, n=1)])
+        reg.estimate_fisher(engine, _batches(arch.vocab_size, n=1))
         fisher_syncs = len(guard.syncs)
         engine.train_step(_batches(arch.vocab_size), grad_hook=reg)
         step_syncs = len(guard.syncs) - fisher_syncs

@@ -33,6 +33,15 @@ def scripted(policy: str, params: dict):
         def rollback_target(self, saved_steps):
             return 2 if 2 in saved_steps else None
 
+        def note_rollback(self, step, target):
+            self.rolled_back = (step, target)
+
+        def state_dict(self):
+            return {"acted": self.acted}
+
+        def load_state_dict(self, state):
+            self.acted = state["acted"]
+
     return Scripted
 
 
@@ -63,7 +72,7 @@ def test_adapt_policy_raises_replay_from_the_boundary(tmp_path, cache, monkeypat
     after = sum(share(m) for m in metrics[4:]) / 4
     assert before == pytest.approx(0.7, abs=0.08) and after == pytest.approx(0.2, abs=0.08)
     state = json.loads((tmp_path / "run" / "checkpoints" / "iter_0000008" / "train_state.json").read_text())
-    assert state["phases"] and state["phases"][-1]["alpha"] == pytest.approx(0.2)
+    assert state["train"]["phases"] and state["train"]["phases"][-1]["alpha"] == pytest.approx(0.2)
 
 
 def test_rollback_policy_reloads_target_and_scales_lr(tmp_path, cache, monkeypatch):

@@ -21,6 +21,9 @@ def register(subparsers):
     p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=1234, help="init and data seed")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="parameter dtype (auto: the model options default)")
+    p.add_argument("--regularizer", default="none", choices=["none", "ewc", "l2sp"],
+                   help="anti-forgetting penalty anchored at the initial weights (train.ewc.kind); reports the penalty")
+    p.add_argument("--lam", type=float, default=1.0, help="penalty weight for --regularizer (train.ewc.lam)")
     p.add_argument("--nproc", type=positive_int, default=None,
                    help="local processes to spawn with torchrun (default tp*pp when not under a launcher)")
     p.set_defaults(func=run)
@@ -40,5 +43,5 @@ def run(args):
                               distributed_optimizer=args.distributed_optimizer)
     out = run_smoke(args.hf_config, steps=args.steps, parallel=parallel, seq_len=args.seq_len,
                     global_batch=args.global_batch, micro_batch=args.micro_batch, seed=args.seed, lr=args.lr,
-                    dtype=args.dtype)
+                    dtype=args.dtype, regularizer=args.regularizer, lam=args.lam)
     return out if out.pop("rank") == 0 else None

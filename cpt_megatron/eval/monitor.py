@@ -23,6 +23,12 @@ Action rule (no action spam):
   params {"suppressed": "cooldown"}), so a rollback or a new replay phase can take effect;
 - after `max_actions` actions, none are taken (params {"suppressed": "max_actions"});
 - policy "warn" never acts; "stop" acts once (the driver stops).
+
+State (`state_dict()` / `load_state_dict()`, checkpointed as the run state's `monitor`): the number of actions,
+the evaluations since the last one (cooldown), the regression history (rollback targets) and the rollbacks
+taken. A resumed run therefore takes exactly the actions an uninterrupted run takes. A rollback is remembered
+(`note_rollback`): the evaluations of the abandoned steps leave the history and a step once rolled back to is
+never a target again, so a run cannot loop back to the same point.
 """
 
 from __future__ import annotations
@@ -191,6 +197,26 @@ class ForgettingMonitor:
         self.num_actions = 0
         self._evals_since_action: int | None = None  # None = no action yet
         self.history: list[tuple[int, dict[tuple[str, str], float]]] = []  # (step, regressions)
+        self.rollbacks: list[dict] = []  # {"step": evaluated step that acted, "to": step rolled back to}
+
+    # ---- state (checkpointed with the run) ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"num_actions": self.num_actions, "evals_since_action": self._evals_since_action,
+                "history": [{"step": s, "regressions": [[src, m, r] for (src, m), r in regs.items()]}
+                            for s, regs in self.history],
+                "rollbacks": [dict(r) for r in self.rollbacks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_actions = int(state.get("num_actions", 0))
+        self._evals_since_action = state.get("evals_since_action")
+        self.history = [(int(h["step"]), {(src, m): float(r) for src, m, r in h["regressions"]})
+                        for h in state.get("history", [])]
+        self.rollbacks = [dict(r) for r in state.get("rollbacks", [])]
+
+    def note_rollback(self, step: int, target: int) -> None:
+        """The run went back from `step` to the checkpoint at `target`: forget the abandoned evaluations."""
+        self.rollbacks.append({"step": int(step), "to": int(target)})
+        self.history = [(s, regs) for s, regs in self.history if s <= target]
 
     # ---------------------------------------------------------------------------------------------
     def observe(self, step: int, results: dict) -> list[Event]:
@@ -263,7 +289,10 @@ class ForgettingMonitor:
     def rollback_target(self, saved_steps: Iterable[int]) -> int | None:
         """The latest saved step whose worst regression stayed below `warn`; None = none (use the base model).
 
-        "Best so far" for a rollback means the most training progress that had not yet forgotten.
+        "Best so far" for a rollback means the most training progress that had not yet forgotten. A step already
+        rolled back to is not a target again (no loop back to the same point).
         """
-        ok = [s for s in saved_steps if (r := self.worst_regression(s)) is not None and r < self.cfg.warn]
+        used = {r["to"] for r in self.rollbacks}
+        ok = [s for s in saved_steps
+              if s not in used and (r := self.worst_regression(s)) is not None and r < self.cfg.warn]
         return max(ok) if ok else None

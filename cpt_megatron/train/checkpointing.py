@@ -2,10 +2,12 @@
 
 Layout (checkpoint.layout, Megatron-LM's): RUN/checkpoints/iter_0000010/ holds model tensors (same
 unprefixed keys as an imported base, so `cpt export-hf`, `load_model_weights` and Megatron-LM read it),
-optimizer state (resharded on load: any TP/PP/DP), per-rank RNG states, and common.pt with the train state
-(step, consumed samples, data phases) plus Megatron-LM's checkpoint_version/iteration/args. A copy of the
-base's cpt_meta.json (with a `training` section) and tokenizer/, megatron_args.txt and train_state.json sit
-next to the tensors; cpt_manifest.json (sizes + xxh3_64 checksums) is written last inside the folder, then the folder is
+optimizer state (resharded on load: any TP/PP/DP), per-rank RNG states, and common.pt with the run state
+(`train_state`: train/state.RunState's one dict: step, consumed samples, phases, lr scale, baseline, monitor,
+stability guard, regularizer, recipe fingerprint) plus Megatron-LM's checkpoint_version/iteration/args (its
+iteration and consumed_train_samples taken from that same dict). A copy of the base's cpt_meta.json (with a
+`training` section) and tokenizer/, megatron_args.txt and train_state.json (a read-only JSON copy of the run
+state for people and jq; nothing reads it back) sit next to the tensors; cpt_manifest.json (sizes + xxh3_64 checksums) is written last inside the folder, then the folder is
 renamed into place, then RUN/checkpoints/latest_checkpointed_iteration.txt names it.
 `select_resume` picks the newest checkpoint that is complete and verifies (resume=auto).
 """
@@ -27,7 +29,7 @@ from cpt_megatron.checkpoint.layout import iter_name
 from cpt_megatron.errors import CptError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "iter_name", "prune_checkpoints",
-           "select_resume", "RESUME_MODES"]
+           "select_resume", "RESUME_MODES", "read_run_state", "discard_after"]
 
 RESUME_MODES = ("auto", "none", "base")
 
@@ -135,13 +137,13 @@ def _state_dict(engine, is_loading: bool, rng: dict | None):
     return sd
 
 
-def _training_meta(run_dir: Path, common: dict) -> dict:
+def _training_meta(run_dir: Path, state: dict) -> dict:
     """The `training` section of a trained checkpoint's cpt_meta.json (what the exported model card shows)."""
-    tr = {"framework": "cpt-megatron (cpt train)", "run": Path(run_dir).name, "step": common.get("step"),
-          "consumed_samples": common.get("consumed_samples")}
-    per_step = (common.get("train") or {}).get("tokens_per_step")
-    if per_step and common.get("step") is not None:
-        tr["tokens_trained"] = int(per_step) * int(common["step"])
+    train, recipe = state.get("train") or {}, state.get("recipe") or {}
+    tr = {"framework": "cpt-megatron (cpt train)", "run": Path(run_dir).name, "step": train.get("step"),
+          "consumed_samples": train.get("consumed_samples")}
+    if recipe.get("train.global_batch") and recipe.get("data.seq_len") and train.get("step") is not None:
+        tr["tokens_trained"] = int(recipe["train.global_batch"]) * int(recipe["data.seq_len"]) * int(train["step"])
     cfg_file = Path(run_dir) / "config.yaml"
     if cfg_file.is_file():
         import yaml
@@ -157,9 +159,23 @@ def _training_meta(run_dir: Path, common: dict) -> dict:
     return tr
 
 
+def read_run_state(ckpt_dir) -> dict:
+    """The run state a checkpoint stores (common.pt's `train_state`; checkpoints from before the run state
+    registry come back in its shape). Resume and rollback both read it here."""
+    from megatron.core import dist_checkpointing
+
+    from cpt_megatron.train.state import legacy_train_state
+
+    ckpt_dir = layout.resolve(ckpt_dir)
+    with layout.read_errors(ckpt_dir):
+        saved = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["train_state"]
+    return legacy_train_state(saved)
+
+
 def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | None, saver=None) -> Path:
-    """Collective. Returns the final checkpoint dir. With `saver` (train/async_save.AsyncCheckpointSaver,
-    checkpoint.async_save) the write runs in the background and the dir appears when the saver finalizes it."""
+    """Collective. Returns the final checkpoint dir. `common` = the run state (RunState.state_dict()), stored
+    once. With `saver` (train/async_save.AsyncCheckpointSaver, checkpoint.async_save) the write runs in the
+    background and the dir appears when the saver finalizes it."""
     from megatron.core import dist_checkpointing
 
     from cpt_megatron.checkpoint import megatron_lm
@@ -183,7 +199,7 @@ def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | N
         sd.update(megatron_lm.common_entries(
             meta, iteration=step, tp=ps.get_tensor_model_parallel_world_size(),
             pp=ps.get_pipeline_model_parallel_world_size(), tokenizer_model=final.resolve() / TOKENIZER_DIR,
-            extra={"consumed_train_samples": int(common.get("consumed_samples") or 0)}))
+            extra={"consumed_train_samples": int((common.get("train") or {}).get("consumed_samples") or 0)}))
     finish = functools.partial(_finish_save, Path(run_dir), final, tmp, common, base_ckpt, meta)
     if saver is not None:
         saver.save(sd, tmp, finish)
@@ -212,8 +228,10 @@ def _finish_save(run_dir: Path, final: Path, tmp: Path, common: dict, base_ckpt:
             write_json(tmp / META_NAME, dict(meta, tokenizer=TOKENIZER_DIR if src.is_dir() else meta.get("tokenizer"),
                                              training=_training_meta(run_dir, common)))
             megatron_lm.write_args_file(tmp, meta, final)
+        train = common.get("train") or {}  # step and samples on top as well: what `jq .step` users read
         with open(tmp / "train_state.json", "w") as f:
-            json.dump(common, f, indent=2, default=str)
+            json.dump({"step": train.get("step"), "consumed_samples": train.get("consumed_samples"), **common}, f,
+                      indent=2, default=str)
         layout.write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -223,12 +241,11 @@ def _finish_save(run_dir: Path, final: Path, tmp: Path, common: dict, base_ckpt:
 
 
 def load_checkpoint(ckpt_dir, engine) -> dict:
-    """Collective: restore model, optimizer and (same world size) RNG; returns the common train state."""
+    """Collective: restore model, optimizer and (same world size) RNG; returns the run state (read_run_state)."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir = layout.resolve(ckpt_dir)
-    with layout.read_errors(ckpt_dir):
-        common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["train_state"]
+    common = read_run_state(ckpt_dir)
     same_world = common.get("world_size") == torch.distributed.get_world_size()
     sd = _state_dict(engine, True, None)
     if not same_world:
@@ -243,13 +260,44 @@ def load_checkpoint(ckpt_dir, engine) -> dict:
     return common
 
 
-def prune_checkpoints(run_dir, keep_last: int, milestones: list[int]) -> None:
+def _remove(folder: Path) -> None:
+    """Rename first (atomic), then delete: an `iter_*` folder is either complete or absent, even if the
+    deletion is interrupted (the renamed leftover is removed by the next prune)."""
+    gone = folder.with_name(f".{folder.name}.removing")
+    os.replace(folder, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir, keep_last: int, milestones: list[int], protect: list[int] = ()) -> list[str]:
+    """Rank 0: remove complete checkpoints beyond the newest `keep_last` (0 = keep all), except milestones, the
+    selected best (RUN/best, `cpt select`) and `protect` (the monitor's rollback target). A save still being
+    written (`.iter_N.tmp`, e.g. async) is not a checkpoint yet: never counted, never touched. Returns the
+    removed folder names."""
     root = Path(run_dir) / "checkpoints"
+    for left in root.glob(".iter_*.removing"):
+        shutil.rmtree(left, ignore_errors=True)
     dirs = layout.iteration_folders(root)
     keep = {p for p in dirs[-keep_last:]} if keep_last > 0 else set(dirs)
     best = root.parent / "best"
     if best.is_file():
         keep.add(root / best.read_text().strip())
+    keep_steps = {int(s) for s in milestones} | {int(s) for s in protect}
+    removed = []
     for p in dirs:
-        if p not in keep and int(p.name.split("_")[1]) not in set(milestones):
-            shutil.rmtree(p, ignore_errors=True)
+        if p not in keep and int(p.name.split("_")[1]) not in keep_steps:
+            _remove(p)
+            removed.append(p.name)
+    return removed
+
+
+def discard_after(run_dir, step: int) -> list[str]:
+    """Rank 0, after a rollback to `step`: remove the checkpoints of the abandoned steps (> step) and point the
+    tracker at `step`, so a requeue resumes the rolled-back run, not the branch it left."""
+    root = Path(run_dir) / "checkpoints"
+    removed = []
+    for p in layout.iteration_folders(root):
+        if int(p.name.split("_")[1]) > step:
+            _remove(p)
+            removed.append(p.name)
+    layout.write_tracker(root, iter_name(step))
+    return removed

@@ -13,8 +13,6 @@ resumed with another DP size continues the same samples, and every layout sees t
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from pathlib import Path
 
 import torch
@@ -23,9 +21,11 @@ from cpt_megatron.config import RecipeConfig, to_dict
 from cpt_megatron.runtime import destroy_distributed, dist_env, init_distributed, on_gpu
 from cpt_megatron.train.batches import rank_microbatches
 from cpt_megatron.train.checkpointing import (
+    discard_after,
     iter_name,
     load_checkpoint,
     prune_checkpoints,
+    read_run_state,
     save_checkpoint,
     select_resume,
 )
@@ -37,6 +37,8 @@ from cpt_megatron.train.runlock import hold_run_lock
 from cpt_megatron.train.saveguard import save_guard
 from cpt_megatron.train.schedule import lr_at
 from cpt_megatron.train.signals import PREEMPT_EXIT_CODE, PreemptionHandler
+from cpt_megatron.train.stability import StabilityGuard
+from cpt_megatron.train.state import RecipeFingerprint, RunState, TrainState
 
 __all__ = ["train", "TrainResult", "plan_steps"]
 
@@ -129,10 +131,18 @@ class _Trainer:
         self.tokenizer = load_tokenizer(prepared["tokenizer"])
         check_tokenizer_fits(self.tokenizer, prepared["tokenizer"], int(prepared["vocab_size"]))
         self.groups = {s.name: s.group for s in cfg.data.sources}
-        self.state = self._initial_state(resume_from)
-        self.mixture = self._mixture(self.state["phases"])
+        # the run's state: one registry of stateful components, saved once per checkpoint (train/state.py)
+        self.run_state = RunState()
+        self.state = self.run_state.register("train", TrainState(phases=list(cfg.data.phases)))
+        self.recipe = self.run_state.register("recipe", RecipeFingerprint(cfg, self.total_steps))
+        self.guard = self.run_state.register("stability", StabilityGuard(cfg.train.max_skipped, cfg.train.spike_factor))
+        if resume_from is not None:
+            self.run_state.load_state_dict(read_run_state(resume_from))
+        self.mixture = self._mixture(self.state.phases)
         self.engine = self._engine()
         self.reg = self._regularizer()
+        if self.reg is not None:
+            self.run_state.register("regularizer", self.reg)
         # checkpoint.async_save (megatron-core's async queue); step batches read ahead on TP rank 0, broadcast over TP
         from cpt_megatron.train.async_save import AsyncCheckpointSaver
         from cpt_megatron.train.data_loader import StepLoader
@@ -141,32 +151,28 @@ class _Trainer:
         self.loader = StepLoader.for_this_rank(global_batch=self.G, micro=self.micro)
         if resume_from is not None:
             load_checkpoint(resume_from, self.engine)
-            self._say(f"resumed from {resume_from} at step {self.state['step']} "
-                      f"({self.state['consumed_samples']} samples consumed)")
+            self._say(f"resumed from {resume_from} at step {self.state.step} "
+                      f"({self.state.consumed_samples} samples consumed)")
+            for line in (self.recipe.changes(self.state.step), self.reg.changes() if self.reg else None):
+                if line:
+                    self._say(line)
         self.resumed = resume_from is not None
         if self.rank0:  # a resumed run logs each step once: records past the checkpoint are redone
-            cut_logs(self.run_dir, self.state["step"] if self.resumed else None)
+            cut_logs(self.run_dir, self.state.step if self.resumed else None)
         self.logger = self._logger()
         self.evaluator = _Evaluator(self.mixture, self.groups, self.tokenizer, cfg.eval.batches, self.micro,
                                     self.dp_rank, self.dp)
         self.monitor_config = self._monitor_config()
         self.monitor = None
+        self._ensure_monitor()  # a resumed run's monitor exists (and gets its saved state) from the start
         self.bench = self._benchmarks()
 
     # ---- set-up steps -----------------------------------------------------------------------------------
-    def _initial_state(self, resume_from: Path | None) -> dict:
-        state = {"step": 0, "consumed_samples": 0, "phases": list(self.cfg.data.phases), "lr_scale": 1.0,
-                 "baseline": None}
-        if resume_from is not None:
-            from megatron.core import dist_checkpointing
-
-            saved = dist_checkpointing.load_common_state_dict(str(resume_from))["train_state"]
-            state.update({k: saved[k] for k in state if k in saved})
-        return state
-
     def _mixture(self, phases):
+        ewc = self.cfg.train.ewc
+        fisher = ewc.batches * self.micro if ewc.kind == "ewc" else 0
         return recipe_mixture(self.cfg, self.prepared, phases=phases,
-                              valid_samples=max(1, self.cfg.eval.batches * self.micro * self.dp))
+                              valid_samples=max(1, self.cfg.eval.batches * self.micro * self.dp, fisher))
 
     def _engine(self):
         from cpt_megatron.checkpoint import load_model_weights
@@ -186,13 +192,13 @@ class _Trainer:
             return None
         from cpt_megatron.train.ewc import Regularizer
 
-        reg = Regularizer(self.engine, ewc.kind, ewc.lam)
-        if ewc.kind == "ewc":  # diagonal Fisher from the first replay validation batches
+        reg = Regularizer(self.engine, ewc.kind, ewc.lam, vocab_size=int(self.prepared["vocab_size"]))
+        if ewc.kind == "ewc":  # diagonal Fisher from the first replay validation micro-batches, the same on every rank
             general = next(n for n, g in self.groups.items() if g == "general")
-            ds, per_step = self.mixture.valid[general], self.micro * self.dp
-            batches = [rank_microbatches(ds, i * per_step, per_step, self.dp_rank, self.dp, self.micro)[0]
-                       for i in range(min(ewc.batches, len(ds) // per_step))]
-            reg.estimate_fisher(self.engine, batches)
+            ds = self.mixture.valid[general]
+            mbs = [rank_microbatches(ds, i * self.micro, self.micro, 0, 1, self.micro)[0][0]
+                   for i in range(min(ewc.batches, len(ds) // self.micro))]
+            reg.estimate_fisher(self.engine, mbs)
         return reg
 
     def _logger(self):
@@ -219,41 +225,54 @@ class _Trainer:
 
         return MonitorConfig(**self.cfg.eval.monitor) if "general" in self.groups.values() else None
 
+    def _ensure_monitor(self):
+        """The forgetting monitor, once there is a baseline to compare with (registered in the run state)."""
+        from cpt_megatron.eval.monitor import ForgettingMonitor
+
+        if self.monitor is None and self.monitor_config is not None and self.state.baseline is not None \
+                and self.evaluator.sources:
+            self.monitor = self.run_state.register("monitor", ForgettingMonitor(self.monitor_config, self.state.baseline))
+        return self.monitor
+
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self, preempt: PreemptionHandler) -> TrainResult:
         cfg, state = self.cfg, self.state
         self._say_plan()
-        losses, first_step = [], state["step"]
+        losses, first_step = [], state.step
         stopped, exit_code = None, 0
-        if self.resumed and state["step"] >= self.total_steps:
-            self._say(f"nothing to do: {self.run_dir} already finished at step {state['step']} of {self.total_steps}; "
+        if self.resumed and state.step >= self.total_steps:
+            self._say(f"nothing to do: {self.run_dir} already finished at step {state.step} of {self.total_steps}; "
                       "raise train.max_steps to continue it, or give a new run.dir= to start another run")
-        if state["step"] == 0 and not self.resumed:
+        if state.step == 0 and not self.resumed:
             self.evaluate(0)  # baseline = the base model
-        self.launch_steps, self.skipped_run, self.running = 0, 0, None
+        self.launch_steps = 0
         bar = self._progress_bar()
         self.logger.reset_clock()
-        while state["step"] < self.total_steps:
+        while state.step < self.total_steps:
             res, lr = self.step()
             losses.append(res.loss)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}")
-            elif self.rank0 and state["step"] % cfg.train.log_interval == 0:
-                print(f"step {state['step']}/{self.total_steps} loss {res.loss:.6f} lr {lr:.3e}", flush=True)
-            stopped = self._stability(res)
-            done = state["step"] >= self.total_steps
+            elif self.rank0 and state.step % cfg.train.log_interval == 0:
+                print(f"step {state.step}/{self.total_steps} loss {res.loss:.6f} lr {lr:.3e}", flush=True)
+            stopped = self.guard.observe(state.step, res.loss, res.skipped)
+            done = state.step >= self.total_steps
             events = []
-            if (cfg.eval.interval and state["step"] % cfg.eval.interval == 0) or done or \
-                    (self.bench is not None and self.bench.due(state["step"])):
-                events = self.evaluate(state["step"])
+            if (cfg.eval.interval and state.step % cfg.eval.interval == 0) or done or \
+                    (self.bench is not None and self.bench.due(state.step)):
+                events = self.evaluate(state.step)
+            rolled_back = any(ev.action == "rollback" for ev in events)
             stopped = self._apply_monitor(events) or stopped
-            save_now = done or bool(cfg.checkpoint.save_interval and state["step"] % cfg.checkpoint.save_interval == 0)
+            done = state.step >= self.total_steps
+            # after a rollback, re-save its target: the checkpoint then carries the monitor's memory of it
+            save_now = done or rolled_back or \
+                bool(cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0)
             if cfg.train.exit_interval and self.launch_steps >= cfg.train.exit_interval and not done:
                 stopped = stopped or f"exit_interval {cfg.train.exit_interval} reached"
             if preempt.should_stop():
                 exit_code = PREEMPT_EXIT_CODE
-                stopped = stopped or f"preempted by signal {preempt.signum} after step {state['step']}"
+                stopped = stopped or f"preempted by signal {preempt.signum} after step {state.step}"
             if save_now or stopped:
                 self.save()
             if stopped:
@@ -266,25 +285,24 @@ class _Trainer:
         self.logger.close()
         if stopped:
             self._say(f"stopped: {stopped}")
-        return TrainResult(losses, first_step + 1, state["step"], str(self.run_dir), exit_code, stopped)
+        return TrainResult(losses, first_step + 1, state.step, str(self.run_dir), exit_code, stopped)
 
     def step(self):
         """One optimizer step on the next global batch; logs its record. Returns (StepResult, lr)."""
         cfg, state = self.cfg, self.state
-        lr = lr_at(state["step"], cfg.schedule, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-                   total_steps=self.total_steps) * state["lr_scale"]
+        lr = lr_at(state.step, cfg.schedule, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+                   total_steps=self.total_steps) * state.lr_scale
         self.engine.set_lr(lr)
-        mbs, samples = self.loader.get(self.mixture.train, state["consumed_samples"])  # read ahead on TP rank 0
+        mbs, samples = self.loader.get(self.mixture.train, state.consumed_samples)  # read ahead on TP rank 0
         res = self.engine.train_step(mbs, grad_hook=self.reg)
         if self.saver is not None:
             with self._async_guard():
                 self.saver.poll()
-        state["step"] += 1
-        state["consumed_samples"] += self.G
+        state.step += 1
+        state.consumed_samples += self.G
         self.launch_steps += 1
-        self.skipped_run = self.skipped_run + 1 if res.skipped else 0
-        rec = {"step": state["step"], "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-               "skipped": res.skipped, "consumed_samples": state["consumed_samples"]}
+        rec = {"step": state.step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+               "skipped": res.skipped, "consumed_samples": state.consumed_samples}
         if self.reg is not None:
             rec["ewc_penalty"] = self.reg.penalty()
         mix = {}
@@ -295,30 +313,16 @@ class _Trainer:
         self.logger.step(rec, res.tokens)
         return res, lr
 
-    def _stability(self, res) -> str | None:
-        """Stop reason for non-finite streaks and loss spikes (train.max_skipped, train.spike_factor)."""
-        t, step, stopped = self.cfg.train, self.state["step"], None
-        if self.skipped_run >= t.max_skipped:
-            stopped = f"{self.skipped_run} consecutive non-finite gradient steps (last at step {step})"
-        if math.isfinite(res.loss):
-            if self.running is not None and t.spike_factor > 0 and res.loss > t.spike_factor * self.running:
-                stopped = f"loss spike at step {step}: {res.loss:.4f} > {t.spike_factor} x mean {self.running:.4f}"
-            self.running = res.loss if self.running is None else 0.9 * self.running + 0.1 * res.loss
-        return stopped
-
     def evaluate(self, step: int) -> list:
         """Validation losses of every source (logged), then the forgetting monitor's events."""
-        from cpt_megatron.eval.monitor import ForgettingMonitor
-
         res = self.evaluator(self.engine)
         if self.bench is not None:
             res.update(self.bench(step, self.engine.model))
         self.logger.write({"step": step, "results": res}, self.run_dir / "evals.jsonl")
-        if self.state["baseline"] is None:
-            self.state["baseline"] = res
+        if self.state.baseline is None:
+            self.state.baseline = res
         events = []
-        if self.monitor_config is not None and self.evaluator.sources:
-            self.monitor = self.monitor or ForgettingMonitor(self.monitor_config, self.state["baseline"])
+        if self._ensure_monitor() is not None:
             events = self.monitor.observe(step, res)
             for ev in events:
                 self.logger.write(ev.to_dict(), self.run_dir / "events.jsonl")
@@ -339,7 +343,7 @@ class _Trainer:
         for ev in events:
             params = ev.params or {}
             if ev.action == "stop":
-                stopped = f"forgetting monitor stopped the run at step {self.state['step']}"
+                stopped = f"forgetting monitor stopped the run at step {self.state.step}"
             elif ev.action == "adapt":
                 self._adapt(params)
             elif ev.action == "rollback":
@@ -352,40 +356,57 @@ class _Trainer:
         state, mixture = self.state, self.mixture
         cur = mixture.phase_alphas[-1] if getattr(mixture, "phase_alphas", None) else self.cfg.data.alpha
         new_alpha = max(0.0, cur + float(params.get("alpha_delta", -0.1)))
-        new_cfg = with_extra_phase(mixture.cfg, state["consumed_samples"], self.total_steps * self.G, new_alpha)
-        state["phases"] = [dataclasses.asdict(p) for p in new_cfg.phases]
-        self.mixture = self._mixture(state["phases"])
+        new_cfg = with_extra_phase(mixture.cfg, state.consumed_samples, self.total_steps * self.G, new_alpha)
+        state.phases = [dataclasses.asdict(p) for p in new_cfg.phases]
+        self.mixture = self._mixture(state.phases)
         if "lr_factor" in params:
-            state["lr_scale"] *= float(params["lr_factor"])
+            state.lr_scale *= float(params["lr_factor"])
+
+    def _saved_steps(self) -> list[int]:
+        from cpt_megatron.checkpoint import layout
+
+        return [int(p.name.split("_")[1]) for p in layout.iteration_folders(self.run_dir / "checkpoints")]
 
     def _rollback(self, params: dict) -> None:
-        state = self.state
-        state["lr_scale"] *= float(params.get("lr_factor", 0.5))
-        saved = sorted(int(p.name.split("_")[1]) for p in (self.run_dir / "checkpoints").glob("iter_*"))
-        target = self.monitor.rollback_target(saved) if self.monitor is not None else None
-        best = (self.run_dir / "checkpoints" / iter_name(target)) if target is not None else None
-        self._say(f"monitor: rollback to {best.name if best else 'nothing (no checkpoint below warn)'}"
-                  f", lr scale {state['lr_scale']:.3g}")
-        if best is not None:
-            if self.saver is not None:
-                with self._async_guard():
-                    self.saver.wait()
-            load_checkpoint(best, self.engine)
-            saved_state = json.loads((best / "train_state.json").read_text())
-            state.update(step=saved_state["step"], consumed_samples=saved_state["consumed_samples"])
+        """Back to the monitor's target checkpoint k: model, optimizer, RNG and the run state (data position,
+        phases, stability) all k's, except the monitor, which remembers the rollback; lr scale x lr_factor.
+        Checkpoints past k belong to the abandoned steps and are removed (a requeue must not resume them)."""
+        state, factor = self.state, float(params.get("lr_factor", 0.5))
+        if self.saver is not None:  # in-flight saves finalized first: they are candidates too
+            with self._async_guard():
+                self.saver.wait()
+        # rank 0 lists the checkpoints and every rank gets its answer (one shared file-system view)
+        target = [self.monitor.rollback_target(self._saved_steps()) if self.rank0 and self.monitor else None]
+        torch.distributed.broadcast_object_list(target, src=0)
+        target = target[0]
+        if target is None:
+            state.lr_scale *= factor
+            self._say(f"monitor: rollback to nothing (no checkpoint below warn), lr scale {state.lr_scale:.3g}")
+            return
+        best, step = self.run_dir / "checkpoints" / iter_name(target), state.step
+        saved = load_checkpoint(best, self.engine)
+        self.run_state.load_state_dict(saved, skip=("monitor", "recipe", "regularizer"))
+        state.lr_scale *= factor
+        self.monitor.note_rollback(step, target)
+        self.mixture = self._mixture(state.phases)
+        if self.rank0:
+            discard_after(self.run_dir, target)
+        self._say(f"monitor: rolled back from step {step} to {best.name}, lr scale {state.lr_scale:.3g}")
 
     def save(self) -> None:
         if self.saver is not None and self.saver.pending:
             # one checkpoint in flight at a time: bounded disk use, checkpoints finalized in order, a failure named
             self._say(f"checkpoint: the previous async save is still being written; waiting for it before saving step "
-                      f"{self.state['step']} (a longer checkpoint.save_interval avoids the wait)")
+                      f"{self.state.step} (a longer checkpoint.save_interval avoids the wait)")
             with self._async_guard():
                 self.saver.wait()
         with save_guard(self.run_dir, self.rank0):  # a failed save leaves no partial folder, one clear line
-            save_checkpoint(self.run_dir, self.state["step"], self.engine, _common(self.state, self.cfg), self.base,
+            save_checkpoint(self.run_dir, self.state.step, self.engine, self.run_state.state_dict(), self.base,
                             saver=self.saver)
-        if self.rank0:
-            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.milestones)
+        if self.rank0:  # the monitor's current rollback target is kept whatever keep_last says
+            target = self.monitor.rollback_target(self._saved_steps()) if self.monitor is not None else None
+            prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.milestones,
+                              protect=[target] if target is not None else [])
         self.logger.reset_clock()
 
     def _async_guard(self):
@@ -409,13 +430,7 @@ class _Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True)
-
-
-def _common(state: dict, cfg: RecipeConfig) -> dict:
-    return {"step": state["step"], "consumed_samples": state["consumed_samples"], "phases": state["phases"],
-            "lr_scale": state["lr_scale"], "baseline": state["baseline"],
-            "train": {"tokens_per_step": cfg.train.global_batch * cfg.data.seq_len}}
+        return tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
 
 
 def _write_config(run_dir: Path, cfg: RecipeConfig, overrides) -> None:

@@ -144,7 +144,7 @@ class Engine:
                 m.start_param_sync(force_sync=True)
 
     # ---------------------------------------------------------------------------------------------
-    def _run(self, microbatches: list[dict], forward_only: bool):
+    def _run(self, microbatches: list[dict], forward_only: bool, force_all_reduce: bool = False):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         iters = [iter(microbatches) for _ in self.model]
@@ -157,6 +157,7 @@ class Engine:
             seq_length=self.seq_len // self.parallel.cp,  # per CP rank
             micro_batch_size=self.micro_batch,
             forward_only=forward_only,
+            force_all_reduce=force_all_reduce,
         )
         return self._reduce_loss(out)
 
@@ -210,13 +211,23 @@ class Engine:
                                              use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
         return bool(opt.step_with_ready_grads()), grad_norm
 
-    def accumulate_grads(self, microbatches: list[dict]) -> torch.Tensor:
+    def accumulate_grads(self, microbatches: list[dict], full_grads: bool = False) -> torch.Tensor:
         """Forward + backward only: gradients land in `param.main_grad` (DP-reduced, token-averaged), no update.
-        The caller zeroes the grad buffers (regularizers estimating a Fisher use it)."""
+        The caller zeroes the grad buffers (regularizers estimating a Fisher use it). `full_grads`: reduce by
+        all-reduce even with the distributed optimizer, so every rank's whole `main_grad` is final (its
+        reduce-scatter leaves only this rank's shard reduced)."""
         for m in self.model:
             m.train()
         with torch.enable_grad():
-            return self._run(microbatches, forward_only=False)
+            return self._run(microbatches, forward_only=False, force_all_reduce=full_grads)
+
+    def min_microbatches(self) -> int:
+        """Fewest micro-batches one forward/backward may have (megatron's interleaved schedule needs >= pp)."""
+        return self.parallel.pp if self.parallel.vpp else 1
+
+    def model_parallel_group(self):
+        """The TP x PP group: a sum over it covers every unique model element once (regularizer penalties)."""
+        return self._ps.get_model_parallel_group()
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict]) -> tuple[float, int]:

@@ -69,8 +69,29 @@ def update_norms(chunks, start: list[dict[str, torch.Tensor]]) -> dict[str, floa
     return {k: v ** 0.5 for k, v in sorted(sums.items())}
 
 
+def tp_replica_diff(chunks) -> float:
+    """Largest |difference| between TP ranks' copies of TP-replicated tensors (norms): 0 when they agree."""
+    from megatron.core import parallel_state as ps
+
+    group, worst = ps.get_tensor_model_parallel_group(), 0.0
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return 0.0
+    for c in chunks:
+        specs = local_param_specs(c)
+        for name, p in c.named_parameters():
+            if specs[name].kind == "replicated":
+                lo, hi = p.detach().clone(), p.detach().clone()
+                torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=group)
+                torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=group)
+                worst = max(worst, float((hi - lo).abs().max()))
+    return worst
+
+
 def run_smoke(hf_config: str, *, steps: int, parallel: ParallelConfig, seq_len: int = 32, global_batch: int = 8,
-              micro_batch: int = 2, seed: int = 1234, lr: float = 1e-3, dtype: str = "auto") -> dict:
+              micro_batch: int = 2, seed: int = 1234, lr: float = 1e-3, dtype: str = "auto",
+              regularizer: str = "none", lam: float = 0.0, fisher_batches: int = 2) -> dict:
+    """`regularizer` ewc | l2sp (train.ewc): anchored at the initial weights, EWC's Fisher from `fisher_batches`
+    micro-batches of a second synthetic batch; the global penalty after each step is reported."""
     from megatron.core import parallel_state as ps
 
     arch = load_hf_config(hf_config)
@@ -85,20 +106,34 @@ def run_smoke(hf_config: str, *, steps: int, parallel: ParallelConfig, seq_len: 
                         micro_batch=micro_batch)
         fixed = synthetic_batch(global_batch, seq_len, arch.vocab_size, seed)
         start = [{n: p.detach().double().clone() for n, p in c.named_parameters()} for c in chunks]
+        reg, penalties, extra = None, [], {}
+        if regularizer != "none":
+            from cpt_megatron.train.ewc import Regularizer
+
+            reg = Regularizer(engine, regularizer, lam, vocab_size=arch.vocab_size)
+            if regularizer == "ewc":  # the same replay micro-batches on every rank
+                replay = synthetic_batch(fisher_batches * micro_batch, seq_len, arch.vocab_size, seed + 1)
+                reg.estimate_fisher(engine, split_for_rank(replay, 0, 1, micro_batch))
+                extra["fisher_normaliser"] = float(reg.normaliser)
         losses, grad_norms, first_update = [], [], None
         for step in range(steps):
             samples = fixed
             mbs = split_for_rank(samples, ps.get_data_parallel_rank(), dp, micro_batch)
-            res = engine.train_step(mbs)
+            res = engine.train_step(mbs, grad_hook=reg)
             losses.append(res.loss)
             grad_norms.append(res.grad_norm)
+            if reg is not None:
+                penalties.append(reg.penalty())
             if step == 0:
                 first_update = update_norms(chunks, start)
             if denv.rank == 0:
                 print(f"step {step + 1}/{steps} loss {res.loss:.6f} grad_norm {res.grad_norm or 0:.4f}", flush=True)
         # grad norms (before clipping) and per-tensor update norms: Adam + clipping would hide a uniform
         # gradient scale (a DP or token-normalization bug) from the losses, not from these
+        if reg is not None:
+            extra.update(penalties=penalties, tp_replica_diff=tp_replica_diff(chunks))
         return {"losses": losses, "grad_norms": grad_norms, "update_norms_step1": first_update,
-                "update_norms": update_norms(chunks, start), "tp": parallel.tp, "pp": parallel.pp, "dp": dp, "rank": denv.rank}
+                "update_norms": update_norms(chunks, start), "tp": parallel.tp, "pp": parallel.pp, "dp": dp,
+                "rank": denv.rank, **extra}
     finally:
         destroy_distributed()
