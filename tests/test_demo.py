@@ -152,7 +152,7 @@ def test_checkpoint_training_meta_records_groups(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(load_recipe("demo", [f"run.dir={run}"]))))
-    tr = _training_meta(run, {"step": 12, "train": {"tokens_per_step": 2048}})
+    tr = _training_meta(run, {"train": {"step": 12}, "recipe": {"train.global_batch": 8, "data.seq_len": 256}})
     assert tr["mixture"]["stdlib_code"]["group"] == "domain" and tr["domain_share_alpha"] == 0.7
 
     class Arch:

@@ -154,8 +154,8 @@ def _training_meta(run_dir: Path, state: dict) -> dict:
             tr["mixture"] = {s.get("name", "?"): {k: s.get(k) for k in ("group", "weight", "tokens")} for s in srcs}
         if data.get("alpha") is not None:
             tr["domain_share_alpha"] = data["alpha"]
-    if common.get("phases"):  # curriculum or the monitor's added phases: alpha is not constant
-        tr["phases"] = common["phases"]
+    if train.get("phases"):  # curriculum or the monitor's added phases: alpha is not constant
+        tr["phases"] = train["phases"]
     return tr
 
 
