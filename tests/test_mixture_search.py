@@ -113,6 +113,11 @@ def test_recommendation_is_largest_alpha_within_budget_after_extrapolation():
     # without extrapolation (full run = proxy) the same budget allows more domain data
     res1 = analyze(metrics, general=["wiki"], domain=["med"], watched=["ppl"], budget=0.03, full_tokens=1000)
     assert res1["alpha"] == pytest.approx(math.floor(100 * math.log((2.06 + math.log(1.03) - c) / k) / t) / 100)
+    # the half-way losses did not move (e.g. still in warmup): no exponent, no extrapolation, and it says so
+    flat = analyze(_metrics(lambda a: c + k * math.exp(t * a), lambda a: 2.4 + 0.6 * math.exp(-2 * a), b=60),
+                   general=["wiki"], domain=["med"], watched=["ppl"], budget=0.03, full_tokens=full)
+    assert flat["extrapolation"]["exponents"] == {"general": None, "domain": None} and flat["alpha"] == res1["alpha"]
+    assert len(flat["notes"]) == 2 and "not extrapolated" in flat["notes"][0]
     # the monitor watches loss instead of ppl: dL / L0 <= 3%
     res2 = analyze(metrics, general=["wiki"], domain=["med"], watched=["loss"], budget=0.03, full_tokens=1000)
     assert res2["alpha"] == pytest.approx(math.floor(100 * math.log((2.06 * 1.03 - c) / k) / t) / 100)

@@ -285,6 +285,9 @@ def analyze(metrics: list[dict], *, general: list[str], domain: list[str], watch
             sets[n].update(token_exponent=b, token_factor=factor, law=laws[n].to_dict())
     grid = _GRID
 
+    def exponent_of(names):
+        return next((sets[n]["token_exponent"] for n in names), None)
+
     def predicted_loss(n, a, scaled=True):
         f = sets[n]["token_factor"] if scaled else 1.0
         return base[n] + f * (laws[n](a) - base[n])
@@ -303,18 +306,22 @@ def analyze(metrics: list[dict], *, general: list[str], domain: list[str], watch
     def gain(a):  # cpt select's domain gain: mean relative ppl improvement
         return np.mean([-relative_change("ppl", predicted_loss(n, a), base[n]) for n in domain], axis=0)
 
+    notes = [f"{g}: no token exponent (the changes at the half-way evaluation are below 1e-4 nats or change sign): "
+             "its law is used at the proxy's tokens, not extrapolated; raise --proxy-steps"
+             for g, names in (("general", general), ("domain", domain))
+             if exponent_of(names) is None and full_tokens != d_end]
     reg_grid = regression(grid)
     alpha = recommend(grid, reg_grid, budget)
     has_band = all(laws[n].cov is not None for n in general)
     alpha_cons = recommend(grid, regression(grid, sigma=1.0), budget) if has_band else None
     out = {"alpha": alpha, "feasible": alpha is not None, "budget": {"act": budget, "metrics": watched},
-           "alpha_conservative": alpha_cons,
+           "alpha_conservative": alpha_cons, "notes": notes,
            "predicted": None, "sets": sets,
            "extrapolation": {"method": "dL(D) = dL(D_proxy) * (D / D_proxy)^b per group, b from the evaluations "
                                        f"at {d_mid:,} and {d_end:,} proxy tokens",
                              "proxy_tokens": d_end, "full_tokens": int(full_tokens),
                              "factor_tokens": full_tokens / d_end,
-                             "exponents": {g: next((sets[n]["token_exponent"] for n in names), None)
+                             "exponents": {g: exponent_of(names)
                                            for g, names in (("general", general), ("domain", domain))}},
            "curve": {"alpha": grid.tolist(), "general_regression": reg_grid.tolist(), "domain_gain": gain(grid).tolist()}}
     if alpha is not None:
@@ -336,12 +343,14 @@ def _snippet(res: dict, sc: SearchConfig) -> str:
         return (f"# cpt mixture search: no alpha keeps the predicted general regression within {res['budget']['act']:.1%}"
                 f" (least: alpha {lr['alpha']:g} -> {lr['general_regression']:+.2%}); lower the lr or raise eval.monitor.act\n")
     p = res["predicted"]
+    scaled = (f"extrapolated x{ex['factor_tokens']:.3g} to {ex['full_tokens']:,}"
+              if ex["exponents"]["general"] is not None and ex["factor_tokens"] != 1
+              else f"not extrapolated to the full run's {ex['full_tokens']:,}")
     return ("data:\n"
             f"  alpha: {res['alpha']:g}   # cpt mixture search --recipe {sc.recipe}: predicted general "
             f"{'/'.join(res['budget']['metrics'])} {p['general_regression']:+.2%} (budget {res['budget']['act']:.1%}), "
             f"domain ppl gain {p['domain_gain']:+.2%}; law fitted on alphas "
-            f"{','.join(f'{a:g}' for a in sorted(sc.alphas))} at {ex['proxy_tokens']:,} tokens, "
-            f"extrapolated x{ex['factor_tokens']:.3g} to {ex['full_tokens']:,}\n")
+            f"{','.join(f'{a:g}' for a in sorted(sc.alphas))} at {ex['proxy_tokens']:,} tokens, {scaled}\n")
 
 
 def _plot(res: dict, path: Path) -> None:
@@ -416,7 +425,7 @@ def search(sc: SearchConfig) -> dict:
     watched, budget, notes = _watched_metrics(cfg)
     res = analyze(metrics, general=general_heldout_sets(cfg), domain=domain_heldout_sets(cfg), watched=watched,
                   budget=budget, full_tokens=full_steps * tokens_per_step)
-    res["notes"] = notes + (["recipe has data.phases: proxies and the recommendation use one constant alpha"]
+    res["notes"] = res["notes"] + notes + (["recipe has data.phases: proxies and the recommendation use one constant alpha"]
                             if cfg.data.phases else [])
     res |= {"recipe": sc.recipe, "overrides": sc.overrides, "proxy_steps": steps, "proxy_model": sc.proxy_model,
             "proxies": summary, "png": str(out / "search.png"), "yaml": str(out / "recommendation.yaml"),
