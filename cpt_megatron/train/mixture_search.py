@@ -288,9 +288,8 @@ def analyze(metrics: list[dict], *, general: list[str], domain: list[str], watch
     def exponent_of(names):
         return next((sets[n]["token_exponent"] for n in names), None)
 
-    def predicted_loss(n, a, scaled=True):
-        f = sets[n]["token_factor"] if scaled else 1.0
-        return base[n] + f * (laws[n](a) - base[n])
+    def predicted_loss(n, a):  # the law scaled to the full run's tokens
+        return base[n] + sets[n]["token_factor"] * (laws[n](a) - base[n])
 
     def regression(a, sigma=0.0):
         worst = np.full(np.shape(a), -np.inf)
