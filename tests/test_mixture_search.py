@@ -42,7 +42,7 @@ def one_line_error(rc, err, *needles) -> str:
 @pytest.mark.parametrize("c,k,t", [(2.0, 0.8, -1.5), (3.0, 0.05, 2.0), (1.5, -0.3, 0.7), (4.1, 0.02, 4.0)])
 def test_law_recovers_known_parameters(c, k, t):
     law = fit_exp_law(ALPHAS, c + k * np.exp(t * ALPHAS))
-    assert (law.c, law.k, law.t) == pytest.approx((c, k, t), rel=1e-5, abs=1e-7)
+    assert (law.c, law.k, law.t) == pytest.approx((c, k, t), rel=1e-5, abs=1e-7) and law.identified
     # noisy points: the estimate is within 3 standard errors of the truth, and the band is not degenerate
     rng = np.random.default_rng(0)
     x = np.repeat(ALPHAS, 3)
@@ -59,6 +59,13 @@ def test_law_recovers_known_parameters(c, k, t):
 
 
 def test_law_refuses_too_few_or_bad_points():
+    # not monotone in alpha (MedQuAD proxies of experiments/mixture_law.py): a step function, flagged
+    step = fit_exp_law([0, 0.5, 1], [2.920, 2.720, 2.769])
+    assert not step.identified and step.rss > 1e-4
+    notes = analyze(_metrics(lambda a: 2.0 + 0.05 * math.exp(2.5 * a), lambda a: {0: 2.92, 0.5: 2.72, 1: 2.769}[a],
+                             alphas=[0, 0.5, 1]), general=["wiki"], domain=["med"], watched=["ppl"], budget=0.03,
+                    full_tokens=1000)["notes"]
+    assert len(notes) == 1 and "'med': the law is not identified" in notes[0]
     with pytest.raises(CptError, match="2 distinct alpha.*at least 3"):
         fit_exp_law([0, 1, 1], [2.0, 2.1, 2.1])
     with pytest.raises(CptError, match="non-finite.*diverged"):

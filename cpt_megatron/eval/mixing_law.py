@@ -53,6 +53,12 @@ class ExpLaw:
     """Covariance of (c, k, t); None with no residual degrees of freedom (n_points == 3)."""
     form: str = "c + k*exp(t*alpha)"
 
+    @property
+    def identified(self) -> bool:
+        """False when t sits at its bound: the points are not monotone in alpha or jump like a step (the law then
+        fits a step function and its predictions between the points are not to be trusted)."""
+        return abs(self.t) < _T_MAX * (1 - 1e-6)
+
     def __call__(self, alpha):
         return self.c + self.k * np.exp(self.t * np.asarray(alpha, dtype=float))
 

@@ -309,6 +309,9 @@ def analyze(metrics: list[dict], *, general: list[str], domain: list[str], watch
              "its law is used at the proxy's tokens, not extrapolated; raise --proxy-steps"
              for g, names in (("general", general), ("domain", domain))
              if exponent_of(names) is None and full_tokens != d_end]
+    notes += [f"held-out set {n!r}: the law is not identified (t at its bound; losses {np.round(sets[n]['loss'], 4).tolist()} "
+              f"at alphas {alphas.tolist()} are not monotone or jump): the differences between proxies may be run-to-run "
+              "noise; give more eval.batches, longer proxies or more alphas" for n in general + domain if not laws[n].identified]
     reg_grid = regression(grid)
     alpha = recommend(grid, reg_grid, budget)
     has_band = all(laws[n].cov is not None for n in general)
