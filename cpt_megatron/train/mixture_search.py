@@ -314,7 +314,7 @@ def analyze(metrics: list[dict], *, general: list[str], domain: list[str], watch
               "noise; give more eval.batches, longer proxies or more alphas" for n in general + domain if not laws[n].identified]
     reg_grid = regression(grid)
     alpha = recommend(grid, reg_grid, budget)
-    has_band = all(laws[n].cov is not None for n in general)
+    has_band = all(laws[n].cov is not None and laws[n].identified for n in general)
     alpha_cons = recommend(grid, regression(grid, sigma=1.0), budget) if has_band else None
     out = {"alpha": alpha, "feasible": alpha is not None, "budget": {"act": budget, "metrics": watched},
            "alpha_conservative": alpha_cons, "notes": notes,
@@ -373,7 +373,7 @@ def _plot(res: dict, path: Path) -> None:
             pts = ax.scatter(s["alphas"], 100 * relative_change("ppl", np.array(s["loss"]), b0), zorder=3,
                              label=f"{n}: proxies ({res['extrapolation']['proxy_tokens']:,} tokens)")
             ax.plot(grid, 100 * relative_change("ppl", law(grid), b0), color=pts.get_facecolor()[0], label=f"{n}: law")
-            std = law.std(grid)
+            std = law.std(grid) if law.identified else None  # a step fit's covariance is meaningless
             if std is not None:
                 ax.fill_between(grid, 100 * relative_change("ppl", law(grid) - std, b0),
                                 100 * relative_change("ppl", law(grid) + std, b0), alpha=0.15,
