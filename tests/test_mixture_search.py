@@ -260,3 +260,24 @@ def test_search_tiny_cpu_plumbing_and_resume(tiny_cpu_cache, tmp_path, capsys):
         return mixture_search._proxy_key(sc, proxy_overrides(sc, 0.5, 2))
 
     assert key() == key("run.dir=elsewhere") != key("optim.lr=5e-4")
+
+
+def test_proxy_model_kinds(tmp_path):
+    """--proxy-model picks the model key from what the path is, and clears the others (exactly one is allowed)."""
+    from cpt_megatron.config import load_recipe
+    from cpt_megatron.train.mixture_search import SearchConfig, proxy_overrides
+
+    gguf, cfg_json, hf, ckpt = tmp_path / "m.gguf", tmp_path / "config.json", tmp_path / "hf", tmp_path / "ckpt"
+    gguf.write_bytes(b"GGUF")
+    cfg_json.write_text("{}")
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    ckpt.mkdir()
+    for path, kind in ((gguf, "gguf"), (cfg_json, "hf_config"), (hf, "hf"), (ckpt, "base")):
+        ov = mixture_search._model_overrides(str(path))
+        assert f"model.{kind}={path.resolve()}" in ov and sum(not o.endswith("=null") for o in ov) == 1
+    tiny = str(mixture_search.Path(__file__).resolve().parents[1] / "recipes" / "models" / "tiny_llama.json")
+    sc = SearchConfig(recipe="tiny_cpu", proxy_model=tiny)
+    model = load_recipe("tiny_cpu", proxy_overrides(sc, 0.5, 2)).model
+    assert model.hf_config == tiny and model.gguf is None and model.base is None
