@@ -1,4 +1,5 @@
-"""`cpt mixture report`: realized token shares, epochs and phases of a mixture, before training."""
+"""`cpt mixture report`: realized token shares, epochs and phases of a mixture, before training.
+`cpt mixture search`: the domain share alpha for a forgetting budget, from proxy runs and a fitted mixing law."""
 
 from __future__ import annotations
 
@@ -30,6 +31,26 @@ def register(subparsers) -> None:
     r.add_argument("--megatron", action="store_true",
                    help="also print Megatron-LM's --data-path/--split per phase (and what does not carry over)")
     r.set_defaults(func=run_report)
+    s = sub.add_parser(
+        "search", parents=[subparsers.common],
+        help="short proxy runs at several alpha, a mixing law fitted per held-out set, the largest alpha whose "
+             "predicted general regression stays within the monitor's act threshold (PNG + YAML snippet)")
+    s.add_argument("--recipe", required=True, help="recipe name under recipes/ or a YAML path")
+    s.add_argument("overrides", nargs="*", help="recipe overrides for every proxy, e.g. optim.lr=1e-4")
+    s.add_argument("--alphas", type=_alphas, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="comma-separated domain shares of the proxies (default 0,0.25,0.5,0.75,1; 3 at least)")
+    s.add_argument("--proxy-steps", type=positive_int, default=None,
+                   help="steps per proxy (default min(recipe steps, 100)); evaluated half way and at the end")
+    s.add_argument("--proxy-model", default=None, metavar="PATH",
+                   help="a smaller model of the same family/tokenizer (.gguf, HF folder, cpt checkpoint, config.json)")
+    s.add_argument("--out", default=None, metavar="DIR", help="search folder (default RUN_DIR-mixture-search)")
+    s.add_argument("--jobs", type=positive_int, default=1, help="proxies trained at the same time (default 1)")
+    s.add_argument("--nproc", type=positive_int, default=None, help="processes per proxy (cpt train --nproc)")
+    s.add_argument("--proxy-index", type=nonneg_int, default=None, metavar="I",
+                   help="train only proxy I of --alphas and stop (a Slurm array task; slurm/mixture_search.sh)")
+    s.add_argument("--no-prepare", action="store_true", help="skip `cpt prepare` (a previous job prepared)")
+    s.add_argument("--keep-checkpoints", action="store_true", help="keep each proxy's final checkpoint")
+    s.set_defaults(func=run_search)
     p.set_defaults(func=lambda args: p.print_help())
 
 
@@ -88,6 +109,59 @@ def run_report(args) -> dict:
         if args.cache_dir is None:
             shutil.rmtree(cache, ignore_errors=True)
     return _show(report, args)
+
+
+def _alphas(text: str) -> list[float]:
+    import argparse
+
+    try:
+        return [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+
+
+def run_search(args) -> dict:
+    from cpt_megatron.train.mixture_search import SearchConfig, search
+
+    res = search(SearchConfig(recipe=args.recipe, overrides=args.overrides, alphas=args.alphas,
+                              proxy_steps=args.proxy_steps, proxy_model=args.proxy_model, out=args.out,
+                              jobs=args.jobs, nproc=args.nproc, proxy_index=args.proxy_index,
+                              prepare=not args.no_prepare, keep_checkpoints=args.keep_checkpoints))
+    if args.proxy_index is not None:
+        if not args.json:
+            for p in res["proxies"]:
+                print(f"proxy alpha={p['alpha']:g}: {'reused' if p['reused'] else 'trained'} ({p['dir']})")
+        return res
+    if args.json:
+        pred = res["predicted"] or {}
+        return {"alpha": res["alpha"], "feasible": res["feasible"], "alpha_conservative": res["alpha_conservative"],
+                "predicted_general_regression": pred.get("general_regression"),
+                "predicted_domain_gain": pred.get("domain_gain"), "budget": res["budget"],
+                "extrapolation": {k: res["extrapolation"][k] for k in ("proxy_tokens", "full_tokens", "factor_tokens")},
+                "proxies": res["proxies"], "json": res["json"], "png": res["png"], "yaml": res["yaml"]}
+    for p in res["proxies"]:
+        print(f"proxy alpha={p['alpha']:g}: {'reused' if p['reused'] else 'trained'} ({p['dir']})")
+    for n, st in res["sets"].items():
+        law = st["law"]
+        print(f"{st['group']:<8} {n}: L(alpha) = {law['c']:.4f} + {law['k']:.4g}*exp({law['t']:.3f}*alpha) "
+              f"(base {st['base_loss']:.4f}, rss {law['rss']:.2e}, token exponent {st['token_exponent']})")
+    ex = res["extrapolation"]
+    print(f"extrapolation: {ex['proxy_tokens']:,} proxy tokens -> {ex['full_tokens']:,} ({ex['factor_tokens']:.3g}x); "
+          f"{ex['method']}")
+    for note in res["notes"]:
+        print(f"NOTE: {note}")
+    if res["alpha"] is None:
+        lr = res["least_regressing"]
+        print(f"no alpha keeps the predicted general regression within {res['budget']['act']:.1%}: the least is "
+              f"{lr['general_regression']:+.2%} at alpha {lr['alpha']:g}")
+    else:
+        p = res["predicted"]
+        band = f" (+1 sigma: {p['general_regression_1sigma']:+.2%}, alpha {res['alpha_conservative']})" \
+            if "general_regression_1sigma" in p else " (no error band: give 4+ alphas)"
+        print(f"recommended alpha {res['alpha']:g}: predicted general regression {p['general_regression']:+.2%}{band} "
+              f"within {res['budget']['act']:.1%}; domain ppl gain {p['domain_gain']:+.2%}")
+    print(f"wrote {res['json']}, {res['png']}, {res['yaml']}:\n{res['snippet']}", end="")
+    return res
 
 
 def _show(report: dict, args) -> dict:
