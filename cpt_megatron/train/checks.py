@@ -10,7 +10,7 @@ from __future__ import annotations
 from cpt_megatron.config import RecipeConfig
 from cpt_megatron.errors import CptError
 
-__all__ = ["recipe_problems", "check_recipe", "layout"]
+__all__ = ["recipe_problems", "check_recipe", "layout", "parallel_problems"]
 
 
 def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
@@ -25,6 +25,30 @@ def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
         return dp, [f"train.global_batch={t.global_batch} is not divisible by train.micro_batch*dp = "
                     f"{t.micro_batch}*{dp}; use a multiple of {t.micro_batch * dp}"]
     return dp, []
+
+
+def parallel_problems(arch, parallel, seq_len: int) -> list[str]:
+    """Every rule the model `arch` (ModelArch) must meet to be split as `parallel`: TP vs attention heads,
+    KV heads and the MLP (ModelArch.check_parallel), equal pipeline stages (megatron-core asserts deep in
+    the model build otherwise; uneven stages are not configured here), whole layers per virtual stage, and
+    a sequence that sequence parallelism can split across TP ranks."""
+    problems = _try(lambda: arch.check_parallel(parallel.tp))
+    layers, pp, vpp = arch.num_layers, parallel.pp, parallel.vpp
+    if layers % pp:
+        problems.append(f"parallel.pp={pp} must divide num_hidden_layers={layers} (every pipeline stage holds "
+                        f"the same number of layers); use a pp in {_divisors(layers)}")
+    elif vpp and (layers // pp) % vpp:
+        problems.append(f"parallel.vpp={vpp} must divide the {layers // pp} layers per pipeline stage "
+                        f"(num_hidden_layers={layers} / pp={pp}); use a vpp in {_divisors(layers // pp)}")
+    local_seq = seq_len // max(1, getattr(parallel, "cp", 1))
+    if parallel.sp and parallel.tp > 1 and local_seq % parallel.tp:
+        problems.append(f"data.seq_len={seq_len} must be divisible by parallel.tp={parallel.tp} x cp with "
+                        "parallel.sp=true (sequence parallelism splits each sequence across TP ranks)")
+    return problems
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def te_problems(cfg: RecipeConfig) -> list[str]:
@@ -47,6 +71,8 @@ def recipe_problems(cfg: RecipeConfig, world_size: int, arch=None, prepared: dic
     """Problems of `cfg` on `world_size` processes; `arch` (ModelArch) and `prepared` (the manifest) when known."""
     problems = layout(cfg, world_size)[1] + te_problems(cfg)
     problems += _try(lambda: _check_model(cfg, arch))
+    if arch is not None:
+        problems += parallel_problems(arch, cfg.parallel, cfg.data.seq_len)
     problems += _try(lambda: _check_monitor(cfg))
     problems += _try(lambda: _check_mixture(cfg))
     if cfg.train.ewc.kind == "ewc" and not any(s.group == "general" for s in cfg.data.sources):
@@ -75,7 +101,6 @@ def _check_model(cfg: RecipeConfig, arch) -> None:
 
     select_kernels(cfg.model.options.spec)
     if arch is not None:
-        arch.check_parallel(cfg.parallel.tp)
         arch.check_seq_len(cfg.data.seq_len)
 
 
