@@ -115,7 +115,8 @@ def test_at_shortcut_as_an_override(gpt2_tokenizer_dir, tmp_path, capsys):
     assert rc == 2 and "override 'run.dir=`x': '`x' is not a YAML value" in one_error_line(err)
 
 
-def test_at_shortcut_in_tokenizer_flags(gpt2_tokenizer_dir, tmp_path, capsys):
+def test_at_shortcut_in_tokenizer_flags(gpt2_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CPT_CACHE_DIR", str(tmp_path / "cache"))
     from cpt_megatron.tokenizer.load import load_tokenizer, resolve_spec, tokenizer_info
 
     assert resolve_spec("@gpt2") == str(gpt2_tokenizer_dir)
@@ -127,3 +128,10 @@ def test_at_shortcut_in_tokenizer_flags(gpt2_tokenizer_dir, tmp_path, capsys):
     assert rc == 0 and "not found" not in err, err
     with pytest.raises(CptError, match="unknown tokenizer shortcut '@nope'"):
         load_tokenizer("@nope")
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": "Hello world"}) + "\n")
+    rc, out, err = cli(["preprocess", "--input", src, "--tokenizer", "@gpt2", "--out", tmp_path / "d", "--no-progress",
+                        "--json"], capsys)
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["tokens"] == 2, err
+    rc, out, err = cli(["preprocess", "--input", src, "--tokenizer", "@gpt5", "--out", tmp_path / "e"], capsys)
+    assert rc == 2 and "--tokenizer: unknown tokenizer shortcut '@gpt5'" in err and "Traceback" not in err, err
