@@ -6,6 +6,7 @@ work the same in recipes, overrides and `--tokenizer` flags (tokenizer/load.py `
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -53,10 +54,14 @@ def test_demo_tp2_dry_run_refuses_what_training_refuses(smollm2_gguf, tmp_path, 
 @pytest.mark.parametrize("overrides,nproc,message", [
     (["parallel.pp=3"], 3, "parallel.pp=3 must divide num_hidden_layers=4 (every pipeline stage holds the same "
                            "number of layers); use a pp in [1, 2, 4]"),
-    (["parallel.pp=2", "parallel.vpp=4"], 2, "parallel.vpp=4 must divide the 2 layers per pipeline stage"),
+    (["parallel.pp=2", "parallel.vpp=4", "eval.batches=2"], 2, "parallel.vpp=4 must divide the 2 layers per pipeline stage"),
     (["parallel.tp=2", "parallel.sp=true", "data.seq_len=65"], 2,
      "data.seq_len=65 must be divisible by parallel.tp=2 x cp with parallel.sp=true"),
     (["parallel.tp=4"], 4, "tp=4 must divide num_key_value_heads=2"),
+    (["parallel.pp=2", "parallel.vpp=2", "eval.batches=2", "train.global_batch=6"], 2,
+     "train.global_batch=6 gives 3 micro-batches per step (global_batch / (micro_batch*dp)); with parallel.vpp it "
+     "must be a multiple of parallel.pp=2"),
+    (["parallel.pp=2", "parallel.vpp=2"], 2, "eval.batches=1 must be a multiple of parallel.pp=2 with parallel.vpp"),
 ])
 def test_split_rules_are_one_list_for_dry_run_and_training(overrides, nproc, message, tmp_path, capsys):
     """Each rule megatron-core would otherwise hit deep in the model build (an AssertionError in
@@ -68,8 +73,7 @@ def test_split_rules_are_one_list_for_dry_run_and_training(overrides, nproc, mes
                         "--dry-run"], capsys)
     assert rc == 2 and message in one_error_line(err), err
     arch = load_hf_config("recipes/models/tiny_llama.json")
-    with pytest.raises(CptError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
-                       .replace("]", r"\]").replace(".", r"\.")):
+    with pytest.raises(CptError, match="^" + re.escape(message)):
         check_recipe(load_recipe("tiny_cpu", overrides), nproc, arch)
 
 

@@ -24,6 +24,17 @@ def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
     if t.global_batch % (t.micro_batch * dp):
         return dp, [f"train.global_batch={t.global_batch} is not divisible by train.micro_batch*dp = "
                     f"{t.micro_batch}*{dp}; use a multiple of {t.micro_batch * dp}"]
+    if p.vpp and p.pp > 1:  # megatron-core's interleaved 1F1B runs groups of pp micro-batches (ValueError otherwise)
+        micro = t.global_batch // (t.micro_batch * dp)
+        out = []
+        if micro % p.pp:
+            out.append(f"train.global_batch={t.global_batch} gives {micro} micro-batches per step (global_batch / "
+                       f"(micro_batch*dp)); with parallel.vpp it must be a multiple of parallel.pp={p.pp}: use a "
+                       f"global_batch multiple of {p.pp * t.micro_batch * dp}")
+        if cfg.eval.batches % p.pp:
+            out.append(f"eval.batches={cfg.eval.batches} must be a multiple of parallel.pp={p.pp} with parallel.vpp "
+                       "(the interleaved schedule evaluates groups of pp micro-batches)")
+        return dp, out
     return dp, []
 
 
