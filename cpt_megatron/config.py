@@ -489,11 +489,25 @@ def compose(recipe: str, overrides: list[str] | None = None) -> dict:
             key, eq, raw = ov.lstrip("+").partition("=")
             if not eq or not key:
                 raise CptError(f"override {ov!r}: expected key=value (e.g. train.max_steps=8)")
-            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
+            value = _override_value(raw, ov)
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise CptError(f"recipe {path.name}: {str(e).splitlines()[0]}") from e
+
+
+def _override_value(raw: str, ov: str):
+    """The YAML value of an override; `@name` shortcuts (`model.tokenizer=@gpt2`) stay strings."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    if raw.startswith("@"):  # '@' is reserved in YAML: a shortcut, never a YAML value
+        return raw
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
+    except yaml.YAMLError as e:
+        raise CptError(f"override {ov!r}: {raw!r} is not a YAML value ({str(e).splitlines()[0]}); "
+                       "quote it: key='\"...\"'") from None
 
 
 def load_recipe(recipe: str, overrides: list[str] | None = None) -> RecipeConfig:

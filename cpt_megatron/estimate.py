@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_MFU",
     "CURRENCY_SYMBOLS",
     "memory_per_gpu",
+    "memory_per_stage",
     "find_layout",
     "estimate",
 ]
@@ -115,7 +116,7 @@ def _layer_activation_bytes(m: F.ModelShape, s: int, b: int, t: int, sp: bool, r
     return working
 
 
-def memory_per_gpu(
+def memory_per_stage(
     arch: Any,
     layout: Layout,
     *,
@@ -124,8 +125,9 @@ def memory_per_gpu(
     distributed_optimizer: bool = True,
     flash_attention: bool = True,
     num_microbatches: int | None = None,
-) -> MemoryBreakdown:
-    """Memory on the most loaded GPU for this layout (see the module docstring for the model)."""
+) -> dict[str, MemoryBreakdown]:
+    """Memory per GPU of each pipeline stage kind: {'only'} with pp = 1, else {'first', 'last'} (the middle
+    stages hold less than either)."""
     m = F.as_shape(arch)
     if recompute not in RECOMPUTE_MODES:
         raise CptError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {recompute!r}")
@@ -154,20 +156,15 @@ def memory_per_gpu(
         stages["last"] = (body + head + m.hidden_size, layers * per_layer + extra + logits)
 
     shard = layout.dp * c if distributed_optimizer else 1
-    best = None
-    for name, (params, act) in stages.items():
-        mb = MemoryBreakdown(
-            weights=2.0 * params,
-            grads=4.0 * params,
-            optimizer=12.0 * params / shard,
-            activations=act,
-            params_per_gpu=int(params),
-            stage=name,
-        )
-        if best is None or mb.total > best.total:
-            best = mb
-    assert best is not None
-    return best
+    return {name: MemoryBreakdown(weights=2.0 * params, grads=4.0 * params, optimizer=12.0 * params / shard,
+                                  activations=act, params_per_gpu=int(params), stage=name)
+            for name, (params, act) in stages.items()}
+
+
+def memory_per_gpu(arch: Any, layout: Layout, **kw) -> MemoryBreakdown:
+    """Memory on the most loaded GPU for this layout (see the module docstring for the model); the keywords
+    are `memory_per_stage`'s."""
+    return max(memory_per_stage(arch, layout, **kw).values(), key=lambda mb: mb.total)
 
 
 def _check_layout(m: F.ModelShape, layout: Layout, seq_len: int, gbs: int | None) -> list[str]:

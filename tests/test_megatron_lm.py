@@ -148,7 +148,8 @@ def test_import_loads_like_megatron_lm(base):
                 add_bias_linear=False, add_qkv_bias=False, position_embedding_type="rope", rotary_base=500000,
                 use_rope_scaling=True, rope_scaling_factor=8.0, untie_embeddings_and_output_weights=True,
                 make_vocab_size_divisible_by=128, padded_vocab_size=1024, max_position_embeddings=256,
-                tensor_model_parallel_size=1, pipeline_model_parallel_size=1, add_position_embedding=False,
+                tensor_model_parallel_size=1, pipeline_model_parallel_size=1, add_position_embedding=True,
+                use_rotary_position_embeddings=False,
                 tokenizer_type="HuggingFaceTokenizer", ckpt_format="torch_dist")
     assert {k: getattr(a, k) for k in want} == want
     assert a.tokenizer_model == str((folder / "tokenizer").resolve())
@@ -187,6 +188,97 @@ def test_megatron_args_flags(base, capsys):
     assert "--add-qkv-bias" not in line
     text = (base["ours"] / "release" / "megatron_args.txt").read_text()
     assert "--num-query-groups 2 \\\n" in text and "--exit-on-missing-checkpoint" in text
+
+
+# -- ... and accepted by Megatron-LM's load_checkpoint with and without --finetune (issue 28 item 4) --------------
+# Facts of Megatron-LM core_v0.16.1 (read, not imported: megatron.training is not installed here):
+# - load_checkpoint (checkpointing.py l. 1746) calls check_checkpoint_args(state_dict['args']) unless --finetune.
+# - check_checkpoint_args (l. 102) asserts equality, with the message below, of num_layers, hidden_size,
+#   num_attention_heads and add_position_embedding (checkpoint default True); with args.vocab_file (GPT2BPE /
+#   BERT tokenizers; HuggingFaceTokenizer has none) also max_position_embeddings, make_vocab_size_divisible_by,
+#   tokenizer_type (padded_vocab_size only without a dist checkpoint); data_parallel_random_init when the run
+#   sets it; tensor/pipeline sizes only for checkpoint_version >= 3 without a dist checkpoint (torch format).
+# - arguments.py l. 1674: `--no-position-embedding` is store_false into add_position_embedding (default True);
+#   `--position-embedding-type rope` leaves it True. l. 1652: `--use-rotary-position-embeddings` is a deprecated
+#   store_true (default False). l. 1655: `--rotary-base` is type=int.
+# - release folders and --no-load-optim / --no-load-rng skip optimizer, scheduler and RNG (l. 1785, 1841).
+_MLM_COMPARED = [("num_layers", None), ("hidden_size", None), ("num_attention_heads", None),
+                 ("add_position_embedding", True)]
+_MLM_VOCAB_FILE_COMPARED = ["max_position_embeddings", "make_vocab_size_divisible_by", "tokenizer_type"]
+
+
+def megatron_lm_check_checkpoint_args(ckpt_args, run_args) -> None:
+    """check_checkpoint_args of Megatron-LM core_v0.16.1 for a torch_dist checkpoint, on plain Namespaces."""
+    def compare(name, default=None):
+        ckpt = getattr(ckpt_args, name, default) if default is not None else getattr(ckpt_args, name)
+        assert ckpt == getattr(run_args, name), (f"{name} value from checkpoint ({ckpt}) is not equal to the input "
+                                                 f"argument value ({getattr(run_args, name)}).")
+
+    for name, default in _MLM_COMPARED:
+        compare(name, default)
+    if run_args.vocab_file:
+        for name in _MLM_VOCAB_FILE_COMPARED:
+            compare(name)
+    if run_args.data_parallel_random_init:
+        compare("data_parallel_random_init")
+
+
+def pretrain_gpt_args(flags: list[str]) -> argparse.Namespace:
+    """The Namespace pretrain_gpt.py builds from `cpt megatron-args` flags, for the names check_checkpoint_args
+    and the rope setup read (Megatron-LM's actions, types and defaults; the model-size flags as ints)."""
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    for name in ("--num-layers", "--hidden-size", "--num-attention-heads", "--max-position-embeddings",
+                 "--rotary-base", "--make-vocab-size-divisible-by"):
+        p.add_argument(name, type=int)
+    p.add_argument("--position-embedding-type", default="learned_absolute")
+    p.add_argument("--no-position-embedding", action="store_false", dest="add_position_embedding")
+    p.add_argument("--use-rotary-position-embeddings", action="store_true")
+    p.add_argument("--tokenizer-type", default=None)
+    p.add_argument("--vocab-file", default=None)
+    p.add_argument("--data-parallel-random-init", action="store_true")
+    for name in ("--finetune", "--no-load-optim", "--no-load-rng"):
+        p.add_argument(name, action="store_true")
+    args, _ = p.parse_known_args(flags)
+    if args.use_rotary_position_embeddings:  # validate_args: legacy flag -> rope
+        args.position_embedding_type = "rope"
+    return args
+
+
+def test_import_and_trained_args_load_without_finetune(base):
+    """Issue 28 item 4: `pretrain_gpt.py` with `cpt megatron-args` flags minus --finetune plus --no-load-optim
+    --no-load-rng stopped in check_checkpoint_args on add_position_embedding (False written, True given).
+    Now both the imported base (release) and a trained checkpoint's args pass it, and the rope args are
+    those a Megatron-LM rope run saves (the Namespace `megatron_lm_args` mirrors) for every model key
+    load_args_from_checkpoint (--use-checkpoint-args) copies."""
+    from cpt_megatron.checkpoint import megatron_lm
+    from cpt_megatron.checkpoint.io import read_meta
+
+    text = (base["ours"] / "release" / "megatron_args.txt").read_text()
+    flags = " ".join(ln.rstrip("\\") for ln in text.splitlines() if not ln.startswith("#")).split()
+    assert "--finetune" in flags
+    run = pretrain_gpt_args([f for f in flags if f != "--finetune"] + ["--no-load-optim", "--no-load-rng"])
+    assert run.position_embedding_type == "rope" and run.add_position_embedding is True and not run.finetune
+    imported = torch.load(base["ours"] / "release" / "common.pt", map_location="cpu", weights_only=True)["args"]
+    trained = megatron_lm.common_entries(read_meta(base["ours"]), iteration=1000, tp=2, pp=2,
+                                         extra={"consumed_train_samples": 8000})["args"]
+    for ckpt_args in (imported, trained):
+        megatron_lm_check_checkpoint_args(ckpt_args, run)
+        megatron_lm_check_checkpoint_args(ckpt_args, argparse.Namespace(**{**vars(run), "vocab_file": "vocab.json",
+                                                                         "tokenizer_type": "HuggingFaceTokenizer"}))
+    assert (trained.iteration, trained.consumed_train_samples) == (1000, 8000)
+    mlm = megatron_lm_args(tp=1, pp=1, bf16=False, dist_opt=False, tokenizer="t", iteration=0)
+    model_keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                  "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type",
+                  "add_position_embedding", "use_rotary_position_embeddings", "rotary_base", "rotary_percent",
+                  "rotary_interleaved", "add_bias_linear", "add_qkv_bias", "swiglu",
+                  "untie_embeddings_and_output_weights", "apply_layernorm_1p", "normalization", "layernorm_epsilon",
+                  "use_rope_scaling", "rope_scaling_factor", "padded_vocab_size", "make_vocab_size_divisible_by")
+    assert {k: getattr(imported, k) for k in model_keys} == {k: getattr(mlm, k) for k in model_keys}
+    assert type(imported.rotary_base) is int  # `--rotary-base` is type=int in Megatron-LM
+    with pytest.raises(AssertionError, match=r"add_position_embedding value from checkpoint \(False\) is not equal "
+                                             r"to the input argument value \(True\)"):
+        megatron_lm_check_checkpoint_args(argparse.Namespace(**{**vars(imported), "add_position_embedding": False}),
+                                          run)
 
 
 # -- checkpoints Megatron-LM saved -> HF ---------------------------------------------------------------------

@@ -30,7 +30,11 @@ def args_namespace(arch: ModelArch, *, padded_vocab: int, divisor: int, dtype: s
         num_attention_heads=arch.num_heads, group_query_attention=arch.num_kv_heads != arch.num_heads,
         num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
         max_position_embeddings=arch.max_position_embeddings, position_embedding_type="rope",
-        add_position_embedding=False, use_rotary_position_embeddings=True, rotary_base=int(arch.rope_theta)
+        # as Megatron-LM's own rope runs save them (arguments.py): `--no-position-embedding` is a store_false
+        # into add_position_embedding (default True) that `--position-embedding-type rope` leaves True, and the
+        # deprecated `--use-rotary-position-embeddings` stays False. check_checkpoint_args compares
+        # add_position_embedding (default True) whenever --finetune is absent: False here stopped the load.
+        add_position_embedding=True, use_rotary_position_embeddings=False, rotary_base=int(arch.rope_theta)
         if float(arch.rope_theta).is_integer() else arch.rope_theta, rotary_percent=1.0, rotary_interleaved=False,
         use_rope_scaling=arch.rope_scaling is not None,
         rope_scaling_factor=float(arch.rope_scaling["factor"]) if arch.rope_scaling else 8.0,
@@ -172,8 +176,9 @@ def pretrain_flags(arch: ModelArch, *, padded_vocab: int, divisor: int, true_voc
                      f"{divisor}; Megatron-LM will refuse the shapes")
     if arch.sliding_window is not None:
         notes.append(f"sliding_window={arch.sliding_window} is not passed (full attention, as cpt-megatron trains)")
-    notes.append("base checkpoint (release): add --finetune (or --no-load-optim --no-load-rng); "
-                 "tp/pp may differ from the save (torch_dist reshards)")
+    notes.append("loads with --finetune (weights only, iteration 0) or without it with --no-load-optim "
+                 "--no-load-rng (a trained iter_* folder then keeps its iteration and consumed samples); tp/pp may "
+                 "differ from the save (torch_dist reshards)")
     return f, notes
 
 

@@ -10,7 +10,7 @@ import argparse
 import re
 
 __all__ = ["CptArgumentParser", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "token_count",
-           "byte_size"]
+           "byte_size", "tokenizer_spec"]
 
 
 class CptArgumentParser(argparse.ArgumentParser):
@@ -73,3 +73,15 @@ def byte_size(text: str) -> int:
         return parse_size(text, what="size")
     except CptError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("size").strip(": ")) from None
+
+
+def tokenizer_spec(text: str) -> str:
+    """A `--tokenizer` value: a path as given, or a shortcut (`@gpt2`, `@smollm2`) resolved to its local path by
+    the one resolver recipes use (tokenizer/load.py `resolve_spec`)."""
+    from cpt_megatron.errors import CptError
+    from cpt_megatron.tokenizer.load import resolve_spec
+
+    try:
+        return resolve_spec(text)
+    except CptError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

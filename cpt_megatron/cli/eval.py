@@ -3,7 +3,7 @@ megatron checkpoint (any TP/PP, no export)."""
 
 from __future__ import annotations
 
-from cpt_megatron.cli._types import nonneg_int, positive_int
+from cpt_megatron.cli._types import nonneg_int, positive_int, tokenizer_spec
 
 __all__ = ["register"]
 
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=positive_int, default=512, help="window length in tokens (labels per window)")
     p.add_argument("--micro-batch", type=positive_int, default=4, help="windows per forward pass")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="evaluate only the first N tokens of each file")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's / checkpoint's own)")
+    p.add_argument("--tokenizer", type=tokenizer_spec, default=None, help="tokenizer (default: the model's / checkpoint's own)")
     p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size (--ckpt)")
     p.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel size (--ckpt)")
     p.add_argument("--nproc", type=positive_int, default=None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cpt_megatron.cli._types import byte_size, positive_float
+from cpt_megatron.cli._types import byte_size, positive_float, tokenizer_spec
 
 
 def register(subparsers):
@@ -10,7 +10,7 @@ def register(subparsers):
                               help="export a megatron-core checkpoint to an HF directory (streaming, verified)")
     p.add_argument("--ckpt", required=True,
                    help="checkpoint: cpt import-hf output, RUN/checkpoints[/iter_N], or a Megatron-LM save root/iter folder")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--tokenizer", type=tokenizer_spec, default=None,
                    help="HF tokenizer dir (a Megatron-LM save whose args.tokenizer_model is not on this machine)")
     p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: the checkpoint's dtype")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import tokenizer_spec
+
 
 def register(subparsers):
     p = subparsers.add_parser("megatron-args", parents=[subparsers.common],
                               help="print the Megatron-LM pretrain_gpt.py flags that load this checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint (save root or iter_*/release folder)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer to name in --tokenizer-model (default: the checkpoint's)")
+    p.add_argument("--tokenizer", type=tokenizer_spec, default=None, help="tokenizer to name in --tokenizer-model (default: the checkpoint's)")
     p.set_defaults(func=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from cpt_megatron.cli._types import positive_float, positive_int
+from cpt_megatron.cli._types import positive_float, positive_int, tokenizer_spec
 
 __all__ = ["register"]
 
@@ -20,7 +20,8 @@ def register(subparsers) -> None:
         "file is one document unless --doc-separator splits it) and pass DIR/*.jsonl.gz here.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or JSONL.gz files (not raw text: see above)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer path (HF dir, tokenizer.json, .model, .gguf)")
+    p.add_argument("--tokenizer", type=tokenizer_spec, required=True,
+                   help="tokenizer path (HF dir, tokenizer.json, .model, .gguf) or @gpt2 / @smollm2")
     p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (PREFIX_<key> with several keys)")
     p.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes (output identical for any value)")
     p.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")

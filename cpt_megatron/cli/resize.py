@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from cpt_megatron.cli._types import tokenizer_spec
+
 
 def register(subparsers):
     p = subparsers.add_parser("resize-embeddings", parents=[subparsers.common],
                               help="grow embeddings (tied or untied output) for an extended tokenizer; never random")
     p.add_argument("--ckpt", required=True, help="checkpoint dir with cpt_meta.json and tokenizer/")
-    p.add_argument("--tokenizer", required=True, help="the NEW tokenizer (e.g. from `cpt tokenizer extend`)")
+    p.add_argument("--tokenizer", type=tokenizer_spec, required=True, help="the NEW tokenizer (e.g. from `cpt tokenizer extend`)")
     p.add_argument("--out", required=True, help="output checkpoint dir")
     p.add_argument("--init", default="subtoken-mean", choices=["subtoken-mean", "mean"],
                    help="new rows: mean of the base sub-token rows (default) or the global mean")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cpt_megatron.cli._types import nonneg_int, positive_int
+from cpt_megatron.cli._types import nonneg_int, positive_int, tokenizer_spec
 
 __all__ = ["register"]
 
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
         parents=[subparsers.common],
         help="add up to N domain tokens (appended BPE merges; old ids unchanged); saves an HF tokenizer dir",
     )
-    e.add_argument("--tokenizer", "-t", required=True, help="base tokenizer (byte-level BPE or SentencePiece BPE)")
+    e.add_argument("--tokenizer", "-t", type=tokenizer_spec, required=True, help="base tokenizer (byte-level BPE or SentencePiece BPE)")
     e.add_argument("--input", "-i", nargs="+", required=True, help="domain text files (.txt or .jsonl)")
     e.add_argument("--add", type=positive_int, required=True, help="maximum number of new tokens")
     e.add_argument("--out", "-o", required=True, help="output HF tokenizer folder")

@@ -53,11 +53,16 @@ def run(args):
 
     cfg = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
-        from cpt_megatron.train.dryrun import dry_run, format_dry_run
+        from cpt_megatron.errors import CptError
+        from cpt_megatron.train.dryrun import dry_run, failure_line, format_dry_run
 
-        res = dry_run(cfg, nproc=args.nproc, recipe=args.recipe, overrides=args.overrides)
+        res = dry_run(cfg, nproc=args.nproc, recipe=args.recipe, overrides=args.overrides, strict=False)
         if not args.json:
-            print(format_dry_run(res))
+            print(format_dry_run(res), flush=True)
+        elif not res["ok"]:
+            print(json.dumps(res), flush=True)  # the report, then the one-line error
+        if not res["ok"]:
+            raise CptError(failure_line(res))
         return res
     from cpt_megatron.runtime.launch import relaunched
 

@@ -139,7 +139,7 @@ def _setup_tokenizer(cfg: PreprocessConfig, sample_texts) -> _Tok:
     if record is not None and (fast is not None or not cfg.fast or not record.get("fast")):
         info = {k: record[k] for k in ("name", "vocab_size", "eod_id")} | {"sha256": sha}
         tok = _Tok(info=info, fast=fast if cfg.fast else None, spec=spec)
-        tok.encoder_name = f"{tok.fast.name} (verified against HF)" if tok.fast else "hf"
+        tok.encoder_name = f"{tok.fast.name} (verified against HF)" if tok.fast else f"hf ({record.get('why', 'no fast path')})"
         return tok
     from cpt_megatron.tokenizer.load import load_tokenizer, tokenizer_info
 

