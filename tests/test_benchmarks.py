@@ -187,7 +187,9 @@ def test_shared_benchmarks_resolve_for_every_task(shared_data, no_network):
 @pytest.mark.heavy
 @pytest.mark.slow
 def test_smollm2_arc_easy_real_items_above_chance(shared_data, smollm2_mcore, capsys, no_network):
-    """SmolLM2-135M through our megatron adapter on 200 real ARC-Easy test items: well above chance (0.25)."""
+    """SmolLM2-135M through our megatron adapter on 200 real ARC-Easy test items: well above chance (0.25).
+    Measured (cpt eval --ckpt, CPU fp32): acc 0.510 ± 0.035, acc_norm 0.465 ± 0.035 (and piqa, first 200 of
+    validation: acc 0.640 ± 0.034, acc_norm 0.655 ± 0.034)."""
     ckpt, _ = smollm2_mcore
     assert main(["eval", "--ckpt", str(ckpt), "--tasks", "arc_easy", "--benchmark-data",
                  str(shared_data / "benchmarks"), "--limit", "200", "--batch-size", "32", "--json"]) == 0
