@@ -17,7 +17,7 @@ from cpt_megatron.errors import CptError
 
 __all__ = [
     "RecipeConfig", "ModelSection", "DataSection", "DataSourceConfig", "TrainSection", "EwcConfig",
-    "CheckpointSection", "EvalSection", "LoggingSection", "RunSection", "ModelOptions", "ParallelConfig",
+    "CheckpointSection", "EvalSection", "HeldOutConfig", "LoggingSection", "RunSection", "ModelOptions", "ParallelConfig",
     "OptimConfig", "ScheduleConfig", "KERNEL_CHOICES", "load_recipe", "recipe_path", "to_dict",
 ]
 
@@ -353,6 +353,26 @@ class BenchmarkConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class HeldOutConfig:
+    """One held-out general evaluation set (`eval.general` entry): text no training source contains."""
+
+    name: str
+    """Its name in evals.jsonl, the monitor's events and `cpt select` (must differ from data.sources names)."""
+    path: str
+    """A .txt (one document) or .jsonl (one document per line, `text_key`) file; relative paths resolve from the
+    working directory, else from the repository (recipes ship relative paths)."""
+    text_key: str = "text"
+    max_tokens: int | None = None
+    """Evaluate only its first N tokens (the same windows every evaluation); None = eval.batches micro-batches."""
+
+    def __post_init__(self):
+        if not self.name or not self.path:
+            raise CptError("eval.general[]: give a name and a path (e.g. {name: shakespeare, path: data/x.txt})")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise CptError(f"eval.general[{self.name}].max_tokens={self.max_tokens}: must be >= 1 or null")
+
+
+@dataclasses.dataclass(kw_only=True)
 class EvalSection:
     interval: int | None = None
     """Evaluate every N steps, and always at step 0 (the base-model baseline) and at the end."""
@@ -364,9 +384,24 @@ class EvalSection:
     """lm-eval tasks run at step 0 and every interval in the training layout, e.g.
     [{task: arc_easy, limit: 1000}, {task: hellaswag, limit: 1000, metric: acc_norm}] (eval/tasks.py);
     general ones are watched by the monitor with their standard error."""
+    general: list[HeldOutConfig] = dataclasses.field(default_factory=list)
+    """Held-out general evaluation sets, separate from replay: [{name, path}]. When given, they (and general
+    benchmarks) are what the forgetting monitor and `cpt select` call "general"; the replay sources' validation
+    tails are still logged, as group "replay". `cpt prepare` refuses a set that overlaps a training source
+    (data/overlap.py)."""
+    max_overlap: float = 0.01
+    """Largest share of a held-out set's word 13-grams that may also occur in a training source."""
     benchmark_data: str | None = None
     """Local benchmark data for eval.benchmarks: DIR/<task>/<split>.jsonl in the Hub dataset's columns (MMLU:
     DIR/mmlu/<subject>/), read through lm-eval's own task configs (docs/benchmarks.md); None = the datasets cache."""
+
+    def __post_init__(self):
+        names = [g.name for g in self.general]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise CptError(f"eval.general: names {dup} appear more than once; give each set its own name")
+        if not 0.0 <= self.max_overlap < 1.0:
+            raise CptError(f"eval.max_overlap={self.max_overlap} must be in [0, 1)")
 
 
 @dataclasses.dataclass(kw_only=True)

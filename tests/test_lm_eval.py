@@ -463,8 +463,10 @@ def test_monitor_acts_on_planted_benchmark_regression_not_on_noise(tmp_path, tin
     export_hf(base, tmp_path / "base_hf", verify=False)
     task = base_preference_task(tmp_path / "base_hf", tmp_path / "tasks")
     bench = f"[{{task: {task}, limit: 200, interval: 4, batch_size: 100}}]"
+    # eval.general=[]: no held-out text set (the lr-0.1 run would blow up its perplexity too): the benchmark is
+    # the general set whose noise vs regression this test is about
     common = ("train.max_steps=8", "eval.interval=4", "checkpoint.save_interval=8", f"eval.benchmarks={bench}",
-              "eval.monitor.policy=stop")
+              "eval.monitor.policy=stop", "eval.general=[]")
     n, se0 = 200, (0.75 * 0.25 / 199) ** 0.5
 
     def scores_and_events(run):

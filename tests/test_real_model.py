@@ -68,7 +68,8 @@ def test_demo_pipeline_reduced(smollm2_gguf, cache, tmp_path):
         "train.global_batch=4", "eval.interval=2", "eval.batches=1", "checkpoint.save_interval=2",
         "data.sources.0.max_docs=60")
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert set(summary["table"]) == {"stdlib_code", "pydoc_prose"}
+    assert set(summary["table"]) == {"stdlib_code", "pydoc_prose", "shakespeare"}  # + the held-out general set
+    assert summary["table"]["shakespeare"]["group"] == "general" and summary["table"]["pydoc_prose"]["group"] == "replay"
     assert summary["table"]["stdlib_code"]["ppl_after"] < summary["table"]["stdlib_code"]["ppl_before"]
     prompt = "def fibonacci(n):"
     assert summary["completion"].startswith(prompt) and len(summary["completion"]) > len(prompt) + 10

@@ -60,6 +60,19 @@ def _stub_paths(cfg, root: Path) -> None:
             if not f.exists():
                 f.parent.mkdir(parents=True, exist_ok=True)
                 f.write_text("")
+    for g in cfg.eval.general:  # held-out general sets, and the benchmark files of eval.benchmarks
+        f = Path(g.path) if Path(g.path).is_absolute() else root / g.path
+        if not f.exists() and not (Path(__file__).resolve().parents[1] / g.path).exists():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("")
+    if cfg.eval.benchmark_data:
+        from cpt_megatron.eval.tasks import EVAL_SPLITS
+
+        for b in cfg.eval.benchmarks:
+            for split in EVAL_SPLITS:
+                f = root / cfg.eval.benchmark_data / b.task / f"{split}.jsonl"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text("")
 
 
 @pytest.mark.parametrize("name", RECIPES)

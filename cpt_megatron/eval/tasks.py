@@ -21,6 +21,7 @@ as `metric,filter`). For a mean of 0/1 scores lm-eval's stderr is the binomial o
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import types
@@ -210,11 +211,24 @@ def _local_factory(root: Path, plan_only: bool):
     return LocalDataFactory
 
 
-def _task_manager(include: list[str], registry: bool, benchmark_data: str | os.PathLike | None = None,
-                  plan_only: bool = False):
+@functools.lru_cache(maxsize=2)
+def _indexed_task_manager(registry: bool):
+    """lm-eval's TaskManager over its own tasks; building the index scans every task YAML (seconds)."""
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=include or None, include_defaults=registry)
+    return TaskManager(include_defaults=registry)
+
+
+def _task_manager(include: list[str], registry: bool, benchmark_data: str | os.PathLike | None = None,
+                  plan_only: bool = False):
+    import copy
+
+    from lm_eval.tasks import TaskManager
+
+    # lm-eval's own registry is indexed once per process (each copy gets its own factory); user YAML folders
+    # are indexed on every call (they may change between calls)
+    tm = TaskManager(include_path=include, include_defaults=registry) if include else \
+        copy.copy(_indexed_task_manager(registry))
     if benchmark_data is not None:
         tm._factory = _local_factory(Path(benchmark_data), plan_only)(meta=tm.metadata)
     return tm

@@ -87,6 +87,7 @@ def recipe_problems(cfg: RecipeConfig, world_size: int, arch=None, prepared: dic
     problems += _try(lambda: _check_monitor(cfg))
     problems += _try(lambda: _check_mixture(cfg))
     problems += _try(lambda: _check_benchmark_data(cfg))
+    problems += _try(lambda: _check_heldout(cfg, prepared))
     if cfg.train.ewc.kind == "ewc" and not any(s.group == "general" for s in cfg.data.sources):
         problems.append("train.ewc.kind=ewc needs a general (replay) source for the Fisher estimate")
     if prepared is not None:
@@ -180,6 +181,31 @@ def _check_benchmark_data(cfg: RecipeConfig) -> None:
         check_benchmark_data([b.task for b in ev.benchmarks], ev.benchmark_data)
     except CptError as e:
         raise CptError(f"eval.benchmark_data: {e}") from e
+
+
+def _check_heldout(cfg: RecipeConfig, prepared: dict | None) -> None:
+    """eval.general: files there, names apart from the training sources', and (with the manifest) checked
+    for overlap with the training text by `cpt prepare` in their current content."""
+    from pathlib import Path
+
+    from cpt_megatron.data.overlap import check_heldout
+    from cpt_megatron.train.prepare import resolve_path
+    from cpt_megatron.utils import sha256_file
+
+    sources = {s.name for s in cfg.data.sources}
+    for g in cfg.eval.general:
+        if g.name in sources:
+            raise CptError(f"eval.general[{g.name}]: the name of a training source; held-out sets need their own names")
+        path = resolve_path(g.path)
+        if not Path(path).is_file():
+            raise CptError(f"eval.general[{g.name}].path={g.path}: file not found (a .txt or .jsonl held-out set)")
+        if prepared is None:
+            continue
+        entry = prepared.get("heldout", {}).get(g.name)
+        if entry is None or entry.get("sha256") != sha256_file(path):
+            raise CptError(f"eval.general[{g.name}] ({g.path}) has not been checked against the training sources "
+                           "in its current content; run `cpt prepare` with this recipe first")
+        check_heldout({g.name: entry}, cfg.eval.max_overlap)
 
 
 def _check_prepared_data(prepared: dict) -> list[str]:

@@ -60,8 +60,10 @@ class _Evaluator:
     """Fixed validation micro-batches per source, evaluated in the training layout (forward-only schedules)
     through cpt_megatron.eval (one definition of loss/ppl/bits-per-byte)."""
 
-    def __init__(self, mixture, groups: dict, tokenizer, n_batches: int, micro: int, dp_rank: int, dp: int):
-        from cpt_megatron.eval.perplexity import batches_from_dataset
+    def __init__(self, mixture, groups: dict, tokenizer, n_batches: int, micro: int, dp_rank: int, dp: int,
+                 heldout: list | None = None, seq_len: int | None = None):
+        from cpt_megatron.eval.perplexity import batches_from_dataset, batches_from_file
+        from cpt_megatron.train.prepare import resolve_path
 
         self.sources = {}
         for name, ds in mixture.valid.items():
@@ -74,11 +76,22 @@ class _Evaluator:
             text = tokenizer.decode(torch.cat([torch.as_tensor(ds[i]["labels"]) for i in range(n)]).tolist())
             sb.num_bytes, sb.num_chars = len(text.encode()), len(text)
             self.sources[name] = sb
+        # eval.general: held-out general text (no training source contains it, `cpt prepare` checked); with it,
+        # the replay sources' validation tails are logged as group "replay" and are not what the monitor watches
+        self.replay = {n for n, g in groups.items() if g == "general"} if heldout else set()
+        for h in heldout or []:
+            self.sources[h.name] = batches_from_file(
+                resolve_path(h.path), tokenizer, name=h.name, group="general", seq_len=seq_len, micro_batch=micro,
+                max_tokens=h.max_tokens or n_batches * micro * dp * seq_len, dp_rank=dp_rank, dp=dp,
+                text_key=h.text_key)
 
     def __call__(self, engine) -> dict:
         from cpt_megatron.eval.perplexity import evaluate_sources
 
-        return evaluate_sources(engine.eval_step, self.sources)
+        res = evaluate_sources(engine.eval_step, self.sources)
+        for name in self.replay & set(res):
+            res[name]["group"] = "replay"
+        return res
 
 
 def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str | None = None) -> TrainResult:
@@ -161,7 +174,7 @@ class _Trainer:
             cut_logs(self.run_dir, self.state.step if self.resumed else None)
         self.logger = self._logger()
         self.evaluator = _Evaluator(self.mixture, self.groups, self.tokenizer, cfg.eval.batches, self.micro,
-                                    self.dp_rank, self.dp)
+                                    self.dp_rank, self.dp, heldout=cfg.eval.general, seq_len=self.S)
         self.monitor_config = self._monitor_config()
         self.monitor = None
         self._ensure_monitor()  # a resumed run's monitor exists (and gets its saved state) from the start
@@ -220,10 +233,11 @@ class _Trainer:
                                   benchmark_data=self.cfg.eval.benchmark_data)
 
     def _monitor_config(self):
-        """The forgetting monitor needs a general validation source; without one it is off."""
+        """The forgetting monitor needs a general evaluation set (eval.general, else replay); without one it is off."""
         from cpt_megatron.eval.monitor import MonitorConfig
 
-        return MonitorConfig(**self.cfg.eval.monitor) if "general" in self.groups.values() else None
+        general = "general" in self.groups.values() or bool(self.cfg.eval.general)
+        return MonitorConfig(**self.cfg.eval.monitor) if general else None
 
     def _ensure_monitor(self):
         """The forgetting monitor, once there is a baseline to compare with (registered in the run state)."""

@@ -329,6 +329,7 @@ def prepare(cfg, workers: int = 1) -> dict:
                 "base_meta_sha256": sha256_file(_base_meta(base)), "tokenizer": tok_spec,
                 "vocab_size": vocab, "eod_id": int(tokenizer.eos_token_id),
                 "sources": [{k: s[k] for k in ("name", "prefix", *_CHECK_KEYS)} for s in sources]}
+    manifest["heldout"] = heldout_overlap(cfg, sources)  # refuses a held-out set that overlaps training text
     mixture = recipe_mixture(cfg, manifest, valid_samples=max(1, cfg.eval.batches * cfg.train.micro_batch))
     manifest["mixture"] = mixture.report()
     write_json(manifest_path(cfg), manifest)
@@ -336,6 +337,39 @@ def prepare(cfg, workers: int = 1) -> dict:
 
 
 _CHECK_KEYS = ("algorithm", "bin_bytes", "idx_bytes", "bin_checksum", "idx_checksum", "bin_sampled")
+
+
+def heldout_overlap(cfg, sources: list[dict]) -> dict:
+    """eval.general vs the training text (data/overlap.py): the curated shards of `inputs` sources, their raw
+    inputs for the same-file test; `prefix` sources have no text and are listed as unchecked. Cached in
+    data.cache_dir/overlap/ by content; raises the one-line CptError of an overlapping set."""
+    from cpt_megatron.data.overlap import NGRAM, SAMPLE, check_heldout, overlap_report
+    from cpt_megatron.utils import sha256_file, write_json
+
+    if not cfg.eval.general:
+        return {}
+    sets = {}
+    for g in cfg.eval.general:
+        path = resolve_path(g.path)
+        if not Path(path).is_file():
+            raise CptError(f"eval.general[{g.name}].path={g.path}: file not found (a .txt or .jsonl held-out set)")
+        sets[g.name] = (path, g.text_key)
+    by_name = {s.name: s for s in cfg.data.sources}
+    text = {s["name"]: sorted(str(p) for p in (Path(s["prefix"]).parent / "curated").glob("*.jsonl.gz"))
+            for s in sources if by_name[s["name"]].inputs}
+    inputs = {n: [resolve_path(i) for i in by_name[n].inputs if not i.startswith("@")] for n in text}
+    key = _key(NGRAM, SAMPLE, {n: (sha256_file(p), k) for n, (p, k) in sets.items()},
+               {s["name"]: s.get("idx_checksum") for s in sources}, inputs)
+    cached = Path(cfg.data.cache_dir) / "overlap" / f"{key}.json"
+    if cached.is_file():
+        report = json.loads(cached.read_text())
+    else:
+        report = overlap_report(sets, text, inputs)
+        for n, (p, _) in sets.items():
+            report[n].update(sha256=sha256_file(p), unchecked=[s.name for s in cfg.data.sources if not s.inputs])
+        write_json(cached, report)
+    check_heldout(report, cfg.eval.max_overlap)
+    return report
 
 
 def load_prepared(cfg, command: str) -> dict:
