@@ -147,8 +147,8 @@ def test_recommendation_worst_general_set_and_infeasible_budget():
 # -- bad input ----------------------------------------------------------------------------------------------
 def test_bad_input_one_line_nothing_written(tmp_path, capsys):
     out = tmp_path / "s"
-    rc, _, err = cli(["mixture", "search", "--recipe", "tiny_cpu", "data.valid_fraction=0", "--out", out], capsys)
-    one_line_error(rc, err, "no general held-out set", "valid_fraction")
+    rc, _, err = cli(["mixture", "search", "--recipe", "tiny_cpu", "eval.general=[]", "--out", out], capsys)
+    one_line_error(rc, err, "no general held-out set", "eval.general")
     rc, _, err = cli(["mixture", "search", "--recipe", "tiny_cpu", "--alphas", "0,1,1", "--out", out], capsys)
     one_line_error(rc, err, "--alphas 0,1,1", "at least 3")
     rc, _, err = cli(["mixture", "search", "--recipe", "tiny_cpu", "--alphas", "0,0.5,1.5", "--out", out], capsys)
@@ -179,7 +179,7 @@ _FAKE_TRAIN = textwrap.dedent("""
         for s in (0, steps // 2, steps):
             loss = float("nan") if (bad and mode == "nan" and s == steps) else 2.0 + 0.1 * alpha * s / steps
             f.write(json.dumps({"step": s, "results": {"stdlib": {"group": "domain", "loss": 3.0 - loss / 10},
-                                                       "pydoc": {"group": "general", "loss": loss}}}) + "\\n")
+                                                       "shakespeare": {"group": "general", "loss": loss}}}) + "\\n")
     print(json.dumps({"losses": [1.0], "stopped": "loss spike at step 2" if bad and mode == "stopped" else None}))
 """)
 
@@ -230,7 +230,7 @@ def test_search_tiny_cpu_plumbing_and_resume(tiny_cpu_cache, tmp_path, capsys):
     full = json.loads((out / "search.json").read_text())
     assert res["alpha"] == full["alpha"] and res["extrapolation"]["proxy_tokens"] == 2 * 8 * 64
     assert res["extrapolation"]["full_tokens"] == 8 * 8 * 64 and res["extrapolation"]["factor_tokens"] == 4.0
-    assert set(full["sets"]) == {"stdlib", "pydoc"} and full["sets"]["pydoc"]["group"] == "general"
+    assert set(full["sets"]) == {"stdlib", "shakespeare"} and full["sets"]["shakespeare"]["group"] == "general"
     for p in res["proxies"]:
         m = json.loads((tmp_path / p["dir"] / "metrics.json").read_text())
         assert m["alpha"] == p["alpha"] and set(m["evals"]) == {"0", "1", "2"}

@@ -87,9 +87,10 @@ class SearchConfig:
 
 # -- which held-out sets ------------------------------------------------------------------------------------
 def general_heldout_sets(cfg: RecipeConfig) -> list[str]:
-    """Names of the general held-out sets the search (and the monitor) measures forgetting on. Today: the
-    validation tails (data.valid_fraction) of the recipe's general sources, the sets the monitor watches."""
-    return [s.name for s in cfg.data.sources if s.group == "general"] if cfg.data.valid_fraction > 0 else []
+    """Names of the general held-out sets the search (and the monitor) measures forgetting on: `eval.general`,
+    text that no training source contains (the replay corpus's own validation tail is logged as `replay` and
+    is not a measure of forgetting: the run trains on that distribution)."""
+    return [g.name for g in cfg.eval.general]
 
 
 def domain_heldout_sets(cfg: RecipeConfig) -> list[str]:
@@ -100,9 +101,8 @@ def domain_heldout_sets(cfg: RecipeConfig) -> list[str]:
 def _check_recipe(cfg: RecipeConfig, sc: SearchConfig) -> None:
     where = f"recipe {sc.recipe}"
     if not general_heldout_sets(cfg):
-        raise CptError(f"{where}: no general held-out set (data.valid_fraction={cfg.data.valid_fraction}, general "
-                       f"sources {[s.name for s in cfg.data.sources if s.group == 'general']}): the search measures "
-                       "forgetting there; add a data.sources entry with group: general and set valid_fraction > 0")
+        raise CptError(f"{where}: no general held-out set: the search measures forgetting on eval.general (text no "
+                       "training source contains); add eval.general: [{name: NAME, path: FILE}] to the recipe")
     if not domain_heldout_sets(cfg):
         raise CptError(f"{where}: no domain held-out set: add a data.sources entry with group: domain")
     from cpt_megatron.eval.mixing_law import MIN_POINTS
