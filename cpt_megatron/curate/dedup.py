@@ -462,6 +462,7 @@ def _fine_estimate(pa: np.ndarray, pb: np.ndarray, sa: np.ndarray, sb: np.ndarra
     """(Jaccard estimate, bins used) per pair from undensified sketches: equal filled bins / bins
     filled in either (the one-permutation estimator; small sets fill ~one bin per shingle)."""
     est, used = np.empty(len(pa)), np.empty(len(pa))
+    chunk = _rows_per_chunk(chunk, sa.shape[1])
     for lo in range(0, len(pa), chunk):
         a, b = np.asarray(sa)[pa[lo : lo + chunk]], np.asarray(sb)[pb[lo : lo + chunk]]
         either = np.count_nonzero((a != _EMPTY) | (b != _EMPTY), axis=1)
@@ -566,9 +567,19 @@ def sketch_se(t: float, bins: int, n: np.ndarray, densified: bool = True) -> np.
     return np.sqrt(np.maximum(var, t * (1 - t) / bins))
 
 
+_CHUNK_BYTES = 8 << 20  # one gathered block of sketches: 8 MiB (a 512-bin pair is 2 KiB a side)
+
+
+def _rows_per_chunk(chunk: int, bins: int) -> int:
+    """At most `chunk` pairs, and at most _CHUNK_BYTES of uint32 sketch rows per side: the pre-filters'
+    temporaries (two gathered blocks and their comparisons) stay ~40 MiB whatever the batch's pair count."""
+    return max(1, min(chunk, _CHUNK_BYTES // (4 * max(bins, 1))))
+
+
 def _estimate(pa: np.ndarray, pb: np.ndarray, sa: np.ndarray, sb: np.ndarray, chunk: int) -> np.ndarray:
     """Sketch estimate of each pair's Jaccard (fraction of equal bins), chunk pairs at a time."""
     est = np.empty(len(pa))
+    chunk = _rows_per_chunk(chunk, sa.shape[1])
     for lo in range(0, len(pa), chunk):  # bounded memory: chunk x bins sketch values at a time
         eq = np.asarray(sa)[pa[lo : lo + chunk]] == np.asarray(sb)[pb[lo : lo + chunk]]
         est[lo : lo + chunk] = np.count_nonzero(eq, axis=1)
