@@ -465,8 +465,9 @@ def _fine_estimate(pa: np.ndarray, pb: np.ndarray, sa: np.ndarray, sb: np.ndarra
     chunk = _rows_per_chunk(chunk, sa.shape[1])
     for lo in range(0, len(pa), chunk):
         a, b = np.asarray(sa)[pa[lo : lo + chunk]], np.asarray(sb)[pb[lo : lo + chunk]]
-        either = np.count_nonzero((a != _EMPTY) | (b != _EMPTY), axis=1)
-        est[lo : lo + chunk] = np.count_nonzero((a == b) & (a != _EMPTY), axis=1) / np.maximum(either, 1)
+        both_empty = np.count_nonzero(np.minimum(a, b) == _EMPTY, axis=1)  # empty = the largest value
+        either = a.shape[1] - both_empty
+        est[lo : lo + chunk] = (np.count_nonzero(a == b, axis=1) - both_empty) / np.maximum(either, 1)
         used[lo : lo + chunk] = either
     return est, used
 
