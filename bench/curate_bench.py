@@ -2,6 +2,9 @@
 corpus, decisions checked against exact Jaccard.
 
     python bench/curate_bench.py [--corpus ../shared/data/domain/medquad_qa.txt --sep '^# '] [--json]
+    # whole processes: `cpt curate` (near-dup stage only) vs datatrove 0.10.1's MinHash pipeline, -j 1 and 2
+    python bench/curate_bench.py --processes [--workers 1,2] [--repeat 3]
+    python bench/curate_bench.py --processes --corpus ../shared/data/domain/cuad_contracts.txt --sep '\n' --min-words 30
 
 Every method gets the raw documents and returns the set it removes at threshold 0.8 (a removed document
 is never inserted, so "earlier kept document" is the semantics everywhere); shingling is timed.
@@ -11,6 +14,13 @@ is never inserted, so "earlier kept document" is the semantics everywhere); shin
   built in Python as its README does.
 - ours: `cpt_megatron.curate.dedup` (numpy shingle hashes + one-permutation sketch, high-recall LSH,
   exact Jaccard decides), and the same with `decide: estimate`.
+`--processes`: each tool runs as its own process on the same JSONL files (W files for W workers, the
+corpus cut into contiguous runs, not timed): ours is `tools/curate.py --stages minhash_dedup -j W`
+(reads, decides, writes gzip shards and report.json), datatrove is its 4-stage MinHash example
+(signatures, buckets, cluster, filter; `LocalPipelineExecutor` with W tasks/workers, 5-gram shingles,
+`--dt-buckets` x `--dt-rows`, default 12 x 10: ~0.78 target, without writing the kept documents). Wall
+time and peak RSS of the largest process (`/usr/bin/time`: the process and the workers it reaped) per run, runs
+alternated, the fastest of `--repeat` counts; removed ids scored against the same brute-force truth.
 Ground truth: exact Jaccard greedy over ALL earlier kept documents (brute force, with the size bound).
 Time is CPU time of this process (the machine is shared; wall time is printed too); each method but the
 tutorial loop (~40 s a run) runs `--repeat` times and the fastest run counts, as `timeit` does.
@@ -19,10 +29,15 @@ tutorial loop (~40 s a run) runs `--repeat` times and the fastest run counts, as
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
+import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,9 +49,154 @@ from cpt_megatron.curate.dedup import MinHasher, NearDupIndex, brute_force_remov
 DEFAULT = Path(os.environ.get("CPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")) / "domain/medquad_qa.txt"
 
 
-def load(path: Path, sep: str) -> list[str]:
+def load(path: Path, sep: str, min_words: int = 0) -> list[str]:
+    """Documents of a plain-text corpus: split before each line matching `sep` (^...) or at `sep`; with
+    min_words only those of at least that many words (CUAD paragraphs: sep '\\n', min_words 30)."""
     text = path.read_text(encoding="utf-8")
-    return [d for d in re.split(f"(?m)(?={sep.lstrip('^')})" if sep.startswith("^") else sep, text) if d.strip()]
+    docs = [d for d in re.split(f"(?m)(?={sep.lstrip('^')})" if sep.startswith("^") else sep, text) if d.strip()]
+    return [d for d in docs if len(d.split()) >= min_words] if min_words else docs
+
+
+def _write_inputs(docs: list[str], folder: Path, files: int) -> None:
+    """The corpus as `files` JSONL files of contiguous documents (ids = corpus index), for both tools."""
+    folder.mkdir(parents=True)
+    for k in range(files):
+        lo, hi = k * len(docs) // files, (k + 1) * len(docs) // files
+        with open(folder / f"part-{k:03d}.jsonl", "w") as f:
+            f.writelines(json.dumps({"id": str(i), "text": docs[i]}) + "\n" for i in range(lo, hi))
+
+
+def _run_process(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall s, peak RSS MiB of the largest of the process and the workers it reaped). Under /usr/bin/time
+    where present: a child forked from this (large) process starts with its resident size on record."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        timed = ["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd] if os.path.exists("/usr/bin/time") else cmd
+        t = time.perf_counter()
+        proc = subprocess.run(timed, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall = time.perf_counter() - t
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd)} failed: {proc.stderr.decode()[-2000:]}")
+        kib = int(rss_file.read().split()[-1]) if timed is not cmd else \
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, kib / 1024
+
+
+def _ours_removed(out: Path) -> set[int]:
+    removed = set()
+    for f in (out / "rejected").glob("minhash_dedup-*.jsonl.gz"):
+        with gzip.open(f, "rt") as fh:
+            removed.update(int(json.loads(line)["id"]) for line in fh)
+    return removed
+
+
+def datatrove_child(inp: Path, work: Path, workers: int, buckets: int, rows: int) -> None:
+    """datatrove's MinHash example pipeline; writes the kept ids to work/kept-RANK.txt."""
+    import xxhash
+    from datatrove.data import Document
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    if not isinstance(getattr(xxhash, "_cpt_shim", None), bool):  # xxhash >= 4 refuses the str datatrove 0.10.1 hashes
+        raw = xxhash.xxh64_intdigest
+        xxhash.xxh64_intdigest = lambda d, seed=0: raw(d.encode("utf-8", "surrogatepass") if isinstance(d, str) else d, seed)
+        xxhash._cpt_shim = True
+    cfg = MinhashConfig(n_grams=5, num_buckets=buckets, hashes_per_bucket=rows)
+
+    def kept(data, rank: int = 0, world_size: int = 1):
+        with open(work / f"kept-{rank:03d}.txt", "w") as f:
+            for doc in data:
+                f.write(doc.id + "\n")
+                yield doc
+
+    def reader(data, rank: int = 0, world_size: int = 1):  # file `rank` (JsonlReader would need orjson)
+        with open(inp / f"part-{rank:03d}.jsonl") as f:
+            for line in f:
+                d = json.loads(line)
+                yield Document(text=d["text"], id=d["id"])
+
+    class Words(WordTokenizer):  # words as str.split() gives them, as ours (its default English one needs spacy)
+        def word_tokenize(self, text: str) -> list[str]:
+            return text.split()
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return [text]
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            return [(0, len(text))]
+
+    signature = MinhashDedupSignature(output_folder=str(work / "sigs"), config=cfg, language=Words())
+    logs = str(work / "logs")
+    sig = LocalPipelineExecutor([reader, signature],
+                                tasks=workers, workers=workers, logging_dir=logs + "/1", start_method="fork")
+    bkt = LocalPipelineExecutor([MinhashDedupBuckets(input_folder=str(work / "sigs"), output_folder=str(work / "buckets"),
+                                                     config=cfg)], tasks=buckets, workers=workers,
+                                logging_dir=logs + "/2", depends=sig, start_method="fork")
+    clu = LocalPipelineExecutor([MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "remove"),
+                                                     config=cfg)], tasks=1, logging_dir=logs + "/3", depends=bkt,
+                                start_method="fork")
+    flt = LocalPipelineExecutor([reader, MinhashDedupFilter(input_folder=str(work / "remove")), kept],
+                                tasks=workers, workers=workers, logging_dir=logs + "/4", depends=clu,
+                                start_method="fork")
+    flt.run()
+
+
+def processes(docs: list[str], truth: set[int], workers: list[int], repeat: int, buckets: int, rows: int) -> dict:
+    """Whole-process runs of ours and datatrove, alternated; the fastest of `repeat` per (tool, workers)."""
+    repo = Path(__file__).resolve().parents[1]
+    rows_out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:
+        tmp = Path(tmp)
+        for w in workers:
+            _write_inputs(docs, tmp / f"in{w}", w)
+        tools = ["ours"]
+        try:
+            import datatrove  # noqa: F401
+
+            tools.append("datatrove")
+        except ImportError:
+            print("(datatrove not installed: pip install -e '.[bench]')")
+        for r in range(repeat):
+            for w in workers:
+                for tool in tools:
+                    out = tmp / f"{tool}-{w}-{r}"
+                    if tool == "ours":
+                        cmd = [sys.executable, str(repo / "tools/curate.py"), "-i", str(tmp / f"in{w}"), "-o", str(out),
+                               "--stages", "minhash_dedup", "-j", str(w), "-c", str(tmp / "ours.yaml")]
+                        (tmp / "ours.yaml").write_text("rejected_samples: 100000000\n")
+                    else:
+                        cmd = [sys.executable, __file__, "--datatrove-child", str(tmp / f"in{w}"), str(out),
+                               str(w), str(buckets), str(rows)]
+                        out.mkdir()
+                    wall, rss = _run_process(cmd, repo)
+                    if tool == "ours":
+                        removed = _ours_removed(out)
+                    else:
+                        kept = {int(x) for f in out.glob("kept-*.txt") for x in f.read_text().split()}
+                        removed = set(range(len(docs))) - kept
+                    shutil.rmtree(out)
+                    key = f"{tool} -j {w}"
+                    best = rows_out.get(key)
+                    tp = len(removed & truth)
+                    row = {"tool": tool, "workers": w, "wall_s": round(wall, 2), "peak_rss_mib": round(rss),
+                           "removed": len(removed), "precision": round(tp / max(1, len(removed)), 4),
+                           "recall": round(tp / max(1, len(truth)), 4)}
+                    if best is None or wall < best["wall_s"]:
+                        row["walls"] = (best or {}).get("walls", []) + [round(wall, 2)]
+                        rows_out[key] = row
+                    else:
+                        best["walls"].append(round(wall, 2))
+    print(f"{'run':<16} {'wall s (min)':>12} {'all runs':>24} {'peak MiB':>9} {'removed':>8} {'precision':>9} {'recall':>7}")
+    for key, r in rows_out.items():
+        print(f"{key:<16} {r['wall_s']:>12.2f} {str(r['walls']):>24} {r['peak_rss_mib']:>9} {r['removed']:>8} "
+              f"{r['precision']:>9.4f} {r['recall']:>7.4f}")
+    return rows_out
 
 
 def _shingle_strs(d: str) -> list[str]:
@@ -105,16 +265,31 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--repeat", type=int, default=5, help="runs per fast method; the fastest counts")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--min-words", type=int, default=0, help="keep documents of at least N words (CUAD paragraphs: 30)")
+    ap.add_argument("--processes", action="store_true", help="whole processes: cpt curate vs datatrove")
+    ap.add_argument("--workers", default="1,2", help="--processes: worker counts")
+    ap.add_argument("--dt-buckets", type=int, default=12)
+    ap.add_argument("--dt-rows", type=int, default=10)
+    ap.add_argument("--datatrove-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.datatrove_child:
+        inp, work, w, b, r = args.datatrove_child
+        return datatrove_child(Path(inp), Path(work), int(w), int(b), int(r))
     if not args.corpus.is_file():
         sys.exit(f"corpus {args.corpus} not found (see ../shared/data/README.md)")
-    docs = load(args.corpus, args.sep)
+    docs = load(args.corpus, args.sep.encode().decode("unicode_escape"), args.min_words)
     if args.limit:
         docs = docs[: args.limit]
     thr = args.threshold
     print(f"corpus {args.corpus.name}: {len(docs)} documents, {sum(len(d) for d in docs) / 1e6:.1f}M chars")
     truth = brute_force_removed(docs, MinHashConfig(threshold=thr))
     print(f"exact Jaccard >= {thr} to an earlier kept document (brute force): {len(truth)}")
+    if args.processes:
+        rows = processes(docs, truth, [int(w) for w in args.workers.split(",")], max(1, args.repeat),
+                         args.dt_buckets, args.dt_rows)
+        if args.json:
+            print(json.dumps({"docs": len(docs), "exact_truth": len(truth), "rows": rows}))
+        return
     stats: dict = {}
     methods = [("tutorial loop", lambda: tutorial(docs, thr))]
     try:

@@ -229,6 +229,97 @@ def test_batch_decisions_equal_per_document_and_subsample_filter_is_safe():
     assert skipped_near.sum() >= 5, (true[~checked], true[checked])
 
 
+def _short_paragraph_pairs(seed=0, n=400):
+    """n random paragraphs of 34-63 words, each followed by a copy with its k-th word from the end changed
+    (k changed shingles of s: J = (s-k)/(s+k), k picked for J in [0.82, 0.88))."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(5000)]
+    docs = []
+    for _ in range(n):
+        words = [rng.choice(vocab) for _ in range(rng.randrange(34, 64))]
+        s = len(words) - 4
+        k = next(k for k in (4, 3, 2) if (s - k) / (s + k) >= 0.82)
+        copy = list(words)
+        copy[-k] = "x" + copy[-k]
+        docs += [" ".join(words), " ".join(copy)]
+    return docs
+
+
+def _index_removed(docs, cfg) -> tuple[set[int], dict]:
+    from cpt_megatron.curate.dedup import NearDupIndex
+
+    hasher, index = MinHasher(cfg), NearDupIndex(cfg)
+    try:
+        values, offsets = hasher.hash_sets(docs)
+        got = index.check_batch([str(i) for i in range(len(docs))], hasher.signatures(values, offsets), values, offsets)
+    finally:
+        index.close()
+    return {i for i, (d, _) in enumerate(got) if d is not None}, index.stats.as_dict()
+
+
+def test_short_paragraph_near_duplicates_exact_recall():
+    """Bug: a flat 0.1 sketch margin (~3 standard errors of a LONG document's 128-bin estimate) dropped true
+    pairs between 30-60-word paragraphs, whose densified estimate is 2-3x noisier (3 of these 400 pairs at
+    J 0.82-0.88). The margin is now per pair size: every pair is found, as with no sketch pre-filter."""
+    from cpt_megatron.curate.config import MinHashConfig
+
+    docs = _short_paragraph_pairs()
+    truth = brute_force_removed(docs)
+    assert truth == set(range(1, len(docs), 2))
+    removed, stats = _index_removed(docs, MinHashConfig())
+    assert removed == truth and stats["verified_pairs"] == len(truth), (len(removed), len(truth))
+    assert _index_removed(docs, MinHashConfig(prefilter_sigmas=None))[0] == truth
+
+
+def test_sketch_standard_error_bounds_the_estimators_spread():
+    """`sketch_se` (the pre-filter's margin per pair size) is at least the measured spread of both sketch
+    estimators at J ~ 0.8, from 8-shingle paragraphs to long documents; a flat long-document value is not."""
+    from cpt_megatron.curate.dedup import _fine_estimate, fine_sketches, oph_sketches, sketch_se
+
+    rng = np.random.default_rng(0)
+    one = np.array([0])
+    for n in (8, 30, 100, 1000):
+        inter = round(n * 1.6 / 1.8)  # J = inter / (n + n - inter) ~ 0.8
+        j = inter / (2 * n - inter)
+        dense, fine, used = [], [], []
+        for _ in range(150):
+            u = np.unique(rng.integers(0, 2**64, size=2 * n - inter, dtype=np.uint64))
+            rng.shuffle(u)
+            a, b = np.sort(u[:n]), np.sort(np.concatenate([u[:inter], u[n:]]))
+            values, offsets = np.concatenate([a, b]), np.array([0, len(a), len(a) + len(b)])
+            s = oph_sketches(values, offsets, 128)
+            dense.append((s[0] == s[1]).mean())
+            est, nb = _fine_estimate(one, one + 1, *(fine_sketches(values, offsets),) * 2, 8)
+            fine.append(est[0]), used.append(nb[0])
+        assert abs(np.mean(dense) - j) < 0.03 and abs(np.mean(fine) - j) < 0.01
+        assert np.std(dense) <= 1.05 * sketch_se(j, 128, n), (n, np.std(dense), sketch_se(j, 128, n))
+        assert np.std(fine) <= 1.05 * sketch_se(j, 512, np.mean(used), densified=False)
+        if n <= 30:
+            assert np.std(dense) > 1.5 * np.sqrt(j * (1 - j) / 128)  # the long-document value is too small
+
+
+def test_cuad_paragraph_pairs_the_flat_margin_lost(shared_data):
+    """The real case: CUAD paragraphs (lines of >= 30 words) around the 4 true pairs (J 0.806-0.875, 7-56
+    shingles) that the flat 0.1 margin dropped; decisions equal the brute-force truth."""
+    from cpt_megatron.curate.config import MinHashConfig
+
+    paras = [ln for ln in (shared_data / "domain/cuad_contracts.txt").read_text().split("\n") if len(ln.split()) >= 30]
+    docs = [p for lo in (13400, 14900, 17150, 18400, 21900) for p in paras[lo : lo + 100]]
+    truth = brute_force_removed(docs)
+    removed, _ = _index_removed(docs, MinHashConfig())
+    assert len(truth) == 44 and removed == truth, (len(removed), len(removed & truth))
+
+
+@pytest.mark.heavy  # ~40 s: all 30,592 paragraphs, brute force over every pair
+def test_cuad_paragraphs_exact_recall(shared_data):
+    from cpt_megatron.curate.config import MinHashConfig
+
+    docs = [ln for ln in (shared_data / "domain/cuad_contracts.txt").read_text().split("\n") if len(ln.split()) >= 30]
+    truth = brute_force_removed(docs)
+    removed, _ = _index_removed(docs, MinHashConfig())
+    assert len(truth) == 1154 and removed == truth, (len(removed), len(removed & truth))
+
+
 @pytest.mark.slow  # ~15 s: every pair's exact Jaccard by a sparse product
 def test_medquad_exact_decisions_match_brute_force(tmp_path, shared_data):
     import re

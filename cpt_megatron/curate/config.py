@@ -176,11 +176,13 @@ class MinHashConfig:
     """How an LSH candidate is decided: `exact` (exact Jaccard of the two shingle sets >= threshold) or
     `estimate` (estimated Jaccard from the MinHash signatures >= threshold: no shingle sets kept, but
     ~0.035 standard error at J=0.8 with 128 permutations, so it also removes pairs well below it)."""
-    prefilter_margin: float = 0.1
-    """`exact`: candidates whose sketch estimate is below threshold - margin are not checked exactly.
-    0.1 is ~3 standard errors of the 128-bin sketch at J=0.8; on full MedQuAD no pair at J >= 0.8 falls
-    below it (the sketch's largest underestimate over pairs at J >= 0.7 was 0.095). 1.0 checks every
-    candidate (decisions then depend on the LSH alone)."""
+    prefilter_sigmas: float | None = 6.0
+    """`exact`: a candidate is not checked exactly when a sketch estimate of its Jaccard is more than this
+    many standard errors below the threshold, the standard error taken for the PAIR'S SIZE (`dedup.
+    sketch_se`: a 30-shingle paragraph fills ~30 of 128 bins, so its estimate is ~2x noisier than a long
+    document's; below ~10 shingles no sketch filters at all). 6 sigmas: < 1e-8 of the true pairs are lost
+    per filter. null checks every candidate that passes the exact size bound (decisions then depend on
+    the LSH alone)."""
 
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
@@ -188,8 +190,9 @@ class MinHashConfig:
         if self.num_perm < 8 or self.ngram < 1:
             raise CptError("minhash_dedup.num_perm must be >= 8 and ngram >= 1")
         _check_choice("minhash_dedup.decide", self.decide, ("exact", "estimate"))
-        if not 0.0 <= self.prefilter_margin <= 1.0:
-            raise CptError(f"minhash_dedup.prefilter_margin={self.prefilter_margin} must be in [0, 1]")
+        if self.prefilter_sigmas is not None and not self.prefilter_sigmas > 0:
+            raise CptError(f"minhash_dedup.prefilter_sigmas={self.prefilter_sigmas} must be > 0 (null: no sketch "
+                           "pre-filter)")
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ __all__ = [
     "shingle_hash_reference",
     "shingle_hashes",
     "shingles",
+    "sketch_se",
 ]
 
 _P = np.uint64(0x100000001B3)  # odd multiplier (FNV-64 prime); its inverse mod 2^64 exists
@@ -413,7 +413,7 @@ class NearDupStats:
         w = 1.0 / _HIST_BINS
         hist = {f"{k * w:.2f}-{(k + 1) * w:.2f}": int(c) for k, c in enumerate(self.hist) if c}
         return {"decide": self.cfg.decide, "threshold": self.cfg.threshold, "num_perm": self.cfg.num_perm,
-                "bands": self.bands, "rows": self.rows, "prefilter_margin": self.cfg.prefilter_margin,
+                "bands": self.bands, "rows": self.rows, "prefilter_sigmas": self.cfg.prefilter_sigmas,
                 "candidate_pairs": self.candidate_pairs, "checked_pairs": self.checked_pairs,
                 "verified_pairs": self.verified_pairs, "removed": self.removed, "removed_jaccard_histogram": hist}
 
@@ -462,10 +462,12 @@ def _fine_estimate(pa: np.ndarray, pb: np.ndarray, sa: np.ndarray, sb: np.ndarra
     """(Jaccard estimate, bins used) per pair from undensified sketches: equal filled bins / bins
     filled in either (the one-permutation estimator; small sets fill ~one bin per shingle)."""
     est, used = np.empty(len(pa)), np.empty(len(pa))
+    chunk = _rows_per_chunk(chunk, sa.shape[1])
     for lo in range(0, len(pa), chunk):
         a, b = np.asarray(sa)[pa[lo : lo + chunk]], np.asarray(sb)[pb[lo : lo + chunk]]
-        either = np.count_nonzero((a != _EMPTY) | (b != _EMPTY), axis=1)
-        est[lo : lo + chunk] = np.count_nonzero((a == b) & (a != _EMPTY), axis=1) / np.maximum(either, 1)
+        both_empty = np.count_nonzero(np.minimum(a, b) == _EMPTY, axis=1)  # empty = the largest value
+        either = a.shape[1] - both_empty
+        est[lo : lo + chunk] = (np.count_nonzero(a == b, axis=1) - both_empty) / np.maximum(either, 1)
         used[lo : lo + chunk] = either
     return est, used
 
@@ -500,24 +502,29 @@ def pair_jaccard(cfg: MinHashConfig, pa: np.ndarray, pb: np.ndarray, a: SetTable
                  chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
     """Jaccard of document pa[k] of `a` and pb[k] of `b`, for pairs sorted by pa.
 
-    `estimate`: the sketch estimate. `exact`: the exact Jaccard of the pairs that pass three filters,
-    else -1 (not checked): the size bound (exact); the sketch estimate >= threshold - prefilter_margin;
-    and for large sets a subsample check: both sets restricted to the lowest hash ranges holding
-    >= 128 of a's values are a uniform sample of the union, and a pair whose sample Jaccard is more
-    than z standard errors below the threshold (z = prefilter_margin / the sketch's standard error at
-    the threshold: the same confidence as the sketch filter), or whose exact upper bound (sample
-    overlap + the smaller remainder) is below it, is not checked. Returns (jaccard, checked)."""
+    `estimate`: the sketch estimate. `exact`: the exact Jaccard of the pairs that pass the filters, else
+    -1 (not checked): the size bound (exact); then, with z = `prefilter_sigmas` (None: no more filters),
+    the 128-bin and the 512-bin sketch estimates each >= threshold - z * `sketch_se` for the pair's size
+    (short documents get wide margins: no filter at all below ~10 shingles); and for large sets a
+    subsample check: both sets restricted to the lowest hash ranges holding >= 128 of a's values are a
+    uniform sample of the union, and a pair whose sample Jaccard is more than z standard errors below
+    the threshold, or whose exact upper bound (sample overlap + the smaller remainder) is below it, is
+    not checked. Returns (jaccard, checked)."""
     n, t = len(pa), cfg.threshold
     if cfg.decide == "estimate":
         return _estimate(pa, pb, a.sigs, b.sigs, chunk), np.ones(n, bool)
     js = np.full(n, -1.0)
     la, lb = a.lens(pa), b.lens(pb)
     idx = np.flatnonzero(np.minimum(la, lb) >= t * np.maximum(la, lb))  # the size bound first: no sketch read
-    idx = idx[_estimate(pa[idx], pb[idx], a.sigs, b.sigs, chunk) >= t - cfg.prefilter_margin]
-    z = cfg.prefilter_margin / math.sqrt(max(t * (1 - t), 1e-12) / cfg.num_perm)
-    if a.fine is not None and b.fine is not None and len(idx):  # the finer sketch, same confidence
-        est, used = _fine_estimate(pa[idx], pb[idx], a.fine, b.fine, chunk)
-        idx = idx[est >= t - z * np.sqrt(max(t * (1 - t), 1e-12) / np.maximum(used, 1))]
+    z = cfg.prefilter_sigmas
+    if z is not None:  # each pair's margin: z standard errors of the estimate for ITS size
+        small = np.minimum(la[idx], lb[idx])
+        est = _estimate(pa[idx], pb[idx], a.sigs, b.sigs, chunk)
+        idx = idx[est >= t - z * sketch_se(t, a.sigs.shape[1], small)]
+        if a.fine is not None and b.fine is not None and len(idx):  # the finer sketch, same confidence
+            est, used = _fine_estimate(pa[idx], pb[idx], a.fine, b.fine, chunk)
+            idx = idx[est >= t - z * sketch_se(t, FINE_BINS, used, densified=False)]
+    z = np.inf if z is None else z
     live = np.zeros(n, bool)
     nr = 1 << _RANGE_BITS
     for lo, hi in equal_runs(pa[idx]):  # per document of `a`, against all its live partners
@@ -543,9 +550,37 @@ def pair_jaccard(cfg: MinHashConfig, pa: np.ndarray, pb: np.ndarray, a: SetTable
     return js, live
 
 
+def sketch_se(t: float, bins: int, n: np.ndarray, densified: bool = True) -> np.ndarray:
+    """Standard error of a one-permutation sketch's Jaccard estimate at Jaccard t, per pair.
+
+    densified (`oph_sketches`, n = the smaller set's size): a set of n shingles fills m = bins(1 - e^(-n/bins))
+    bins on average and the empty ones copy a filled neighbour, so the estimate averages m independent
+    agreements with run-length weights (geometric, mean bins/m): variance t(1-t)(2/m - 1/bins), which is
+    t(1-t)/bins for long documents and ~2t(1-t)/n for short ones (a 30-shingle paragraph: 0.105, not the
+    0.035 of a long document). Undensified (`_fine_estimate`, n = bins filled in either set): each filled
+    bin's minimum is a draw from the union without replacement, variance <= t(1-t)/n."""
+    n = np.asarray(n, np.float64)
+    if densified:
+        m = bins * -np.expm1(-n / bins)
+        var = t * (1 - t) * (2.0 / np.maximum(m, 1e-9) - 1.0 / bins)
+    else:
+        var = t * (1 - t) / np.maximum(n, 1.0)
+    return np.sqrt(np.maximum(var, t * (1 - t) / bins))
+
+
+_CHUNK_BYTES = 8 << 20  # one gathered block of sketches: 8 MiB (a 512-bin pair is 2 KiB a side)
+
+
+def _rows_per_chunk(chunk: int, bins: int) -> int:
+    """At most `chunk` pairs, and at most _CHUNK_BYTES of uint32 sketch rows per side: the pre-filters'
+    temporaries (two gathered blocks and their comparisons) stay ~40 MiB whatever the batch's pair count."""
+    return max(1, min(chunk, _CHUNK_BYTES // (4 * max(bins, 1))))
+
+
 def _estimate(pa: np.ndarray, pb: np.ndarray, sa: np.ndarray, sb: np.ndarray, chunk: int) -> np.ndarray:
     """Sketch estimate of each pair's Jaccard (fraction of equal bins), chunk pairs at a time."""
     est = np.empty(len(pa))
+    chunk = _rows_per_chunk(chunk, sa.shape[1])
     for lo in range(0, len(pa), chunk):  # bounded memory: chunk x bins sketch values at a time
         eq = np.asarray(sa)[pa[lo : lo + chunk]] == np.asarray(sb)[pb[lo : lo + chunk]]
         est[lo : lo + chunk] = np.count_nonzero(eq, axis=1)
