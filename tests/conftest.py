@@ -132,3 +132,15 @@ def _cpu_redirects_not_left_installed():
     if mod is not None and mod.is_installed():
         mod.uninstall()
         pytest.fail("the CPU redirects were left installed (call destroy_distributed / leave single_process_group)")
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    """`cpt ARGV` in this process (cpt_megatron.cli.main): (exit code, stdout, stderr)."""
+    from cpt_megatron.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err

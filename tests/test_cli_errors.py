@@ -10,21 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli
 
-from cpt_megatron.cli import main
 from cpt_megatron.errors import CptError
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4
-
-
-def cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors exit 2 from parse_args
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_one_line_error(rc, out, err, *needles):

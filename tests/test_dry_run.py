@@ -9,19 +9,10 @@ import json
 import re
 
 import pytest
+from conftest import cli
 
-from cpt_megatron.cli import main
 from cpt_megatron.config import load_recipe
 from cpt_megatron.errors import CptError
-
-
-def cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def one_error_line(err: str) -> str:

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 import yaml
+from conftest import cli
 
-from cpt_megatron.cli import main
 from cpt_megatron.errors import CptError
 from cpt_megatron.eval.mixing_law import fit_exp_law, recommend, relative_change, token_exponent
 from cpt_megatron.train import mixture_search
@@ -20,13 +20,6 @@ from cpt_megatron.train.mixture_search import analyze
 ALPHAS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 
 
-def cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def one_line_error(rc, err, *needles) -> str:
