@@ -265,3 +265,28 @@ def test_shellcheck_clean():
     scripts = sorted(SLURM_DIR.glob("*.sh")) + [REPO / "tests" / "slurm_setup.sh", REPO / "tests" / "services_up.sh"]
     r = subprocess.run(["shellcheck", "-x", *map(str, scripts)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.heavy  # ~2.5 min: three proxy jobs and the fit job
+def test_mixture_search_array_then_fit(slurm_cluster, tmp_path):
+    """slurm/mixture_search.sh as its header says: an array task per alpha trains one proxy, then a job without
+    --array fits the law from all of them (reused, none retrained) and writes the recommendation."""
+    from conftest import cpt_prepare
+
+    cache, out = tmp_path / "cache", tmp_path / "search"
+    cpt_prepare(cache)
+    env = {"CPT_REPO": str(REPO), "RECIPE": "tiny_cpu", "ALPHAS": "0,0.5,1", "PROXY_STEPS": "2", "OUT": str(out),
+           "OVERRIDES": f"data.cache_dir={cache} run.dir={tmp_path / 'run'}"}
+    cpu = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the script asks for a GPU node; this cluster has CPUs
+    arr = _sbatch(SLURM_DIR / "mixture_search.sh", env=env, out=tmp_path / "arr-%a.out", extra=["--array=0-2", *cpu])
+    fit = _sbatch(SLURM_DIR / "mixture_search.sh", env=env, out=tmp_path / "fit.out",
+                  extra=[f"--dependency=afterok:{arr}", *cpu])
+    info = _wait(fit, 900, tmp_path / "fit.out")
+    logs = "".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.out")))
+    assert info["JobState"] == "COMPLETED", logs
+    assert len(list(out.glob("proxies/*/metrics.json"))) == 3, logs
+    res = json.loads((out / "search.json").read_text())
+    assert [p["reused"] for p in res["proxies"]] == [True, True, True], logs   # the fit job trained nothing
+    assert (out / "recommendation.yaml").is_file() and (out / "search.png").is_file()
