@@ -140,9 +140,35 @@ def test_trainable_intervals_per_tp_rank():
     assert trainable_intervals([c], ("new_vocab_rows",), (0, 8), 1)[emb] == []  # none of rank 1's rows is new
 
 
+def test_trainable_layer_range_uses_global_layer_numbers():
+    """layers:A-B counts global layers (megatron's 1-based layer_number, offset on later PP stages)."""
+    from cpt_megatron.train.stages import trainable_intervals
+
+    class Layer(torch.nn.Linear):
+        def __init__(self, number):
+            super().__init__(2, 2, bias=False)
+            self.layer_number = number
+
+    chunk = torch.nn.Module()  # a second PP stage holding global layers 2 and 3 (layer_number 3, 4)
+    chunk.decoder = torch.nn.Module()
+    chunk.decoder.layers = torch.nn.ModuleList([Layer(3), Layer(4)])
+    ivs = trainable_intervals([chunk], ("layers:3-3",), None, 0)
+    assert [ivs[layer.weight] for layer in chunk.decoder.layers] == [[], None]
+
+
 def test_new_rows_stage_needs_resize_metadata(tiny_cpu_cache, tmp_path):
     out = cpt_train(tmp_path / "run", tiny_cpu_cache, ONLY_NEW, "train.max_steps=1", expect=2)
     assert "has no tokenizer_extension metadata" in out["stderr"] and "Traceback" not in out["stderr"]
+
+
+def test_layer_range_must_exist():
+    from cpt_megatron.config import StageConfig
+    from cpt_megatron.errors import CptError
+    from cpt_megatron.train.stages import check_stages
+
+    check_stages([StageConfig(until=1.0, trainable="layers:2-3")], {}, "base", 4)
+    with pytest.raises(CptError, match=r"layers:2-4.*the model has layers 0-3"):
+        check_stages([StageConfig(until=1.0, trainable="layers:2-4")], {}, "base", 4)
 
 
 # ---- real training runs --------------------------------------------------------------------------------------

@@ -87,11 +87,11 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
     prepared = load_prepared(cfg, prepare_command(recipe, overrides))
     arch = arch_from_ckpt(prepared["base"], prepared["tokenizer"])  # the tokenizer: a Megatron-LM base
     check_recipe(cfg, dist_env().world_size, arch, prepared)
-    if cfg.train.stages:  # new_vocab_rows needs the base's resize metadata
+    if cfg.train.stages:  # new_vocab_rows needs the base's resize metadata, layers:A-B existing layers
         from cpt_megatron.checkpoint import read_meta
         from cpt_megatron.train.stages import check_stages
 
-        check_stages(cfg.train.stages, read_meta(prepared["base"]), prepared["base"])
+        check_stages(cfg.train.stages, read_meta(prepared["base"]), prepared["base"], arch.num_layers)
     run_dir = Path(cfg.run.dir)
 
     run_lock = hold_run_lock(run_dir, dist_env().rank)  # one trainer per run.dir (rank 0 holds it)

@@ -365,8 +365,13 @@ class StagedTraining:
                 f"{st.name}{lr}; {n:,} of {total:,} parameters of this rank train")
 
 
-def check_stages(stages, meta: dict, base: str) -> None:
-    """Before any process starts: `new_vocab_rows` needs the base checkpoint's resize metadata."""
-    if any("new_vocab_rows" in parse_trainable(s.trainable) for s in stages) and new_vocab_rows(meta) is None:
-        raise CptError(f"train.stages uses new_vocab_rows but {base} has no tokenizer_extension metadata; "
-                       "make the base with `cpt resize-embeddings` (or use trainable: embeddings)")
+def check_stages(stages, meta: dict, base: str, num_layers: int) -> None:
+    """Before any process starts: `new_vocab_rows` needs the base checkpoint's resize metadata; layer ranges exist."""
+    for i, st in enumerate(stages):
+        for part in parse_trainable(st.trainable):
+            if part == "new_vocab_rows" and new_vocab_rows(meta) is None:
+                raise CptError(f"train.stages uses new_vocab_rows but {base} has no tokenizer_extension metadata; "
+                               "make the base with `cpt resize-embeddings` (or use trainable: embeddings)")
+            m = _LAYERS.match(part)
+            if m and int(m.group(2)) >= num_layers:
+                raise CptError(f"train.stages[{i}].trainable={st.trainable!r}: the model has layers 0-{num_layers - 1}")
