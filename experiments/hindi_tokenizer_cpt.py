@@ -116,7 +116,7 @@ def main():
         cpt("tokenizer", "extend", "-t", str(base / "tokenizer"), "-i",
             str(SHARED / "indic/dakshina_hi/hi.wiki-filt.valid.text.shuf.txt"), "--add", "8000", "--scripts",
             "DEVANAGARI", "--out", str(ext_tok))
-    if not (resized / "cpt_meta.json").exists():
+    if not resized.exists():  # written atomically: present = complete
         cpt("resize-embeddings", "--ckpt", str(base), "--tokenizer", str(ext_tok), "--out", str(resized),
             "--init", "subtoken-mean")
     hi, en = write_corpora(out, s["hindi_docs"])
@@ -133,7 +133,9 @@ def main():
               f"eval.interval={s['steps']}", "logging.progress=false", "model.options.dtype=auto", *extra]
         cpt("prepare", "--recipe", "smollm2_135m_hindi", *ov)
         cpt("train", "--recipe", "smollm2_135m_hindi", *ov)
-        return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+        from cpt_megatron.checkpoint.layout import resolve
+
+        return resolve(run / "checkpoints")  # the tracker's checkpoint (Megatron-LM layout)
 
     for key, ckpt in (("a", lambda: base), ("b", lambda: resized), ("c", lambda: train("ext", resized)),
                       ("d", lambda: train("base", base)), ("e", lambda: train("ext_staged", resized, STAGES))):
