@@ -70,6 +70,7 @@ def assert_only_new_rows_moved(ckpt, base) -> None:
     assert set(before) == set(after), sorted(set(before) ^ set(after))
     for k, w0 in before.items():
         w = after[k]
+        w0 = w0.to(w.dtype)  # bf16 training starts from the base cast to bf16
         if k in VOCAB_KEYS:
             lo, hi = NEW
             # TP2 pads the vocab to a multiple of 128 x tp: its extra padding rows are zero, and stay so
@@ -85,8 +86,16 @@ def assert_only_new_rows_moved(ckpt, base) -> None:
             assert torch.equal(w, w0), k
     moments = _tensors(ckpt, optimizer=True)  # no optimizer drift on frozen rows: their moments stayed zero
     for k, m in moments.items():
-        if k.startswith("optimizer.state.param."):  # distributed optimizer: the fp32 main params = the weights
-            assert torch.equal(m, _tensors(ckpt)[k.removeprefix("optimizer.state.param.")]), k
+        main = next((k.removeprefix(p) for p in ("optimizer.state.param.", "optimizer.state.fp32_param.")
+                     if k.startswith(p)), None)
+        if main is not None:  # fp32 main params (distributed optimizer, bf16): the weights they are copied to,
+            assert torch.equal(m.to(after[main].dtype), after[main]), k  # and frozen parts exactly the base's
+            w0 = before[main].to(after[main].dtype).to(m.dtype)
+            if main in VOCAB_KEYS:
+                m = m[:len(w0)]
+                assert torch.equal(m[:NEW[0]], w0[:NEW[0]]) and torch.equal(m[NEW[1]:], w0[NEW[1]:]), k
+            else:
+                assert torch.equal(m, w0), k
         elif k.endswith(VOCAB_KEYS):
             assert not m[:NEW[0]].any() and not m[NEW[1]:].any(), k
             assert m[NEW[0]:NEW[1]].any(), k
@@ -204,7 +213,8 @@ def test_resume_at_stage_boundary_is_exact(resized, tiny_cpu_cache, tmp_path):
 
 
 LAYOUTS = {"tp2": (["parallel.tp=2"], 2), "pp2": (["parallel.pp=2"], 2),
-           "dp2_distributed_optimizer": (["parallel.distributed_optimizer=true"], 2)}
+           "dp2_distributed_optimizer": (["parallel.distributed_optimizer=true"], 2),
+           "bf16": (["model.options.dtype=bf16"], 1)}  # megatron's Float16Optimizer: fp32 main copies
 
 
 @pytest.mark.heavy
