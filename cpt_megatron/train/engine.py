@@ -136,6 +136,7 @@ class Engine:
             param_sync = [m.start_param_sync for m in self.model]
             config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
         self._ps = parallel_state
+        self.freezer = None  # train/stages.Freezer: train.stages' frozen parameters/rows (set by the driver)
 
     def sync_params(self) -> None:
         """Finish the distributed optimizer's overlapped parameter all-gather (before eval, save, export)."""
@@ -185,6 +186,8 @@ class Engine:
         stats = self._run(microbatches, forward_only=False)
         if grad_hook is not None:
             grad_hook(self)
+        if self.freezer is not None:
+            self.freezer.mask_grads()  # after any regularizer: frozen elements get no gradient at all
         ok, grad_norm = self._optimizer_step()
         if not ok:
             # bf16/fp32 optimizers have no loss scaler to catch this: skip the update, keep the weights
@@ -209,7 +212,10 @@ class Engine:
             if params and o.config.clip_grad > 0.0:
                 clip_grad_by_total_norm_fp32(params, max_norm=o.config.clip_grad, total_norm=grad_norm,
                                              use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-        return bool(opt.step_with_ready_grads()), grad_norm
+        if self.freezer is None:
+            return bool(opt.step_with_ready_grads()), grad_norm
+        with self.freezer.armed():  # frozen main params: no update, no weight decay, no Adam-state change
+            return bool(opt.step_with_ready_grads()), grad_norm
 
     def accumulate_grads(self, microbatches: list[dict], full_grads: bool = False) -> torch.Tensor:
         """Forward + backward only: gradients land in `param.main_grad` (DP-reduced, token-averaged), no update.
