@@ -78,7 +78,7 @@ def test_70b_dry_run_prints_layout_memory_per_stage_and_missing_paths(tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     rc, out, err = cli(["train", "--recipe", "llama3_70b_legal", "--dry-run", "--nproc", "128"], capsys)
-    assert rc == 2 and one_error_line(err).startswith("cpt train: error: recipe check failed: 7 path(s) missing: "
+    assert rc == 2 and one_error_line(err).startswith("cpt train: error: recipe check failed: 10 path(s) missing: "
                                                       "model.base: ckpts/llama3.1-70b, data.sources[court_opinions]")
     assert "recipe NOT ok: 128 processes = tp 8 x pp 4 x dp 4 (vpp 5)" in out
     assert ("80 layers: 20 per pipeline stage, 4 per virtual stage (from recipes/models/llama3.1_70b.json, "
@@ -90,10 +90,12 @@ def test_70b_dry_run_prints_layout_memory_per_stage_and_missing_paths(tmp_path, 
     assert "    last stage " in out and "problem:" not in out
     missing = out[out.index("  missing (create these before training):"):].splitlines()[1:]
     assert missing[0] == "    model.base: ckpts/llama3.1-70b (create it with `cpt import-hf --hf HF_DIR --out ckpts/llama3.1-70b`)"
-    assert len(missing) == 7 and all(".idx (run cpt preprocess)" in m for m in missing[1:])
+    assert len(missing) == 10 and all(".idx (run cpt preprocess)" in m for m in missing[1:7])
+    assert [m.split(":")[0].strip() for m in missing[7:]] == [  # eval paths are missing paths too, not rule problems
+        "eval.benchmark_data", "eval.general[pg19_test].path", "eval.general[tinyshakespeare].path"]
     rc, out, err = cli(["train", "--recipe", "llama3_70b_legal", "--dry-run", "--nproc", "128", "--json"], capsys)
     res = json.loads(out.strip().splitlines()[-1])
-    assert rc == 2 and not res["ok"] and res["problems"] == [] and len(res["missing"]) == 7
+    assert rc == 2 and not res["ok"] and res["problems"] == [] and len(res["missing"]) == 10
     assert res["memory_per_stage_gb"]["first"] == est["memory"] and res["layers_per_virtual_stage"] == 4
 
 

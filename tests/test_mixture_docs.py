@@ -94,7 +94,7 @@ def test_readme_statements():
     assert "not wired yet" not in readme
     assert "make demo DOMAIN=medical" in readme and (REPO / "recipes" / "demo_medical.yaml").is_file()
     assert "DOMAIN" in (REPO / "Makefile").read_text()
-    assert "./runs/cache/" in readme and "--only curate" in readme
+    assert "./runs/cache/" in readme and "`make demo-curate|" in readme and "demo-curate" in (REPO / "Makefile").read_text()
     from cpt_megatron.config import load_recipe
 
     assert load_recipe("demo", []).data.cache_dir == "runs/cache"

@@ -109,10 +109,10 @@ def test_big_recipe_without_its_base_names_the_import(tmp_path, monkeypatch):
     layout and memory still come from the shipped config its name matches (recipes/models/llama3.1_8b.json)."""
     monkeypatch.chdir(tmp_path)
     cfg = load_recipe("llama3_8b_medical")
-    with pytest.raises(CptError, match=re.escape("6 path(s) missing: model.base: ckpts/llama3.1-8b, data.sources[pmc_oa].prefix: ")):
+    with pytest.raises(CptError, match=re.escape("9 path(s) missing: model.base: ckpts/llama3.1-8b, data.sources[pmc_oa].prefix: ")):
         dry_run(cfg, nproc=16)
     out = dry_run(cfg, nproc=16, strict=False)
-    assert not out["ok"] and out["problems"] == [] and len(out["missing"]) == 1 + len(cfg.data.sources)
+    assert not out["ok"] and out["problems"] == [] and len(out["missing"]) == 1 + len(cfg.data.sources) + 3  # + eval paths
     assert out["missing"][0] == "model.base: ckpts/llama3.1-8b (create it with `cpt import-hf --hf HF_DIR --out ckpts/llama3.1-8b`)"
     assert out["model_source"].startswith("recipes/models/llama3.1_8b.json")
     assert out["memory_per_gpu_gb"] == pytest.approx(48.0, abs=0.5) and out["num_layers"] == 32

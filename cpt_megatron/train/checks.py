@@ -10,7 +10,8 @@ from __future__ import annotations
 from cpt_megatron.config import RecipeConfig
 from cpt_megatron.errors import CptError
 
-__all__ = ["recipe_problems", "check_recipe", "layout", "parallel_problems", "check_writable", "check_run_dir"]
+__all__ = ["recipe_problems", "check_recipe", "layout", "parallel_problems", "check_writable", "check_run_dir",
+           "eval_paths"]
 
 
 def layout(cfg: RecipeConfig, world_size: int) -> tuple[int | None, list[str]]:
@@ -78,16 +79,19 @@ def te_problems(cfg: RecipeConfig) -> list[str]:
     return []
 
 
-def recipe_problems(cfg: RecipeConfig, world_size: int, arch=None, prepared: dict | None = None) -> list[str]:
-    """Problems of `cfg` on `world_size` processes; `arch` (ModelArch) and `prepared` (the manifest) when known."""
+def recipe_problems(cfg: RecipeConfig, world_size: int, arch=None, prepared: dict | None = None,
+                    missing_listed: bool = False) -> list[str]:
+    """Problems of `cfg` on `world_size` processes; `arch` (ModelArch) and `prepared` (the manifest) when known.
+    `missing_listed`: the caller lists absent eval paths itself (`--dry-run`'s missing paths, `eval_paths`), so
+    an absent benchmark folder or held-out file is not also a problem here."""
     problems = layout(cfg, world_size)[1] + te_problems(cfg)
     problems += _try(lambda: _check_model(cfg, arch))
     if arch is not None:
         problems += parallel_problems(arch, cfg.parallel, cfg.data.seq_len)
     problems += _try(lambda: _check_monitor(cfg))
     problems += _try(lambda: _check_mixture(cfg))
-    problems += _try(lambda: _check_benchmark_data(cfg))
-    problems += _try(lambda: _check_heldout(cfg, prepared))
+    problems += _try(lambda: _check_benchmark_data(cfg, missing_listed))
+    problems += _try(lambda: _check_heldout(cfg, prepared, missing_listed))
     if cfg.train.ewc.kind == "ewc" and not any(s.group == "general" for s in cfg.data.sources):
         problems.append("train.ewc.kind=ewc needs a general (replay) source for the Fisher estimate")
     if prepared is not None:
@@ -167,11 +171,28 @@ def _check_mixture(cfg: RecipeConfig) -> None:
         raise CptError(f"data: {e}") from e
 
 
-def _check_benchmark_data(cfg: RecipeConfig) -> None:
+def eval_paths(cfg: RecipeConfig) -> list[str]:
+    """The eval paths of the recipe that do not exist yet (benchmark folder, held-out general files), one line each."""
+    from pathlib import Path
+
+    from cpt_megatron.train.prepare import resolve_path
+
+    missing = []
+    if cfg.eval.benchmark_data is not None and not Path(resolve_path(cfg.eval.benchmark_data)).is_dir():
+        missing.append(f"eval.benchmark_data: {cfg.eval.benchmark_data} (DIR/<task>/<split>.jsonl, docs/benchmarks.md)")
+    for g in cfg.eval.general:
+        if not Path(resolve_path(g.path)).is_file():
+            missing.append(f"eval.general[{g.name}].path: {g.path} (held-out general text)")
+    return missing
+
+
+def _check_benchmark_data(cfg: RecipeConfig, missing_listed: bool = False) -> None:
     """eval.benchmark_data: every file of every eval.benchmarks task there (nothing loaded), before training."""
     ev = cfg.eval
     if ev.benchmark_data is None:
         return
+    if missing_listed and any(m.startswith("eval.benchmark_data") for m in eval_paths(cfg)):
+        return  # listed as a missing path by the caller
     if not ev.benchmarks:
         raise CptError("eval.benchmark_data is set but eval.benchmarks is empty; add tasks, e.g. "
                        "eval.benchmarks=[{task: arc_easy, limit: 500}]")
@@ -183,7 +204,7 @@ def _check_benchmark_data(cfg: RecipeConfig) -> None:
         raise CptError(f"eval.benchmark_data: {e}") from e
 
 
-def _check_heldout(cfg: RecipeConfig, prepared: dict | None) -> None:
+def _check_heldout(cfg: RecipeConfig, prepared: dict | None, missing_listed: bool = False) -> None:
     """eval.general: files there, names apart from the training sources', and (with the manifest) checked
     for overlap with the training text by `cpt prepare` in their current content."""
     from pathlib import Path
@@ -197,6 +218,8 @@ def _check_heldout(cfg: RecipeConfig, prepared: dict | None) -> None:
         if g.name in sources:
             raise CptError(f"eval.general[{g.name}]: the name of a training source; held-out sets need their own names")
         path = resolve_path(g.path)
+        if missing_listed and not Path(path).is_file():
+            continue
         if not Path(path).is_file():
             raise CptError(f"eval.general[{g.name}].path={g.path}: file not found (a .txt or .jsonl held-out set)")
         if prepared is None:

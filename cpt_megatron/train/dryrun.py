@@ -32,7 +32,7 @@ def dry_run(cfg: RecipeConfig, nproc: int | None = None, gpu: str = "h100", *, r
             overrides: list[str] | None = None, strict: bool = True) -> dict:
     """The dry-run report of `cfg` on `nproc` processes. With `strict`, a report that is not ok raises
     `failure_line(report)`; otherwise the caller prints the report and decides."""
-    from cpt_megatron.train.checks import layout, recipe_problems
+    from cpt_megatron.train.checks import eval_paths, layout, recipe_problems
     from cpt_megatron.train.plan import plan_steps
     from cpt_megatron.train.prepare import load_prepared, manifest_path, prepare_command
 
@@ -49,8 +49,9 @@ def dry_run(cfg: RecipeConfig, nproc: int | None = None, gpu: str = "h100", *, r
             problems.append(str(e))
     else:
         notes.append(f"data not prepared yet: run `{command}` before training")
-    problems += recipe_problems(cfg, world, arch, prepared)
+    problems += recipe_problems(cfg, world, arch, prepared, missing_listed=True)
     more_problems, more_missing = _paths(cfg, arch)
+    more_missing += eval_paths(cfg)
     problems, missing = problems + more_problems, missing + more_missing
     micro_batches = t.global_batch // max(1, t.micro_batch * dp)
     out = {"world_size": world, "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "cp": p.cp, "dp": dp,
