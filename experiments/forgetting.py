@@ -77,6 +77,32 @@ def split_medquad(src: Path, out_dir: Path, heldout_docs: int) -> tuple[Path, Pa
     return train, held
 
 
+def split_general(src: Path, out_dir: Path, max_tokens: int, chunk_bytes: int = 2048) -> tuple[Path, Path]:
+    """Two disjoint samples of `src` spread over the whole file: (validation, test).
+
+    The file is cut at line ends into ~chunk_bytes pieces; evenly spaced pieces alternate between the two samples,
+    each about the bytes `max_tokens` tokens take (5 bytes per token, with room). The monitor and `cpt select` see
+    only the validation sample; the reported numbers come from the test sample, so no decision saw the test text.
+    """
+    valid, test = out_dir / f"{src.stem}_valid.txt", out_dir / f"{src.stem}_test.txt"
+    if valid.is_file() and test.is_file():
+        return valid, test
+    chunks, buf, size = [], [], 0
+    for line in src.read_text().splitlines(keepends=True):
+        buf.append(line)
+        size += len(line)
+        if size >= chunk_bytes:
+            chunks.append("".join(buf))
+            buf, size = [], 0
+    want = math.ceil(max_tokens * 5 * 1.5 / chunk_bytes)  # pieces per sample
+    stride = max(len(chunks) // (2 * want), 1)
+    picked = chunks[::stride]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    valid.write_text("".join(picked[0::2]))
+    test.write_text("".join(picked[1::2]))
+    return valid, test
+
+
 # -- the CLI ----------------------------------------------------------------------------------------------------
 def cpt(args: list[str], dry: bool, may_refuse: bool = False) -> dict | None:
     """`cpt ARGS --json` -> its JSON summary. may_refuse: a user-level refusal (exit 2, e.g. `cpt select` finding
@@ -103,19 +129,20 @@ def cached(path: Path, make):
     return res
 
 
-def evaluate(name: str, ckpt: Path, out: Path, held: Path, s: dict, dry: bool) -> dict | None:
+def evaluate(name: str, ckpt: Path, out: Path, held: Path, general: list[str], s: dict, dry: bool) -> dict | None:
     """{"domain": {src: ppl}, "general": {src: ppl}, "benchmarks": {task: {acc, acc_stderr, n, split}}}."""
     common = ["--ckpt", str(ckpt), "--seq-len", str(s["eval_seq_len"]), "--max-tokens", str(s["eval_max_tokens"])]
 
     def run():
         dom = cpt(["eval", *common, "--group", "domain", "--data", str(held), "--tasks", ",".join(TASKS),
                    "--benchmark-data", str(SHARED / "benchmarks"), "--limit", str(s["bench_limit"])], dry)
-        gen = cpt(["eval", *common, "--group", "general", "--data",
-                   *[str(SHARED / "general" / f) for f in GENERAL_TEXT]], dry)
+        gen = cpt(["eval", *common, "--group", "general", "--data", *general], dry)
         if dry:
             return None
-        return {"ckpt": str(ckpt), "domain": {k: v["ppl"] for k, v in dom["results"].items()},
-                "general": {k: v["ppl"] for k, v in gen["results"].items()}, "benchmarks": dom["benchmarks"]}
+        keep = ("ppl", "loss", "loss_stderr", "tokens", "batch_losses")
+        return {"ckpt": str(ckpt), "domain": {k: {f: v.get(f) for f in keep} for k, v in dom["results"].items()},
+                "general": {k: {f: v.get(f) for f in keep} for k, v in gen["results"].items()},
+                "benchmarks": dom["benchmarks"]}
     return cached(out / "evals" / f"{name}.json", run)
 
 
@@ -129,13 +156,17 @@ def base_checkpoint(cache: Path) -> Path:
 
 # -- report -----------------------------------------------------------------------------------------------------
 def rows(evals: dict[str, dict]) -> list[dict]:
-    """Changes vs evals['base'] per arm: relative ppl changes, benchmark deltas with the stderr of the difference."""
+    """Changes vs evals['base'] per arm. Perplexity: the relative change exp(D) - 1 of the mean loss difference D
+    on the same windows, with the paired stderr (`paired_loss_difference`); benchmarks: the accuracy delta with
+    the stderr of the difference sqrt(se_base^2 + se_arm^2) (different items are not paired by lm-eval's output)."""
     base = evals["base"]
     out = []
     for name, e in evals.items():
-        r = {"arm": name, "domain_ppl": _mean(e["domain"]), "general_ppl": e["general"],
-             "domain_change": _rel(_mean(e["domain"]), _mean(base["domain"])),
-             "general_change": {k: _rel(v, base["general"][k]) for k, v in e["general"].items()}, "bench": {}}
+        r = {"arm": name, "domain_ppl": _mean(e["domain"]), "general_ppl": _ppl(e["general"]), "bench": {},
+             "domain": _change(base["domain"], e["domain"]),
+             "general": {k: _change({k: v}, {k: e["general"][k]}) for k, v in base["general"].items()}}
+        r["domain_change"] = r["domain"]["change"]
+        r["general_change"] = {k: g["change"] for k, g in r["general"].items()}
         r["general_worst"] = max(r["general_change"].values())
         for task, b in base["benchmarks"].items():
             a = e["benchmarks"][task]
@@ -147,24 +178,50 @@ def rows(evals: dict[str, dict]) -> list[dict]:
     return out
 
 
+def _ppl(d: dict) -> dict:
+    return {k: (v["ppl"] if isinstance(v, dict) else v) for k, v in d.items()}
+
+
 def _mean(d: dict) -> float:
-    return sum(d.values()) / len(d)
+    v = _ppl(d)
+    return sum(v.values()) / len(v)
 
 
-def _rel(v: float, b: float) -> float:
-    return (v - b) / b
+def _change(base: dict, arm: dict) -> dict:
+    """{"change", "stderr", "noise"} of the perplexity of one source (a one-entry dict) from base to arm.
+
+    With both evaluations' per-window `batch_losses` (cpt eval writes them), the change is exp(D) - 1 for the
+    paired mean loss difference D and its stderr exp(D) * se(D); without them (older results), the plain ratio
+    and no stderr."""
+    from cpt_megatron.eval.perplexity import paired_loss_difference
+
+    (name, b), = base.items()
+    a = arm[name]
+    if isinstance(b, dict) and isinstance(a, dict) and b.get("batch_losses") and a.get("batch_losses"):
+        d, se = paired_loss_difference(b["batch_losses"], a["batch_losses"])
+        ch, se_ch = math.expm1(d), (math.exp(d) * se if se is not None else None)
+        return {"change": ch, "stderr": se_ch, "noise": se is not None and abs(d) <= NOISE_Z * se}
+    bv, av = (b["ppl"] if isinstance(b, dict) else b), (a["ppl"] if isinstance(a, dict) else a)
+    return {"change": (av - bv) / bv, "stderr": None, "noise": False}
+
+
+def _fmt_change(c: dict, arm: str) -> str:
+    s = f"{c['change']:+.2%}"
+    if c["stderr"] is not None and arm != "base":
+        s += f" ± {c['stderr']:.2%}" + (" (noise)" if c["noise"] else "")
+    return s
 
 
 def table(rs: list[dict], cmd: str, chosen: float | None) -> str:
     tasks = list(rs[0]["bench"])
     gens = list(rs[0]["general_change"])
-    head = ["arm", "domain ppl (change)"] + [f"{g} ppl change" for g in gens] + \
+    head = ["arm", "domain ppl (change ± se)"] + [f"{g} ppl change ± se" for g in gens] + \
            [f"{t} acc ± se (Δ ± se)" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rs:
         cells = [r["arm"] + (" (picked)" if chosen is not None and r["arm"] == f"merge λ={chosen:g}" else ""),
-                 f"{r['domain_ppl']:.3f} ({r['domain_change']:+.2%})"]
-        cells += [f"{r['general_change'][g]:+.2%}" for g in gens]
+                 f"{r['domain_ppl']:.3f} ({_fmt_change(r['domain'], r['arm'])})"]
+        cells += [_fmt_change(r["general"][g], r["arm"]) for g in gens]
         for t in tasks:
             b = r["bench"][t]
             cells.append(f"{b['acc']:.4f} ± {b['stderr'] or 0:.4f} ({b['delta']:+.4f} ± {b['delta_stderr']:.4f}"
@@ -172,8 +229,9 @@ def table(rs: list[dict], cmd: str, chosen: float | None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     n = {t: (rs[0]["bench"][t]["n"], rs[0]["bench"][t]["split"]) for t in tasks}
     notes = ", ".join(f"{t} {k} items ({sp})" for t, (k, sp) in n.items())
-    return "\n".join(lines) + (f"\n\nBenchmarks: {notes}. (noise) = |Δ| <= {NOISE_Z:g} x stderr of the difference.\n"
-                               f"\nCommand: `{cmd}`\n")
+    return "\n".join(lines) + (f"\n\nBenchmarks: {notes}. Perplexity changes: paired over the same windows "
+                               f"(stderr with the evaluation micro-batches of windows as units). (noise) = |change| <= {NOISE_Z:g} x "
+                               f"its stderr.\n\nCommand: `{cmd}`\n")
 
 
 def pareto(rs: list[dict], path: Path, budget: float | None, chosen: float | None) -> None:
@@ -210,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/forgetting{'_reduced' if args.reduced else ''}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     train_txt, held = split_medquad(SHARED / "domain" / "medquad_qa.txt", out / "data", s["heldout_docs"])
-    recipe = rvf.write_recipe(out / "recipe.yaml", s, out / "cache", medquad=train_txt)
+    general = {name: split_general(SHARED / "general" / f, out / "data", s["eval_max_tokens"])
+               for name, f in zip(("gutenberg", "tinyshakespeare"), GENERAL_TEXT)}
+    general_valid = [str(v) for v, _ in general.values()]
+    general_test = [str(t) for _, t in general.values()]
+    recipe = rvf.write_recipe(out / "recipe.yaml", s, out / "cache", medquad=train_txt,
+                              general={n: v for n, (v, _) in general.items()})
     chosen_arms = arms(args.l2sp_lam)
     if args.arms:
         chosen_arms = {k: v for k, v in chosen_arms.items() if k in args.arms.split(",")}
@@ -220,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = run_dir
         done = rvf.summarize_safe(run_dir)
         if done is None or done["final_step"] < s["max_steps"]:  # new or interrupted: cpt train resumes
-            cmd = ["train", "--recipe", str(recipe), *ov, f"run.dir={run_dir}", f"train.max_steps={s['max_steps']}",
-                   *args.overrides] + (["--nproc", str(args.nproc)] if args.nproc else [])
-            cpt(cmd, args.dry_run)
+            ovs = [*ov, f"run.dir={run_dir}", f"train.max_steps={s['max_steps']}", *args.overrides]
+            cpt(["prepare", "--recipe", str(recipe), *ovs], args.dry_run)  # a no-op when already prepared
+            cpt(["train", "--recipe", str(recipe), *ovs] + (["--nproc", str(args.nproc)] if args.nproc else []),
+                args.dry_run)
     base = out / "cache" / "models" / "<imported base>" if args.dry_run else base_checkpoint(out / "cache")
     ckpts = {"base": base, **{n: r / "checkpoints" for n, r in runs.items()}}
     grid = [float(x) for x in args.merge_grid.split(",") if x.strip()]
@@ -236,10 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             ckpts[f"merge λ={lam:g}"] = m
         sel = cached(out / "evals" / "merge_select.json", lambda: cpt(
             ["select", "--run", str(runs["alpha1.0"]), "--base", str(base), "--merge-grid", args.merge_grid,
-             "--domain-data", str(held), "--general-data", *[str(SHARED / "general" / f) for f in GENERAL_TEXT],
+             "--domain-data", str(held), "--general-data", *general_valid,
              "--seq-len", str(s["eval_seq_len"]), "--max-tokens", str(s["eval_max_tokens"])], args.dry_run,
             may_refuse=True))
-    evals = {n: evaluate(n.replace(" ", "_"), c, out, held, s, args.dry_run) for n, c in ckpts.items()}
+    evals = {n: evaluate(n.replace(" ", "_"), c, out, held, general_test, s, args.dry_run) for n, c in ckpts.items()}
     if args.dry_run:
         return 0
     rs = rows(evals)

@@ -47,12 +47,15 @@ SETTINGS = {
 
 
 def write_recipe(path: Path, s: dict, cache_dir: Path, benchmarks: list[str] = (), limit: int = 1000,
-                 medquad: Path | None = None) -> Path:
-    """`medquad`: the domain file to train on (default the whole MedQuAD; experiments/forgetting.py holds some out)."""
+                 medquad: Path | None = None, general: dict[str, Path] | None = None) -> Path:
+    """`medquad`: the domain file to train on (default the whole MedQuAD; experiments/forgetting.py holds some out).
+    `general`: {"tinyshakespeare": path, "gutenberg": path} the monitor watches (default the whole files;
+    experiments/forgetting.py gives it their validation halves and reports on the other halves)."""
     medquad = medquad or SHARED / "domain" / "medquad_qa.txt"
     wiki = SHARED / "general" / "wikitext2_raw_test.txt"
-    shakespeare = SHARED / "general" / "tinyshakespeare_input.txt"
-    gutenberg = SHARED / "general" / "gutenberg_nltk17_tokenized.txt"
+    general = general or {}
+    shakespeare = general.get("tinyshakespeare", SHARED / "general" / "tinyshakespeare_input.txt")
+    gutenberg = general.get("gutenberg", SHARED / "general" / "gutenberg_nltk17_tokenized.txt")
     for f in (medquad, wiki, shakespeare, gutenberg):
         if not f.is_file():
             sys.exit(f"{f} not found: set CPT_SHARED_DATA to the folder holding domain/ and general/")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cpt_megatron.cli import main
+from cpt_megatron.errors import CptError
 from cpt_megatron.eval.perplexity import SourceBatches, batches_from_text, evaluate_sources
 
 WORDS = ("the model reads domain text and general text while the monitor watches perplexity of held out "
@@ -116,6 +117,36 @@ def test_evaluate_sources_formulas():
     assert res["bits_per_byte"] == pytest.approx(2.0 / (math.log(2) * 4.0)) and res["bits_per_char"] is None
     with pytest.raises(ValueError, match="group"):
         SourceBatches(name="c", group="replay", microbatches=[])
+
+
+def test_per_batch_stderr_and_paired_difference():
+    """per_batch: the same token-weighted loss as one call, a ratio-estimator stderr over the batches (checked
+    against numpy's weighted formula), and a paired difference whose stderr drops the variance two models share."""
+    import numpy as np
+
+    from cpt_megatron.eval.perplexity import loss_stderr, paired_loss_difference
+
+    rng = np.random.default_rng(0)
+    mbs = [{"l": float(x), "n": int(n)} for x, n in zip(rng.normal(3.0, 0.5, 40), rng.integers(100, 129, 40))]
+    fn = lambda batch: (sum(m["l"] * m["n"] for m in batch) / sum(m["n"] for m in batch), sum(m["n"] for m in batch))  # noqa: E731
+    src = SourceBatches(name="a", group="general", microbatches=mbs)
+    whole = evaluate_sources(fn, {"a": src})["a"]
+    per = evaluate_sources(fn, {"a": src}, per_batch=True)["a"]
+    assert per["loss"] == pytest.approx(whole["loss"], rel=1e-12) and per["tokens"] == whole["tokens"]
+    assert "loss_stderr" not in whole and len(per["batch_losses"]) == 40
+    x, n = np.array([m["l"] for m in mbs]), np.array([m["n"] for m in mbs], float)
+    mean = (x * n).sum() / n.sum()
+    want = math.sqrt(40 / 39 * ((n * (x - mean)) ** 2).sum()) / n.sum()
+    assert per["loss_stderr"] == pytest.approx(want, rel=1e-9)
+    # equal weights: the textbook standard error of the mean
+    assert loss_stderr([(x, 1) for x in (1.0, 2.0, 3.0, 4.0)]) == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+    assert loss_stderr([(1.0, 5)]) is None
+    # model b = model a + 0.01 nats everywhere + small noise: the paired se is ~the noise's, far below a's own se
+    b = [[x + 0.01 + float(e), k] for (x, k), e in zip(per["batch_losses"], rng.normal(0, 0.001, 40))]
+    d, se = paired_loss_difference(per["batch_losses"], b)
+    assert d == pytest.approx(0.01, abs=0.001) and se < per["loss_stderr"] / 50
+    with pytest.raises(CptError, match="same windows"):
+        paired_loss_difference(per["batch_losses"], b[:-1])
 
 
 def _direct_hf_loss(hf_dir, path, seq_len, jsonl=False):

@@ -49,7 +49,8 @@ def _print(res: dict) -> None:
 
     for name, r in res.get("results", {}).items():
         bpb = "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
-        print(f"{name:<24} {r['group']:<8} ppl {r['ppl']:10.4f}  loss {r['loss']:.5f}  tokens {r['tokens']:>8}  "
+        se = "" if r.get("loss_stderr") is None else f" ± {r['loss_stderr']:.5f}"
+        print(f"{name:<24} {r['group']:<8} ppl {r['ppl']:10.4f}  loss {r['loss']:.5f}{se}  tokens {r['tokens']:>8}  "
               f"bits/byte {bpb}", flush=True)
     for line in format_summary(res.get("benchmarks", {})):
         print(line, flush=True)

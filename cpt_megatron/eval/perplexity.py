@@ -24,7 +24,7 @@ import torch
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import check_text_file, iter_jsonl, read_text
 
-__all__ = ["SourceBatches", "evaluate_sources", "batches_from_text", "batches_from_file", "batches_from_dataset",
+__all__ = ["SourceBatches", "evaluate_sources", "loss_stderr", "paired_loss_difference", "batches_from_text", "batches_from_file", "batches_from_dataset",
            "read_documents", "hf_eval_fn"]
 
 GROUPS = ("domain", "general")
@@ -54,18 +54,29 @@ class SourceBatches:
 
 
 def evaluate_sources(eval_fn: EvalFn, sources: dict[str, SourceBatches], *,
-                     bytes_per_token: dict[str, float] | None = None) -> dict[str, dict]:
+                     bytes_per_token: dict[str, float] | None = None, per_batch: bool = False) -> dict[str, dict]:
     """Run `eval_fn(microbatches) -> (token-mean loss in nats, loss tokens)` on every source.
 
     Returns {name: {"group", "loss", "ppl", "tokens", "bits_per_byte", "bits_per_char"}}. When a source
     does not know its byte count (a preprocessed validation set), `bytes_per_token[name]` (e.g. from the
     dataset's preprocessing stats) estimates it; bits_per_byte is None when neither is known.
+    per_batch: score each microbatch on its own and add "loss_stderr" (the standard error of the token-mean
+    loss with microbatches as the sampling units, `loss_stderr`) and "batch_losses" ([[loss, tokens], ...] in
+    window order: two models scored on the same text can be compared pair by pair, `paired_loss_difference`).
+    Only for one data-parallel rank (every rank must make the same calls); the loss is the same up to
+    summation order.
     Collective when eval_fn is (Engine.eval_step): call on every rank with the same source names.
     """
     bytes_per_token = bytes_per_token or {}
     out = {}
     for name, src in sources.items():
-        loss, tokens = eval_fn(src.microbatches)
+        batches = None
+        if per_batch:
+            batches = [(float(x), int(n)) for x, n in (eval_fn([mb]) for mb in src.microbatches)]
+            tokens = sum(n for _, n in batches)
+            loss = sum(x * n for x, n in batches) / max(tokens, 1)
+        else:
+            loss, tokens = eval_fn(src.microbatches)
         loss, tokens = float(loss), int(tokens)
         nbytes = src.num_bytes
         if nbytes is None and name in bytes_per_token:
@@ -79,7 +90,35 @@ def evaluate_sources(eval_fn: EvalFn, sources: dict[str, SourceBatches], *,
             "bits_per_byte": total_bits / nbytes if nbytes else None,
             "bits_per_char": total_bits / src.num_chars if src.num_chars else None,
         }
+        if batches is not None:
+            out[name]["loss_stderr"] = loss_stderr(batches)
+            out[name]["batch_losses"] = [[round(x, 7), n] for x, n in batches]
     return out
+
+
+def loss_stderr(batches: list[tuple[float, int]]) -> float | None:
+    """Standard error of the token-weighted mean loss, the batches being the units (a ratio estimator):
+    L = sum(n_i l_i) / sum(n_i), se^2 = k/(k-1) * sum(n_i^2 (l_i - L)^2) / sum(n_i)^2. Tokens inside one window
+    are not independent; windows far apart nearly are, so units of whole windows give an honest figure.
+    None for fewer than 2 units."""
+    k = len(batches)
+    total = sum(n for _, n in batches)
+    if k < 2 or total == 0:
+        return None
+    mean = sum(x * n for x, n in batches) / total
+    return math.sqrt(k / (k - 1) * sum((n * (x - mean)) ** 2 for x, n in batches)) / total
+
+
+def paired_loss_difference(a: list, b: list) -> tuple[float, float | None]:
+    """(D, se) of D = mean loss of `b` minus that of `a`, both `batch_losses` of the same text (same windows,
+    same tokens): the per-batch differences are the units, so the part of the variance that the two models share
+    (hard and easy passages) cancels. The relative perplexity change is exp(D) - 1, with stderr ~ exp(D) * se."""
+    if len(a) != len(b) or any(int(x[1]) != int(y[1]) for x, y in zip(a, b)):
+        raise CptError("paired_loss_difference: the two evaluations did not score the same windows "
+                       "(different text, tokenizer, --seq-len or --max-tokens)")
+    diffs = [(float(y[0]) - float(x[0]), int(x[1])) for x, y in zip(a, b)]
+    total = sum(n for _, n in diffs)
+    return sum(d * n for d, n in diffs) / max(total, 1), loss_stderr(diffs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def evaluate_hf(hf_dir: str | os.PathLike, files: Sequence[str | os.PathLike], *
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).to(current_device())
     sources = _sources(files, tok, group=group, seq_len=seq_len, micro_batch=micro_batch, max_tokens=max_tokens,
                        text_key=text_key)
-    results = evaluate_sources(hf_eval_fn(model), sources)
+    results = evaluate_sources(hf_eval_fn(model), sources, per_batch=True)
     return {"results": results, "model": str(hf_dir), "seq_len": seq_len}
 
 
@@ -123,7 +123,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, files: Sequence[str | os.PathLi
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         sources = _sources(files, tok, group=group, seq_len=seq_len, micro_batch=micro_batch, max_tokens=max_tokens,
                            text_key=text_key, dp_rank=dp_rank, dp=dp)
-        results = evaluate_sources(eval_fn, sources)
+        results = evaluate_sources(eval_fn, sources, per_batch=dp == 1)
         return {"results": results, "ckpt": str(ckpt), "tp": tp, "pp": pp, "dp": dp, "seq_len": seq_len,
                 "rank": torch.distributed.get_rank()}
 
