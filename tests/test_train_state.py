@@ -66,6 +66,22 @@ def test_recipe_change_named_in_one_line():
     assert "\n" not in line and "data.alpha 0.7 -> 0.5" in line and "from step 5" in line
 
 
+def test_regularizer_switched_on_resume_is_named():
+    """none -> ewc (and a changed lambda) between checkpoint and resume: the recipe-change line names it (the
+    regularizer's own state is absent from a run that had none, so nothing was said before)."""
+    saved = RecipeFingerprint(load_recipe("tiny_cpu", []), 8).state_dict()
+    new = RecipeFingerprint(load_recipe("tiny_cpu", ["train.ewc.kind=ewc", "train.ewc.lam=1"]), 8)
+    new.load_state_dict(json.loads(json.dumps(saved)))
+    line = new.changes(4)
+    assert "\n" not in line and "train.ewc.kind 'none' -> 'ewc'" in line and "train.ewc.lam 0.0 -> 1" in line, line
+    back = RecipeFingerprint(load_recipe("tiny_cpu", []), 8)
+    back.load_state_dict(new.state_dict())
+    assert "train.ewc.kind 'ewc' -> 'none'" in back.changes(4)
+    old = RecipeFingerprint(load_recipe("tiny_cpu", ["train.ewc.kind=l2sp"]), 8)
+    old.load_state_dict({k: v for k, v in saved.items() if not k.startswith("train.ewc")})  # an older checkpoint
+    assert old.changes(4) is None
+
+
 BASE = {"wiki": {"group": "general", "ppl": 10.0}, "med": {"group": "domain", "ppl": 20.0}}
 
 
