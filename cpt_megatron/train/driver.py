@@ -114,11 +114,17 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
     preempt = None
     try:
         denv = init_distributed(cfg.parallel, seed=cfg.run.seed)
-        verify_prepared(prepared, cfg.data.verify)  # before step 1: rank 0 checksums the data, verdict broadcast
         # the newest complete + verified checkpoint: rank 0 scans (under the lock) and broadcasts the answer
         resume_from, skipped = select_resume(run_dir, cfg.resume)
         for line in skipped if denv.rank == 0 else ():
             print(f"resume: skipped {line}", flush=True)
+        done = _finished_at(resume_from, plan_steps(cfg))
+        if done is not None:  # no step will read the data or need the model: nothing is verified or built
+            if denv.rank == 0:
+                print(f"nothing to do: {run_dir} already finished at step {done} of {plan_steps(cfg)}; raise "
+                      "train.max_steps to continue it, or give a new run.dir= to start another run", flush=True)
+            return TrainResult([], done + 1, done, str(run_dir))
+        verify_prepared(prepared, cfg.data.verify)  # before step 1: rank 0 checksums the data, verdict broadcast
         preempt = PreemptionHandler()
         if denv.rank == 0:
             _write_config(run_dir, cfg, overrides)
@@ -130,6 +136,14 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
         destroy_distributed()
         if run_lock is not None:
             run_lock.release()
+
+
+def _finished_at(resume_from: Path | None, total_steps: int) -> int | None:
+    """The step of a resume checkpoint that already reached `total_steps` (None: there are steps to train)."""
+    if resume_from is None:
+        return None
+    step = int(read_run_state(resume_from)["train"]["step"])
+    return step if step >= total_steps else None
 
 
 class _Trainer:
@@ -272,9 +286,6 @@ class _Trainer:
         self._say_plan()
         losses, first_step = [], state.step
         stopped, exit_code = None, 0
-        if self.resumed and state.step >= self.total_steps:
-            self._say(f"nothing to do: {self.run_dir} already finished at step {state.step} of {self.total_steps}; "
-                      "raise train.max_steps to continue it, or give a new run.dir= to start another run")
         if state.step == 0 and not self.resumed:
             self.evaluate(0)  # baseline = the base model
         self.launch_steps = 0
