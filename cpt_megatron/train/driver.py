@@ -118,12 +118,11 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
         resume_from, skipped = select_resume(run_dir, cfg.resume)
         for line in skipped if denv.rank == 0 else ():
             print(f"resume: skipped {line}", flush=True)
-        done = _finished_at(resume_from, plan_steps(cfg))
+        done = _finished(cfg, resume_from)
         if done is not None:  # no step will read the data or need the model: nothing is verified or built
-            if denv.rank == 0:
-                print(f"nothing to do: {run_dir} already finished at step {done} of {plan_steps(cfg)}; raise "
-                      "train.max_steps to continue it, or give a new run.dir= to start another run", flush=True)
-            return TrainResult([], done + 1, done, str(run_dir))
+            for line in done[1] if denv.rank == 0 else ():
+                print(line, flush=True)
+            return TrainResult([], done[0] + 1, done[0], str(run_dir))
         verify_prepared(prepared, cfg.data.verify)  # before step 1: rank 0 checksums the data, verdict broadcast
         preempt = PreemptionHandler()
         if denv.rank == 0:
@@ -138,12 +137,20 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
             run_lock.release()
 
 
-def _finished_at(resume_from: Path | None, total_steps: int) -> int | None:
-    """The step of a resume checkpoint that already reached `total_steps` (None: there are steps to train)."""
+def _finished(cfg: RecipeConfig, resume_from: Path | None) -> tuple[int, list[str]] | None:
+    """(step, lines to print) when the resume checkpoint already reached the run's last step; None when there
+    are steps to train. The lines: nothing to do, and what changed in the recipe since the checkpoint."""
     if resume_from is None:
         return None
-    step = int(read_run_state(resume_from)["train"]["step"])
-    return step if step >= total_steps else None
+    saved, total = read_run_state(resume_from), plan_steps(cfg)
+    step = int(saved["train"]["step"])
+    if step < total:
+        return None
+    recipe = RecipeFingerprint(cfg, total)
+    recipe.load_state_dict(saved.get("recipe") or {})
+    lines = [f"nothing to do: {Path(cfg.run.dir)} already finished at step {step} of {total}; raise train.max_steps to "
+             "continue it, or give a new run.dir= to start another run", recipe.changes(step)]
+    return step, [x for x in lines if x]
 
 
 class _Trainer:
