@@ -138,10 +138,15 @@ def startup_preemption_exit(command: str):
     """From the first moment a training process can act until its trainer installs its own handler
     (train/signals.PreemptionHandler replaces this one): SIGTERM/SIGUSR1 (Slurm's preemption) end the process
     with one line and exit 75, so the job is requeued, instead of the default action's silent exit 143.
-    Nothing can be saved yet; `finally` blocks still run (run lock, process group)."""
+    Nothing can be saved yet; `finally` blocks still run (run lock, process group). Not in the ranks of a
+    launcher: torchrun also SIGTERMs the other ranks when one fails, which is no preemption (under `--nproc`
+    the launching `cpt`, which knows what it forwarded, explains a start-up signal)."""
+    if under_launcher():
+        yield
+        return
 
     def handler(signum, frame):
-        report_error(_startup_line(command, signum, "the ranks" if under_launcher() else "training"))
+        report_error(_startup_line(command, signum, "training"))
         raise SystemExit(PREEMPT_EXIT_CODE)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}

@@ -249,7 +249,10 @@ def _finish_save(run_dir: Path, final: Path, tmp: Path, common: dict, base_ckpt:
 def _check_optimizer_kind(ckpt_dir: Path, saved_common: dict, distributed: bool) -> None:
     """The distributed optimizer's state (fully_reshardable: any TP/PP/DP on load) and the plain optimizer's have
     different layouts that megatron-core 0.16.1 cannot convert (it fails deep inside the load)."""
-    saved = "param_state_sharding_type" in (saved_common.get("optimizer") or {})
+    def sharded(d) -> bool:  # a ChainedOptimizer of several stores one such dict per optimizer
+        return isinstance(d, dict) and ("param_state_sharding_type" in d or any(map(sharded, d.values())))
+
+    saved = sharded(saved_common.get("optimizer"))
     if saved != bool(distributed):
         raise CptError(f"{ckpt_dir} was saved with parallel.distributed_optimizer={str(saved).lower()}; its optimizer "
                        f"state cannot be loaded with {str(bool(distributed)).lower()}: resume with "
