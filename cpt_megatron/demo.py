@@ -6,7 +6,8 @@ the run's own general-regression limit, eval.monitor.act) -> export-hf -> prune 
 checkpoint) -> reload in transformers and complete a prompt -> summary. The run lands under OUT (default
 runs/<recipe>: runs/demo, runs/demo_medical; a folder holding another recipe's demo is refused), the prepared data
 in the recipe's data.cache_dir; OUT/summary.json holds the summary table. Each step reuses what earlier runs left,
-so `--only STEP` reruns one step (preparation always runs first: it is a quick hash check once done).
+so `--only STEP` reruns one step (preparation runs first: a hash check of everything once done; skipped for the
+steps that read no prepared data, train/select/export/generate, when the manifest is there).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ __all__ = ["run_demo", "STEPS"]
 
 STEPS = ("curate", "analyze", "preprocess", "mixture", "import", "train", "select", "export", "generate")
 _ANALYZE_CHARS = 300_000
+# steps that read no prepared data (`cpt train` checks the data itself before its first step, and not at all when
+# the run is finished): run alone, they take the prepared manifest as it is instead of re-checking every file
+_READS_NO_DATA = ("train", "select", "export", "generate")
 PROMPTS = {"code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
            # ends with a newline: after a bare "?" SmolLM2 (instruct) ends the text at once (EOS, an empty completion)
            "medical": "What are the symptoms of high blood pressure?\n"}
@@ -57,7 +61,7 @@ def run_demo(out: str | None = None, recipe: str = "demo", overrides: list[str] 
     def want(step: str) -> bool:
         return only is None or only == step
 
-    prepared = _prepare(cfg, want, summary)
+    prepared = _prepare(cfg, want, summary, reads_data=only not in _READS_NO_DATA)
     if want("analyze"):
         _analyze(prepared, out_dir, summary)
     if want("mixture"):
@@ -89,12 +93,19 @@ def _check_out(out_dir: Path, recipe: str, cfg, summary: dict) -> None:
         raise CptError(f"{out_dir}: {e}") from None
 
 
-def _prepare(cfg, want, summary: dict) -> dict:
-    """`cpt prepare` in process: base import (+ parity check), curation, tokenization, mixture index."""
-    from cpt_megatron.train.prepare import prepare
+def _prepare(cfg, want, summary: dict, reads_data: bool = True) -> dict:
+    """`cpt prepare` in process: base import (+ parity check), curation, tokenization, mixture index. For a step
+    that reads no prepared data, an existing manifest is taken as it is (load_prepared: sizes, no checksums)."""
+    from cpt_megatron.train.prepare import load_prepared, prepare
 
     t = time.time()
-    prepared = prepare(cfg)
+    prepared = None
+    if not reads_data:
+        try:
+            prepared = load_prepared(cfg, "cpt prepare")
+        except CptError:  # missing or stale: prepare it
+            pass
+    prepared = prepared or prepare(cfg)
     base = prepared["base"]
     if want("import"):
         meta = json.loads((Path(base) / "cpt_meta.json").read_text())

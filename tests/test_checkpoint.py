@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def make_hf(family: str, out: Path, vocab: int = 1000, tokenizer: Path | None = 
         cfg = LlamaConfig(**kw, tie_word_embeddings=True)
     else:
         raise ValueError(family)
-    torch.manual_seed(hash(family) % 1000)
+    torch.manual_seed(zlib.crc32(family.encode()) % 1000)  # hash() of a str changes every process
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # non-trivial norms and biases so a mix-up would show
         for n, p in model.named_parameters():
@@ -68,6 +69,18 @@ def make_hf(family: str, out: Path, vocab: int = 1000, tokenizer: Path | None = 
         for f in tokenizer.iterdir():
             shutil.copy2(f, out / f.name)
     return out
+
+
+def test_make_hf_is_the_same_in_every_process(tmp_path):
+    """The zoo's weights do not depend on PYTHONHASHSEED (they came from hash(family), which does): a process with
+    PYTHONHASHSEED=1 makes the bytes this one (a random hash seed) makes."""
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); from test_checkpoint import make_hf;"
+            "make_hf('llama3', Path(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "other"), str(Path(__file__).parent)], check=True,
+                   env={**os.environ, "PYTHONHASHSEED": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
+    make_hf("llama3", tmp_path / "here")
+    assert (tmp_path / "here" / "model.safetensors").read_bytes() == \
+        (tmp_path / "other" / "model.safetensors").read_bytes()
 
 
 @pytest.fixture(scope="module")

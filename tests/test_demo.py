@@ -224,8 +224,34 @@ def test_train_header_finished_rerun_and_other_recipes_run_dir(tmp_path, tiny_cp
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_clean_env(), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"nothing to do: {run} already finished at step 1 of 1" in again.stdout and "train.max_steps" in again.stdout
+    # item 6 (w34): a run that trains nothing reads no data: no checksum pass over it (nor a model build)
+    assert "data: verified" in first.stdout and "data: verified" not in again.stdout, again.stdout
     config = (run / "config.yaml").read_bytes()
     rc = main(["train", "--recipe", "demo", f"run.dir={run}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and f"run.dir {run} holds another recipe's run" in err[0], err
     assert (run / "config.yaml").read_bytes() == config
+
+
+def test_demo_steps_that_read_no_data_take_the_manifest_as_it_is(tmp_path, tiny_cpu_cache, monkeypatch):
+    """`cpt demo --only generate` (select, export, train) re-ran `cpt prepare` in full (every prepared file and the
+    base checkpoint checksummed) before a step that reads none of it: now the manifest is taken as it is (sizes),
+    and prepared only when missing or stale. Steps that read the data still prepare."""
+    from conftest import cpt_prepare
+
+    from cpt_megatron.train import prepare as prep
+
+    cpt_prepare(tiny_cpu_cache)
+    cfg = load_recipe("tiny_cpu", [f"data.cache_dir={tiny_cpu_cache}", f"run.dir={tmp_path / 'run'}"])
+    calls = []
+    monkeypatch.setattr(prep, "prepare", lambda c: calls.append(c) or prep.load_prepared(c, "cpt prepare"))
+    for only in ("generate", "select", "export", "train"):
+        assert only in demo._READS_NO_DATA
+    got = demo._prepare(cfg, lambda step: False, {"artifacts": {}}, reads_data=False)
+    assert not calls and got["base"] and [s["name"] for s in got["sources"]] == ["stdlib", "pydoc"]
+    demo._prepare(cfg, lambda step: False, {"artifacts": {}}, reads_data=True)
+    assert len(calls) == 1  # analyze / mixture / a full run: prepared (and checked) as before
+    stale = load_recipe("tiny_cpu", [f"data.cache_dir={tmp_path / 'empty'}", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(CptError):  # no manifest there: prepared (the stub cannot, and says so)
+        demo._prepare(stale, lambda step: False, {"artifacts": {}}, reads_data=False)
+    assert len(calls) == 2

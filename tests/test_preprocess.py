@@ -165,6 +165,22 @@ def test_cli_json_summary(corpus, gpt2_tokenizer_dir, tmp_path, capsys):
     assert summary["outputs"]["text"]["documents"] == len([t for t in docs if t])
 
 
+def test_library_config_resolves_tokenizer_shortcut(tmp_path, monkeypatch):
+    """PreprocessConfig(tokenizer="@gpt2") built as a library resolves the shortcut itself (it made "@gpt2" a path
+    under the working directory before: "tokenizer '@gpt2' not found")."""
+    from cpt_megatron.tokenizer.load import resolve_spec
+
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i}: some words"}) + "\n" for i in range(5)))
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(src, "@gpt2", tmp_path / "o", fast=False)
+    assert cfg.tokenizer == resolve_spec("@gpt2")
+    s = pp.preprocess(cfg)
+    assert s["outputs"]["text"]["documents"] == 5
+    with pytest.raises(CptError, match="unknown tokenizer shortcut '@nope'"):
+        _cfg(src, "@nope", tmp_path / "x")
+
+
 def test_preprocess_import_is_light():
     code = "import sys, cpt_megatron.data.preprocess, cpt_megatron.cli.preprocess; " \
            "bad = [m for m in ('torch', 'megatron', 'transformers') if m in sys.modules]; assert not bad, bad"

@@ -1,7 +1,7 @@
 """Issue 27, crash safety: a kill -9 at a deterministic point (CPT_FAULT=<point>, read only by
 `cpt_megatron.utils.fault_point`) of every multi-file writer, then a rerun: it finishes or starts over cleanly, names
 and removes what the killed run left, and its output is byte-identical to an uninterrupted run. Plus the launcher's
-signals (start-up SIGTERM, a killed torchrun agent) and a read-only checkpoints/ found before step 1.
+signals (start-up SIGTERM, also without --nproc; a killed torchrun agent) and a read-only checkpoints/ found before step 1.
 Linux only (kill points and process checks read /proc). docs/reliability.md lists each guarantee with its test."""
 
 from __future__ import annotations
@@ -235,6 +235,40 @@ def test_sigterm_during_nproc_startup_exits_75_with_one_line(tmp_path):
     assert ("cpt train: SIGTERM arrived during start-up, before the ranks could save: nothing was saved by this "
             "launch") in err, err[-3000:]
     _wait_for(lambda: not any(pid_alive(p) for p in tree), timeout=10, what=f"{tree} to exit")
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """`pid` has a handler installed for `sig` (/proc/PID/status SigCgt)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_sigterm_during_single_process_startup_exits_75_with_one_line(tmp_path):
+    """Single-process `cpt train` SIGTERMed before the trainer's handler exists (exit 143 and no message before):
+    the handler `cpt train` installs right after parsing its arguments says so in one line and exits 75. The signal
+    is sent as soon as SIGTERM is caught, i.e. during the seconds of imports before the data check (never
+    prepared here, so a missed signal fails with exit 2)."""
+    cmd = [sys.executable, "-m", "cpt_megatron", "train", "--recipe", "tiny_cpu", f"run.dir={tmp_path / 'run'}",
+           f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV)
+    try:
+        _wait_for(lambda: _catches(proc.pid, signal.SIGTERM) or proc.poll() is not None, timeout=60,
+                  what="the start-up handler")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["cpt train: SIGTERM arrived during start-up, before training could save: nothing was saved by "
+                     "this launch (a rerun resumes from the last checkpoint); exit 75 so the job is requeued"], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_killed_torchrun_agent_is_named(tmp_path):

@@ -66,6 +66,22 @@ def test_recipe_change_named_in_one_line():
     assert "\n" not in line and "data.alpha 0.7 -> 0.5" in line and "from step 5" in line
 
 
+def test_regularizer_switched_on_resume_is_named():
+    """none -> ewc (and a changed lambda) between checkpoint and resume: the recipe-change line names it (the
+    regularizer's own state is absent from a run that had none, so nothing was said before)."""
+    saved = RecipeFingerprint(load_recipe("tiny_cpu", []), 8).state_dict()
+    new = RecipeFingerprint(load_recipe("tiny_cpu", ["train.ewc.kind=ewc", "train.ewc.lam=1"]), 8)
+    new.load_state_dict(json.loads(json.dumps(saved)))
+    line = new.changes(4)
+    assert "\n" not in line and "train.ewc.kind 'none' -> 'ewc'" in line and "train.ewc.lam 0.0 -> 1" in line, line
+    back = RecipeFingerprint(load_recipe("tiny_cpu", []), 8)
+    back.load_state_dict(new.state_dict())
+    assert "train.ewc.kind 'ewc' -> 'none'" in back.changes(4)
+    old = RecipeFingerprint(load_recipe("tiny_cpu", ["train.ewc.kind=l2sp"]), 8)
+    old.load_state_dict({k: v for k, v in saved.items() if not k.startswith("train.ewc")})  # an older checkpoint
+    assert old.changes(4) is None
+
+
 BASE = {"wiki": {"group": "general", "ppl": 10.0}, "med": {"group": "domain", "ppl": 20.0}}
 
 
@@ -223,3 +239,23 @@ def test_rollback_after_requeue_with_async_saves_is_exact(tmp_path, tiny_cpu_cac
     assert "iter_0000005" not in names  # the abandoned branch's checkpoint: a requeue must not resume it
     assert names == ["iter_0000006", "iter_0000008"]  # keep_last=1 while 8 was being written, then 8
     assert all(checkpointing._problem(p) is None for p in layout.iteration_folders(run / "checkpoints"))
+
+
+def test_distributed_optimizer_resume_is_exact(tmp_path, tiny_cpu_cache):
+    """The distributed optimizer on torch Adam (megatron-core 0.16.1 without TE/apex), one rank: 4 steps == 2 +
+    resume + 2, losses and every model and optimizer tensor bit for bit. megatron failed this resume (`assert
+    len(steps) == 1` on the fresh optimizer, then KeyError 'step'), and a naive fix leaves every param sharing
+    one step tensor, which foreach Adam advances once per param (Engine.load_optimizer_state). DP2 and a resume
+    into another DP size: tests/test_train.py (make test-all)."""
+    from test_train import ckpt_tensors
+
+    opt = ["parallel.distributed_optimizer=true", "train.max_steps=4", "eval.interval=0"]
+    whole = _train(tmp_path / "whole", tiny_cpu_cache, *opt)
+    first = _train(tmp_path / "split", tiny_cpu_cache, *opt, "train.exit_interval=2")
+    second = _train(tmp_path / "split", tiny_cpu_cache, *opt)
+    assert (first.last_step, second.first_step, second.last_step) == (2, 3, 4)
+    assert first.losses + second.losses == whole.losses
+    got, ref = (ckpt_tensors(tmp_path / r / "checkpoints" / "iter_0000004") for r in ("split", "whole"))
+    assert sum(k.startswith("optimizer.state.exp_avg_sq.") for k in ref) >= 9, sorted(ref)
+    assert set(got) == set(ref) and all(got[k].equal(ref[k]) for k in ref), \
+        [k for k in ref if not got[k].equal(ref[k])]

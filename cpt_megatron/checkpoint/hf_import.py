@@ -13,25 +13,22 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from cpt_megatron.checkpoint import layout, mapping, megatron_lm
+from cpt_megatron.checkpoint import mapping
 from cpt_megatron.checkpoint.io import (
     DTYPES,
-    META_NAME,
     TOKENIZER_DIR,
     HFReader,
     check_safetensors_file,
     dtype_name,
-    single_process_group,
-    write_torch_dist,
+    write_release,
 )
 from cpt_megatron.errors import CptError
 from cpt_megatron.model.arch import ModelArch, padded_vocab_size
-from cpt_megatron.utils import atomic_dir, check_gguf, sha256_file, write_json
+from cpt_megatron.utils import check_gguf, sha256_file
 
 __all__ = ["import_hf", "gguf_to_hf", "check_hf_checkpoint"]
 
@@ -142,47 +139,35 @@ def import_hf(hf_dir: str | os.PathLike | None, out: str | os.PathLike, *, gguf:
                 t = mapping.to_megatron(arch, spec, reader.get, padded)
                 yield spec, t.to(out_dtype)
 
-        with atomic_dir(out, overwrite=overwrite) as root:
-            # Megatron-LM's layout: OUT/latest_checkpointed_iteration.txt = "release", tensors in OUT/release/
-            tmp = root / layout.RELEASE
-            meta = {
-                "format": "cpt-megatron/1",
-                "created_by": "cpt import-hf",
-                "source": source,
-                "hf_config": cfg,
-                "vocab_size": arch.vocab_size,
-                "padded_vocab_size": padded,
-                "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
-                "dtype": dtype_name(out_dtype),
-                "tokenizer": TOKENIZER_DIR if tok_files else None,
-                "source_shards": {s: sha256_file(hf_dir / s) for s in reader.shards},
-            }
-            final = out.resolve() / layout.RELEASE
-            common = megatron_lm.common_entries(meta, iteration=0,
-                                                tokenizer_model=final / TOKENIZER_DIR if tok_files else None)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
-            try:
-                with single_process_group():
-                    nbytes = write_torch_dist(tmp, tensors(), arch.num_layers, staging, mapping.extra_state_keys(),
-                                              common)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            reader.close()
-            if tok_files:
-                (tmp / TOKENIZER_DIR).mkdir()
-                for f in tok_files:
-                    shutil.copy2(f, tmp / TOKENIZER_DIR / f.name)
-            write_json(tmp / META_NAME, meta)
-            megatron_lm.write_args_file(tmp, meta, final)
-            summary = {"out": str(out), "model_type": arch.model_type, "num_layers": arch.num_layers,
-                       "vocab_size": arch.vocab_size, "padded_vocab_size": padded, "dtype": meta["dtype"],
-                       "bytes": nbytes, "seconds_convert": round(time.time() - t0, 2)}
-            if verify:
-                from cpt_megatron.checkpoint.verify import check_parity, verify_checkpoint
+        meta = {
+            "format": "cpt-megatron/1",
+            "created_by": "cpt import-hf",
+            "source": source,
+            "hf_config": cfg,
+            "vocab_size": arch.vocab_size,
+            "padded_vocab_size": padded,
+            "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+            "dtype": dtype_name(out_dtype),
+            "tokenizer": TOKENIZER_DIR if tok_files else None,
+            "source_shards": {s: sha256_file(hf_dir / s) for s in reader.shards},
+        }
+        summary = {"out": str(out), "model_type": arch.model_type, "num_layers": arch.num_layers,
+                   "vocab_size": arch.vocab_size, "padded_vocab_size": padded, "dtype": meta["dtype"]}
 
-                res = verify_checkpoint(hf_dir, tmp)
-                summary["verify"] = res
-                check_parity(res, arch, tol=verify_tol, what="import")
-            layout.write_manifest(tmp)
-            layout.write_tracker(root, layout.RELEASE)
+        def parity(folder: Path) -> None:  # before the manifest and tracker: a failed check leaves no OUT
+            from cpt_megatron.checkpoint.verify import check_parity, verify_checkpoint
+
+            reader.close()  # the source shards' maps, before transformers loads the model again
+            summary["seconds_convert"] = round(time.time() - t0, 2)
+            summary["verify"] = res = verify_checkpoint(hf_dir, folder)
+            check_parity(res, arch, tol=verify_tol, what="import")
+
+        try:
+            # Megatron-LM's layout: OUT/latest_checkpointed_iteration.txt = "release", tensors in OUT/release/
+            summary["bytes"] = write_release(out, tensors(), arch.num_layers, meta, overwrite=overwrite,
+                                             tokenizer_files={f.name: f for f in tok_files},
+                                             check=parity if verify else None)
+        finally:
+            reader.close()
+        summary.setdefault("seconds_convert", round(time.time() - t0, 2))
     return summary

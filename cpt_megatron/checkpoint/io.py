@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from cpt_megatron.runtime.distributed import single_process_group  # re-exported
 __all__ = [
     "META_NAME", "TOKENIZER_DIR", "read_meta", "arch_from_ckpt", "HFReader", "load_model_weights", "ckpt_tensor_keys",
     "read_ckpt_tensor", "write_torch_dist", "single_process_group", "DTYPES", "open_checkpoint", "tokenizer_path",
-    "megatron_lm_meta", "file_checksum", "sampled_checksum",
+    "megatron_lm_meta", "file_checksum", "sampled_checksum", "write_release",
 ]
 
 META_NAME = "cpt_meta.json"
@@ -287,6 +289,43 @@ def write_torch_dist(out_dir: Path, tensors, num_layers: int, staging: Path, ext
 
     dist_checkpointing.save(sharded, str(out_dir), TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1))
     del sharded
+    return nbytes
+
+
+def write_release(out: str | os.PathLike, tensors, num_layers: int, meta: dict, *,
+                  tokenizer_files: dict[str, Path] | None = None, overwrite: bool = False, check=None) -> int:
+    """Write `out` as a model-only Megatron-LM release checkpoint (what `cpt import-hf`, `cpt resize-embeddings`
+    and `cpt merge` produce); returns the tensor bytes written.
+
+    OUT/release/ holds the torch_dist tensors from (spec, tensor) pairs (streamed, see write_torch_dist) with
+    Megatron-LM's common entries (iteration 0), `tokenizer_files` (path inside tokenizer/ -> source file),
+    cpt_meta.json = `meta`, megatron_args.txt; then `check(release_folder)` (e.g. the import's parity check) may
+    raise; then the manifest, and OUT/latest_checkpointed_iteration.txt = "release". All of it is written in a
+    temp folder beside OUT that replaces OUT only when complete (utils.atomic_dir)."""
+    from cpt_megatron.checkpoint import layout, mapping, megatron_lm
+    from cpt_megatron.utils import atomic_dir, write_json
+
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as root:
+        tmp, final = root / layout.RELEASE, out.resolve() / layout.RELEASE
+        common = megatron_lm.common_entries(meta, iteration=0,
+                                            tokenizer_model=final / TOKENIZER_DIR if tokenizer_files else None)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
+        try:
+            with single_process_group():
+                nbytes = write_torch_dist(tmp, tensors, num_layers, staging, mapping.extra_state_keys(), common)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for name, src in (tokenizer_files or {}).items():
+            dst = tmp / TOKENIZER_DIR / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        write_json(tmp / META_NAME, meta)
+        megatron_lm.write_args_file(tmp, meta, final)
+        if check is not None:
+            check(tmp)
+        layout.write_manifest(tmp)
+        layout.write_tracker(root, layout.RELEASE)
     return nbytes
 
 

@@ -31,18 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from cpt_megatron.checkpoint import layout, mapping, megatron_lm
+from cpt_megatron.checkpoint import mapping
 from cpt_megatron.checkpoint.io import (
     DTYPES,
-    META_NAME,
     TOKENIZER_DIR,
     arch_from_ckpt,
     ckpt_tensor_keys,
@@ -52,11 +49,10 @@ from cpt_megatron.checkpoint.io import (
     read_meta,
     single_process_group,
     tokenizer_path,
-    write_torch_dist,
+    write_release,
 )
 from cpt_megatron.errors import CptError
 from cpt_megatron.model.arch import ModelArch
-from cpt_megatron.utils import atomic_dir, write_json
 
 __all__ = ["merge_checkpoints", "merge_coefficients", "combine", "check_weight"]
 
@@ -244,40 +240,26 @@ def merge_checkpoints(ckpts: Sequence[str | os.PathLike], out: str | os.PathLike
         specs, rows, widest = _plan(inputs)
         out_dt = DTYPES[dtype] if dtype else widest
         first = inputs[0]
-        with atomic_dir(out, overwrite=overwrite) as root:
-            tmp = root / layout.RELEASE
-            final = out.resolve() / layout.RELEASE
-            tok_src = tokenizer_path(first.path, first.meta)
-            formula = " + ".join(f"{x.coef:g}·{x.given}" for x in inputs)
-            section = {"method": "linear" if base is not None else "average",
-                       "weight": coefs[-1] if base is not None else None,
-                       "formula": f"w = {formula}", "arithmetic": "fp32, terms summed in this order",
-                       "inputs": [{"path": str(x.path.resolve()), "coefficient": x.coef,
-                                   "iteration": x.meta.get("iteration"), "training": x.meta.get("training")}
-                                  for x in inputs]}
-            meta = {k: v for k, v in first.meta.items() if k not in ("training", "eval", "merge")}
-            meta.update(format="cpt-megatron/1", created_by="cpt merge", dtype=dtype_name(out_dt),
-                        padded_vocab_size=rows, tokenizer=TOKENIZER_DIR if tok_src else None, merge=section,
-                        training={"merge": section["formula"]})
-            common = megatron_lm.common_entries(meta, iteration=0,
-                                                tokenizer_model=final / TOKENIZER_DIR if tok_src else None)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
-            try:
-                tensors = ((s, _merged(inputs, s, rows, out_dt)) for s in specs)
-                nbytes = write_torch_dist(tmp, tensors, first.arch.num_layers, staging, mapping.extra_state_keys(),
-                                          common)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            if tok_src is not None:
-                if tok_src.is_dir():
-                    shutil.copytree(tok_src, tmp / TOKENIZER_DIR)
-                else:
-                    (tmp / TOKENIZER_DIR).mkdir()
-                    shutil.copy2(tok_src, tmp / TOKENIZER_DIR / "tokenizer.json")
-            write_json(tmp / META_NAME, meta)
-            megatron_lm.write_args_file(tmp, meta, final)
-            layout.write_manifest(tmp)
-            layout.write_tracker(root, layout.RELEASE)
+        tok_src = tokenizer_path(first.path, first.meta)
+        formula = " + ".join(f"{x.coef:g}·{x.given}" for x in inputs)
+        section = {"method": "linear" if base is not None else "average",
+                   "weight": coefs[-1] if base is not None else None,
+                   "formula": f"w = {formula}", "arithmetic": "fp32, terms summed in this order",
+                   "inputs": [{"path": str(x.path.resolve()), "coefficient": x.coef,
+                               "iteration": x.meta.get("iteration"), "training": x.meta.get("training")}
+                              for x in inputs]}
+        meta = {k: v for k, v in first.meta.items() if k not in ("training", "eval", "merge")}
+        meta.update(format="cpt-megatron/1", created_by="cpt merge", dtype=dtype_name(out_dt),
+                    padded_vocab_size=rows, tokenizer=TOKENIZER_DIR if tok_src else None, merge=section,
+                    training={"merge": section["formula"]})
+        if tok_src is None:
+            files = {}
+        elif tok_src.is_dir():
+            files = {str(f.relative_to(tok_src)): f for f in sorted(tok_src.rglob("*")) if f.is_file()}
+        else:
+            files = {"tokenizer.json": tok_src}
+        tensors = ((s, _merged(inputs, s, rows, out_dt)) for s in specs)
+        nbytes = write_release(out, tensors, first.arch.num_layers, meta, tokenizer_files=files, overwrite=overwrite)
     return {"out": str(out), "method": section["method"], "formula": section["formula"],
             "inputs": [str(x.path) for x in inputs], "coefficients": coefs, "dtype": dtype_name(out_dt),
             "tensors": len(specs), "bytes": nbytes, "seconds": round(time.time() - t0, 2)}

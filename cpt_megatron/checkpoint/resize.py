@@ -11,16 +11,13 @@ at a time. Only model tensors are carried over (a training checkpoint's optimize
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from cpt_megatron.checkpoint import layout, mapping, megatron_lm
+from cpt_megatron.checkpoint import mapping
 from cpt_megatron.checkpoint.io import (
-    META_NAME,
     TOKENIZER_DIR,
     arch_from_ckpt,
     ckpt_tensor_keys,
@@ -28,11 +25,10 @@ from cpt_megatron.checkpoint.io import (
     read_ckpt_tensor,
     read_meta,
     single_process_group,
-    write_torch_dist,
+    write_release,
 )
 from cpt_megatron.errors import CptError
 from cpt_megatron.model.arch import padded_vocab_size
-from cpt_megatron.utils import atomic_dir, write_json
 
 __all__ = ["resize_embeddings", "grow_rows", "INITS"]
 
@@ -102,35 +98,20 @@ def resize_embeddings(ckpt: str | os.PathLike, tokenizer: str | os.PathLike, out
                     t = grow_rows(t, arch.vocab_size, new_rows, padded, new_ids, init)
                 yield spec, t
 
-        with atomic_dir(out, overwrite=overwrite) as root:
-            tmp = root / layout.RELEASE
-            new_meta = dict(meta, hf_config=new_cfg, vocab_size=new_rows, padded_vocab_size=padded,
-                            tokenizer=TOKENIZER_DIR, created_by="cpt resize-embeddings", parent=str(ckpt.resolve()))
-            new_meta.pop("training", None)
-            new_meta.pop("eval", None)
-            final = out.resolve() / layout.RELEASE
-            common = megatron_lm.common_entries(new_meta, iteration=0, tokenizer_model=final / TOKENIZER_DIR)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
-            try:
-                nbytes = write_torch_dist(tmp, tensors(), arch.num_layers, staging, mapping.extra_state_keys(),
-                                          common)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            (tmp / TOKENIZER_DIR).mkdir()
-            files = [f for f in tokenizer_files(tokenizer) if f.name != "config.json"]
-            for f in files:
-                shutil.copy2(f, tmp / TOKENIZER_DIR / (f.name if Path(tokenizer).is_dir() else "tokenizer.json"))
-            empty = sum(1 for v in new_ids.values() if not v)
-            new_meta["tokenizer_extension"] = {
-                "base_vocab_size": arch.vocab_size, "vocab_size": new_rows, "new_tokens": len(new_ids),
-                "init": init, "tokenizer_source": str(Path(tokenizer).resolve()), "empty_subtoken_splits": empty,
-                # [start, end) of the added rows (input and output embeddings): train.stages' new_vocab_rows
-                "new_rows": [min(new_ids), max(new_ids) + 1],
-            }
-            write_json(tmp / META_NAME, new_meta)
-            megatron_lm.write_args_file(tmp, new_meta, final)
-            layout.write_manifest(tmp)
-            layout.write_tracker(root, layout.RELEASE)
+        new_meta = dict(meta, hf_config=new_cfg, vocab_size=new_rows, padded_vocab_size=padded,
+                        tokenizer=TOKENIZER_DIR, created_by="cpt resize-embeddings", parent=str(ckpt.resolve()))
+        new_meta.pop("training", None)
+        new_meta.pop("eval", None)
+        new_meta["tokenizer_extension"] = {
+            "base_vocab_size": arch.vocab_size, "vocab_size": new_rows, "new_tokens": len(new_ids),
+            "init": init, "tokenizer_source": str(Path(tokenizer).resolve()),
+            "empty_subtoken_splits": sum(1 for v in new_ids.values() if not v),
+            # [start, end) of the added rows (input and output embeddings): train.stages' new_vocab_rows
+            "new_rows": [min(new_ids), max(new_ids) + 1],
+        }
+        files = {(f.name if Path(tokenizer).is_dir() else "tokenizer.json"): f
+                 for f in tokenizer_files(tokenizer) if f.name != "config.json"}
+        nbytes = write_release(out, tensors(), arch.num_layers, new_meta, tokenizer_files=files, overwrite=overwrite)
     return {"out": str(out), "old_vocab": arch.vocab_size, "new_vocab": new_rows, "padded_vocab_size": padded,
             "new_tokens": len(new_ids), "init": init, "tied": arch.tie_word_embeddings, "bytes": nbytes,
             "seconds": round(time.time() - t0, 2)}

@@ -49,6 +49,15 @@ def run_prepare(args):
 
 
 def run(args):
+    if args.dry_run:
+        return _run(args)
+    from cpt_megatron.runtime.launch import startup_preemption_exit
+
+    with startup_preemption_exit("cpt train"):  # until the trainer's own handler: SIGTERM -> one line, exit 75
+        return _run(args)
+
+
+def _run(args):
     from cpt_megatron.config import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)

@@ -81,6 +81,9 @@ class PreprocessConfig:
     """Keep PREFIX.shards/ after a successful merge."""
 
     def __post_init__(self):
+        from cpt_megatron.tokenizer.load import resolve_spec
+
+        self.tokenizer = resolve_spec(self.tokenizer)  # `@gpt2` -> its local path, as the CLI and `cpt prepare` do
         if not self.inputs:
             raise CptError("inputs: give at least one JSONL(.gz) file")
         if self.workers < 1:

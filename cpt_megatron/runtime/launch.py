@@ -12,6 +12,7 @@ The launching `cpt` stays in charge of its children:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["PREEMPT_EXIT_CODE", "under_launcher", "relaunch", "strip_nproc", "relaunched", "report_error", "FORWARDED_SIGNALS"]
+__all__ = ["PREEMPT_EXIT_CODE", "under_launcher", "relaunch", "strip_nproc", "relaunched", "report_error", "FORWARDED_SIGNALS",
+           "startup_preemption_exit"]
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: saved on preemption; the sbatch scripts requeue on it
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -115,10 +117,7 @@ def _explain_exit(code: int, agent: int, forwarded: list[int], rank_errors: bool
     if code in (0, PREEMPT_EXIT_CODE) or rank_errors:
         return code
     if preempt:
-        name = signal.Signals(preempt[0]).name
-        print(f"{command}: {name} arrived during start-up, before the ranks could save: nothing was saved by this "
-              f"launch (a rerun resumes from the last checkpoint); exit {PREEMPT_EXIT_CODE} so the job is requeued",
-              file=sys.stderr, flush=True)
+        print(_startup_line(command, preempt[0], "the ranks"), file=sys.stderr, flush=True)
         return PREEMPT_EXIT_CODE
     if code < 0:
         name = signal.Signals(-code).name
@@ -126,6 +125,36 @@ def _explain_exit(code: int, agent: int, forwarded: list[int], rank_errors: bool
               "nothing was saved since the last checkpoint (a rerun resumes from it)", file=sys.stderr, flush=True)
         return 128 - code
     return code
+
+
+def _startup_line(command: str, signum: int, who: str) -> str:
+    return (f"{command}: {signal.Signals(signum).name} arrived during start-up, before {who} could save: nothing was "
+            f"saved by this launch (a rerun resumes from the last checkpoint); exit {PREEMPT_EXIT_CODE} so the job is "
+            "requeued")
+
+
+@contextlib.contextmanager
+def startup_preemption_exit(command: str):
+    """From the first moment a training process can act until its trainer installs its own handler
+    (train/signals.PreemptionHandler replaces this one): SIGTERM/SIGUSR1 (Slurm's preemption) end the process
+    with one line and exit 75, so the job is requeued, instead of the default action's silent exit 143.
+    Nothing can be saved yet; `finally` blocks still run (run lock, process group). Not in the ranks of a
+    launcher: torchrun also SIGTERMs the other ranks when one fails, which is no preemption (under `--nproc`
+    the launching `cpt`, which knows what it forwarded, explains a start-up signal)."""
+    if under_launcher():
+        yield
+        return
+
+    def handler(signum, frame):
+        report_error(_startup_line(command, signum, "training"))
+        raise SystemExit(PREEMPT_EXIT_CODE)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

@@ -162,14 +162,20 @@ def _training_meta(run_dir: Path, state: dict) -> dict:
 def read_run_state(ckpt_dir) -> dict:
     """The run state a checkpoint stores (common.pt's `train_state`; checkpoints from before the run state
     registry come back in its shape). Resume and rollback both read it here."""
+    return _run_state(_read_common(layout.resolve(ckpt_dir)))
+
+
+def _read_common(ckpt_dir: Path) -> dict:
     from megatron.core import dist_checkpointing
 
+    with layout.read_errors(ckpt_dir):
+        return dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+
+
+def _run_state(common: dict) -> dict:
     from cpt_megatron.train.state import legacy_train_state
 
-    ckpt_dir = layout.resolve(ckpt_dir)
-    with layout.read_errors(ckpt_dir):
-        saved = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["train_state"]
-    return legacy_train_state(saved)
+    return legacy_train_state(common["train_state"])
 
 
 def save_checkpoint(run_dir, step: int, engine, common: dict, base_ckpt: str | None, saver=None) -> Path:
@@ -240,13 +246,29 @@ def _finish_save(run_dir: Path, final: Path, tmp: Path, common: dict, base_ckpt:
     torch.distributed.barrier()
 
 
+def _check_optimizer_kind(ckpt_dir: Path, saved_common: dict, distributed: bool) -> None:
+    """The distributed optimizer's state (fully_reshardable: any TP/PP/DP on load) and the plain optimizer's have
+    different layouts that megatron-core 0.16.1 cannot convert (it fails deep inside the load)."""
+    def sharded(d) -> bool:  # a ChainedOptimizer of several stores one such dict per optimizer
+        return isinstance(d, dict) and ("param_state_sharding_type" in d or any(map(sharded, d.values())))
+
+    saved = sharded(saved_common.get("optimizer"))
+    if saved != bool(distributed):
+        raise CptError(f"{ckpt_dir} was saved with parallel.distributed_optimizer={str(saved).lower()}; its optimizer "
+                       f"state cannot be loaded with {str(bool(distributed)).lower()}: resume with "
+                       f"parallel.distributed_optimizer={str(saved).lower()} (any DP size works)")
+
+
 def load_checkpoint(ckpt_dir, engine) -> dict:
     """Collective: restore model, optimizer and (same world size) RNG; returns the run state (read_run_state)."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir = layout.resolve(ckpt_dir)
-    common = read_run_state(ckpt_dir)
+    saved = _read_common(ckpt_dir)
+    _check_optimizer_kind(ckpt_dir, saved, engine.parallel.distributed_optimizer)
+    common = _run_state(saved)
     same_world = common.get("world_size") == torch.distributed.get_world_size()
+    engine.prepare_optimizer_load()
     sd = _state_dict(engine, True, None)
     if not same_world:
         del sd["rng_state"]  # different layout: RNG streams cannot be mapped (dropout-free CPT is unaffected)
@@ -254,7 +276,7 @@ def load_checkpoint(ckpt_dir, engine) -> dict:
         loaded = dist_checkpointing.load(sd, str(ckpt_dir))
     for i, c in enumerate(engine.chunks):
         c.load_state_dict(loaded[f"model{i}"], strict=False)
-    engine.optimizer.load_state_dict(loaded["optimizer"])
+    engine.load_optimizer_state(loaded["optimizer"])
     if same_world:
         _set_rng_state(loaded["rng_state"])
     return common

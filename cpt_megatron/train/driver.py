@@ -114,11 +114,16 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
     preempt = None
     try:
         denv = init_distributed(cfg.parallel, seed=cfg.run.seed)
-        verify_prepared(prepared, cfg.data.verify)  # before step 1: rank 0 checksums the data, verdict broadcast
         # the newest complete + verified checkpoint: rank 0 scans (under the lock) and broadcasts the answer
         resume_from, skipped = select_resume(run_dir, cfg.resume)
         for line in skipped if denv.rank == 0 else ():
             print(f"resume: skipped {line}", flush=True)
+        done = _finished(cfg, resume_from)
+        if done is not None:  # no step will read the data or need the model: nothing is verified or built
+            for line in done[1] if denv.rank == 0 else ():
+                print(line, flush=True)
+            return TrainResult([], done[0] + 1, done[0], str(run_dir))
+        verify_prepared(prepared, cfg.data.verify)  # before step 1: rank 0 checksums the data, verdict broadcast
         preempt = PreemptionHandler()
         if denv.rank == 0:
             _write_config(run_dir, cfg, overrides)
@@ -130,6 +135,22 @@ def train(cfg: RecipeConfig, overrides: list[str] | None = None, *, recipe: str 
         destroy_distributed()
         if run_lock is not None:
             run_lock.release()
+
+
+def _finished(cfg: RecipeConfig, resume_from: Path | None) -> tuple[int, list[str]] | None:
+    """(step, lines to print) when the resume checkpoint already reached the run's last step; None when there
+    are steps to train. The lines: nothing to do, and what changed in the recipe since the checkpoint."""
+    if resume_from is None:
+        return None
+    saved, total = read_run_state(resume_from), plan_steps(cfg)
+    step = int(saved["train"]["step"])
+    if step < total:
+        return None
+    recipe = RecipeFingerprint(cfg, total)
+    recipe.load_state_dict(saved.get("recipe") or {})
+    lines = [f"nothing to do: {Path(cfg.run.dir)} already finished at step {step} of {total}; raise train.max_steps to "
+             "continue it, or give a new run.dir= to start another run", recipe.changes(step)]
+    return step, [x for x in lines if x]
 
 
 class _Trainer:
@@ -272,9 +293,6 @@ class _Trainer:
         self._say_plan()
         losses, first_step = [], state.step
         stopped, exit_code = None, 0
-        if self.resumed and state.step >= self.total_steps:
-            self._say(f"nothing to do: {self.run_dir} already finished at step {state.step} of {self.total_steps}; "
-                      "raise train.max_steps to continue it, or give a new run.dir= to start another run")
         if state.step == 0 and not self.resumed:
             self.evaluate(0)  # baseline = the base model
         self.launch_steps = 0

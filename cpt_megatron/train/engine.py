@@ -15,7 +15,7 @@ import torch
 from cpt_megatron.config import OptimConfig
 from cpt_megatron.runtime.device import current_device, on_gpu
 
-__all__ = ["OptimConfig", "Engine", "StepResult", "ddp_bucket_size"]
+__all__ = ["OptimConfig", "Engine", "StepResult", "ddp_bucket_size", "is_torch_adam", "init_adam_state"]
 
 
 class StepResult:
@@ -47,6 +47,36 @@ def ddp_bucket_size(local_params: int, dp: int) -> int:
     """Gradient-reduce bucket (elements) from the model size: Megatron-LM's max(40M, 1M x dp), raised to 1/16 of
     this rank's parameters for big shards (fewer, larger collectives; still >= 16 buckets to overlap)."""
     return max(40_000_000, 1_000_000 * dp, local_params // 16)
+
+
+def is_torch_adam(inner) -> bool:
+    """torch Adam/AdamW (megatron's fallback without TE/apex) keep a per-param `step` tensor; TE/apex FusedAdam
+    keep it in the param group."""
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
+@torch.no_grad()
+def init_adam_state(o) -> None:
+    """Give every parameter of megatron optimizer `o` (one of `chained_optimizers`) its zero Adam state, as
+    megatron's `init_state_fn` does, plus torch Adam's per-param `step` (0). megatron-core 0.16.1's
+    DistributedOptimizer.state_dict() requires that step on every param when TE/apex is missing (`assert
+    len(steps) == 1`), so a fresh optimizer cannot build the sharded state dict a checkpoint is loaded into."""
+    inner = o.optimizer
+    o.init_state_fn(inner, o.config)
+    if is_torch_adam(inner):
+        for g in inner.param_groups:
+            for p in g["params"]:
+                inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _set_states_keep_step(o, orig, model_param, tensors: dict) -> None:
+    """Engine.load_optimizer_state's stand-in for DistributedOptimizer._set_main_param_and_optimizer_states."""
+    if "step" not in tensors:
+        group_index, group_order = o.model_param_group_index_map[model_param]
+        state = o.optimizer.state[o.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in state:
+            tensors = {**tensors, "step": state["step"]}
+    orig(model_param, tensors)
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -137,6 +167,47 @@ class Engine:
             config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
         self._ps = parallel_state
         self.freezer = None  # train/stages.Freezer: train.stages' frozen parameters/rows (set by the driver)
+
+    def _torch_adam_dist_optimizers(self) -> list:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        return [o for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+                if isinstance(o, DistributedOptimizer) and is_torch_adam(o.optimizer)]
+
+    def prepare_optimizer_load(self) -> None:
+        """Before the sharded state dict a checkpoint is loaded into is built: the distributed optimizer's
+        torch-Adam state must exist (init_adam_state; megatron does this itself for the non-distributed
+        optimizer). The values are overwritten by the load."""
+        for o in self._torch_adam_dist_optimizers():
+            if not o.optimizer.state:
+                init_adam_state(o)
+
+    def load_optimizer_state(self, state_dict: dict) -> None:
+        """megatron's optimizer.load_state_dict, made to work with the distributed optimizer on torch Adam (no
+        TE/apex) in megatron-core 0.16.1, which has two defects there:
+        - load_parameter_state_from_fully_reshardable leaves torch Adam's "step" out of the tensors it hands to
+          _set_main_param_and_optimizer_states, which copies every key of the param's state: KeyError 'step'.
+          The step is restored from the checkpoint's param groups just before (load_state_dict), so the
+          param's own step is passed through unchanged;
+        - load_state_dict gives every param the SAME step tensor, which torch's foreach Adam then increments
+          once per param per step (wrong bias correction): each param gets its own copy afterwards."""
+        patched = []
+        for o in self._torch_adam_dist_optimizers():
+            orig = getattr(o, "_set_main_param_and_optimizer_states", None)
+            if orig is None or not hasattr(o, "model_param_group_index_map"):
+                raise RuntimeError("megatron-core's DistributedOptimizer changed (no _set_main_param_and_optimizer_"
+                                   "states/model_param_group_index_map): revisit Engine.load_optimizer_state")
+            o._set_main_param_and_optimizer_states = partial(_set_states_keep_step, o, orig)
+            patched.append(o)
+        try:
+            self.optimizer.load_state_dict(state_dict)
+        finally:
+            for o in patched:
+                del o._set_main_param_and_optimizer_states  # the class's method again
+        for o in patched:
+            for st in o.optimizer.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].clone()
 
     def sync_params(self) -> None:
         """Finish the distributed optimizer's overlapped parameter all-gather (before eval, save, export)."""

@@ -204,7 +204,8 @@ def prepare_sources(data_cfg, tokenizer: str, workers: int = 1) -> list[dict]:
                    *(["max_docs applies to files"] if s.max_docs and not all(i.startswith("@") for i in s.inputs) else []))
         root = Path(data_cfg.cache_dir) / "sources" / f"{s.name}-{key}"
         prefix = root / "tokens"
-        if not _intact_source(root, prefix):
+        checks = _intact_source(root, prefix)
+        if checks is None:
             inputs = [str(special_input(i, root / "raw", s.max_docs)) if i.startswith("@") else i for i in s.inputs]
             ic = InputConfig(doc_separator=s.doc_separator, max_docs=s.max_docs)  # max_docs: files too
             cc = CurateConfig(input=ic) if s.curate_stages is None else CurateConfig(input=ic, stages=list(s.curate_stages))
@@ -218,8 +219,10 @@ def prepare_sources(data_cfg, tokenizer: str, workers: int = 1) -> list[dict]:
             preprocess(PreprocessConfig(inputs=shards, tokenizer=tokenizer, out=str(prefix), workers=workers,
                                         append_eod=data_cfg.append_eod, progress=False))
             fault_point("prepare.before_checks")
-            write_json(root / _CHECKS, data_checksums(str(prefix)))
+            checks = data_checksums(str(prefix))
+            write_json(root / _CHECKS, checks)
         entry["prefix"] = str(prefix)
+        entry["checks"] = checks  # the manifest's checksums: each file is read once per prepare
         out.append(entry)
     return out
 
@@ -235,28 +238,29 @@ def _intact_curated(curated: Path) -> bool:
         return False
 
 
-def _intact_source(root: Path, prefix: Path) -> bool:
+def _intact_source(root: Path, prefix: Path) -> dict | None:
     """A prepared source whose tokens.bin/.idx still have the checksums recorded when they were written (not
-    merely files that exist): reused. Missing, unrecorded or damaged: rebuilt (the same bytes again)."""
+    merely files that exist): reused (returns the checksums just computed). Missing, unrecorded or damaged: None,
+    rebuilt (the same bytes again)."""
     checks = root / _CHECKS
     if not Path(f"{prefix}.idx").exists():
-        return False
+        return None
     try:
         want = json.loads(checks.read_text())
     except (OSError, ValueError):
         _say(f"{prefix}.bin/.idx have no recorded checksums (an interrupted prepare): rebuilding them")
-        return False
+        return None
     try:
         now = data_checksums(str(prefix))
     except OSError as e:
         _say(f"{prefix}: {e.strerror}: rebuilding")
-        return False
+        return None
     for ext in ("bin", "idx"):
         if now[f"{ext}_bytes"] != want.get(f"{ext}_bytes") or now[f"{ext}_checksum"] != want.get(f"{ext}_checksum"):
             _say(f"{prefix}.{ext} differs from its recorded {now['algorithm']} checksum (damaged): rebuilding it")
             checks.unlink()
-            return False
-    return True
+            return None
+    return now
 
 
 def data_checksums(prefix: str) -> dict:
@@ -324,7 +328,7 @@ def prepare(cfg, workers: int = 1) -> dict:
     sources = prepare_sources(cfg.data, tok_spec, workers=workers)
     for s in sources:
         check_dataset_tokenizer(s["prefix"], vocab)
-        s.update(data_checksums(s["prefix"]))
+        s.update(s.pop("checks", None) or data_checksums(s["prefix"]))  # a `prefix` source: computed here
     manifest = {"version": MANIFEST_VERSION, "key": prepare_key(cfg), "base": base,
                 "base_meta_sha256": sha256_file(_base_meta(base)), "tokenizer": tok_spec,
                 "vocab_size": vocab, "eod_id": int(tokenizer.eos_token_id),

@@ -48,6 +48,7 @@ import torch
 
 from cpt_megatron.config import parse_trainable
 from cpt_megatron.errors import CptError
+from cpt_megatron.train.engine import init_adam_state, is_torch_adam
 
 __all__ = ["StagedTraining", "StageSchedule", "Freezer", "check_stages", "stage_ends", "new_vocab_rows"]
 
@@ -188,11 +189,6 @@ def _main_params(opt):
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _is_torch_adam(inner) -> bool:
-    """torch Adam/AdamW keep a per-param `step` tensor (TE/apex FusedAdam keep it in the param group)."""
-    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
-
-
 class Freezer:
     """Applies one stage's trainable set to an Engine (see the module docstring for what frozen means)."""
 
@@ -285,11 +281,7 @@ class Freezer:
         frozen = [p for oo, p in self.frozen_main if oo is o]
         if any(not inner.state.get(p) for p in frozen):
             # checkpoints hold every param's state: create the frozen params' (zero) state now, as megatron does
-            o.init_state_fn(inner, o.config)
-            if _is_torch_adam(inner):
-                for g in inner.param_groups:
-                    for p in g["params"]:
-                        inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+            init_adam_state(o)
         for p in frozen:
             p.grad = None  # Adam skips it: no update, no weight decay, no moment change
         saved = []
@@ -309,7 +301,7 @@ class Freezer:
                 for k in _MOMENTS:
                     for a, b in ivs:
                         st[k].view(-1)[a:b].zero_()
-        if _is_torch_adam(inner):  # megatron keeps ONE step count for all params (checkpoints require it)
+        if is_torch_adam(inner):  # megatron keeps ONE step count for all params (checkpoints require it)
             for p in frozen:
                 inner.state[p]["step"] = inner.state[p]["step"] + 1
         return out

@@ -59,7 +59,8 @@ class TrainState:
 
 
 class RecipeFingerprint:
-    """The recipe values that fix which sample each step reads and which lr it uses.
+    """The recipe values that fix which sample each step reads, which lr it uses and which regularizer pulls
+    toward the base (train.ewc: switching it on, off or to another lambda on resume is named too).
 
     Saved with every checkpoint; a resume under a recipe that differs names each change in one line and says
     that it applies from the resumed step (the earlier steps were trained under the saved values)."""
@@ -72,6 +73,7 @@ class RecipeFingerprint:
                              for s in d.sources],
             "train.global_batch": t.global_batch, "total_steps": total_steps, "run.seed": cfg.run.seed,
             "schedule": dataclasses.asdict(cfg.schedule), "optim.lr": cfg.optim.lr, "optim.min_lr": cfg.optim.min_lr,
+            "train.ewc.kind": t.ewc.kind, "train.ewc.lam": t.ewc.lam, "train.ewc.batches": t.ewc.batches,
         }
         self.saved: dict | None = None
 
@@ -89,8 +91,8 @@ class RecipeFingerprint:
                 if k in self.saved and _plain(self.saved[k]) != _plain(v)]
         if not diff:
             return None
-        return (f"resume: recipe changed since the checkpoint: {'; '.join(diff)}; data order and lr schedule follow "
-                f"the new values from step {step + 1} (steps 1-{step} were trained under the saved ones)")
+        return (f"resume: recipe changed since the checkpoint: {'; '.join(diff)}; the new values apply from step "
+                f"{step + 1} (steps 1-{step} were trained under the saved ones)")
 
 
 def _plain(v: Any) -> Any:
