@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from cpt_megatron.curate.config import MinHashConfig
+from cpt_megatron.curate.prefix_index import PrefixIndex
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import gather_runs
 
@@ -58,6 +59,7 @@ __all__ = [
     "shingle_hashes",
     "shingles",
     "sketch_se",
+    "uses_prefix",
 ]
 
 _P = np.uint64(0x100000001B3)  # odd multiplier (FNV-64 prime); its inverse mod 2^64 exists
@@ -389,8 +391,9 @@ class NearDupStats:
     whose exact Jaccard was computed (the rest fail the size bound or the sketch pre-filter);
     verified_pairs: those at Jaccard >= threshold; removed: documents with at least one."""
 
-    def __init__(self, cfg: MinHashConfig, bands: int, rows: int):
+    def __init__(self, cfg: MinHashConfig, bands: int, rows: int, candidates: str | None = None):
         self.cfg, self.bands, self.rows = cfg, bands, rows
+        self.candidates = candidates or ("prefix" if uses_prefix(cfg) else "bands")
         self.candidate_pairs = self.checked_pairs = self.verified_pairs = self.removed = 0
         self.hist = np.zeros(_HIST_BINS, np.int64)
 
@@ -413,9 +416,14 @@ class NearDupStats:
         w = 1.0 / _HIST_BINS
         hist = {f"{k * w:.2f}-{(k + 1) * w:.2f}": int(c) for k, c in enumerate(self.hist) if c}
         return {"decide": self.cfg.decide, "threshold": self.cfg.threshold, "num_perm": self.cfg.num_perm,
-                "bands": self.bands, "rows": self.rows, "prefilter_sigmas": self.cfg.prefilter_sigmas,
+                "candidates": self.candidates, "bands": self.bands, "rows": self.rows, "prefilter_sigmas": self.cfg.prefilter_sigmas,
                 "candidate_pairs": self.candidate_pairs, "checked_pairs": self.checked_pairs,
                 "verified_pairs": self.verified_pairs, "removed": self.removed, "removed_jaccard_histogram": hist}
+
+
+def uses_prefix(cfg: MinHashConfig, lsh_url: str | None = None) -> bool:
+    """Whether `NearDupIndex` proposes candidates with the prefix index (else LSH bands)."""
+    return cfg.decide == "exact" and cfg.candidates == "prefix" and not lsh_url
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -705,8 +713,9 @@ class NearDupIndex:
                  workdir: str | None = None):
         self.cfg = cfg
         self.bands, self.rows = lsh_params(cfg.threshold, cfg.num_perm)
-        self.stats = NearDupStats(cfg, self.bands, self.rows)
-        self.lsh = _RedisBands(lsh_url, basename) if lsh_url else _Bands()
+        self.prefix = PrefixIndex(cfg.threshold) if uses_prefix(cfg, lsh_url) else None
+        self.stats = NearDupStats(cfg, self.bands, self.rows, "prefix" if self.prefix is not None else "bands")
+        self.lsh = None if self.prefix is not None else _RedisBands(lsh_url, basename) if lsh_url else _Bands()
         self._keys: list[str] = []
         self._sigs = np.zeros((1024, cfg.num_perm), np.uint32)
         self._ranges = np.zeros((1024, (1 << _RANGE_BITS) + 1), np.int32)
@@ -727,11 +736,15 @@ class NearDupIndex:
         if b == 0:
             return []
         sigs = np.asarray(sigs, np.uint32).reshape(b, -1)
-        bk = band_keys(sigs, self.bands, self.rows)
         batch = SetTable(sigs) if values is None else \
             SetTable(sigs, values, offsets, hash_ranges(values, offsets), fine_sketches(values, offsets))
-        oj, oc = _unique_pairs(*self.lsh.query(bk))  # with kept rows before the batch
-        wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # with earlier batch docs
+        if self.prefix is not None:
+            bk = None
+            oj, oc, wj, wi = self.prefix.candidates(batch.values, batch.offsets)
+        else:
+            bk = band_keys(sigs, self.bands, self.rows)
+            oj, oc = _unique_pairs(*self.lsh.query(bk))  # with kept rows before the batch
+            wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # with earlier batch docs
         js_o, ch_o = pair_jaccard(self.cfg, oj, oc, batch, self._kept_table())
         js_w, ch_w = pair_jaccard(self.cfg, wj, wi, batch, batch)
         pj, pc = np.concatenate([oj, wj]), np.concatenate([oc, wi + n])  # c >= n: batch document c - n
@@ -770,10 +783,14 @@ class NearDupIndex:
             self._store.add_many(gather_runs(batch.values, batch.offsets[idx], lens), lens)
             self._fine.add_many(np.ascontiguousarray(batch.fine[idx]).view(np.uint64).reshape(-1),
                                 np.full(len(idx), FINE_BINS // 2, np.int64))
-        self.lsh.insert(np.arange(n, n + len(idx)), bk[idx])
+        if self.prefix is not None:
+            self.prefix.add(idx, np.diff(batch.offsets))
+        else:
+            self.lsh.insert(np.arange(n, n + len(idx)), bk[idx])
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
             self._fine.close()
-        self.lsh.close()
+        if self.lsh is not None:
+            self.lsh.close()
