@@ -14,8 +14,9 @@ missed, fewer above it): the false candidates this lets through are removed by t
 recall is bought with CPU, not with precision.
 
 `NearDupIndex` makes the sequential decisions, a batch at a time: document j is a near-duplicate iff
-some earlier KEPT document shares an LSH band key (`band_keys`) with it and has Jaccard >= threshold
-(`decide: exact`, the default; `pair_jaccard` with its pre-filters), or estimated Jaccard from the
+some earlier KEPT candidate -- from the prefix index (`prefix_index.py`, the default with `decide: exact`:
+every earlier kept document that can reach the threshold) or sharing an LSH band key (`band_keys`) --
+has Jaccard >= threshold (`decide: exact`, the default; `pair_jaccard` with its pre-filters), or estimated Jaccard from the
 sketches >= threshold (`decide: estimate`, cheaper, ~0.035 standard error at J = 0.8 with 128 bins, so
 it removes pairs well below the threshold). The kept documents' shingle sets and fine sketches live
 in `ShingleStore`s (nameless memory-mapped files).
@@ -703,10 +704,15 @@ class NearDupIndex:
 
     `check_batch(keys, sigs, values, offsets)` -> [(dup_of key or None, best Jaccard)] per document, in
     order: document j is a near-duplicate iff an earlier KEPT document (before the batch, or earlier in
-    it) shares an LSH band key with it at Jaccard >= threshold; the best is the highest Jaccard, ties to
-    the earliest kept document. The decisions equal one `check_batch` per document whatever the batch
-    size (every pair's Jaccard depends only on the two documents; the batch resolves who is kept in
-    order). Band keys live in memory, or on Redis with `lsh_url`; `stats` accumulates the report.
+    it) is a candidate of it at Jaccard >= threshold; the best is the highest Jaccard, ties to the
+    earliest kept document. Candidates (`candidates`): `prefix` (`prefix_index.PrefixIndex`: every
+    earlier kept document with J >= threshold, so with `decide: exact` the decisions are
+    `brute_force_removed`'s, up to the sketch pre-filters' < 1e-8 per pair) or `bands` (documents
+    sharing an LSH band key: < 0.5% of pairs AT the threshold missed; in memory, or on Redis with
+    `lsh_url`). The decisions and the report equal one `check_batch` per document whatever the batch
+    size (a pair's Jaccard depends only on the two documents, the prefix index chooses with the counts
+    of the documents before each one, and the batch resolves who is kept in order); `stats`
+    accumulates the report.
     """
 
     def __init__(self, cfg: MinHashConfig, lsh_url: str | None = None, basename: str = "cpt_curate",

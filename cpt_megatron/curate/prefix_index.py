@@ -12,7 +12,7 @@ shingles puts all of them in one bucket: m documents, m(m-1)/2 pairs).
 Count filter (exact): x with J(x, y) >= t shares >= i_min = ceil(t (|x| + |y|) / (1 + t)) shingles with
 y, at most |y| - m(y) of them outside P(y), so x holds >= i_min - |y| + m(y) shingles of P(y).
 
-Counts: `count_bits` hashed slots (uint32, 2^21 = 8 MiB) of every document checked so far, in input
+Counts: `count_bits` hashed slots (uint16, saturating; 2^21 = 4 MiB) of every document checked so far, in input
 order: the same choice one document at a time or a batch at a time. A collision only makes a shingle
 look commoner; the candidates stay complete. Index: sorted runs of (shingle hash, row), merged
 geometrically (binary counter), behind a bitmap of the indexed hashes' top bits (2^25 bits = 4 MiB) so
@@ -62,6 +62,18 @@ def _pairs_with_hits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return code // span, code % span, hits
 
 
+def _mark(bitmap: np.ndarray, keys: np.ndarray, shift: np.uint64) -> None:
+    """Set the bits of the keys' top bits (keys >> shift) in a uint8 bitmap."""
+    slot = keys >> shift
+    np.bitwise_or.at(bitmap, (slot >> np.uint64(3)).astype(np.int64),
+                     np.left_shift(1, (slot & np.uint64(7)).astype(np.uint8)).astype(np.uint8))
+
+
+def _marked(bitmap: np.ndarray, keys: np.ndarray, shift: np.uint64) -> np.ndarray:
+    slot = keys >> shift
+    return (bitmap[(slot >> np.uint64(3)).astype(np.int64)] >> (slot & np.uint64(7)).astype(np.uint8)) & 1
+
+
 def _sorted_by_x(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     o = np.lexsort((y, x))
     return x[o], y[o]
@@ -74,7 +86,7 @@ class PrefixIndex:
     def __init__(self, threshold: float, count_bits: int = 21, bitmap_bits: int = 25):
         self.t = threshold
         self._count_shift = np.uint64(64 - count_bits)
-        self._counts = np.zeros(1 << count_bits, np.uint32)
+        self._counts = np.zeros(1 << count_bits, np.uint16)  # saturating
         self._bit_shift = np.uint64(64 - bitmap_bits)
         self._bitmap = np.zeros(1 << (bitmap_bits - 3), np.uint8)
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # sorted (hash, row), sizes halving or more
@@ -91,26 +103,33 @@ class PrefixIndex:
         doc = np.repeat(np.arange(nset, dtype=np.int64), lens)
         slot = (values >> self._count_shift).astype(np.int64)
         # occurrences of the slot in earlier documents of the batch: sorted by (slot, doc), the index of
-        # the entry's first (slot, doc) minus the index of its slot's first entry
-        order = np.argsort(slot * max(nset, 1) + doc, kind="stable")
+        # the entry's first (slot, doc) minus the index of its slot's first entry (equal keys are one
+        # (slot, doc): the unstable, vectorized sort is enough)
+        order = np.argsort(slot * max(nset, 1) + doc)
         ss, sd = slot[order], doc[order]
         idx = np.arange(len(ss))
         new_slot = np.ones(len(ss), bool)
         new_slot[1:] = ss[1:] != ss[:-1]
         new_doc = new_slot.copy()
         new_doc[1:] |= sd[1:] != sd[:-1]
-        before = np.empty(len(ss), np.int64)
-        before[order] = np.maximum.accumulate(np.where(new_doc, idx, 0)) - np.maximum.accumulate(np.where(new_slot, idx, 0))
-        cnt = np.minimum(self._counts[slot].astype(np.int64) + before, (1 << 40) - 1)
-        # per document: least seen first, ties by hash (a set's values ascend: a stable sort keeps them)
-        order = np.argsort((doc << 40) | cnt, kind="stable")
+        first = np.flatnonzero(new_slot)
+        cnt = np.empty(len(ss), np.int64)
+        cnt[order] = np.maximum.accumulate(np.where(new_doc, idx, 0)) - np.repeat(first, np.diff(np.append(first, len(ss))))
+        cnt += self._counts[slot]
+        u, c = ss[first], np.diff(np.append(first, len(ss)))  # the batch's own counts, added below
+        # per document: least seen first, ties by hash (a set's values ascend: its rank orders them)
         rank = np.arange(len(values)) - np.repeat(offsets[:-1], lens)
+        bd, br = int(nset).bit_length(), int(lens.max(initial=1)).bit_length()
+        bc = 63 - bd - br
+        if bc >= 8:  # one unique int64 key per entry: (doc, count clipped, rank)
+            order = np.argsort((doc << (bc + br)) | (np.minimum(cnt, (1 << bc) - 1) << br) | rank)
+        else:
+            order = np.lexsort((rank, cnt, doc))
         pick = order[rank < np.repeat(prefix_sizes(lens, self.t), lens)]
-        u, c = np.unique(slot, return_counts=True)
-        self._counts[u] = np.minimum(self._counts[u].astype(np.int64) + c, np.iinfo(np.uint32).max)
-        p_doc = doc[pick]
-        o = np.lexsort((p_doc, values[pick]))
-        return values[pick][o], p_doc[o]
+        self._counts[u] = np.minimum(self._counts[u] + c, np.iinfo(self._counts.dtype).max)
+        p_keys, p_doc = values[pick], doc[pick]
+        o = np.argsort(p_keys)
+        return p_keys[o], p_doc[o]
 
     def candidates(self, values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
         """For a batch of sets: (x, kept row y) and (x, earlier batch doc y) pairs, each sorted by x, holding
@@ -118,9 +137,7 @@ class PrefixIndex:
         lens = np.diff(offsets)
         doc = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
         p_keys, p_doc = self._pending = self.choose(values, offsets)
-        slot = values >> self._bit_shift
-        maybe = np.flatnonzero((self._bitmap[(slot >> np.uint64(3)).astype(np.int64)] >>
-                                (slot & np.uint64(7)).astype(np.uint8)) & 1)
+        maybe = np.flatnonzero(_marked(self._bitmap, values, self._bit_shift))
         o = np.argsort(values[maybe])  # sorted queries: each binary search starts where the last ended
         q, qd = values[maybe][o], doc[maybe][o]
         self.probed += len(q)
@@ -130,7 +147,11 @@ class PrefixIndex:
             xs.append(x), ys.append(y)
         ox, oy, oh = _pairs_with_hits(np.concatenate([np.zeros(0, np.int64), *xs]),
                                       np.concatenate([np.zeros(0, np.int64), *ys]))
-        wx, wy = _probe(p_keys, p_doc, values, doc)
+        local = np.zeros(1 << 17, np.uint8)  # the batch's own P entries: a 2^20-bit map first
+        _mark(local, p_keys, np.uint64(44))
+        maybe = np.flatnonzero(_marked(local, values, np.uint64(44)))
+        o = maybe[np.argsort(values[maybe])]
+        wx, wy = _probe(p_keys, p_doc, values[o], doc[o])
         later = wx > wy
         wx, wy, wh = _pairs_with_hits(wx[later], wy[later])
         keep_o = self._count_ok(lens[ox], self._sizes[oy], oh)
@@ -154,7 +175,7 @@ class PrefixIndex:
         row = np.full(len(lens), -1, np.int64)
         row[kept] = self._n + np.arange(len(kept))
         sel = row[p_doc] >= 0
-        keys, rows = p_keys[sel], row[p_doc[sel]]
+        keys, rows = p_keys[sel], row[p_doc[sel]].astype(np.int32)  # 12 bytes per entry
         while self._n + len(kept) > len(self._sizes):
             self._sizes = np.concatenate([self._sizes, np.zeros_like(self._sizes)])
         self._sizes[self._n : self._n + len(kept)] = lens[kept]
@@ -163,9 +184,7 @@ class PrefixIndex:
         self._n += len(kept)
         if len(keys) == 0:
             return
-        slot = keys >> self._bit_shift
-        np.bitwise_or.at(self._bitmap, (slot >> np.uint64(3)).astype(np.int64),
-                         np.left_shift(1, (slot & np.uint64(7)).astype(np.uint8)).astype(np.uint8))
+        _mark(self._bitmap, keys, self._bit_shift)
         while self._runs and len(self._runs[-1][0]) <= 2 * len(keys):  # binary counter: O(log n) runs
             k2, r2 = self._runs.pop()
             keys, rows = np.concatenate([k2, keys]), np.concatenate([r2, rows])
