@@ -144,6 +144,21 @@ def test_shingle_hashes_equal_reference_definition():
     assert jaccard(values[offsets[0] : offsets[1]], values[offsets[-2] : offsets[-1]]) == 1.0
 
 
+def test_shingle_hashes_in_runs_equal_one_pass(monkeypatch):
+    """A batch is hashed in runs of texts (bounded temporaries): the same sets and offsets as one pass,
+    with empty texts and a text longer than a run anywhere."""
+    import cpt_megatron.curate.dedup as dedup
+
+    rng = random.Random(1)
+    texts = [" ".join(f"w{rng.randrange(50)}" for _ in range(rng.randrange(0, 40))) for _ in range(60)]
+    texts[7] = " ".join(f"long{i}" for i in range(300))
+    one = dedup._shingle_hashes(texts, 5, False, 1)
+    monkeypatch.setattr(dedup, "_HASH_CHUNK_CHARS", 200)
+    runs = dedup.shingle_hashes(texts)
+    assert runs[0].tolist() == one[0].tolist() and runs[1].tolist() == one[1].tolist()
+    assert len(runs[1]) == 61 and runs[1].dtype == np.int64
+
+
 def test_lsh_banding_is_high_recall_at_threshold():
     b, r = lsh_params(0.8, 128)
     assert (b, r) == (21, 6) and (1 - 0.8**r) ** b < 0.005  # < 0.5% of pairs AT the threshold missed

@@ -163,12 +163,32 @@ def _whitespace(data: np.ndarray) -> np.ndarray:
     return ws
 
 
+_HASH_CHUNK_CHARS = 1 << 19  # texts hashed together: the byte-level temporaries are ~40 bytes per byte
+
+
 def shingle_hashes(texts: list[str], n: int = 5, lowercase: bool = False, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique 64-bit shingle hashes of each text: (values uint64, offsets int64[len(texts)+1]).
 
     Document d's set is values[offsets[d]:offsets[d+1]] and equals
     sorted({shingle_hash_reference(s, seed) for s in shingles(text, n, lowercase)}).
+    Texts go through in runs of ~_HASH_CHUNK_CHARS characters (a longer text alone): the temporaries
+    (and the cached power tables) stay ~20-80 MiB whatever the batch, not 40x its bytes.
     """
+    ends = np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)))
+    if len(texts) < 2 or ends[-1] <= _HASH_CHUNK_CHARS:
+        return _shingle_hashes(texts, n, lowercase, seed)
+    cuts = [0]
+    while cuts[-1] < len(texts):  # each run ends at the first text that reaches the chunk size
+        base = ends[cuts[-1] - 1] if cuts[-1] else 0
+        cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, base + _HASH_CHUNK_CHARS, "left"))))
+    parts = [_shingle_hashes(texts[a:b], n, lowercase, seed) for a, b in zip(cuts[:-1], cuts[1:])]
+    values = np.concatenate([v for v, _ in parts])
+    offsets = np.concatenate([[0]] + [o[1:] + base for (_, o), base in
+                                      zip(parts, np.cumsum([0] + [len(v) for v, _ in parts[:-1]]))])
+    return values, offsets.astype(np.int64)
+
+
+def _shingle_hashes(texts: list[str], n: int, lowercase: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
     ndoc = len(texts)
     empty = np.zeros(0, np.uint64), np.zeros(ndoc + 1, np.int64)
     if ndoc == 0:
