@@ -183,7 +183,8 @@ class MinHashConfig:
     threshold, and a band shared by m documents gives m(m-1)/2 pairs). `decide: estimate` and `lsh`
     (Redis) always use `bands`."""
     prefilter_sigmas: float | None = 6.0
-    """`exact`: a candidate is not checked exactly when a sketch estimate of its Jaccard is more than this
+    """`exact` with `candidates: bands` (`prefix` checks every candidate within the size and count bounds
+    exactly, no sketch kept): a candidate is not checked exactly when a sketch estimate of its Jaccard is more than this
     many standard errors below the threshold, the standard error taken for the PAIR'S SIZE (`dedup.
     sketch_se`: a 30-shingle paragraph fills ~30 of 128 bins, so its estimate is ~2x noisier than a long
     document's; below ~10 shingles no sketch filters at all). 6 sigmas: < 1e-8 of the true pairs are lost

@@ -25,6 +25,7 @@ in `ShingleStore`s (nameless memory-mapped files).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -437,7 +438,8 @@ class NearDupStats:
         w = 1.0 / _HIST_BINS
         hist = {f"{k * w:.2f}-{(k + 1) * w:.2f}": int(c) for k, c in enumerate(self.hist) if c}
         return {"decide": self.cfg.decide, "threshold": self.cfg.threshold, "num_perm": self.cfg.num_perm,
-                "candidates": self.candidates, "bands": self.bands, "rows": self.rows, "prefilter_sigmas": self.cfg.prefilter_sigmas,
+                "candidates": self.candidates, "bands": self.bands, "rows": self.rows,
+                "prefilter_sigmas": None if self.candidates == "prefix" else self.cfg.prefilter_sigmas,
                 "candidate_pairs": self.candidate_pairs, "checked_pairs": self.checked_pairs,
                 "verified_pairs": self.verified_pairs, "removed": self.removed, "removed_jaccard_histogram": hist}
 
@@ -743,15 +745,22 @@ class NearDupIndex:
         self.stats = NearDupStats(cfg, self.bands, self.rows, "prefix" if self.prefix is not None else "bands")
         self.lsh = None if self.prefix is not None else _RedisBands(lsh_url, basename) if lsh_url else _Bands()
         self._keys: list[str] = []
-        self._sigs = np.zeros((1024, cfg.num_perm), np.uint32)
-        self._ranges = np.zeros((1024, (1 << _RANGE_BITS) + 1), np.int32)
+        # `prefix` decides on the exact Jaccard alone (its candidates are few: the sketch pre-filters cost
+        # more than they save), so it keeps no sketches of the kept documents
+        self._filters = self.prefix is None
+        self._pair_cfg = cfg if self._filters else dataclasses.replace(cfg, prefilter_sigmas=None)
+        self._sigs = np.zeros((1024 if self._filters else 0, cfg.num_perm), np.uint32)
+        self._ranges = np.zeros((1024 if self._filters else 0, (1 << _RANGE_BITS) + 1), np.int32)
         self._store = ShingleStore(workdir) if cfg.decide == "exact" else None
-        self._fine = ShingleStore(workdir) if cfg.decide == "exact" else None  # FINE_BINS/2 uint64 per doc
+        # FINE_BINS/2 uint64 per doc
+        self._fine = ShingleStore(workdir) if cfg.decide == "exact" and self._filters else None
 
     def _kept_table(self) -> SetTable:
         n, st = len(self._keys), self._store
         if st is None:
             return SetTable(self._sigs[:n])
+        if not self._filters:
+            return SetTable(self._sigs, st.values(), st.offsets_array())
         fine = self._fine.values().view(np.uint32).reshape(-1, FINE_BINS)
         return SetTable(self._sigs[:n], st.values(), st.offsets_array(), self._ranges[:n], fine)
 
@@ -762,7 +771,7 @@ class NearDupIndex:
         if b == 0:
             return []
         sigs = np.asarray(sigs, np.uint32).reshape(b, -1)
-        batch = SetTable(sigs) if values is None else \
+        batch = SetTable(sigs) if values is None else SetTable(sigs, values, offsets) if not self._filters else \
             SetTable(sigs, values, offsets, hash_ranges(values, offsets), fine_sketches(values, offsets))
         if self.prefix is not None:
             bk = None
@@ -771,8 +780,8 @@ class NearDupIndex:
             bk = band_keys(sigs, self.bands, self.rows)
             oj, oc = _unique_pairs(*self.lsh.query(bk))  # with kept rows before the batch
             wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # with earlier batch docs
-        js_o, ch_o = pair_jaccard(self.cfg, oj, oc, batch, self._kept_table())
-        js_w, ch_w = pair_jaccard(self.cfg, wj, wi, batch, batch)
+        js_o, ch_o = pair_jaccard(self._pair_cfg, oj, oc, batch, self._kept_table())
+        js_w, ch_w = pair_jaccard(self._pair_cfg, wj, wi, batch, batch)
         pj, pc = np.concatenate([oj, wj]), np.concatenate([oc, wi + n])  # c >= n: batch document c - n
         js, checked = np.concatenate([js_o, js_w]), np.concatenate([ch_o, ch_w])
         ok = js >= t
@@ -798,15 +807,17 @@ class NearDupIndex:
 
     def _add(self, keys: list[str], bk: np.ndarray, kept: np.ndarray, batch: SetTable) -> None:
         n, idx = len(self._keys), np.flatnonzero(kept)
-        while n + len(idx) > len(self._sigs):
-            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-            self._ranges = np.concatenate([self._ranges, np.zeros_like(self._ranges)])
-        self._sigs[n : n + len(idx)] = batch.sigs[idx]
+        if self._filters:
+            while n + len(idx) > len(self._sigs):
+                self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+                self._ranges = np.concatenate([self._ranges, np.zeros_like(self._ranges)])
+            self._sigs[n : n + len(idx)] = batch.sigs[idx]
         self._keys.extend(keys[i] for i in idx.tolist())
         if self._store is not None:
-            self._ranges[n : n + len(idx)] = batch.ranges[idx]
             lens = batch.lens(idx)
             self._store.add_many(gather_runs(batch.values, batch.offsets[idx], lens), lens)
+        if self._fine is not None:
+            self._ranges[n : n + len(idx)] = batch.ranges[idx]
             self._fine.add_many(np.ascontiguousarray(batch.fine[idx]).view(np.uint64).reshape(-1),
                                 np.full(len(idx), FINE_BINS // 2, np.int64))
         if self.prefix is not None:
@@ -817,6 +828,7 @@ class NearDupIndex:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+        if self._fine is not None:
             self._fine.close()
         if self.lsh is not None:
             self.lsh.close()
