@@ -46,7 +46,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpt_megatron.curate.config import MinHashConfig  # noqa: E402
-from cpt_megatron.curate.dedup import MinHasher, NearDupIndex, brute_force_removed, shingles  # noqa: E402
+from cpt_megatron.curate.dedup import (  # noqa: E402
+    MinHasher,
+    NearDupIndex,
+    brute_force_removed,
+    shingles,
+    uses_prefix,
+)
 
 DEFAULT = Path(os.environ.get("CPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")) / "domain/medquad_qa.txt"
 
@@ -262,7 +268,7 @@ def rensa_loop(docs: list[str], thr: float) -> set[int]:
 def ours(docs: list[str], thr: float, decide: str = "exact", batch: int = 256, stats: dict | None = None,
          candidates: str = "prefix") -> set[int]:
     cfg = MinHashConfig(threshold=thr, decide=decide, candidates=candidates)
-    hasher, index = MinHasher(cfg), NearDupIndex(cfg)
+    hasher, index = MinHasher(cfg, sketch=not uses_prefix(cfg)), NearDupIndex(cfg)  # as the pipeline
     removed = set()
     try:
         for b in range(0, len(docs), batch):

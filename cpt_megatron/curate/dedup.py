@@ -342,14 +342,17 @@ class MinHasher:
     """The configured shingling (`hash_sets`) and LSH sketches (`signatures`: num_perm densified bins).
     Only candidates come from the sketch (and the `estimate` decision); `exact` decisions never do."""
 
-    def __init__(self, cfg: MinHashConfig | None = None):
+    def __init__(self, cfg: MinHashConfig | None = None, sketch: bool = True):
         self.cfg = cfg or MinHashConfig()
+        self.sketch = sketch  # False (`uses_prefix`: nothing reads them): zero-width signatures
 
     def hash_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return shingle_hashes(texts, self.cfg.ngram, self.cfg.lowercase, self.cfg.seed)
 
     def signatures(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """uint32[num_sets, num_perm] sketches of the sets from `hash_sets`; an empty set gets all-ones."""
+        if not self.sketch:
+            return np.zeros((len(offsets) - 1, 0), np.uint32)
         return oph_sketches(values, offsets, self.cfg.num_perm)
 
 
@@ -770,7 +773,8 @@ class NearDupIndex:
         b, n, t = len(keys), len(self._keys), self.cfg.threshold
         if b == 0:
             return []
-        sigs = np.asarray(sigs, np.uint32).reshape(b, -1)
+        sigs = np.asarray(sigs, np.uint32)
+        sigs = sigs.reshape(b, sigs.size // b)  # zero-width with `MinHasher(sketch=False)`
         batch = SetTable(sigs) if values is None else SetTable(sigs, values, offsets) if not self._filters else \
             SetTable(sigs, values, offsets, hash_ranges(values, offsets), fine_sketches(values, offsets))
         if self.prefix is not None:
