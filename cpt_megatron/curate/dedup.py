@@ -148,19 +148,23 @@ _WS_MULTI = [chr(c).encode() for c in (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B
                                        0x3000)]
 
 
+_WS_CODES = np.array(sorted(int.from_bytes(seq.ljust(3, b"\0"), "big") for seq in _WS_MULTI), np.int64)
+
+
 def _whitespace(data: np.ndarray) -> np.ndarray:
     ws = _WS1[data]
     lead = np.flatnonzero((data == 0xC2) | (data == 0xE1) | (data == 0xE2) | (data == 0xE3))
-    if len(lead):
-        n = len(data)
-        for seq in _WS_MULTI:
-            k = len(seq)
-            pos = lead[lead + k <= n]
-            hit = np.ones(len(pos), bool)
-            for i, byte in enumerate(seq):
-                hit &= data[pos + i] == byte
-            for i in range(k):
-                ws[pos[hit] + i] = True
+    if len(lead):  # each lead byte with the next two (zero past the end) as one code, looked up at once
+        pad = np.concatenate([data, np.zeros(2, np.uint8)])
+        b0 = pad[lead].astype(np.int64)
+        b1 = pad[lead + 1].astype(np.int64)
+        b2 = np.where(b0 == 0xC2, 0, pad[lead + 2])  # C2 xx is a 2-byte sequence
+        code = (b0 << 16) | (b1 << 8) | b2
+        i = np.minimum(np.searchsorted(_WS_CODES, code), len(_WS_CODES) - 1)
+        hit = lead[_WS_CODES[i] == code]
+        ws[hit] = ws[hit + 1] = True
+        three = hit[data[hit] != 0xC2]
+        ws[three + 2] = True
     return ws
 
 
