@@ -258,7 +258,8 @@ class _ReplayDedup:
 
         self.plan, self.cfg = plan, plan.cfg.minhash_dedup
         # `candidates: prefix`: the one-process index itself, fed in input order from the sketch folders
-        self.index = NearDupIndex(self.cfg, workdir=str(plan.work)) if uses_prefix(self.cfg) else None
+        near = "minhash_dedup" in plan.cfg.stages and uses_prefix(self.cfg)
+        self.index = NearDupIndex(self.cfg, workdir=str(plan.work)) if near else None
         self.near_stats = self.index.stats if self.index is not None else \
             NearDupStats(self.cfg, *lsh_params(self.cfg.threshold, self.cfg.num_perm))
         self.kept: list[np.ndarray] = []
