@@ -36,6 +36,7 @@ import numpy as np
 
 from cpt_megatron.curate.config import CurateConfig
 from cpt_megatron.curate.dedup import _splitmix64 as _mix
+from cpt_megatron.curate.dedup import uses_prefix
 from cpt_megatron.curate.readers import DocumentReader, FilePart, Malformed, splittable
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
@@ -143,7 +144,7 @@ def _sketch(plan: _Plan, k: int, workers: int) -> None:
         np.save(tmp / "values.npy", values)
         offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int64)
         np.save(tmp / "offsets.npy", offsets)
-        if sets:
+        if sets and not uses_prefix(cfg.minhash_dedup):  # the band pairs' pre-filters (`buckets`)
             from cpt_megatron.curate.dedup import fine_sketches, hash_ranges
 
             np.save(tmp / "ranges.npy", hash_ranges(values, offsets))
@@ -199,7 +200,6 @@ def _buckets(plan: _Plan, p: int) -> None:
         lsh_params,
         pair_jaccard,
         same_key_pairs,
-        uses_prefix,
     )
 
     cfg, n, parts = plan.cfg, plan.shards, plan.shards
@@ -254,7 +254,7 @@ class _ReplayDedup:
     """`pipeline._LocalDedup`'s interface over stage 2's decisions (call `batches()` to drive it)."""
 
     def __init__(self, plan: _Plan):
-        from cpt_megatron.curate.dedup import NearDupIndex, NearDupStats, lsh_params, uses_prefix
+        from cpt_megatron.curate.dedup import NearDupIndex, NearDupStats, lsh_params
 
         self.plan, self.cfg = plan, plan.cfg.minhash_dedup
         # `candidates: prefix`: the one-process index itself, fed in input order from the sketch folders
