@@ -445,6 +445,13 @@ def test_medquad_exact_decisions_match_brute_force(tmp_path, shared_data):
     truth = brute_force_removed(docs)
     # README: precision 1.0 / recall 1.0, 66 removed (the goal: >= 0.99 / >= 0.95)
     assert len(truth) == 66 and flagged == truth, (len(flagged), len(truth), len(flagged & truth))
+    # the former LSH-band candidates: byte-identical outputs, 16x the candidate pairs (templated pages)
+    curate([tmp_path / "in.jsonl"], tmp_path / "bands", load_config(overrides={
+        "stages": ["minhash_dedup"], "rejected_samples": 100_000, "minhash_dedup": {"candidates": "bands"}}))
+    for f in ("shard-00000.jsonl.gz", "rejected/minhash_dedup-00000.jsonl.gz"):
+        assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "bands" / f).read_bytes(), f
+    nd, nb = (json.loads((tmp_path / d / "report.json").read_text())["near_dup"] for d in ("out", "bands"))
+    assert nd["candidates"] == "prefix" and nd["candidate_pairs"] * 10 < nb["candidate_pairs"], (nd, nb)
 
 
 def _planted_corpus(shared_data, seed=0):
