@@ -1,4 +1,4 @@
-"""Exact and near-duplicate detection: LSH proposes, exact Jaccard of the shingle sets decides.
+"""Exact and near-duplicate detection: a prefix index (or LSH) proposes, exact Jaccard of the shingle sets decides.
 
 Shingles are word n-grams of the whitespace-normalized text (`shingles`). Each shingle is hashed to
 64 bits (`shingle_hashes`) with a polynomial hash over its UTF-8 bytes computed for a whole batch of
@@ -8,7 +8,7 @@ Jaccard of two documents is one sorted-set intersection (64-bit collisions are n
 scale).
 
 `oph_sketches` turns the hashes into uint32 one-permutation MinHash sketches (`MinHasher.signatures`:
-num_perm bins for LSH; `fine_sketches`: 512 bins for the exact mode's second pre-filter); `lsh_params`
+num_perm bins for LSH; `fine_sketches`: 512 bins for the bands' second pre-filter); `lsh_params`
 picks bands x rows for HIGH RECALL at the threshold (< 0.5% of pairs at exactly the threshold are
 missed, fewer above it): the false candidates this lets through are removed by the exact check, so
 recall is bought with CPU, not with precision.
@@ -16,10 +16,11 @@ recall is bought with CPU, not with precision.
 `NearDupIndex` makes the sequential decisions, a batch at a time: document j is a near-duplicate iff
 some earlier KEPT candidate -- from the prefix index (`prefix_index.py`, the default with `decide: exact`:
 every earlier kept document that can reach the threshold) or sharing an LSH band key (`band_keys`) --
-has Jaccard >= threshold (`decide: exact`, the default; `pair_jaccard` with its pre-filters), or estimated Jaccard from the
-sketches >= threshold (`decide: estimate`, cheaper, ~0.035 standard error at J = 0.8 with 128 bins, so
-it removes pairs well below the threshold). The kept documents' shingle sets and fine sketches live
-in `ShingleStore`s (nameless memory-mapped files).
+has Jaccard >= threshold (`decide: exact`, the default; `pair_jaccard`, with its sketch pre-filters for
+band candidates), or estimated Jaccard from the sketches >= threshold (`decide: estimate`, cheaper, ~0.035
+standard error at J = 0.8 with 128 bins, so it removes pairs well below the threshold). The kept
+documents' shingle sets (and, for band candidates, fine sketches) live in `ShingleStore`s (nameless
+memory-mapped files).
 """
 
 from __future__ import annotations
