@@ -344,6 +344,20 @@ def test_prefix_candidates_grow_linearly_on_templated_text():
     assert ratios["bands"][0] > 12, ratios  # the enumeration this replaces: quadratic
 
 
+def test_prefix_decisions_equal_brute_force_at_any_threshold_and_batch():
+    """The prefix and count bounds follow the configured threshold (not 0.8), and the report does not
+    depend on the batch size (the choice uses the counts of the documents before each one)."""
+    from cpt_megatron.curate.config import MinHashConfig
+
+    for thr in (0.5, 0.9):
+        docs = _templated(300, seed=1, planted_every=4)
+        cfg = MinHashConfig(threshold=thr)
+        truth = brute_force_removed(docs, cfg)
+        (one, st1), (many, st2) = (_index_decisions(docs, cfg, batch) for batch in (300, 37))
+        assert one == many and st1 == st2 and len(truth) > 10
+        assert {i for i, (d, _) in enumerate(one) if d is not None} == truth, thr
+
+
 def test_prefix_index_finds_pairs_exactly_at_the_threshold():
     """Pigeonhole at the boundary: y's rarest shingles are known (earlier filler documents hold y's others
     0, 1, 2, ... times), and x drops exactly those (and adds others) so that J(x, y) is the smallest value
