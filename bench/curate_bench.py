@@ -3,7 +3,7 @@ corpus, decisions checked against exact Jaccard.
 
     python bench/curate_bench.py [--corpus ../shared/data/domain/medquad_qa.txt --sep '^# '] [--json]
     # whole processes: `cpt curate` (near-dup stage only) vs datatrove 0.10.1's MinHash pipeline, -j 1 and 2
-    python bench/curate_bench.py --processes [--workers 1,2] [--repeat 3]
+    python bench/curate_bench.py --processes [--workers 1,2] [--repeat 3] [--tools ours,ours-bands,datatrove]
     python bench/curate_bench.py --processes --corpus ../shared/data/domain/cuad_contracts.txt --sep '\n' --min-words 30
 
 Every method gets the raw documents and returns the set it removes at threshold 0.8 (a removed document
@@ -12,8 +12,9 @@ is never inserted, so "earlier kept document" is the semantics everywhere); shin
   candidates confirmed by estimated Jaccard >= threshold, then `insert`.
 - rensa loop: the same loop with rensa's `RMinHash` / `RMinHashLSH` (Rust; 16 bands x 8 rows), shingles
   built in Python as its README does.
-- ours: `cpt_megatron.curate.dedup` (numpy shingle hashes + one-permutation sketch, high-recall LSH,
-  exact Jaccard decides), and the same with `decide: estimate`.
+- ours: `cpt_megatron.curate.dedup` (numpy shingle hashes + one-permutation sketch, prefix-index
+  candidates, exact Jaccard decides), the same with `candidates: bands` (high-recall LSH, the former
+  path) and with `decide: estimate`.
 `--processes`: each tool runs as its own process on the same JSONL files (W files for W workers, the
 corpus cut into contiguous runs, not timed): ours is `tools/curate.py --stages minhash_dedup -j W`
 (reads, decides, writes gzip shards and report.json), datatrove is its 4-stage MinHash example
@@ -35,6 +36,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +46,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpt_megatron.curate.config import MinHashConfig  # noqa: E402
-from cpt_megatron.curate.dedup import MinHasher, NearDupIndex, brute_force_removed, shingles  # noqa: E402
+from cpt_megatron.curate.dedup import (  # noqa: E402
+    MinHasher,
+    NearDupIndex,
+    brute_force_removed,
+    shingles,
+    uses_prefix,
+)
 
 DEFAULT = Path(os.environ.get("CPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")) / "domain/medquad_qa.txt"
 
@@ -66,19 +74,24 @@ def _write_inputs(docs: list[str], folder: Path, files: int) -> None:
             f.writelines(json.dumps({"id": str(i), "text": docs[i]}) + "\n" for i in range(lo, hi))
 
 
-def _run_process(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """(wall s, peak RSS MiB of the largest of the process and the workers it reaped). Under /usr/bin/time
-    where present: a child forked from this (large) process starts with its resident size on record."""
+def _run_process(cmd: list[str], cwd: Path) -> tuple[float, float, float]:
+    """(wall s, peak RSS MiB of the largest of the process and the workers it reaped, CPU s user + system of
+    the process and its workers). Under /usr/bin/time where present: a child forked from this (large)
+    process starts with its resident size on record."""
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
-        timed = ["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd] if os.path.exists("/usr/bin/time") else cmd
+        timed = ["/usr/bin/time", "-f", "%M %U %S", "-o", rss_file.name, *cmd] if os.path.exists("/usr/bin/time") else cmd
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         proc = subprocess.run(timed, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wall = time.perf_counter() - t
         if proc.returncode:
             sys.exit(f"{' '.join(cmd)} failed: {proc.stderr.decode()[-2000:]}")
-        kib = int(rss_file.read().split()[-1]) if timed is not cmd else \
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, kib / 1024
+        if timed is not cmd:
+            kib, user, system = rss_file.read().split()[-3:]
+            return wall, int(kib) / 1024, float(user) + float(system)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, after.ru_maxrss / 1024, cpu
 
 
 def _ours_removed(out: Path) -> set[int]:
@@ -147,35 +160,38 @@ def datatrove_child(inp: Path, work: Path, workers: int, buckets: int, rows: int
     flt.run()
 
 
-def processes(docs: list[str], truth: set[int], workers: list[int], repeat: int, buckets: int, rows: int) -> dict:
-    """Whole-process runs of ours and datatrove, alternated; the fastest of `repeat` per (tool, workers)."""
+def processes(docs: list[str], truth: set[int], workers: list[int], repeat: int, buckets: int, rows: int,
+              tools: tuple[str, ...] = ("ours", "datatrove")) -> dict:
+    """Whole-process runs of `tools` (ours, ours-bands: `candidates: bands`, datatrove), alternated; the
+    fastest of `repeat` per (tool, workers)."""
     repo = Path(__file__).resolve().parents[1]
     rows_out: dict = {}
     with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:
         tmp = Path(tmp)
         for w in workers:
             _write_inputs(docs, tmp / f"in{w}", w)
-        tools = ["ours"]
+        tools = [t for t in tools if t != "datatrove"] + [t for t in tools if t == "datatrove"][:1]
         try:
             import datatrove  # noqa: F401
-
-            tools.append("datatrove")
         except ImportError:
-            print("(datatrove not installed: pip install -e '.[bench]')")
+            if "datatrove" in tools:
+                print("(datatrove not installed: pip install -e '.[bench]')")
+                tools.remove("datatrove")
+        (tmp / "ours.yaml").write_text("rejected_samples: 100000000\n")
+        (tmp / "ours-bands.yaml").write_text("rejected_samples: 100000000\nminhash_dedup: {candidates: bands}\n")
         for r in range(repeat):
             for w in workers:
                 for tool in tools:
                     out = tmp / f"{tool}-{w}-{r}"
-                    if tool == "ours":
+                    if tool.startswith("ours"):
                         cmd = [sys.executable, str(repo / "tools/curate.py"), "-i", str(tmp / f"in{w}"), "-o", str(out),
-                               "--stages", "minhash_dedup", "-j", str(w), "-c", str(tmp / "ours.yaml")]
-                        (tmp / "ours.yaml").write_text("rejected_samples: 100000000\n")
+                               "--stages", "minhash_dedup", "-j", str(w), "-c", str(tmp / f"{tool}.yaml")]
                     else:
                         cmd = [sys.executable, __file__, "--datatrove-child", str(tmp / f"in{w}"), str(out),
                                str(w), str(buckets), str(rows)]
                         out.mkdir()
-                    wall, rss = _run_process(cmd, repo)
-                    if tool == "ours":
+                    wall, rss, cpu = _run_process(cmd, repo)
+                    if tool.startswith("ours"):
                         removed = _ours_removed(out)
                     else:
                         kept = {int(x) for f in out.glob("kept-*.txt") for x in f.read_text().split()}
@@ -184,18 +200,28 @@ def processes(docs: list[str], truth: set[int], workers: list[int], repeat: int,
                     key = f"{tool} -j {w}"
                     best = rows_out.get(key)
                     tp = len(removed & truth)
-                    row = {"tool": tool, "workers": w, "wall_s": round(wall, 2), "peak_rss_mib": round(rss),
+                    row = {"tool": tool, "workers": w, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                           "peak_rss_mib": round(rss),
                            "removed": len(removed), "precision": round(tp / max(1, len(removed)), 4),
                            "recall": round(tp / max(1, len(truth)), 4)}
                     if best is None or wall < best["wall_s"]:
                         row["walls"] = (best or {}).get("walls", []) + [round(wall, 2)]
+                        row["cpus"] = (best or {}).get("cpus", []) + [round(cpu, 2)]
                         rows_out[key] = row
                     else:
                         best["walls"].append(round(wall, 2))
-    print(f"{'run':<16} {'wall s (min)':>12} {'all runs':>24} {'peak MiB':>9} {'removed':>8} {'precision':>9} {'recall':>7}")
+                        best["cpus"].append(round(cpu, 2))
+    print(f"{'run':<18} {'wall min':>8} {'median':>7} {'cpu min':>7} {'all walls':>26} {'peak MiB':>9} {'removed':>8} "
+          f"{'precision':>9} {'recall':>7}")
     for key, r in rows_out.items():
-        print(f"{key:<16} {r['wall_s']:>12.2f} {str(r['walls']):>24} {r['peak_rss_mib']:>9} {r['removed']:>8} "
-              f"{r['precision']:>9.4f} {r['recall']:>7.4f}")
+        r["median_wall_s"], r["min_cpu_s"] = round(statistics.median(r["walls"]), 2), min(r["cpus"])
+        print(f"{key:<18} {r['wall_s']:>8.2f} {r['median_wall_s']:>7.2f} {r['min_cpu_s']:>7.2f} {str(r['walls']):>26} "
+              f"{r['peak_rss_mib']:>9} {r['removed']:>8} {r['precision']:>9.4f} {r['recall']:>7.4f}")
+    for w in workers:  # datatrove / ours: wall (min, median) and CPU (min)
+        dt, us = rows_out.get(f"datatrove -j {w}"), rows_out.get(f"ours -j {w}")
+        if dt and us:
+            print(f"-j {w}: datatrove / ours = {dt['wall_s'] / us['wall_s']:.2f}x wall (min), "
+                  f"{dt['median_wall_s'] / us['median_wall_s']:.2f}x (median), {dt['min_cpu_s'] / us['min_cpu_s']:.2f}x CPU")
     return rows_out
 
 
@@ -239,9 +265,10 @@ def rensa_loop(docs: list[str], thr: float) -> set[int]:
     return _per_doc_loop(docs, thr, sketch, RMinHashLSH(threshold=thr, num_perm=128, num_bands=16))
 
 
-def ours(docs: list[str], thr: float, decide: str = "exact", batch: int = 256, stats: dict | None = None) -> set[int]:
-    cfg = MinHashConfig(threshold=thr, decide=decide)
-    hasher, index = MinHasher(cfg), NearDupIndex(cfg)
+def ours(docs: list[str], thr: float, decide: str = "exact", batch: int = 256, stats: dict | None = None,
+         candidates: str = "prefix") -> set[int]:
+    cfg = MinHashConfig(threshold=thr, decide=decide, candidates=candidates)
+    hasher, index = MinHasher(cfg, sketch=not uses_prefix(cfg)), NearDupIndex(cfg)  # as the pipeline
     removed = set()
     try:
         for b in range(0, len(docs), batch):
@@ -268,6 +295,7 @@ def main() -> None:
     ap.add_argument("--min-words", type=int, default=0, help="keep documents of at least N words (CUAD paragraphs: 30)")
     ap.add_argument("--processes", action="store_true", help="whole processes: cpt curate vs datatrove")
     ap.add_argument("--workers", default="1,2", help="--processes: worker counts")
+    ap.add_argument("--tools", default="ours,datatrove", help="--processes: of ours, ours-bands, datatrove")
     ap.add_argument("--dt-buckets", type=int, default=12)
     ap.add_argument("--dt-rows", type=int, default=10)
     ap.add_argument("--datatrove-child", nargs=5, help=argparse.SUPPRESS)
@@ -286,11 +314,12 @@ def main() -> None:
     print(f"exact Jaccard >= {thr} to an earlier kept document (brute force): {len(truth)}")
     if args.processes:
         rows = processes(docs, truth, [int(w) for w in args.workers.split(",")], max(1, args.repeat),
-                         args.dt_buckets, args.dt_rows)
+                         args.dt_buckets, args.dt_rows, tuple(args.tools.split(",")))
         if args.json:
             print(json.dumps({"docs": len(docs), "exact_truth": len(truth), "rows": rows}))
         return
     stats: dict = {}
+    band_stats: dict = {}
     methods = [("tutorial loop", lambda: tutorial(docs, thr))]
     try:
         import rensa  # noqa: F401
@@ -299,6 +328,7 @@ def main() -> None:
     except ImportError:
         print("(rensa not installed: pip install -e '.[bench]')")
     methods += [("ours (exact)", lambda: ours(docs, thr, "exact", stats=stats)),
+                ("ours (bands)", lambda: ours(docs, thr, "exact", stats=band_stats, candidates="bands")),
                 ("ours (estimate)", lambda: ours(docs, thr, "estimate"))]
     rows = {}
     for name, fn in methods:
@@ -321,8 +351,10 @@ def main() -> None:
         print(f"{name:<16} {r['docs_per_cpu_s']:>10,} {r['vs_tutorial']:>10.1f}x {r['cpu_s']:>7.2f} {r['wall_s']:>7.2f} "
               f"{r['removed']:>8} {r['precision']:>9.4f} {r['recall']:>7.4f}")
     print(f"ours (exact) report: {json.dumps(stats)}")
+    print(f"ours (bands) report: {json.dumps(band_stats)}")
     if args.json:
-        print(json.dumps({"docs": len(docs), "exact_truth": len(truth), "rows": rows, "near_dup": stats}))
+        print(json.dumps({"docs": len(docs), "exact_truth": len(truth), "rows": rows, "near_dup": stats,
+                          "near_dup_bands": band_stats}))
 
 
 if __name__ == "__main__":

@@ -144,6 +144,21 @@ def test_shingle_hashes_equal_reference_definition():
     assert jaccard(values[offsets[0] : offsets[1]], values[offsets[-2] : offsets[-1]]) == 1.0
 
 
+def test_shingle_hashes_in_runs_equal_one_pass(monkeypatch):
+    """A batch is hashed in runs of texts (bounded temporaries): the same sets and offsets as one pass,
+    with empty texts and a text longer than a run anywhere."""
+    import cpt_megatron.curate.dedup as dedup
+
+    rng = random.Random(1)
+    texts = [" ".join(f"w{rng.randrange(50)}" for _ in range(rng.randrange(0, 40))) for _ in range(60)]
+    texts[7] = " ".join(f"long{i}" for i in range(300))
+    one = dedup._shingle_hashes(texts, 5, False, 1)
+    monkeypatch.setattr(dedup, "_HASH_CHUNK_CHARS", 200)
+    runs = dedup.shingle_hashes(texts)
+    assert runs[0].tolist() == one[0].tolist() and runs[1].tolist() == one[1].tolist()
+    assert len(runs[1]) == 61 and runs[1].dtype == np.int64
+
+
 def test_lsh_banding_is_high_recall_at_threshold():
     b, r = lsh_params(0.8, 128)
     assert (b, r) == (21, 6) and (1 - 0.8**r) ** b < 0.005  # < 0.5% of pairs AT the threshold missed
@@ -271,6 +286,118 @@ def test_short_paragraph_near_duplicates_exact_recall():
     assert _index_removed(docs, MinHashConfig(prefilter_sigmas=None))[0] == truth
 
 
+def _templated(n: int, seed: int = 0, planted_every: int = 8) -> list[str]:
+    """n documents on 3 templates (120 shared words, before or after 50-90 words of their own), every
+    `planted_every`-th an edited copy of an earlier one (both sides of J = 0.8), some empty or tiny."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(50000)]
+    templates = [" ".join(rng.choice(vocab) for _ in range(120)) for _ in range(3)]
+    docs: list[str] = []
+    for i in range(n):
+        if docs and i % planted_every == 0:
+            docs.append(_edit(rng.choice(docs) or "x", rng.choice([0.005, 0.02, 0.05, 0.1]), rng))
+        elif i % 97 == 5:
+            docs.append(rng.choice(["", "tiny text", "tiny text here"]))
+        else:
+            body = " ".join(rng.choice(vocab) for _ in range(rng.randrange(50, 90)))
+            docs.append(templates[i % 3] + " " + body if i % 2 else body + " " + templates[i % 3])
+    return docs
+
+
+def _index_decisions(docs, cfg, batch: int) -> tuple[list, dict]:
+    from cpt_megatron.curate.dedup import NearDupIndex
+
+    hasher, index = MinHasher(cfg), NearDupIndex(cfg)
+    out = []
+    try:
+        for b in range(0, len(docs), batch):
+            values, offsets = hasher.hash_sets(docs[b : b + batch])
+            out += index.check_batch([str(i) for i in range(b, b + len(offsets) - 1)],
+                                     hasher.signatures(values, offsets), values, offsets)
+    finally:
+        index.close()
+    return out, index.stats.as_dict()
+
+
+def test_prefix_candidates_grow_linearly_on_templated_text():
+    """Bug: LSH bands made of template shingles put every document of a template in one bucket, and the
+    index enumerated all m(m-1)/2 pairs. The prefix index meets a document only through its rarest
+    shingles: 4x the documents, ~4x the candidate and checked pairs (the bands: ~16x), and the decisions
+    equal brute force at every size, in batches or all at once."""
+    from cpt_megatron.curate.config import MinHashConfig
+
+    got = {}
+    for n in (200, 800):
+        docs = _templated(n)
+        truth = brute_force_removed(docs)
+        for mode in ("prefix", "bands"):
+            dec, st = _index_decisions(docs, MinHashConfig(candidates=mode), batch=64 if n == 800 else n)
+            assert {i for i, (d, _) in enumerate(dec) if d is not None} == truth and len(truth) > n // 20
+            got[mode, n] = st
+            got[mode, n, "removed"] = [(i, d, j) for i, (d, j) in enumerate(dec) if d is not None]
+        assert got["prefix", n, "removed"] == got["bands", n, "removed"]  # same dup_of and Jaccard
+    ratios = {k: (got[k, 800]["candidate_pairs"] / got[k, 200]["candidate_pairs"],
+                  got[k, 800]["checked_pairs"] / got[k, 200]["checked_pairs"]) for k in ("prefix", "bands")}
+    p = got["prefix", 800]
+    assert p["candidates"] == "prefix" and p["candidate_pairs"] <= 2 * 800, (p["candidate_pairs"], ratios)
+    assert max(ratios["prefix"]) < 5, ratios
+    assert ratios["bands"][0] > 12, ratios  # the enumeration this replaces: quadratic
+
+
+def test_prefix_decisions_equal_brute_force_at_any_threshold_and_batch():
+    """The prefix and count bounds follow the configured threshold (not 0.8), and the report does not
+    depend on the batch size (the choice uses the counts of the documents before each one)."""
+    from cpt_megatron.curate.config import MinHashConfig
+
+    for thr in (0.5, 0.9):
+        docs = _templated(300, seed=1, planted_every=4)
+        cfg = MinHashConfig(threshold=thr)
+        truth = brute_force_removed(docs, cfg)
+        (one, st1), (many, st2) = (_index_decisions(docs, cfg, batch) for batch in (300, 37))
+        assert one == many and st1 == st2 and len(truth) > 10
+        assert {i for i, (d, _) in enumerate(one) if d is not None} == truth, thr
+
+
+def test_prefix_index_finds_pairs_exactly_at_the_threshold():
+    """Pigeonhole at the boundary: y's rarest shingles are known (earlier filler documents hold y's others
+    0, 1, 2, ... times), and x drops exactly those (and adds others) so that J(x, y) is the smallest value
+    >= 0.8 for its sizes: x is found and removed; one more change puts it below 0.8 and it is kept. Sizes
+    1-40, x and y in one batch and in two; an off-by-one in the prefix size or the count filter fails."""
+    from cpt_megatron.curate.config import MinHashConfig
+    from cpt_megatron.curate.dedup import NearDupIndex, oph_sketches
+
+    rng = np.random.default_rng(3)
+    cfg = MinHashConfig(prefilter_sigmas=None)
+    index, cases = NearDupIndex(cfg), 0  # one index: every case draws fresh shingles
+
+    def check(name: str, sets: list) -> list:
+        values = np.concatenate(sets)
+        offsets = np.concatenate([[0], np.cumsum([len(z) for z in sets])]).astype(np.int64)
+        return index.check_batch([f"{name}{k}" for k in range(len(sets))], oph_sketches(values, offsets, cfg.num_perm),
+                                 values, offsets)
+
+    def draw(k: int) -> np.ndarray:
+        return rng.integers(0, 2**63, k, dtype=np.uint64)
+
+    try:
+        for s in range(1, 41):
+            for d in range(s):  # drop y's d rarest, add e new: the largest e with J >= 0.8, then one more
+                e = max((e for e in range(s) if (s - d) / (s + e) >= 0.8), default=None)
+                for extra, removed in ((e, True), (e + 1, False)) if e is not None else ():
+                    y = np.sort(draw(s))
+                    # y[i] in i earlier fillers (y[0] rarest); J(filler, anything) < 0.2
+                    assert all(dup is None for dup, _ in check("f", [np.sort(np.concatenate([y[j + 1 :], draw(10 * s + 5)]))
+                                                                      for j in range(s)]))
+                    x = np.sort(np.concatenate([y[d:], draw(extra)]))
+                    assert (jaccard(x, y) >= 0.8) == removed
+                    got = check("y", [y, x]) if cases % 2 else check("y", [y]) + check("x", [x])  # one batch or two
+                    assert got[0][0] is None and (got[1][0] is not None) == removed, (s, d, extra)
+                    cases += 1
+    finally:
+        index.close()
+    assert cases > 150
+
+
 def test_sketch_standard_error_bounds_the_estimators_spread():
     """`sketch_se` (the pre-filter's margin per pair size) is at least the measured spread of both sketch
     estimators at J ~ 0.8, from 8-shingle paragraphs to long documents; a flat long-document value is not."""
@@ -332,6 +459,13 @@ def test_medquad_exact_decisions_match_brute_force(tmp_path, shared_data):
     truth = brute_force_removed(docs)
     # README: precision 1.0 / recall 1.0, 66 removed (the issue's goal: >= 0.99 / >= 0.95)
     assert len(truth) == 66 and flagged == truth, (len(flagged), len(truth), len(flagged & truth))
+    # the former LSH-band candidates: byte-identical outputs, 16x the candidate pairs (templated pages)
+    curate([tmp_path / "in.jsonl"], tmp_path / "bands", load_config(overrides={
+        "stages": ["minhash_dedup"], "rejected_samples": 100_000, "minhash_dedup": {"candidates": "bands"}}))
+    for f in ("shard-00000.jsonl.gz", "rejected/minhash_dedup-00000.jsonl.gz"):
+        assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "bands" / f).read_bytes(), f
+    nd, nb = (json.loads((tmp_path / d / "report.json").read_text())["near_dup"] for d in ("out", "bands"))
+    assert nd["candidates"] == "prefix" and nd["candidate_pairs"] * 10 < nb["candidate_pairs"], (nd, nb)
 
 
 def _planted_corpus(shared_data, seed=0):

@@ -156,16 +156,16 @@ def test_resume_skips_done_tasks_and_redoes_missing(corpus):
     assert (work / "sketch" / "shard-00000" / "docs.pkl").stat().st_mtime_ns == stamp
     assert _kept(out) == _kept(ref) and _report(out) == _report(ref)
     # a task that dies mid-way leaves no folder: the rerun does it and nothing else
-    import cpt_megatron.curate.dedup as dedup
+    import cpt_megatron.curate.distributed as distributed
 
     shutil.rmtree(work / "buckets" / "part-00001")
-    real = dedup.same_key_pairs
-    dedup.same_key_pairs = lambda *a: (_ for _ in ()).throw(MemoryError("killed"))
+    real = distributed._save_by_shard
+    distributed._save_by_shard = lambda *a: (_ for _ in ()).throw(MemoryError("killed"))
     try:
         with pytest.raises(MemoryError):
             run_stage(inputs, out, cfg, 3, stage="buckets", task=1)
     finally:
-        dedup.same_key_pairs = real
+        distributed._save_by_shard = real
     assert not (work / "buckets" / "part-00001").exists()
     assert not [p for p in (work / "buckets").iterdir() if p.name.startswith(".")]  # temp folder removed
     r = run_stage(inputs, out, cfg, 3, stage="buckets")
@@ -235,6 +235,7 @@ def test_cli_staged_json_and_errors(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("overrides", [
     {"stages": ["normalize", "length", "minhash_dedup"], "minhash_dedup": {"decide": "estimate"}},  # no exact stage
     {"stages": ["normalize", "exact_dedup", "pii"]},  # no near-dup stage
+    {"minhash_dedup": {"candidates": "bands"}},  # LSH pairs enumerated in `buckets`, replayed in `write`
 ])
 def test_other_stage_sets_equal_one_process(corpus, tmp_path, overrides):
     _root, inputs, _ref = corpus

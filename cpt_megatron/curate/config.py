@@ -176,8 +176,15 @@ class MinHashConfig:
     """How an LSH candidate is decided: `exact` (exact Jaccard of the two shingle sets >= threshold) or
     `estimate` (estimated Jaccard from the MinHash signatures >= threshold: no shingle sets kept, but
     ~0.035 standard error at J=0.8 with 128 permutations, so it also removes pairs well below it)."""
+    candidates: str = "prefix"
+    """`exact` candidates: `prefix` (an index of each kept document's rarest shingles, `curate/prefix_index.py`:
+    every earlier kept document with Jaccard >= threshold is a candidate, without enumerating the documents
+    that share a template) or `bands` (documents sharing an LSH band: misses < 0.5% of pairs AT the
+    threshold, and a band shared by m documents gives m(m-1)/2 pairs). `decide: estimate` and `lsh`
+    (Redis) always use `bands`."""
     prefilter_sigmas: float | None = 6.0
-    """`exact`: a candidate is not checked exactly when a sketch estimate of its Jaccard is more than this
+    """`exact` with `candidates: bands` (`prefix` checks every candidate within the size and count bounds
+    exactly, no sketch kept): a candidate is not checked exactly when a sketch estimate of its Jaccard is more than this
     many standard errors below the threshold, the standard error taken for the PAIR'S SIZE (`dedup.
     sketch_se`: a 30-shingle paragraph fills ~30 of 128 bins, so its estimate is ~2x noisier than a long
     document's; below ~10 shingles no sketch filters at all). 6 sigmas: < 1e-8 of the true pairs are lost
@@ -190,6 +197,7 @@ class MinHashConfig:
         if self.num_perm < 8 or self.ngram < 1:
             raise CptError("minhash_dedup.num_perm must be >= 8 and ngram >= 1")
         _check_choice("minhash_dedup.decide", self.decide, ("exact", "estimate"))
+        _check_choice("minhash_dedup.candidates", self.candidates, ("prefix", "bands"))
         if self.prefilter_sigmas is not None and not self.prefilter_sigmas > 0:
             raise CptError(f"minhash_dedup.prefilter_sigmas={self.prefilter_sigmas} must be > 0 (null: no sketch "
                            "pre-filter)")

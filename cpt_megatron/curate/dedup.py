@@ -1,4 +1,4 @@
-"""Exact and near-duplicate detection: LSH proposes, exact Jaccard of the shingle sets decides.
+"""Exact and near-duplicate detection: a prefix index (or LSH) proposes, exact Jaccard of the shingle sets decides.
 
 Shingles are word n-grams of the whitespace-normalized text (`shingles`). Each shingle is hashed to
 64 bits (`shingle_hashes`) with a polynomial hash over its UTF-8 bytes computed for a whole batch of
@@ -8,22 +8,25 @@ Jaccard of two documents is one sorted-set intersection (64-bit collisions are n
 scale).
 
 `oph_sketches` turns the hashes into uint32 one-permutation MinHash sketches (`MinHasher.signatures`:
-num_perm bins for LSH; `fine_sketches`: 512 bins for the exact mode's second pre-filter); `lsh_params`
+num_perm bins for LSH; `fine_sketches`: 512 bins for the bands' second pre-filter); `lsh_params`
 picks bands x rows for HIGH RECALL at the threshold (< 0.5% of pairs at exactly the threshold are
 missed, fewer above it): the false candidates this lets through are removed by the exact check, so
 recall is bought with CPU, not with precision.
 
 `NearDupIndex` makes the sequential decisions, a batch at a time: document j is a near-duplicate iff
-some earlier KEPT document shares an LSH band key (`band_keys`) with it and has Jaccard >= threshold
-(`decide: exact`, the default; `pair_jaccard` with its pre-filters), or estimated Jaccard from the
-sketches >= threshold (`decide: estimate`, cheaper, ~0.035 standard error at J = 0.8 with 128 bins, so
-it removes pairs well below the threshold). The kept documents' shingle sets and fine sketches live
-in `ShingleStore`s (nameless memory-mapped files).
+some earlier KEPT candidate -- from the prefix index (`prefix_index.py`, the default with `decide: exact`:
+every earlier kept document that can reach the threshold) or sharing an LSH band key (`band_keys`) --
+has Jaccard >= threshold (`decide: exact`, the default; `pair_jaccard`, with its sketch pre-filters for
+band candidates), or estimated Jaccard from the sketches >= threshold (`decide: estimate`, cheaper, ~0.035
+standard error at J = 0.8 with 128 bins, so it removes pairs well below the threshold). The kept
+documents' shingle sets (and, for band candidates, fine sketches) live in `ShingleStore`s (nameless
+memory-mapped files).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -34,6 +37,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from cpt_megatron.curate.config import MinHashConfig
+from cpt_megatron.curate.prefix_index import PrefixIndex
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import gather_runs
 
@@ -58,6 +62,7 @@ __all__ = [
     "shingle_hashes",
     "shingles",
     "sketch_se",
+    "uses_prefix",
 ]
 
 _P = np.uint64(0x100000001B3)  # odd multiplier (FNV-64 prime); its inverse mod 2^64 exists
@@ -144,20 +149,27 @@ _WS_MULTI = [chr(c).encode() for c in (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B
                                        0x3000)]
 
 
+_WS_CODES = np.array(sorted(int.from_bytes(seq.ljust(3, b"\0"), "big") for seq in _WS_MULTI), np.int64)
+
+
 def _whitespace(data: np.ndarray) -> np.ndarray:
     ws = _WS1[data]
     lead = np.flatnonzero((data == 0xC2) | (data == 0xE1) | (data == 0xE2) | (data == 0xE3))
-    if len(lead):
-        n = len(data)
-        for seq in _WS_MULTI:
-            k = len(seq)
-            pos = lead[lead + k <= n]
-            hit = np.ones(len(pos), bool)
-            for i, byte in enumerate(seq):
-                hit &= data[pos + i] == byte
-            for i in range(k):
-                ws[pos[hit] + i] = True
+    if len(lead):  # each lead byte with the next two (zero past the end) as one code, looked up at once
+        pad = np.concatenate([data, np.zeros(2, np.uint8)])
+        b0 = pad[lead].astype(np.int64)
+        b1 = pad[lead + 1].astype(np.int64)
+        b2 = np.where(b0 == 0xC2, 0, pad[lead + 2])  # C2 xx is a 2-byte sequence
+        code = (b0 << 16) | (b1 << 8) | b2
+        i = np.minimum(np.searchsorted(_WS_CODES, code), len(_WS_CODES) - 1)
+        hit = lead[_WS_CODES[i] == code]
+        ws[hit] = ws[hit + 1] = True
+        three = hit[data[hit] != 0xC2]
+        ws[three + 2] = True
     return ws
+
+
+_HASH_CHUNK_CHARS = 1 << 19  # texts hashed together: the byte-level temporaries are ~40 bytes per byte
 
 
 def shingle_hashes(texts: list[str], n: int = 5, lowercase: bool = False, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +177,24 @@ def shingle_hashes(texts: list[str], n: int = 5, lowercase: bool = False, seed: 
 
     Document d's set is values[offsets[d]:offsets[d+1]] and equals
     sorted({shingle_hash_reference(s, seed) for s in shingles(text, n, lowercase)}).
+    Texts go through in runs of ~_HASH_CHUNK_CHARS characters (a longer text alone): the temporaries
+    (and the cached power tables) stay ~20-80 MiB whatever the batch, not 40x its bytes.
     """
+    ends = np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)))
+    if len(texts) < 2 or ends[-1] <= _HASH_CHUNK_CHARS:
+        return _shingle_hashes(texts, n, lowercase, seed)
+    cuts = [0]
+    while cuts[-1] < len(texts):  # each run ends at the first text that reaches the chunk size
+        base = ends[cuts[-1] - 1] if cuts[-1] else 0
+        cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, base + _HASH_CHUNK_CHARS, "left"))))
+    parts = [_shingle_hashes(texts[a:b], n, lowercase, seed) for a, b in zip(cuts[:-1], cuts[1:])]
+    values = np.concatenate([v for v, _ in parts])
+    offsets = np.concatenate([[0]] + [o[1:] + base for (_, o), base in
+                                      zip(parts, np.cumsum([0] + [len(v) for v, _ in parts[:-1]]))])
+    return values, offsets.astype(np.int64)
+
+
+def _shingle_hashes(texts: list[str], n: int, lowercase: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
     ndoc = len(texts)
     empty = np.zeros(0, np.uint64), np.zeros(ndoc + 1, np.int64)
     if ndoc == 0:
@@ -318,14 +347,17 @@ class MinHasher:
     """The configured shingling (`hash_sets`) and LSH sketches (`signatures`: num_perm densified bins).
     Only candidates come from the sketch (and the `estimate` decision); `exact` decisions never do."""
 
-    def __init__(self, cfg: MinHashConfig | None = None):
+    def __init__(self, cfg: MinHashConfig | None = None, sketch: bool = True):
         self.cfg = cfg or MinHashConfig()
+        self.sketch = sketch  # False (`uses_prefix`: nothing reads them): zero-width signatures
 
     def hash_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return shingle_hashes(texts, self.cfg.ngram, self.cfg.lowercase, self.cfg.seed)
 
     def signatures(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """uint32[num_sets, num_perm] sketches of the sets from `hash_sets`; an empty set gets all-ones."""
+        if not self.sketch:
+            return np.zeros((len(offsets) - 1, 0), np.uint32)
         return oph_sketches(values, offsets, self.cfg.num_perm)
 
 
@@ -389,8 +421,9 @@ class NearDupStats:
     whose exact Jaccard was computed (the rest fail the size bound or the sketch pre-filter);
     verified_pairs: those at Jaccard >= threshold; removed: documents with at least one."""
 
-    def __init__(self, cfg: MinHashConfig, bands: int, rows: int):
+    def __init__(self, cfg: MinHashConfig, bands: int, rows: int, candidates: str | None = None):
         self.cfg, self.bands, self.rows = cfg, bands, rows
+        self.candidates = candidates or ("prefix" if uses_prefix(cfg) else "bands")
         self.candidate_pairs = self.checked_pairs = self.verified_pairs = self.removed = 0
         self.hist = np.zeros(_HIST_BINS, np.int64)
 
@@ -413,9 +446,15 @@ class NearDupStats:
         w = 1.0 / _HIST_BINS
         hist = {f"{k * w:.2f}-{(k + 1) * w:.2f}": int(c) for k, c in enumerate(self.hist) if c}
         return {"decide": self.cfg.decide, "threshold": self.cfg.threshold, "num_perm": self.cfg.num_perm,
-                "bands": self.bands, "rows": self.rows, "prefilter_sigmas": self.cfg.prefilter_sigmas,
+                "candidates": self.candidates, "bands": self.bands, "rows": self.rows,
+                "prefilter_sigmas": None if self.candidates == "prefix" else self.cfg.prefilter_sigmas,
                 "candidate_pairs": self.candidate_pairs, "checked_pairs": self.checked_pairs,
                 "verified_pairs": self.verified_pairs, "removed": self.removed, "removed_jaccard_histogram": hist}
+
+
+def uses_prefix(cfg: MinHashConfig, lsh_url: str | None = None) -> bool:
+    """Whether `NearDupIndex` proposes candidates with the prefix index (else LSH bands)."""
+    return cfg.decide == "exact" and cfg.candidates == "prefix" and not lsh_url
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -695,28 +734,41 @@ class NearDupIndex:
 
     `check_batch(keys, sigs, values, offsets)` -> [(dup_of key or None, best Jaccard)] per document, in
     order: document j is a near-duplicate iff an earlier KEPT document (before the batch, or earlier in
-    it) shares an LSH band key with it at Jaccard >= threshold; the best is the highest Jaccard, ties to
-    the earliest kept document. The decisions equal one `check_batch` per document whatever the batch
-    size (every pair's Jaccard depends only on the two documents; the batch resolves who is kept in
-    order). Band keys live in memory, or on Redis with `lsh_url`; `stats` accumulates the report.
+    it) is a candidate of it at Jaccard >= threshold; the best is the highest Jaccard, ties to the
+    earliest kept document. Candidates (`candidates`): `prefix` (`prefix_index.PrefixIndex`: every
+    earlier kept document with J >= threshold, so with `decide: exact` the decisions are
+    `brute_force_removed`'s, up to the sketch pre-filters' < 1e-8 per pair) or `bands` (documents
+    sharing an LSH band key: < 0.5% of pairs AT the threshold missed; in memory, or on Redis with
+    `lsh_url`). The decisions and the report equal one `check_batch` per document whatever the batch
+    size (a pair's Jaccard depends only on the two documents, the prefix index chooses with the counts
+    of the documents before each one, and the batch resolves who is kept in order); `stats`
+    accumulates the report.
     """
 
     def __init__(self, cfg: MinHashConfig, lsh_url: str | None = None, basename: str = "cpt_curate",
                  workdir: str | None = None):
         self.cfg = cfg
         self.bands, self.rows = lsh_params(cfg.threshold, cfg.num_perm)
-        self.stats = NearDupStats(cfg, self.bands, self.rows)
-        self.lsh = _RedisBands(lsh_url, basename) if lsh_url else _Bands()
+        self.prefix = PrefixIndex(cfg.threshold) if uses_prefix(cfg, lsh_url) else None
+        self.stats = NearDupStats(cfg, self.bands, self.rows, "prefix" if self.prefix is not None else "bands")
+        self.lsh = None if self.prefix is not None else _RedisBands(lsh_url, basename) if lsh_url else _Bands()
         self._keys: list[str] = []
-        self._sigs = np.zeros((1024, cfg.num_perm), np.uint32)
-        self._ranges = np.zeros((1024, (1 << _RANGE_BITS) + 1), np.int32)
+        # `prefix` decides on the exact Jaccard alone (its candidates are few: the sketch pre-filters cost
+        # more than they save), so it keeps no sketches of the kept documents
+        self._filters = self.prefix is None
+        self._pair_cfg = cfg if self._filters else dataclasses.replace(cfg, prefilter_sigmas=None)
+        self._sigs = np.zeros((1024 if self._filters else 0, cfg.num_perm), np.uint32)
+        self._ranges = np.zeros((1024 if self._filters else 0, (1 << _RANGE_BITS) + 1), np.int32)
         self._store = ShingleStore(workdir) if cfg.decide == "exact" else None
-        self._fine = ShingleStore(workdir) if cfg.decide == "exact" else None  # FINE_BINS/2 uint64 per doc
+        # FINE_BINS/2 uint64 per doc
+        self._fine = ShingleStore(workdir) if cfg.decide == "exact" and self._filters else None
 
     def _kept_table(self) -> SetTable:
         n, st = len(self._keys), self._store
         if st is None:
             return SetTable(self._sigs[:n])
+        if not self._filters:
+            return SetTable(self._sigs, st.values(), st.offsets_array())
         fine = self._fine.values().view(np.uint32).reshape(-1, FINE_BINS)
         return SetTable(self._sigs[:n], st.values(), st.offsets_array(), self._ranges[:n], fine)
 
@@ -726,14 +778,19 @@ class NearDupIndex:
         b, n, t = len(keys), len(self._keys), self.cfg.threshold
         if b == 0:
             return []
-        sigs = np.asarray(sigs, np.uint32).reshape(b, -1)
-        bk = band_keys(sigs, self.bands, self.rows)
-        batch = SetTable(sigs) if values is None else \
+        sigs = np.asarray(sigs, np.uint32)
+        sigs = sigs.reshape(b, sigs.size // b)  # zero-width with `MinHasher(sketch=False)`
+        batch = SetTable(sigs) if values is None else SetTable(sigs, values, offsets) if not self._filters else \
             SetTable(sigs, values, offsets, hash_ranges(values, offsets), fine_sketches(values, offsets))
-        oj, oc = _unique_pairs(*self.lsh.query(bk))  # with kept rows before the batch
-        wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # with earlier batch docs
-        js_o, ch_o = pair_jaccard(self.cfg, oj, oc, batch, self._kept_table())
-        js_w, ch_w = pair_jaccard(self.cfg, wj, wi, batch, batch)
+        if self.prefix is not None:
+            bk = None
+            oj, oc, wj, wi = self.prefix.candidates(batch.values, batch.offsets)
+        else:
+            bk = band_keys(sigs, self.bands, self.rows)
+            oj, oc = _unique_pairs(*self.lsh.query(bk))  # with kept rows before the batch
+            wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # with earlier batch docs
+        js_o, ch_o = pair_jaccard(self._pair_cfg, oj, oc, batch, self._kept_table())
+        js_w, ch_w = pair_jaccard(self._pair_cfg, wj, wi, batch, batch)
         pj, pc = np.concatenate([oj, wj]), np.concatenate([oc, wi + n])  # c >= n: batch document c - n
         js, checked = np.concatenate([js_o, js_w]), np.concatenate([ch_o, ch_w])
         ok = js >= t
@@ -759,21 +816,28 @@ class NearDupIndex:
 
     def _add(self, keys: list[str], bk: np.ndarray, kept: np.ndarray, batch: SetTable) -> None:
         n, idx = len(self._keys), np.flatnonzero(kept)
-        while n + len(idx) > len(self._sigs):
-            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-            self._ranges = np.concatenate([self._ranges, np.zeros_like(self._ranges)])
-        self._sigs[n : n + len(idx)] = batch.sigs[idx]
+        if self._filters:
+            while n + len(idx) > len(self._sigs):
+                self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+                self._ranges = np.concatenate([self._ranges, np.zeros_like(self._ranges)])
+            self._sigs[n : n + len(idx)] = batch.sigs[idx]
         self._keys.extend(keys[i] for i in idx.tolist())
         if self._store is not None:
-            self._ranges[n : n + len(idx)] = batch.ranges[idx]
             lens = batch.lens(idx)
             self._store.add_many(gather_runs(batch.values, batch.offsets[idx], lens), lens)
+        if self._fine is not None:
+            self._ranges[n : n + len(idx)] = batch.ranges[idx]
             self._fine.add_many(np.ascontiguousarray(batch.fine[idx]).view(np.uint64).reshape(-1),
                                 np.full(len(idx), FINE_BINS // 2, np.int64))
-        self.lsh.insert(np.arange(n, n + len(idx)), bk[idx])
+        if self.prefix is not None:
+            self.prefix.add(idx, np.diff(batch.offsets))
+        else:
+            self.lsh.insert(np.arange(n, n + len(idx)), bk[idx])
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+        if self._fine is not None:
             self._fine.close()
-        self.lsh.close()
+        if self.lsh is not None:
+            self.lsh.close()

@@ -36,6 +36,7 @@ import numpy as np
 
 from cpt_megatron.curate.config import CurateConfig
 from cpt_megatron.curate.dedup import _splitmix64 as _mix
+from cpt_megatron.curate.dedup import uses_prefix
 from cpt_megatron.curate.readers import DocumentReader, FilePart, Malformed, splittable
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
@@ -143,7 +144,7 @@ def _sketch(plan: _Plan, k: int, workers: int) -> None:
         np.save(tmp / "values.npy", values)
         offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int64)
         np.save(tmp / "offsets.npy", offsets)
-        if sets:
+        if sets and not uses_prefix(cfg.minhash_dedup):  # the band pairs' pre-filters (`buckets`)
             from cpt_megatron.curate.dedup import fine_sketches, hash_ranges
 
             np.save(tmp / "ranges.npy", hash_ranges(values, offsets))
@@ -218,7 +219,7 @@ def _buckets(plan: _Plan, p: int) -> None:
             dup = np.zeros(len(g), bool)
             dup[1:] = (k[1:] == k[:-1]).all(axis=1)
             _save_by_shard(tmp, "exact", g[dup], n)
-        if "minhash_dedup" in stages:
+        if "minhash_dedup" in stages and not uses_prefix(cfg.minhash_dedup):  # prefix: decided in `write`
             mh = cfg.minhash_dedup
             bands, rows = lsh_params(mh.threshold, mh.num_perm)
             keys, gids = [], []
@@ -253,10 +254,14 @@ class _ReplayDedup:
     """`pipeline._LocalDedup`'s interface over stage 2's decisions (call `batches()` to drive it)."""
 
     def __init__(self, plan: _Plan):
-        from cpt_megatron.curate.dedup import NearDupStats, lsh_params
+        from cpt_megatron.curate.dedup import NearDupIndex, NearDupStats, lsh_params
 
         self.plan, self.cfg = plan, plan.cfg.minhash_dedup
-        self.near_stats = NearDupStats(self.cfg, *lsh_params(self.cfg.threshold, self.cfg.num_perm))
+        # `candidates: prefix`: the one-process index itself, fed in input order from the sketch folders
+        near = "minhash_dedup" in plan.cfg.stages and uses_prefix(self.cfg)
+        self.index = NearDupIndex(self.cfg, workdir=str(plan.work)) if near else None
+        self.near_stats = self.index.stats if self.index is not None else \
+            NearDupStats(self.cfg, *lsh_params(self.cfg.threshold, self.cfg.num_perm))
         self.kept: list[np.ndarray] = []
         self.shards: list[_Shard] = []
 
@@ -269,7 +274,7 @@ class _ReplayDedup:
             parts = [plan.bucket_dir(p) for p in range(plan.shards)]
             if "exact_dedup" in plan.cfg.stages:
                 self.exact = set(np.concatenate([np.load(d / f"exact-{s:05d}.npy") for d in parts]).tolist())
-            if "minhash_dedup" in plan.cfg.stages:
+            if "minhash_dedup" in plan.cfg.stages and self.index is None:
                 z = [np.load(d / f"pairs-{s:05d}.npz") for d in parts]
                 j, i, js = (np.concatenate([x[k] for x in z]) for k in ("j", "i", "js"))
                 _, first = np.unique(np.stack([j, i], axis=1), axis=0, return_index=True)  # a pair from 2 parts
@@ -285,6 +290,12 @@ class _ReplayDedup:
         return (o.uid & _LOCAL) in self.exact
 
     def near_dups(self, outs: list) -> list[tuple[str | None, float]]:
+        if self.index is not None:
+            sh = [(self.shards[o.uid >> _SHARD_BITS], o.uid & _LOCAL) for o in outs]
+            sets = [s.values[s.offsets[i] : s.offsets[i + 1]] for s, i in sh]
+            offsets = np.concatenate([[0], np.cumsum([len(x) for x in sets])]).astype(np.int64)
+            return self.index.check_batch([f"{o.source}:{o.position}" for o in outs],
+                                          np.stack([s.sigs[i] for s, i in sh]), np.concatenate(sets), offsets)
         return [self._near_dup(o) for o in outs]
 
     def _near_dup(self, o) -> tuple[str | None, float]:
@@ -305,7 +316,8 @@ class _ReplayDedup:
         return None, float(max(js.max(initial=0.0), 0.0))
 
     def close(self) -> None:
-        pass
+        if self.index is not None:
+            self.index.close()
 
 
 def _write(plan: _Plan, out: Path, overwrite: bool) -> dict:

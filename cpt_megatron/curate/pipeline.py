@@ -80,9 +80,9 @@ class _Worker:
         self.length = LengthFilter(cfg.length)
         self.hasher = None
         if "minhash_dedup" in self.stages:
-            from cpt_megatron.curate.dedup import MinHasher
+            from cpt_megatron.curate.dedup import MinHasher, uses_prefix
 
-            self.hasher = MinHasher(cfg.minhash_dedup)
+            self.hasher = MinHasher(cfg.minhash_dedup, sketch=not uses_prefix(cfg.minhash_dedup, cfg.lsh))
 
     def run(self, records: list) -> list:
         from cpt_megatron.curate.dedup import exact_key
