@@ -24,7 +24,6 @@ over every task. Compressed, Parquet and plain-text files are not split.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -34,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt_megatron.curate.config import CurateConfig
+from cpt_megatron.curate.config import CurateConfig, result_config
 from cpt_megatron.curate.dedup import _splitmix64 as _mix
 from cpt_megatron.curate.readers import DocumentReader, FilePart, Malformed, splittable
+from cpt_megatron.curate.spill import Budget
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
 
@@ -87,7 +87,7 @@ class _Plan:
         self.inputs = [str(p) for p in inputs]
         self.reader = DocumentReader(inputs, cfg.input)
         self.files = shard_files(self.reader.files, shards)
-        blob = json.dumps({"config": dataclasses.asdict(cfg), "files": [str(f) for f in self.reader.files],
+        blob = json.dumps({"config": result_config(cfg), "files": [str(f) for f in self.reader.files],
                            "shards": shards}, sort_keys=True, default=str)
         self.fingerprint = hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -121,7 +121,8 @@ def _sketch(plan: _Plan, k: int, workers: int) -> None:
         with open(tmp / "docs.pkl", "wb") as f:
             if plan.files[k]:
                 reader = DocumentReader(plan.files[k], cfg.input)
-                for n_batch, results in _ordered_map(_batches(reader, _BATCH), cfg, workers):
+                budget = Budget.of(cfg.memory_mb, workers)
+                for n_batch, results in _ordered_map(_batches(reader, _BATCH, budget.batch_bytes), cfg, workers, budget):
                     for o in results:
                         if isinstance(o, Malformed) or o.removed is not None:
                             continue

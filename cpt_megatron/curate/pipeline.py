@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt_megatron.curate.config import CurateConfig
-from cpt_megatron.curate.readers import DocumentReader, Malformed
+from cpt_megatron.curate.config import CurateConfig, result_config
+from cpt_megatron.curate.readers import Doc, DocumentReader, Malformed
+from cpt_megatron.curate.spill import Budget
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
 
@@ -35,6 +36,8 @@ __all__ = ["curate", "CurateResult"]
 _BATCH = 256
 _MAX_MALFORMED_LISTED = 100
 _REJECT_TEXT_CHARS = 4000
+_PAIR_BYTES = 160  # a batch's temporaries per candidate pair in NearDupIndex.check_batch (ids, Jaccard, orders)
+_CHECKED_BYTES = 8192  # per pair checked exactly: the kept set's mapped pages it reads (released per piece)
 
 
 @dataclasses.dataclass(slots=True)
@@ -72,10 +75,11 @@ class CurateResult:
 class _Worker:
     """Per-process state: the stage objects, built once per process."""
 
-    def __init__(self, cfg: CurateConfig):
+    def __init__(self, cfg: CurateConfig, budget: Budget | None = None):
         from cpt_megatron.curate.filters import LengthFilter
 
         self.cfg = cfg
+        self.hash_bytes = (budget or Budget.of(None)).hash_bytes
         self.stages = set(cfg.stages)
         self.length = LengthFilter(cfg.length)
         self.hasher = None
@@ -120,13 +124,29 @@ class _Worker:
             out.append(o)
         if self.hasher is not None:
             live = [o for o in out if isinstance(o, _Out) and o.removed is None]
-            values, offsets = self.hasher.hash_sets([o.text for o in live])
+            values, offsets = self._hash_sets([o.text for o in live])
             exact = self.cfg.minhash_dedup.decide == "exact"
             for k, (o, sig) in enumerate(zip(live, self.hasher.signatures(values, offsets))):
                 o.sig = sig
                 if exact:
                     o.shingles = values[offsets[k] : offsets[k + 1]]
         return out
+
+    def _hash_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`MinHasher.hash_sets` over pieces of at most `hash_bytes` of text (its temporaries are ~60 bytes
+        per text byte): the same sets, bounded memory."""
+        pieces, lo, size = [], 0, 0
+        for i, t in enumerate(texts):
+            size += len(t)
+            if size >= self.hash_bytes or i == len(texts) - 1:
+                pieces.append(self.hasher.hash_sets(texts[lo : i + 1]))
+                lo, size = i + 1, 0
+        if len(pieces) <= 1:
+            return pieces[0] if pieces else self.hasher.hash_sets([])
+        values = np.concatenate([v for v, _ in pieces])
+        starts = np.cumsum([0] + [len(v) for v, _ in pieces[:-1]])
+        offsets = np.concatenate([[0]] + [o[1:] + s for (_, o), s in zip(pieces, starts)]).astype(np.int64)
+        return values, offsets
 
     @staticmethod
     def _stage(name: str, o: _Out, text: str, reason: str | None):
@@ -154,37 +174,41 @@ class _Worker:
 _WORKER: _Worker | None = None
 
 
-def _init_worker(cfg: CurateConfig) -> None:
+def _init_worker(cfg: CurateConfig, budget: Budget) -> None:
     global _WORKER
-    _WORKER = _Worker(cfg)
+    _WORKER = _Worker(cfg, budget)
 
 
 def _run_batch(records: list) -> list:
     return _WORKER.run(records)
 
 
-def _batches(reader, size: int):
-    batch = []
+def _batches(reader, size: int, max_chars: int = 1 << 62):
+    """Lists of `size` records, or fewer holding `max_chars` characters of text (decisions do not depend
+    on where batches end)."""
+    batch, chars = [], 0
     for rec in reader:
         batch.append(rec)
-        if len(batch) >= size:
+        chars += len(rec.text) if isinstance(rec, Doc) else 0
+        if len(batch) >= size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
 
-def _ordered_map(records_iter, cfg: CurateConfig, workers: int):
+def _ordered_map(records_iter, cfg: CurateConfig, workers: int, budget: Budget | None = None):
     """Yield per-batch results in input order, with at most 2*workers batches in flight."""
+    budget = budget or Budget.of(None)
     if workers <= 1:
-        w = _Worker(cfg)
+        w = _Worker(cfg, budget)
         for b in records_iter:
             yield len(b), w.run(b)
         return
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, budget)) as pool:
         pending: collections.deque = collections.deque()
         for b in records_iter:
             pending.append((len(b), pool.submit(_run_batch, b)))
@@ -284,15 +308,18 @@ class _LocalDedup:
     """The global decisions of one process: a set of exact keys and a `NearDupIndex`, in input order.
     curate/distributed.py supplies the same interface from precomputed decisions."""
 
-    def __init__(self, cfg: CurateConfig, tmp: Path, final_out: Path):
+    def __init__(self, cfg: CurateConfig, tmp: Path, final_out: Path, budget: Budget | None = None):
         self.seen: set[bytes] = set()
         self.near = None
         if "minhash_dedup" in cfg.stages:
             from cpt_megatron.curate.dedup import NearDupIndex
 
             base = "cpt_curate:" + hashlib.sha1(str(final_out.resolve()).encode()).hexdigest()[:12]
-            self.near = NearDupIndex(cfg.minhash_dedup, cfg.lsh, basename=base, workdir=str(tmp))
+            self.near = NearDupIndex(cfg.minhash_dedup, cfg.lsh, basename=base, workdir=str(tmp),
+                                     resident_bytes=budget.index_bytes if budget and budget.memory_mb else None)
         self.near_stats = self.near.stats if self.near is not None else None
+        self.n_docs = 0
+        self.pair_bytes = budget.index_bytes if budget is not None and budget.memory_mb else None
 
     def exact_dup(self, o: _Out) -> bool:
         if o.exact in self.seen:
@@ -301,7 +328,18 @@ class _LocalDedup:
         return False
 
     def near_dups(self, outs: list[_Out]) -> list[tuple[str | None, float]]:
-        """(dup_of or None, Jaccard) per document, decided in order (one batch)."""
+        """(dup_of or None, Jaccard) per document, decided in order (one batch; under a memory budget in
+        pieces whose expected candidate and checked pairs, at the run's rates so far, fit its share:
+        templated text gives hundreds of pairs per document; the decisions do not depend on the pieces)."""
+        size = len(outs)
+        if self.pair_bytes is not None and self.n_docs:
+            st = self.near.stats
+            per_doc = max((st.candidate_pairs * _PAIR_BYTES + st.checked_pairs * _CHECKED_BYTES) / self.n_docs, 1.0)
+            size = int(min(max(self.pair_bytes / per_doc, 16), len(outs)))
+        self.n_docs += len(outs)
+        return [r for lo in range(0, len(outs), size) for r in self._near_dups(outs[lo : lo + size])]
+
+    def _near_dups(self, outs: list[_Out]) -> list[tuple[str | None, float]]:
         sigs = np.stack([o.sig for o in outs])
         values = offsets = None
         if self.near.cfg.decide == "exact":
@@ -455,7 +493,7 @@ class _Accounts:
             "malformed_records": self.malformed,
             "shards": [rel(p) for w in self.writers.values() for p in w.files],
             "rejected": {s: rel(w.files[0]) for s, w in sorted(self.rejects.items())},
-            "config": dataclasses.asdict(self.cfg),
+            "config": result_config(self.cfg),
         }
         if "minhash_dedup" in stages:
             report["near_dup"] = self.dedup.near_stats.as_dict()
@@ -471,9 +509,10 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
          batches=None, dedup=None) -> dict:
     """The accounting loop. `batches` (default: the worker pool over `reader`) yields (records read,
     per-record results) in input order; `dedup` (default `_LocalDedup`) makes the exact/near decisions."""
-    acc = _Accounts(tmp, cfg, dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out))
+    budget = Budget.of(cfg.memory_mb, workers)
+    acc = _Accounts(tmp, cfg, dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out, budget))
     if batches is None:
-        batches = _ordered_map(_batches(reader, _BATCH), cfg, workers)
+        batches = _ordered_map(_batches(reader, _BATCH, budget.batch_bytes), cfg, workers, budget)
     bar = None
     if progress:
         from tqdm import tqdm
