@@ -17,9 +17,10 @@ folder appears by one rename when it is complete, so re-running a stage skips th
    decides, so the kept documents, the shards and report.json are byte-identical to `curate` (only
    elapsed_s differs) for any N. Memory: one shard's candidate pairs plus one bit per live document.
 
-Shards are runs of input files; an uncompressed JSONL file bigger than one shard's share is cut into
-byte ranges (`readers.FilePart`, whole lines each, the file's own line numbers), so one big file spreads
-over every task. Compressed, Parquet and plain-text files are not split.
+Shards are runs of input files; an uncompressed JSONL or plain-text file (split by `input.doc_separator`)
+bigger than one shard's share is cut into byte ranges (`readers.FilePart`: the records that start in
+each, the file's own line numbers), so one big file spreads over every task. Compressed, Parquet and
+whole-file plain-text inputs are not split.
 """
 
 from __future__ import annotations
@@ -52,17 +53,18 @@ def default_work_dir(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def shard_files(files: list[Path], shards: int) -> list[list[Path]]:
+def shard_files(files: list[Path], shards: int, separated: bool = False) -> list[list[Path]]:
     """Contiguous runs of `files` (their order kept), balanced by bytes: a file goes to the shard its
-    middle byte falls in. An uncompressed JSONL file larger than one shard's share is first cut into
-    byte ranges of about that share (`readers.FilePart`: each range holds the lines starting in it), so
-    one big file still spreads over every task. Other shards are empty when there are fewer files."""
+    middle byte falls in. An uncompressed JSONL file (or, with `separated`, plain-text file) larger than
+    one shard's share is first cut into byte ranges of about that share (`readers.FilePart`: each range
+    holds the records starting in it), so one big file still spreads over every task. Other shards are
+    empty when there are fewer files."""
     total = sum(max(f.stat().st_size, 1) for f in files)
     share = -(-total // shards)
     parts: list = []
     for f in files:
         size = f.stat().st_size
-        if splittable(f) and size > share and shards > 1:
+        if splittable(f, separated) and size > share and shards > 1:
             cuts = list(range(0, size, share)) + [size]
             parts += [FilePart(f, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
         else:
@@ -86,7 +88,7 @@ class _Plan:
         self.cfg, self.shards, self.work = cfg, shards, Path(work)
         self.inputs = [str(p) for p in inputs]
         self.reader = DocumentReader(inputs, cfg.input)
-        self.files = shard_files(self.reader.files, shards)
+        self.files = shard_files(self.reader.files, shards, cfg.input.doc_separator is not None)
         blob = json.dumps({"config": result_config(cfg), "files": [str(f) for f in self.reader.files],
                            "shards": shards}, sort_keys=True, default=str)
         self.fingerprint = hashlib.sha1(blob.encode()).hexdigest()[:16]

@@ -37,6 +37,8 @@ _BATCH = 256
 _MAX_MALFORMED_LISTED = 100
 _REJECT_TEXT_CHARS = 4000
 _PAIR_BYTES = 160  # a batch's temporaries per candidate pair in NearDupIndex.check_batch (ids, Jaccard, orders)
+_IO_CHUNK = 256 << 10  # serialized lines handed to the writer thread at once
+_IO_PENDING = 8  # chunks queued for it at most
 _CHECKED_BYTES = 8192  # per pair checked exactly: the kept set's mapped pages it reads (released per piece)
 
 
@@ -220,33 +222,88 @@ def _ordered_map(records_iter, cfg: CurateConfig, workers: int, budget: Budget |
             yield n, f.result()
 
 
-class _ShardWriter:
-    """Deterministic gzip JSONL shards (mtime 0, no file name in the header)."""
+class _IoThread:
+    """One background thread that runs file work (gzip compression and writes) in submission order, off
+    the accounting loop's critical path (zlib and file writes release the GIL). At most `_IO_PENDING`
+    jobs wait (bounded memory); the first error (e.g. a full disk) is raised in the caller by the next
+    `submit` or by `close`."""
 
-    def __init__(self, folder: Path, shard_docs: int, prefix: str = "shard"):
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cpt-curate-io")
+        self._pending: collections.deque = collections.deque()
+
+    def submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > _IO_PENDING or (self._pending and self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+class _ShardWriter:
+    """Deterministic gzip JSONL shards (mtime 0, no file name in the header). Lines are serialized here
+    and handed to the `_IoThread` in chunks of `_IO_CHUNK` bytes, which compresses and writes them."""
+
+    def __init__(self, folder: Path, shard_docs: int, prefix: str = "shard", io: _IoThread | None = None):
         self.folder, self.shard_docs, self.prefix = folder, shard_docs, prefix
         self.n_in_shard = 0
         self.files: list[str] = []
+        self._io = io
         self._f = None
-        self._raw = None
+        self._buf: list[bytes] = []
+        self._buf_bytes = 0
 
     def write(self, obj: dict) -> None:
-        if self._f is None or self.n_in_shard >= self.shard_docs:
+        if not self.files or self.n_in_shard >= self.shard_docs:
             self.close()
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / f"{self.prefix}-{len(self.files):05d}.jsonl.gz"
-            self._raw = open(path, "wb")
-            self._f = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
+            self._run(self._open, path)
             self.files.append(str(path))
             self.n_in_shard = 0
-        self._f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        line = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+        self._buf.append(line)
+        self._buf_bytes += len(line)
         self.n_in_shard += 1
+        if self._buf_bytes >= _IO_CHUNK:
+            self._flush()
+
+    def _run(self, fn, *args) -> None:
+        if self._io is None:
+            fn(*args)
+        else:
+            self._io.submit(fn, *args)
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._run(self._write, b"".join(self._buf))
+            self._buf, self._buf_bytes = [], 0
+
+    def _open(self, path: Path) -> None:
+        self._f = gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)
+
+    def _write(self, data: bytes) -> None:
+        self._f.write(data)
+
+    def _close(self) -> None:
+        if self._f is not None:
+            raw = self._f.fileobj
+            self._f.close()
+            raw.close()
+            self._f = None
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._raw.close()
-            self._f = None
+        """Finish the open shard (queued after its last lines)."""
+        if self.files:
+            self._flush()
+            self._run(self._close)
 
 
 class _StageStats:
@@ -368,7 +425,8 @@ class _Accounts:
         self.code_mixed = 0
         self.malformed: list[str] = []
         self.n_read = self.n_malformed = self.n_kept = 0
-        self.writers: dict[str | None, _ShardWriter] = {None: _ShardWriter(tmp, cfg.shard_docs)}
+        self.io = _IoThread()
+        self.writers: dict[str | None, _ShardWriter] = {None: _ShardWriter(tmp, cfg.shard_docs, io=self.io)}
         self.rejects: dict[str, _ShardWriter] = {}
         self.reject_counts: Counter = Counter()
         self.scorer = None
@@ -432,7 +490,9 @@ class _Accounts:
         self.removed[stage] += 1
         if self.reject_counts[stage] < self.cfg.rejected_samples:
             self.reject_counts[stage] += 1
-            w = self.rejects.setdefault(stage, _ShardWriter(self.tmp / "rejected", 1 << 62, prefix=stage))
+            if stage not in self.rejects:
+                self.rejects[stage] = _ShardWriter(self.tmp / "rejected", 1 << 62, prefix=stage, io=self.io)
+            w = self.rejects[stage]
             rec = {"id": o.id, "source": o.source, "position": o.position, "reason": reason, **(extra or {})}
             rec["text"] = o.text[:_REJECT_TEXT_CHARS]
             w.write(rec)
@@ -460,7 +520,7 @@ class _Accounts:
         if o.route:
             self.routes[o.route] += 1
             if o.route not in self.writers:
-                self.writers[o.route] = _ShardWriter(self.tmp / "routes" / o.route, self.cfg.shard_docs)
+                self.writers[o.route] = _ShardWriter(self.tmp / "routes" / o.route, self.cfg.shard_docs, io=self.io)
         self.writers[o.route].write(rec)
         self.n_kept += 1
 
@@ -471,9 +531,12 @@ class _Accounts:
             self.ppl_pending.clear()
 
     def close(self) -> None:
-        for w in list(self.writers.values()) + list(self.rejects.values()):
-            w.close()
-        self.dedup.close()
+        try:
+            for w in list(self.writers.values()) + list(self.rejects.values()):
+                w.close()
+        finally:
+            self.io.close()
+            self.dedup.close()
 
     def report(self, reader: DocumentReader) -> dict:
         stages, tmp = self.stages, self.tmp

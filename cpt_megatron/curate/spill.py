@@ -170,15 +170,21 @@ class SortedBands:
     def query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(document index, row) for every row sharing a key with keys[document] (repeats possible)."""
         q = np.asarray(keys, np.uint64).reshape(len(keys), -1)
-        flat, width = q.ravel(), max(q.shape[1], 1)
+        width = max(q.shape[1], 1)
+        uq, inv = np.unique(q.ravel(), return_inverse=True)  # sorted needles: local binary searches
         docs, rows = [], []
         for rk, rr, _ in self._runs:
-            lo = np.searchsorted(rk, flat, "left")
-            n = np.searchsorted(rk, flat, "right") - lo
-            if n.any():
-                hit = np.flatnonzero(n)
-                docs.append(np.repeat(hit // width, n[hit]))
-                rows.append(gather_runs(rr, lo[hit], n[hit]))
+            if len(rk) == 0:
+                continue
+            lo = np.searchsorted(rk, uq, "left")
+            found = np.flatnonzero(rk[np.minimum(lo, len(rk) - 1)] == uq)  # most keys are in no run
+            if len(found) == 0:
+                continue
+            n = np.zeros(len(uq), np.int64)
+            n[found] = np.searchsorted(rk, uq[found], "right") - lo[found]
+            hit = np.flatnonzero(n[inv])  # positions in the query (document * width + band)
+            docs.append(np.repeat(hit // width, n[inv[hit]]))
+            rows.append(gather_runs(rr, lo[inv[hit]], n[inv[hit]]))
         if not docs:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(docs).astype(np.int64), np.concatenate(rows).astype(np.int64)
