@@ -126,6 +126,22 @@ def test_one_big_jsonl_file_is_split_by_byte_range_and_equals_one_process(corpus
     assert ref.read == _report(out)["read"] and any(":" in json.loads(x)["id"] for x in _kept(out).splitlines())
 
 
+def test_buckets_in_one_pair_chunks_equal_one_process(corpus, tmp_path, monkeypatch):
+    """The buckets stage makes and decides its pairs in chunks of later documents (bounded memory) and
+    appends them to the pair files: with one document's pairs per chunk the output is still the same."""
+    import cpt_megatron.curate.distributed as dist
+
+    root, inputs, ref = corpus
+    import cpt_megatron.curate.dedup as dedup
+
+    calls, real = [], dedup._unique_pairs
+    monkeypatch.setattr(dedup, "_unique_pairs", lambda *a: calls.append(len(a[0])) or real(*a))
+    monkeypatch.setattr(dist, "_PAIR_TEMP_BYTES", 1 << 50)
+    run_stage(inputs, tmp_path / "out", _cfg(), 3)
+    assert len(calls) > 50  # one chunk per later document (3 without the patch: one per task)
+    assert _kept(tmp_path / "out") == _kept(ref) and _report(tmp_path / "out") == _report(ref)
+
+
 def test_shards_are_contiguous_and_balanced(tmp_path):
     files = []
     for i, n in enumerate([10, 10, 10, 10, 40]):
@@ -159,13 +175,13 @@ def test_resume_skips_done_tasks_and_redoes_missing(corpus):
     import cpt_megatron.curate.dedup as dedup
 
     shutil.rmtree(work / "buckets" / "part-00001")
-    real = dedup.same_key_pairs
-    dedup.same_key_pairs = lambda *a: (_ for _ in ()).throw(MemoryError("killed"))
+    real = dedup.band_keys
+    dedup.band_keys = lambda *a: (_ for _ in ()).throw(MemoryError("killed"))
     try:
         with pytest.raises(MemoryError):
             run_stage(inputs, out, cfg, 3, stage="buckets", task=1)
     finally:
-        dedup.same_key_pairs = real
+        dedup.band_keys = real
     assert not (work / "buckets" / "part-00001").exists()
     assert not [p for p in (work / "buckets").iterdir() if p.name.startswith(".")]  # temp folder removed
     r = run_stage(inputs, out, cfg, 3, stage="buckets")
