@@ -279,6 +279,7 @@ def _buckets(plan: _Plan, p: int) -> None:
             outs = {(s, name): open(tmp / f"pairs-{s:05d}.{name}.bin", "wb") for s in range(n) for name, _ in _PAIR_FILES}
             try:
                 cap = max(budget.index_bytes // _PAIR_TEMP_BYTES, 1)  # pairs per chunk
+                sketch_rows = int(np.clip(budget.index_bytes // (16 << 10), 256, 1 << 16))  # as NearDupIndex
                 cum = np.cumsum(per_j)
                 a = 0
                 while a < len(uj):
@@ -295,7 +296,7 @@ def _buckets(plan: _Plan, p: int) -> None:
                     for lo, hi in equal_runs(grp):
                         kk = order[lo:hi]
                         c, d = int(sj[kk[0]]), int(si[kk[0]])
-                        js[kk], _ = pair_jaccard(mh, pj[kk] & _LOCAL, pi[kk] & _LOCAL, tables[c], tables[d])
+                        js[kk], _ = pair_jaccard(mh, pj[kk] & _LOCAL, pi[kk] & _LOCAL, tables[c], tables[d], sketch_rows)
                     for s in np.unique(sj).tolist():
                         m = sj == s
                         for (name, dtype), col in zip(_PAIR_FILES, (pj[m] & _LOCAL, pi[m], js[m])):
