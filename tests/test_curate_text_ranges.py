@@ -93,3 +93,40 @@ def test_one_text_file_over_1_to_4_shards_equals_one_process(tmp_path):
         assert _files(out) == _files(tmp_path / "ref"), shards  # shards, rejected samples, report.json
         assert report["read"] == ref.read
     assert shard_files([path], 3) == [[], [path], []]  # without a separator the file is one document
+
+
+def test_jsonl_ranges_with_unicode_escapes(tmp_path):
+    """JSONL written with ensure_ascii (\\u escapes for every non-ASCII character) read in byte ranges:
+    the lone-surrogate check once reused the range's byte counter and crashed on such lines."""
+    path = tmp_path / "u.jsonl"
+    rows = [{"id": str(i), "text": f"caf\u00e9 na\u00efve \u0939\u093f\u0902\u0926\u0940 {i}"} for i in range(40)]
+    rows[7]["text"] = "lone \ud800 surrogate"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    whole = [repr(r) for r in DocumentReader([path])]
+    assert "lone surrogate" in whole[7]
+    n = path.stat().st_size
+    for cut in range(0, n, 7):
+        assert [repr(r) for r in DocumentReader([FilePart(path, 0, cut), FilePart(path, cut, n)])] == whole
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "text"])
+def test_workers_read_byte_ranges_themselves_same_output(tmp_path, monkeypatch, kind):
+    """-j 2+: the parent cuts splittable files into parts (line ends found and lines counted there) and
+    each worker reads its part; the output equals -j 1's for any worker count, parts of any size."""
+    import cpt_megatron.curate.pipeline as pipeline
+
+    path = tmp_path / ("pages.txt" if kind == "text" else "pages.jsonl")
+    _corpus(tmp_path / "pages.txt")
+    if kind == "jsonl":  # the same pages as JSONL records without ids (named by line number)
+        pages = (tmp_path / "pages.txt").read_text().split("# ")
+        path.write_text("".join(json.dumps({"text": "# " + p}) + "\n" + ("\n" if i % 5 == 0 else "")
+                                for i, p in enumerate(pages)))
+    cfg = load_config(None, {"input": {"doc_separator": "^# "}, "length": {"min_chars": 40}, "shard_docs": 9,
+                             "rejected_samples": 5})
+    curate([path], tmp_path / "w1", cfg, workers=1)
+    monkeypatch.setattr(pipeline, "_PART_BYTES", 1500)
+    tasks = list(pipeline._tasks(DocumentReader([path], cfg.input), 256, 1 << 30, 1500))
+    assert len(tasks) > 5 and all(isinstance(t, FilePart) and t.first_line for t in tasks)
+    for w in (2, 3):
+        curate([path], tmp_path / f"w{w}", cfg, workers=w)
+        assert _files(tmp_path / f"w{w}") == _files(tmp_path / "w1"), w

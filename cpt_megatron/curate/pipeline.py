@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cpt_megatron.curate.config import CurateConfig, result_config
-from cpt_megatron.curate.readers import Doc, DocumentReader, Malformed
+from cpt_megatron.curate.readers import Doc, DocumentReader, FilePart, Malformed
 from cpt_megatron.curate.spill import Budget
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
@@ -37,6 +37,7 @@ _BATCH = 256
 _MAX_MALFORMED_LISTED = 100
 _REJECT_TEXT_CHARS = 4000
 _PAIR_BYTES = 160  # a batch's temporaries per candidate pair in NearDupIndex.check_batch (ids, Jaccard, orders)
+_PART_BYTES = 512 << 10  # bytes of a file a worker reads itself (-j 2+)
 _IO_CHUNK = 256 << 10  # serialized lines handed to the writer thread at once
 _IO_PENDING = 8  # chunks queued for it at most
 _CHECKED_BYTES = 8192  # per pair checked exactly: the kept set's mapped pages it reads (released per piece)
@@ -181,8 +182,10 @@ def _init_worker(cfg: CurateConfig, budget: Budget) -> None:
     _WORKER = _Worker(cfg, budget)
 
 
-def _run_batch(records: list) -> list:
-    return _WORKER.run(records)
+def _run_task(task) -> tuple[int, list]:
+    """(records read, per-record results) of a list of records, or of a `FilePart` read here."""
+    records = list(DocumentReader([task], _WORKER.cfg.input)) if isinstance(task, FilePart) else task
+    return len(records), _WORKER.run(records)
 
 
 def _batches(reader, size: int, max_chars: int = 1 << 62):
@@ -199,12 +202,35 @@ def _batches(reader, size: int, max_chars: int = 1 << 62):
         yield batch
 
 
-def _ordered_map(records_iter, cfg: CurateConfig, workers: int, budget: Budget | None = None):
-    """Yield per-batch results in input order, with at most 2*workers batches in flight."""
+def _tasks(reader: DocumentReader, size: int, max_chars: int, part_bytes: int):
+    """Worker tasks in input order: `FilePart`s of the files a worker reads itself (uncompressed JSONL,
+    plain text with a separator: the parent only finds line ends and counts lines) and batches of the
+    records the parent reads (the rest)."""
+    batch, chars = [], 0
+    for u in reader.units(part_bytes):
+        if isinstance(u, FilePart):
+            if batch:
+                yield batch
+                batch, chars = [], 0
+            yield u
+            continue
+        batch.append(u)
+        chars += len(u.text) if isinstance(u, Doc) else 0
+        if len(batch) >= size or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _ordered_map(tasks, cfg: CurateConfig, workers: int, budget: Budget | None = None):
+    """Yield (records read, results) per task (a batch of records or a `FilePart`) in input order, with
+    at most 2*workers tasks in flight."""
     budget = budget or Budget.of(None)
     if workers <= 1:
         w = _Worker(cfg, budget)
-        for b in records_iter:
+        for b in tasks:
+            b = list(DocumentReader([b], cfg.input)) if isinstance(b, FilePart) else b
             yield len(b), w.run(b)
         return
     import multiprocessing as mp
@@ -212,14 +238,12 @@ def _ordered_map(records_iter, cfg: CurateConfig, workers: int, budget: Budget |
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, budget)) as pool:
         pending: collections.deque = collections.deque()
-        for b in records_iter:
-            pending.append((len(b), pool.submit(_run_batch, b)))
+        for t in tasks:
+            pending.append(pool.submit(_run_task, t))
             if len(pending) >= 2 * workers:
-                n, f = pending.popleft()
-                yield n, f.result()
+                yield pending.popleft().result()
         while pending:
-            n, f = pending.popleft()
-            yield n, f.result()
+            yield pending.popleft().result()
 
 
 class _IoThread:
@@ -575,7 +599,9 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
     budget = Budget.of(cfg.memory_mb, workers)
     acc = _Accounts(tmp, cfg, dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out, budget))
     if batches is None:
-        batches = _ordered_map(_batches(reader, _BATCH, budget.batch_bytes), cfg, workers, budget)
+        tasks = _batches(reader, _BATCH, budget.batch_bytes) if workers <= 1 else \
+            _tasks(reader, _BATCH, budget.batch_bytes, min(budget.batch_bytes, _PART_BYTES))
+        batches = _ordered_map(tasks, cfg, workers, budget)
     bar = None
     if progress:
         from tqdm import tqdm
