@@ -704,15 +704,18 @@ class NearDupIndex:
         return SetTable(self._sigs.view(), st.values(), st.offsets_array(), self._ranges.view(), fine)
 
     def check_batch(self, keys: list[str], sigs: np.ndarray, values: np.ndarray | None = None,
-                    offsets: np.ndarray | None = None) -> list[tuple[str | None, float]]:
-        """keys[j], sigs[j] (and with `decide: exact` the set values[offsets[j]:offsets[j+1]]) per document."""
+                    offsets: np.ndarray | None = None, ranges: np.ndarray | None = None,
+                    fine: np.ndarray | None = None) -> list[tuple[str | None, float]]:
+        """keys[j], sigs[j] (and with `decide: exact` the set values[offsets[j]:offsets[j+1]]) per document;
+        `hash_ranges` and `fine_sketches` of the sets when the caller has them (computed here if not)."""
         b, n, t = len(keys), len(self._keys), self.cfg.threshold
         if b == 0:
             return []
         sigs = np.asarray(sigs, np.uint32).reshape(b, -1)
         bk = band_keys(sigs, self.bands, self.rows)
         batch = SetTable(sigs) if values is None else \
-            SetTable(sigs, values, offsets, hash_ranges(values, offsets), fine_sketches(values, offsets))
+            SetTable(sigs, values, offsets, hash_ranges(values, offsets) if ranges is None else ranges,
+                     fine_sketches(values, offsets) if fine is None else fine)
         oj, oc = _unique_pairs(*self.lsh.query(bk))  # with kept rows before the batch
         wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # with earlier batch docs
         js_o, ch_o = pair_jaccard(self.cfg, oj, oc, batch, self._kept_table(), self._chunk)

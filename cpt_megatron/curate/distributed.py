@@ -130,7 +130,6 @@ def _columns(cfg: CurateConfig) -> dict[str, tuple[np.dtype, int]]:
 def _sketch(plan: _Plan, k: int, workers: int) -> None:
     """Task k of stage 1, streaming: each batch's results go to docs.pkl and its live documents' arrays are
     appended to the column files (memory: a few batches, whatever the shard's size)."""
-    from cpt_megatron.curate.dedup import fine_sketches, hash_ranges
     from cpt_megatron.curate.pipeline import _BATCH, _batches, _ordered_map
 
     cfg = plan.cfg
@@ -164,11 +163,11 @@ def _sketch(plan: _Plan, k: int, workers: int) -> None:
                         values = np.concatenate(sets).astype(np.uint64)
                         cols["values"].write(values.tobytes())
                         cols["offsets"].write((n_values + offsets[1:]).tobytes())
-                        cols["ranges"].write(hash_ranges(values, offsets).tobytes())
-                        cols["fine"].write(fine_sketches(values, offsets).tobytes())
+                        cols["ranges"].write(np.stack([o.ranges for o in live]).astype(np.int32).tobytes())
+                        cols["fine"].write(np.stack([o.fine for o in live]).astype(np.uint32).tobytes())
                         n_values += len(values)
                     for o in live:
-                        o.sig = o.shingles = None
+                        o.sig = o.shingles = o.ranges = o.fine = None
                     pickle.dump((n_batch, results), f, protocol=pickle.HIGHEST_PROTOCOL)
         finally:
             for c in cols.values():

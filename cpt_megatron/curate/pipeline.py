@@ -60,6 +60,9 @@ class _Out:
     exact: bytes | None = None
     sig: object = None
     shingles: object = None  # sorted unique uint64 shingle hashes (decide: exact)
+    ranges: object = None  # dedup.hash_ranges / fine_sketches rows of the shingle set (decide: exact)
+    fine: object = None
+    line: bytes | None = None  # the output JSONL line, serialized in the worker (when nothing later changes it)
     pii_text: str | None = None
     pii: Counter | None = None
     uid: int | None = None  # the distributed executor's id of a live document (curate/distributed.py)
@@ -127,12 +130,20 @@ class _Worker:
             out.append(o)
         if self.hasher is not None:
             live = [o for o in out if isinstance(o, _Out) and o.removed is None]
+            from cpt_megatron.curate.dedup import fine_sketches, hash_ranges
+
             values, offsets = self._hash_sets([o.text for o in live])
             exact = self.cfg.minhash_dedup.decide == "exact"
+            if exact:
+                ranges, fine = hash_ranges(values, offsets), fine_sketches(values, offsets)
             for k, (o, sig) in enumerate(zip(live, self.hasher.signatures(values, offsets))):
                 o.sig = sig
                 if exact:
-                    o.shingles = values[offsets[k] : offsets[k + 1]]
+                    o.shingles, o.ranges, o.fine = values[offsets[k] : offsets[k + 1]], ranges[k], fine[k]
+        if "perplexity" not in st:  # the output record is final: serialize it here, not in the parent
+            for o in out:
+                if isinstance(o, _Out) and o.removed is None:
+                    o.line = _line(_record(o, st))
         return out
 
     def _hash_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -246,6 +257,23 @@ def _ordered_map(tasks, cfg: CurateConfig, workers: int, budget: Budget | None =
             yield pending.popleft().result()
 
 
+def _record(o: _Out, stages, ppl: float | None = None) -> dict:
+    """The output record of a kept document."""
+    rec = {"id": o.id, "source": o.source, "position": o.position}
+    if "pii" in stages and o.pii:
+        rec["pii"] = dict(sorted(o.pii.items()))
+    rec["text"] = o.pii_text if "pii" in stages else o.text
+    if o.lang:
+        rec.update({k: o.lang[k] for k in ("lang", "script", "lang_score")})
+    if ppl is not None:
+        rec["perplexity"] = ppl
+    return rec
+
+
+def _line(rec: dict) -> bytes:
+    return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 class _IoThread:
     """One background thread that runs file work (gzip compression and writes) in submission order, off
     the accounting loop's critical path (zlib and file writes release the GIL). At most `_IO_PENDING`
@@ -284,7 +312,8 @@ class _ShardWriter:
         self._buf: list[bytes] = []
         self._buf_bytes = 0
 
-    def write(self, obj: dict) -> None:
+    def write(self, obj: dict | bytes) -> None:
+        """One record (a dict, or its line from `_line`)."""
         if not self.files or self.n_in_shard >= self.shard_docs:
             self.close()
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -292,7 +321,7 @@ class _ShardWriter:
             self._run(self._open, path)
             self.files.append(str(path))
             self.n_in_shard = 0
-        line = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+        line = obj if isinstance(obj, bytes) else _line(obj)
         self._buf.append(line)
         self._buf_bytes += len(line)
         self.n_in_shard += 1
@@ -423,10 +452,12 @@ class _LocalDedup:
     def _near_dups(self, outs: list[_Out]) -> list[tuple[str | None, float]]:
         sigs = np.stack([o.sig for o in outs])
         values = offsets = None
+        ranges = fine = None
         if self.near.cfg.decide == "exact":
             values = np.concatenate([o.shingles for o in outs])
             offsets = np.concatenate([[0], np.cumsum([len(o.shingles) for o in outs])]).astype(np.int64)
-        return self.near.check_batch([f"{o.source}:{o.position}" for o in outs], sigs, values, offsets)
+            ranges, fine = np.stack([o.ranges for o in outs]), np.stack([o.fine for o in outs])
+        return self.near.check_batch([f"{o.source}:{o.position}" for o in outs], sigs, values, offsets, ranges, fine)
 
     def close(self) -> None:
         if self.near is not None:
@@ -528,24 +559,14 @@ class _Accounts:
             if why:
                 self.reject(o, "perplexity", why, {"perplexity": ppl})
                 return
-        rec = {"id": o.id, "source": o.source, "position": o.position}
-        text = o.text
         if "pii" in self.stages:
-            text = o.pii_text
-            self.stats["pii"].add(len(o.text), len(text), None)
+            self.stats["pii"].add(len(o.text), len(o.pii_text), None)
             self.pii.update(o.pii)
-            if o.pii:
-                rec["pii"] = dict(sorted(o.pii.items()))
-        rec["text"] = text
-        if o.lang:
-            rec.update({k: o.lang[k] for k in ("lang", "script", "lang_score")})
-        if ppl is not None:
-            rec["perplexity"] = ppl
         if o.route:
             self.routes[o.route] += 1
             if o.route not in self.writers:
                 self.writers[o.route] = _ShardWriter(self.tmp / "routes" / o.route, self.cfg.shard_docs, io=self.io)
-        self.writers[o.route].write(rec)
+        self.writers[o.route].write(o.line if o.line is not None else _record(o, self.stages, ppl))
         self.n_kept += 1
 
     def flush_ppl(self) -> None:
