@@ -5,17 +5,18 @@ folder appears by one rename when it is complete, so re-running a stage skips th
 
 1. ``sketch`` (N tasks): task k reads shard k of the inputs (a contiguous run of input files, balanced
    by bytes), runs the per-document stages (`pipeline._Worker`: normalize, filters, exact keys, shingle
-   hashes + sketches, PII) and writes the results, the live documents' sketches, shingle sets and exact
-   keys. Memory: one shard's sketches and sets.
+   hashes + sketches, PII) and appends the results, the live documents' sketches, shingle sets and exact
+   keys to its files a batch at a time. Memory: a few batches.
 2. ``buckets`` (N tasks): task p owns the exact keys and LSH band values that hash to p. It groups them
    across all shards: every exact key's first occurrence survives; every pair of documents sharing a
    band is a candidate, and the pair's Jaccard is computed here with `dedup.pair_jaccard` (it
-   depends only on the two documents, not on what was kept before). Memory: 1/N of the band table.
+   depends only on the two documents, not on what was kept before), in chunks of later documents
+   appended to per-shard pair files. Memory: 1/N of the band entries plus one chunk of pairs.
 3. ``write`` (1 task): replays the shards in input order through the one-process accounting loop
    (`pipeline._run`) with the decisions read from stage 2: a document is a near-duplicate iff an
    earlier KEPT document is a candidate of it at Jaccard >= threshold, exactly as `NearDupIndex`
    decides, so the kept documents, the shards and report.json are byte-identical to `curate` (only
-   elapsed_s differs) for any N. Memory: one shard's candidate pairs plus one bit per live document.
+   elapsed_s differs) for any N. Memory: one bit per live document (the pairs are memory-mapped).
 
 Shards are runs of input files; an uncompressed JSONL or plain-text file (split by `input.doc_separator`)
 bigger than one shard's share is cut into byte ranges (`readers.FilePart`: the records that start in

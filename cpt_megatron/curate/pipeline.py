@@ -1,9 +1,11 @@
 """The curation pipeline: read -> per-document stages (worker processes) -> dedup (in order) -> write.
 
-Per-document work (normalize, langid, length, quality, hashing + MinHash signatures, PII) runs in
-`workers` processes over batches; the decisions that need global state (exact and near-duplicate) are
-made in the parent in input order, so the output is byte-identical for any worker count. At most
-`2 * workers` batches are in flight: memory stays bounded however large the input.
+Per-document work (normalize, langid, length, quality, hashing + MinHash signatures, PII, the output
+line) runs in `workers` processes over tasks: byte ranges of the files a worker can read itself, else
+batches of records read here; the decisions that need global state (exact and near-duplicate) are made
+in the parent in input order and a writer thread gzips the shards, so the output is byte-identical for
+any worker count. At most `2 * workers` tasks are in flight, and the batch, hashing and near-dup index
+sizes come from `memory_mb` (`spill.Budget`): memory stays bounded however large the input.
 
 Accounting: every record read is a kept document, a document removed by exactly one stage, or a
 malformed record (with file:line) -- `kept + sum(removed) + malformed == read` is checked at the end.
