@@ -131,7 +131,7 @@ def _columns(cfg: CurateConfig) -> dict[str, tuple[np.dtype, int]]:
 def _sketch(plan: _Plan, k: int, workers: int) -> None:
     """Task k of stage 1, streaming: each batch's results go to docs.pkl and its live documents' arrays are
     appended to the column files (memory: a few batches, whatever the shard's size)."""
-    from cpt_megatron.curate.pipeline import _BATCH, _batches, _ordered_map
+    from cpt_megatron.curate.pipeline import _BATCH, _PART_BYTES, _batches, _ordered_map, _tasks
 
     cfg = plan.cfg
     exact_sets = cfg.minhash_dedup.decide == "exact"
@@ -142,10 +142,13 @@ def _sketch(plan: _Plan, k: int, workers: int) -> None:
         cols["key_offsets"].write(np.zeros(1, np.int64).tobytes())
         try:
             with open(tmp / "docs.pkl", "wb") as f, open(tmp / "keys.bin", "wb") as keys_bin:
-                reader = DocumentReader(plan.files[k], cfg.input) if plan.files[k] else []
                 budget = Budget.of(cfg.memory_mb, workers)
-                for n_batch, results in _ordered_map(_batches(reader, _BATCH, budget.batch_bytes), cfg, workers,
-                                                     budget):
+                tasks = []
+                if plan.files[k]:
+                    reader = DocumentReader(plan.files[k], cfg.input)
+                    tasks = _batches(reader, _BATCH, budget.batch_bytes) if workers <= 1 else \
+                        _tasks(reader, _BATCH, budget.batch_bytes, min(budget.batch_bytes, _PART_BYTES))
+                for n_batch, results in _ordered_map(tasks, cfg, workers, budget):
                     live = [o for o in results if not isinstance(o, Malformed) and o.removed is None]
                     for i, o in enumerate(live):
                         o.uid = (k << _SHARD_BITS) | (n_live + i)
