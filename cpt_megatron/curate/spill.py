@@ -46,7 +46,7 @@ class Budget:
     work: what the run may hold beyond the interpreter and libraries (the budget minus the RSS when the
     run starts, at least 16 MiB). Of it: text hashed in one numpy pass (`hash_bytes`; the pass and its
     cached power tables need ~70 bytes per text byte), text per batch sent to a worker (`batch_bytes`, 2 x workers batches in
-    flight), and the near-dup index's resident share (`index_bytes`: above it the mapped pages are
+    flight, each ~6x its text once hashed and sketched: short documents carry 2.5 KB of sketches), and the near-dup index's resident share (`index_bytes`: above it the mapped pages are
     released after every batch; its band table's recent runs are merged into the spilled main run)."""
 
     memory_mb: float | None
@@ -63,7 +63,7 @@ class Budget:
         work = max(int((memory_mb - rss_mib()) * _MIB), 16 * _MIB)
         clamp = lambda v, lo, hi: int(min(max(v, lo), hi))  # noqa: E731
         return cls(memory_mb, work, clamp(work // 256, 32 << 10, 8 * _MIB),
-                   clamp(work // (16 * max(workers, 1)), 256 << 10, 64 * _MIB), clamp(work // 8, 2 * _MIB, 1 << 40))
+                   clamp(work // (64 * max(workers, 1)), 64 << 10, 64 * _MIB), clamp(work // 8, 2 * _MIB, 1 << 40))
 
 
 class SpillArray:
