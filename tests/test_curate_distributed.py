@@ -126,6 +126,22 @@ def test_one_big_jsonl_file_is_split_by_byte_range_and_equals_one_process(corpus
     assert ref.read == _report(out)["read"] and any(":" in json.loads(x)["id"] for x in _kept(out).splitlines())
 
 
+def test_buckets_in_one_pair_chunks_equal_one_process(corpus, tmp_path, monkeypatch):
+    """The buckets stage makes and decides its pairs in chunks of later documents (bounded memory) and
+    appends them to the pair files: with one document's pairs per chunk the output is still the same."""
+    import cpt_megatron.curate.distributed as dist
+
+    root, inputs, ref = corpus
+    import cpt_megatron.curate.dedup as dedup
+
+    calls, real = [], dedup._unique_pairs
+    monkeypatch.setattr(dedup, "_unique_pairs", lambda *a: calls.append(len(a[0])) or real(*a))
+    monkeypatch.setattr(dist, "_PAIR_TEMP_BYTES", 1 << 50)
+    run_stage(inputs, tmp_path / "out", _cfg(), 3)
+    assert len(calls) > 50  # one chunk per later document (3 without the patch: one per task)
+    assert _kept(tmp_path / "out") == _kept(ref) and _report(tmp_path / "out") == _report(ref)
+
+
 def test_shards_are_contiguous_and_balanced(tmp_path):
     files = []
     for i, n in enumerate([10, 10, 10, 10, 40]):

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", "-c", help="YAML recipe (see recipes/curate/)")
     p.add_argument("--stages", help="comma list of stages to run (default: the recipe's, else all but langid/perplexity)")
     p.add_argument("--workers", "-j", type=positive_int, default=1, help="processes for per-document stages (output is identical for any N)")
+    p.add_argument("--memory-mb", type=float, help="peak resident memory per process in MiB (default: the recipe's "
+                   "memory_mb, 80; 0 = unbounded): batches, hashing and the near-dup index are sized to it, outputs unchanged")
     p.add_argument("--lsh", help="redis://host:port[/db][?basename=NAME] for a Redis-backed LSH index (default: in memory)")
     p.add_argument("--doc-separator", help="regex matching the first line of each document in plain-text inputs, e.g. '^# ' "
                    "(without it each text file is one document)")
@@ -49,6 +51,8 @@ def run(args) -> dict:
         overrides["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
     if args.lsh:
         overrides["lsh"] = args.lsh
+    if args.memory_mb is not None:
+        overrides["memory_mb"] = args.memory_mb or None
     if args.doc_separator:
         overrides.setdefault("input", {})["doc_separator"] = args.doc_separator
     if args.text_field:

@@ -26,6 +26,7 @@ __all__ = [
     "PerplexityConfig",
     "PiiConfig",
     "load_config",
+    "result_config",
 ]
 
 # The order data flows through; `--stages` picks a subset, the order stays this one.
@@ -248,6 +249,11 @@ class CurateConfig:
     """Rejected documents written per stage to rejected/<stage>.jsonl.gz."""
     lsh: str | None = None
     """None: in-memory LSH. `redis://host:port[/db][?basename=NAME]`: the band keys in Redis lists."""
+    memory_mb: float | None = 80
+    """Peak resident memory (MiB) each process aims at (`--memory-mb`; None: unbounded): text is hashed and
+    batched in pieces sized from it, and the near-dup index's kept documents (sets, sketches, band table)
+    live in memory-mapped temp files whose pages are released after each batch above its share
+    (curate/spill.py). The interpreter and libraries take ~40 MiB of it; outputs are identical for any value."""
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -258,8 +264,19 @@ class CurateConfig:
             raise CptError("stage perplexity needs perplexity.model (an HF causal-LM directory or .gguf file)")
         if self.shard_docs < 1:
             raise CptError(f"shard_docs={self.shard_docs} must be >= 1")
+        if self.memory_mb is not None and not self.memory_mb >= 48:
+            raise CptError(f"memory_mb={self.memory_mb}: give at least 48 (MiB per process; the interpreter and "
+                           "libraries take ~40), or null for unbounded")
         if self.lsh is not None and not self.lsh.startswith("redis://"):
             raise CptError(f"lsh={self.lsh!r}: expected redis://host:port (or leave unset for in-memory)")
+
+
+def result_config(cfg: CurateConfig) -> dict:
+    """The config as report.json records it: the fields that can change a result (not `memory_mb`, which,
+    like the worker count, only changes how the run gets there)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("memory_mb")
+    return d
 
 
 _SECTION_CLASSES = {

@@ -25,12 +25,9 @@ memory-mapped files).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import itertools
-import os
-import tempfile
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlparse
 
@@ -362,48 +359,41 @@ class MinHasher:
 
 
 class ShingleStore:
-    """Append-only store of uint64 sets in a memory-mapped temp file (capacity doubles as it grows, so
-    it is remapped O(log n) times): resident memory is the page cache's business, not the process's."""
+    """Append-only store of uint64 sets: values and offsets in `spill.SpillArray`s (nameless memory-mapped
+    temp files): resident memory is the page cache's business, not the process's (`release()`)."""
 
     def __init__(self, folder: str | None = None, capacity: int = 1 << 20):
-        fd, path = tempfile.mkstemp(prefix="cpt-shingles-", suffix=".u64", dir=folder)
-        self._file = os.fdopen(fd, "r+b")
-        os.unlink(path)  # nameless from the start: nothing is left behind, even by a killed process
-        self._n = 0  # uint64 values written
-        self._cap = 0
-        self._arr = np.zeros(0, np.uint64)
-        self._grow(capacity)
-        self._off = np.zeros(1024, np.int64)  # set i is values()[off[i]:off[i+1]]
-        self.count = 0
+        from cpt_megatron.curate.spill import SpillArray
 
-    def _grow(self, need: int) -> None:
-        cap = max(need, 2 * self._cap)
-        self._arr = np.zeros(0, np.uint64)  # drop the old mapping before resizing the file
-        self._file.truncate(8 * cap)
-        self._arr = np.asarray(np.memmap(self._file, dtype=np.uint64, mode="r+", shape=(cap,)))
-        self._cap = cap
+        self._vals = SpillArray(np.uint64, 1, folder, capacity)
+        self._offs = SpillArray(np.int64, 1, folder)
+        self._offs.append(np.zeros(1, np.int64))
+        self.count = 0
 
     def add_many(self, values: np.ndarray, lens: np.ndarray) -> None:
         """Append len(lens) sets: values holds them back to back."""
-        k, m = len(values), len(lens)
-        if self._n + k > self._cap:
-            self._grow(self._n + k)
-        self._arr[self._n : self._n + k] = values
-        while self.count + m >= len(self._off):
-            self._off = np.concatenate([self._off, np.zeros_like(self._off)])
-        self._off[self.count + 1 : self.count + m + 1] = self._n + np.cumsum(lens)
-        self._n += k
-        self.count += m
+        n = len(self._vals)
+        self._vals.append(values)
+        self._offs.append(n + np.cumsum(lens, dtype=np.int64))
+        self.count += len(lens)
 
     def offsets_array(self) -> np.ndarray:
-        return self._off[: self.count + 1]
+        return self._offs.view()
 
     def values(self) -> np.ndarray:
-        return self._arr[: self._n]
+        return self._vals.view()
+
+    @property
+    def nbytes(self) -> int:
+        return self._vals.nbytes + self._offs.nbytes
+
+    def release(self) -> None:
+        self._vals.release()
+        self._offs.release()
 
     def close(self) -> None:
-        self._arr = np.zeros(0, np.uint64)
-        self._file.close()
+        self._vals.close()
+        self._offs.close()
 
 
 def _redis_conn(url: str) -> dict:
@@ -669,28 +659,6 @@ def _unique_pairs(pj: np.ndarray, pi: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pj[first], pi[first]
 
 
-class _Bands:
-    """In-memory LSH: one dict from a band key (`band_keys`) to the rows that have it."""
-
-    def __init__(self):
-        self.table: collections.defaultdict[int, list[int]] = collections.defaultdict(list)
-
-    def query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(document index, row) for every row sharing a key with keys[document] (repeats possible)."""
-        hits = list(map(self.table.get, keys.ravel().tolist()))
-        lens = np.fromiter((len(h) if h else 0 for h in hits), np.int64, len(hits))
-        rows = np.fromiter(itertools.chain.from_iterable(h for h in hits if h), np.int64, int(lens.sum()))
-        return np.repeat(np.arange(len(hits)) // max(keys.shape[1], 1), lens), rows
-
-    def insert(self, rows: np.ndarray, keys: np.ndarray) -> None:
-        t = self.table
-        for k, r in zip(keys.ravel().tolist(), np.repeat(rows, keys.shape[1]).tolist()):
-            t[k].append(r)
-
-    def close(self) -> None:
-        pass
-
-
 class _RedisBands:
     """The same table on Redis (one list per band key, `BASENAME:KEY`), read and written in pipelines:
     several processes or a restarted one see one index, and the decisions equal the in-memory ones."""
@@ -746,42 +714,64 @@ class NearDupIndex:
     """
 
     def __init__(self, cfg: MinHashConfig, lsh_url: str | None = None, basename: str = "cpt_curate",
-                 workdir: str | None = None):
+                 workdir: str | None = None, resident_bytes: int | None = None):
+        from cpt_megatron.curate.spill import SortedBands, SpillArray, SpillBytes
+
         self.cfg = cfg
         self.bands, self.rows = lsh_params(cfg.threshold, cfg.num_perm)
         self.prefix = PrefixIndex(cfg.threshold) if uses_prefix(cfg, lsh_url) else None
         self.stats = NearDupStats(cfg, self.bands, self.rows, "prefix" if self.prefix is not None else "bands")
-        self.lsh = None if self.prefix is not None else _RedisBands(lsh_url, basename) if lsh_url else _Bands()
-        self._keys: list[str] = []
+        # the kept documents' state lives in nameless memory-mapped files (spill.py); above
+        # `resident_bytes` (None: never) their mapped pages are released after every batch
+        self.resident_bytes = resident_bytes
+        # pairs pre-filtered at once: their gathered sketches (2 KiB a side with 512 bins) in ~1/16 of it
+        self._chunk = 1 << 16 if resident_bytes is None else int(np.clip(resident_bytes // (16 << 10), 256, 1 << 16))
+        self.lsh = None if self.prefix is not None else _RedisBands(lsh_url, basename) if lsh_url else \
+            SortedBands(workdir, (resident_bytes or 32 << 20) // 4)
+        self._keys = SpillBytes(workdir)
         # `prefix` decides on the exact Jaccard alone (its candidates are few: the sketch pre-filters cost
         # more than they save), so it keeps no sketches of the kept documents
         self._filters = self.prefix is None
         self._pair_cfg = cfg if self._filters else dataclasses.replace(cfg, prefilter_sigmas=None)
-        self._sigs = np.zeros((1024 if self._filters else 0, cfg.num_perm), np.uint32)
-        self._ranges = np.zeros((1024 if self._filters else 0, (1 << _RANGE_BITS) + 1), np.int32)
+        self._sigs = SpillArray(np.uint32, cfg.num_perm, workdir)
+        self._ranges = SpillArray(np.int32, (1 << _RANGE_BITS) + 1, workdir)
         self._store = ShingleStore(workdir) if cfg.decide == "exact" else None
         # FINE_BINS/2 uint64 per doc
         self._fine = ShingleStore(workdir) if cfg.decide == "exact" and self._filters else None
 
+    def _spills(self) -> list:
+        return [s for s in (self.lsh, self._keys, self._sigs, self._ranges, self._store, self._fine)
+                if hasattr(s, "release")]
+
+    def _key(self, i: int) -> str:
+        return self._keys[i].decode("utf-8", "surrogatepass")
+
     def _kept_table(self) -> SetTable:
-        n, st = len(self._keys), self._store
+        st = self._store
         if st is None:
-            return SetTable(self._sigs[:n])
+            return SetTable(self._sigs.view())
         if not self._filters:
-            return SetTable(self._sigs, st.values(), st.offsets_array())
+            return SetTable(self._sigs.view(), st.values(), st.offsets_array())
         fine = self._fine.values().view(np.uint32).reshape(-1, FINE_BINS)
-        return SetTable(self._sigs[:n], st.values(), st.offsets_array(), self._ranges[:n], fine)
+        return SetTable(self._sigs.view(), st.values(), st.offsets_array(), self._ranges.view(), fine)
 
     def check_batch(self, keys: list[str], sigs: np.ndarray, values: np.ndarray | None = None,
-                    offsets: np.ndarray | None = None) -> list[tuple[str | None, float]]:
-        """keys[j], sigs[j] (and with `decide: exact` the set values[offsets[j]:offsets[j+1]]) per document."""
+                    offsets: np.ndarray | None = None, ranges: np.ndarray | None = None,
+                    fine: np.ndarray | None = None) -> list[tuple[str | None, float]]:
+        """keys[j], sigs[j] (and with `decide: exact` the set values[offsets[j]:offsets[j+1]]) per document;
+        `hash_ranges` and `fine_sketches` of the sets when the caller has them (computed here if not)."""
         b, n, t = len(keys), len(self._keys), self.cfg.threshold
         if b == 0:
             return []
         sigs = np.asarray(sigs, np.uint32)
         sigs = sigs.reshape(b, sigs.size // b)  # zero-width with `MinHasher(sketch=False)`
-        batch = SetTable(sigs) if values is None else SetTable(sigs, values, offsets) if not self._filters else \
-            SetTable(sigs, values, offsets, hash_ranges(values, offsets), fine_sketches(values, offsets))
+        if values is None:
+            batch = SetTable(sigs)
+        elif not self._filters:
+            batch = SetTable(sigs, values, offsets)
+        else:
+            batch = SetTable(sigs, values, offsets, hash_ranges(values, offsets) if ranges is None else ranges,
+                             fine_sketches(values, offsets) if fine is None else fine)
         if self.prefix is not None:
             bk = None
             oj, oc, wj, wi = self.prefix.candidates(batch.values, batch.offsets)
@@ -789,8 +779,8 @@ class NearDupIndex:
             bk = band_keys(sigs, self.bands, self.rows)
             oj, oc = _unique_pairs(*self.lsh.query(bk))  # with kept rows before the batch
             wj, wi = same_key_pairs(bk.ravel(), np.repeat(np.arange(b), self.bands))  # with earlier batch docs
-        js_o, ch_o = pair_jaccard(self._pair_cfg, oj, oc, batch, self._kept_table())
-        js_w, ch_w = pair_jaccard(self._pair_cfg, wj, wi, batch, batch)
+        js_o, ch_o = pair_jaccard(self._pair_cfg, oj, oc, batch, self._kept_table(), self._chunk)
+        js_w, ch_w = pair_jaccard(self._pair_cfg, wj, wi, batch, batch, self._chunk)
         pj, pc = np.concatenate([oj, wj]), np.concatenate([oc, wi + n])  # c >= n: batch document c - n
         js, checked = np.concatenate([js_o, js_w]), np.concatenate([ch_o, ch_w])
         ok = js >= t
@@ -810,23 +800,23 @@ class NearDupIndex:
         self.stats.add_batch(np.bincount(pj, minlength=b), np.bincount(pj[checked], minlength=b),
                              np.bincount(pj[ok], minlength=b), best_j[~kept])
         out = [(None, float(best_j[j])) if kept[j] else
-               (self._keys[c] if (c := int(best_c[j])) < n else keys[c - n], float(best_j[j])) for j in range(b)]
+               (self._key(c) if (c := int(best_c[j])) < n else keys[c - n], float(best_j[j])) for j in range(b)]
         self._add(keys, bk, kept, batch)
+        if self.resident_bytes is not None and sum(s.nbytes for s in self._spills()) > self.resident_bytes:
+            for s in self._spills():
+                s.release()
         return out
 
     def _add(self, keys: list[str], bk: np.ndarray, kept: np.ndarray, batch: SetTable) -> None:
         n, idx = len(self._keys), np.flatnonzero(kept)
         if self._filters:
-            while n + len(idx) > len(self._sigs):
-                self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-                self._ranges = np.concatenate([self._ranges, np.zeros_like(self._ranges)])
-            self._sigs[n : n + len(idx)] = batch.sigs[idx]
-        self._keys.extend(keys[i] for i in idx.tolist())
+            self._sigs.append(batch.sigs[idx])
+        self._keys.extend([keys[i].encode("utf-8", "surrogatepass") for i in idx.tolist()])
         if self._store is not None:
             lens = batch.lens(idx)
             self._store.add_many(gather_runs(batch.values, batch.offsets[idx], lens), lens)
         if self._fine is not None:
-            self._ranges[n : n + len(idx)] = batch.ranges[idx]
+            self._ranges.append(batch.ranges[idx])
             self._fine.add_many(np.ascontiguousarray(batch.fine[idx]).view(np.uint64).reshape(-1),
                                 np.full(len(idx), FINE_BINS // 2, np.int64))
         if self.prefix is not None:
@@ -835,9 +825,8 @@ class NearDupIndex:
             self.lsh.insert(np.arange(n, n + len(idx)), bk[idx])
 
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-        if self._fine is not None:
-            self._fine.close()
+        for s in (self._store, self._fine, self._keys, self._sigs, self._ranges):
+            if s is not None:
+                s.close()
         if self.lsh is not None:
             self.lsh.close()

@@ -5,28 +5,30 @@ folder appears by one rename when it is complete, so re-running a stage skips th
 
 1. ``sketch`` (N tasks): task k reads shard k of the inputs (a contiguous run of input files, balanced
    by bytes), runs the per-document stages (`pipeline._Worker`: normalize, filters, exact keys, shingle
-   hashes + sketches, PII) and writes the results, the live documents' sketches, shingle sets and exact
-   keys. Memory: one shard's sketches and sets.
+   hashes + sketches, PII) and appends the results, the live documents' sketches, shingle sets and exact
+   keys to its files a batch at a time. Memory: a few batches.
 2. ``buckets`` (N tasks): task p owns the exact keys and LSH band values that hash to p. It groups them
    across all shards: every exact key's first occurrence survives; every pair of documents sharing a
    band is a candidate, and the pair's Jaccard is computed here with `dedup.pair_jaccard` (it
-   depends only on the two documents, not on what was kept before). Memory: 1/N of the band table.
+   depends only on the two documents, not on what was kept before), in chunks of later documents
+   appended to per-shard pair files. Memory: 1/N of the band entries plus one chunk of pairs.
 3. ``write`` (1 task): replays the shards in input order through the one-process accounting loop
    (`pipeline._run`) with the decisions read from stage 2: a document is a near-duplicate iff an
    earlier KEPT document is a candidate of it at Jaccard >= threshold, exactly as `NearDupIndex`
    decides, so the kept documents, the shards and report.json are byte-identical to `curate` (only
-   elapsed_s differs) for any N. Memory: one shard's candidate pairs plus one bit per live document.
+   elapsed_s differs) for any N. Memory: one bit per live document (the pairs are memory-mapped).
 
-Shards are runs of input files; an uncompressed JSONL file bigger than one shard's share is cut into
-byte ranges (`readers.FilePart`, whole lines each, the file's own line numbers), so one big file spreads
-over every task. Compressed, Parquet and plain-text files are not split.
+Shards are runs of input files; an uncompressed JSONL or plain-text file (split by `input.doc_separator`)
+bigger than one shard's share is cut into byte ranges (`readers.FilePart`: the records that start in
+each, the file's own line numbers), so one big file spreads over every task. Compressed, Parquet and
+whole-file plain-text inputs are not split.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import pickle
 import time
@@ -34,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt_megatron.curate.config import CurateConfig
+from cpt_megatron.curate.config import CurateConfig, result_config
 from cpt_megatron.curate.dedup import _splitmix64 as _mix
 from cpt_megatron.curate.dedup import uses_prefix
 from cpt_megatron.curate.readers import DocumentReader, FilePart, Malformed, splittable
+from cpt_megatron.curate.spill import Budget
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
 
@@ -53,17 +56,18 @@ def default_work_dir(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def shard_files(files: list[Path], shards: int) -> list[list[Path]]:
+def shard_files(files: list[Path], shards: int, separated: bool = False) -> list[list[Path]]:
     """Contiguous runs of `files` (their order kept), balanced by bytes: a file goes to the shard its
-    middle byte falls in. An uncompressed JSONL file larger than one shard's share is first cut into
-    byte ranges of about that share (`readers.FilePart`: each range holds the lines starting in it), so
-    one big file still spreads over every task. Other shards are empty when there are fewer files."""
+    middle byte falls in. An uncompressed JSONL file (or, with `separated`, plain-text file) larger than
+    one shard's share is first cut into byte ranges of about that share (`readers.FilePart`: each range
+    holds the records starting in it), so one big file still spreads over every task. Other shards are
+    empty when there are fewer files."""
     total = sum(max(f.stat().st_size, 1) for f in files)
     share = -(-total // shards)
     parts: list = []
     for f in files:
         size = f.stat().st_size
-        if splittable(f) and size > share and shards > 1:
+        if splittable(f, separated) and size > share and shards > 1:
             cuts = list(range(0, size, share)) + [size]
             parts += [FilePart(f, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
         else:
@@ -87,8 +91,8 @@ class _Plan:
         self.cfg, self.shards, self.work = cfg, shards, Path(work)
         self.inputs = [str(p) for p in inputs]
         self.reader = DocumentReader(inputs, cfg.input)
-        self.files = shard_files(self.reader.files, shards)
-        blob = json.dumps({"config": dataclasses.asdict(cfg), "files": [str(f) for f in self.reader.files],
+        self.files = shard_files(self.reader.files, shards, cfg.input.doc_separator is not None)
+        blob = json.dumps({"config": result_config(cfg), "files": [str(f) for f in self.reader.files],
                            "shards": shards}, sort_keys=True, default=str)
         self.fingerprint = hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -113,75 +117,96 @@ class _Plan:
 
 
 # --- stage 1: per-shard documents, sketches, shingle sets, exact keys ----------------------------------
+_COLUMNS = ("sigs", "values", "offsets", "ranges", "fine", "exact", "key_offsets")
+
+
+def _columns(cfg: CurateConfig) -> dict[str, tuple[np.dtype, int]]:
+    """The sketch folder's arrays: name -> (dtype, values per row), raw in NAME.bin (appended per batch)."""
+    from cpt_megatron.curate.dedup import _RANGE_BITS, FINE_BINS
+
+    return {"sigs": (np.uint32, cfg.minhash_dedup.num_perm), "values": (np.uint64, 1), "offsets": (np.int64, 1),
+            "ranges": (np.int32, (1 << _RANGE_BITS) + 1), "fine": (np.uint32, FINE_BINS), "exact": (np.uint64, 2),
+            "key_offsets": (np.int64, 1)}
+
+
 def _sketch(plan: _Plan, k: int, workers: int) -> None:
-    from cpt_megatron.curate.pipeline import _BATCH, _batches, _ordered_map
+    """Task k of stage 1, streaming: each batch's results go to docs.pkl and its live documents' arrays are
+    appended to the column files (memory: a few batches, whatever the shard's size)."""
+    from cpt_megatron.curate.pipeline import _BATCH, _PART_BYTES, _batches, _ordered_map, _tasks
 
     cfg = plan.cfg
-    sigs, sets, lens, keys, ids = [], [], [], [], []
+    exact_sets = cfg.minhash_dedup.decide == "exact"
     with atomic_dir(plan.sketch_dir(k), overwrite=True) as tmp:
-        with open(tmp / "docs.pkl", "wb") as f:
-            if plan.files[k]:
-                reader = DocumentReader(plan.files[k], cfg.input)
-                for n_batch, results in _ordered_map(_batches(reader, _BATCH), cfg, workers):
-                    for o in results:
-                        if isinstance(o, Malformed) or o.removed is not None:
-                            continue
-                        o.uid = (k << _SHARD_BITS) | len(ids)
-                        ids.append(f"{o.source}:{o.position}")
-                        if o.exact is not None:
-                            keys.append(o.exact)
-                        if o.sig is not None:
-                            sigs.append(o.sig)
-                            o.sig = None
-                        if o.shingles is not None:
-                            sets.append(o.shingles)
-                            lens.append(len(o.shingles))
-                            o.shingles = None
+        cols = {n: open(tmp / f"{n}.bin", "wb") for n in _COLUMNS}
+        n_live = n_values = n_key_bytes = 0
+        cols["offsets"].write(np.zeros(1, np.int64).tobytes())
+        cols["key_offsets"].write(np.zeros(1, np.int64).tobytes())
+        try:
+            with open(tmp / "docs.pkl", "wb") as f, open(tmp / "keys.bin", "wb") as keys_bin:
+                budget = Budget.of(cfg.memory_mb, workers)
+                tasks = []
+                if plan.files[k]:
+                    reader = DocumentReader(plan.files[k], cfg.input)
+                    tasks = _batches(reader, _BATCH, budget.batch_bytes) if workers <= 1 else \
+                        _tasks(reader, _BATCH, budget.batch_bytes, min(budget.batch_bytes, _PART_BYTES))
+                for n_batch, results in _ordered_map(tasks, cfg, workers, budget):
+                    live = [o for o in results if not isinstance(o, Malformed) and o.removed is None]
+                    for i, o in enumerate(live):
+                        o.uid = (k << _SHARD_BITS) | (n_live + i)
+                    n_live += len(live)
+                    enc = [f"{o.source}:{o.position}".encode("utf-8", "surrogatepass") for o in live]
+                    keys_bin.write(b"".join(enc))  # dup_of keys, read back one at a time
+                    cols["key_offsets"].write((n_key_bytes + np.cumsum([len(b) for b in enc], dtype=np.int64)).tobytes())
+                    n_key_bytes += sum(map(len, enc))
+                    cols["exact"].write(b"".join(o.exact for o in live if o.exact is not None))
+                    sigs = [o.sig for o in live if o.sig is not None]
+                    if sigs:
+                        cols["sigs"].write(np.stack(sigs).astype(np.uint32).tobytes())
+                    if exact_sets and sigs:
+                        sets = [o.shingles for o in live]
+                        offsets = np.concatenate([[0], np.cumsum([len(x) for x in sets])]).astype(np.int64)
+                        values = np.concatenate(sets).astype(np.uint64)
+                        cols["values"].write(values.tobytes())
+                        cols["offsets"].write((n_values + offsets[1:]).tobytes())
+                        if live[0].ranges is not None:  # the band pairs' pre-filters (`buckets`); not with prefix
+                            cols["ranges"].write(np.stack([o.ranges for o in live]).astype(np.int32).tobytes())
+                            cols["fine"].write(np.stack([o.fine for o in live]).astype(np.uint32).tobytes())
+                        n_values += len(values)
+                    for o in live:
+                        o.sig = o.shingles = o.ranges = o.fine = None
                     pickle.dump((n_batch, results), f, protocol=pickle.HIGHEST_PROTOCOL)
-        p = cfg.minhash_dedup.num_perm
-        np.save(tmp / "sigs.npy", np.stack(sigs) if sigs else np.zeros((0, p), np.uint32))
-        values = np.concatenate(sets) if sets else np.zeros(0, np.uint64)
-        np.save(tmp / "values.npy", values)
-        offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int64)
-        np.save(tmp / "offsets.npy", offsets)
-        if sets and not uses_prefix(cfg.minhash_dedup):  # the band pairs' pre-filters (`buckets`)
-            from cpt_megatron.curate.dedup import fine_sketches, hash_ranges
-
-            np.save(tmp / "ranges.npy", hash_ranges(values, offsets))
-            np.save(tmp / "fine.npy", fine_sketches(values, offsets))
-        np.save(tmp / "exact.npy", np.frombuffer(b"".join(keys), np.uint64).reshape(-1, 2))
-        enc = [k.encode("utf-8", "surrogatepass") for k in ids]  # dup_of keys, read back one at a time
-        (tmp / "keys.bin").write_bytes(b"".join(enc))
-        np.save(tmp / "key_offsets.npy", np.concatenate([[0], np.cumsum([len(b) for b in enc], dtype=np.int64)])
-                .astype(np.int64))
-
-
-def _load(path: Path) -> np.ndarray:
-    """np.load memory-mapped (an empty array cannot be mapped: read it)."""
-    try:
-        return np.load(path, mmap_mode="r")
-    except ValueError:
-        return np.load(path)
+        finally:
+            for c in cols.values():
+                c.close()
 
 
 class _Shard:
-    """Read-only view of one sketch folder (arrays memory-mapped)."""
+    """Read-only view of one sketch folder (arrays memory-mapped; `release()` drops their resident pages)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.sigs, self.values, self.offsets, self.exact = (_load(folder / n) for n in (
-            "sigs.npy", "values.npy", "offsets.npy", "exact.npy"))
-
-        self.key_offsets = np.load(folder / "key_offsets.npy")
+    def __init__(self, folder: Path, cfg: CurateConfig):
+        self.folder, self._maps = folder, []
+        for name, (dtype, width) in _columns(cfg).items():
+            setattr(self, name, self._map(folder / f"{name}.bin", dtype, width))
         self.live = len(self.key_offsets) - 1
+
+    def _map(self, path: Path, dtype, width: int) -> np.ndarray:
+        size = path.stat().st_size
+        if size == 0:  # an empty file cannot be mapped
+            return np.zeros((0, width) if width > 1 else 0, dtype)
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        self._maps.append(mm)
+        a = np.frombuffer(mm, dtype)
+        return a.reshape(-1, width) if width > 1 else a
 
     def exact_filters(self) -> tuple[np.ndarray, np.ndarray]:
         """`dedup.hash_ranges` and `dedup.fine_sketches` of the shard's sets (saved by the sketch task)."""
-        from cpt_megatron.curate.dedup import fine_sketches, hash_ranges
+        return self.ranges, self.fine
 
-        r, f = self.folder / "ranges.npy", self.folder / "fine.npy"
-        return (_load(r) if r.exists() else hash_ranges(self.values, self.offsets),
-                _load(f) if f.exists() else fine_sketches(self.values, self.offsets))
+    def release(self) -> None:
+        for mm in self._maps:
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
 
     def key(self, i: int) -> str:
         """`source:position` of live document i (what `dup_of` names)."""
@@ -192,19 +217,29 @@ class _Shard:
 
 
 # --- stage 2: one partition of the exact keys and band values ------------------------------------------
+_PAIR_FILES = (("j", np.int64), ("i", np.int64), ("js", np.float64))  # pairs-SHARD.NAME.bin, sorted by (j, i)
+_PAIR_TEMP_BYTES = 96  # a chunk's temporaries per candidate pair (ids, orders, Jaccard)
+
+
 def _buckets(plan: _Plan, p: int) -> None:
+    """Task p of stage 2. The partition's band entries are grouped by key; the candidate pairs (j, i) are
+    made and decided in chunks of later documents j (all of a j's pairs in one chunk, so each chunk's
+    pairs are unique), each chunk small enough for the memory budget, and appended to the per-shard
+    pair files in (j, i) order: the task never holds more than one chunk of pairs."""
     from cpt_megatron.curate.dedup import (
         SetTable,
+        _unique_pairs,
         band_keys,
         equal_runs,
         lsh_params,
         pair_jaccard,
-        same_key_pairs,
     )
+    from cpt_megatron.utils import gather_runs
 
     cfg, n, parts = plan.cfg, plan.shards, plan.shards
-    shards = [_Shard(plan.sketch_dir(s)) for s in range(n)]
+    shards = [_Shard(plan.sketch_dir(s), cfg) for s in range(n)]
     stages = cfg.stages
+    budget = Budget.of(cfg.memory_mb)
     with atomic_dir(plan.bucket_dir(p), overwrite=True) as tmp:
         if "exact_dedup" in stages:  # the first occurrence of each key survives
             ks, gs = [], []
@@ -223,25 +258,60 @@ def _buckets(plan: _Plan, p: int) -> None:
             mh = cfg.minhash_dedup
             bands, rows = lsh_params(mh.threshold, mh.num_perm)
             keys, gids = [], []
+            step = max(1, budget.index_bytes // (64 * bands))
             for s, sh in enumerate(shards):
-                bk = band_keys(sh.sigs, bands, rows)
-                mine = bk % np.uint64(parts) == p
-                keys.append(bk[mine])
-                gids.append((s << _SHARD_BITS) | np.nonzero(mine)[0].astype(np.int64))
-            pj, pi = same_key_pairs(np.concatenate(keys), np.concatenate(gids))
-            js = np.full(len(pj), -1.0)
+                for lo in range(0, sh.live, step):  # band keys a slice of sketches at a time
+                    bk = band_keys(sh.sigs[lo : lo + step], bands, rows)
+                    mine = bk % np.uint64(parts) == p
+                    keys.append(bk[mine])
+                    gids.append((s << _SHARD_BITS) | (lo + np.nonzero(mine)[0].astype(np.int64)))
+                sh.release()
+            key = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+            gid = np.concatenate(gids) if gids else np.zeros(0, np.int64)
+            del keys, gids
+            order = np.lexsort((gid, key))
+            key, gid = key[order], gid[order]
+            new = np.ones(len(key), bool)
+            new[1:] = key[1:] != key[:-1]
+            first = np.maximum.accumulate(np.where(new, np.arange(len(key)), 0))  # each entry's key run start
+            earlier = np.arange(len(key)) - first  # entries before it in its run: its pairs as the later one
+            del key, new, order
+            byj = np.argsort(gid, kind="stable")
+            uj, at = np.unique(gid[byj], return_index=True)
+            per_j = np.add.reduceat(earlier[byj], at) if len(at) else np.zeros(0, np.int64)
             tables = [SetTable(sh.sigs, sh.values, sh.offsets, *(sh.exact_filters() if mh.decide == "exact" else ()))
                       for sh in shards]
-            sj, si = pj >> _SHARD_BITS, pi >> _SHARD_BITS
-            order = np.lexsort((pi, pj, si, sj))  # grouped by (shard of j, shard of i), j ascending inside
-            grp = sj[order] * n + si[order]
-            for lo, hi in equal_runs(grp):
-                k = order[lo:hi]
-                a, c = int(sj[k[0]]), int(si[k[0]])
-                js[k], _ = pair_jaccard(mh, pj[k] & _LOCAL, pi[k] & _LOCAL, tables[a], tables[c])
-            for s in range(n):
-                m = sj == s
-                np.savez(tmp / f"pairs-{s:05d}.npz", j=pj[m] & _LOCAL, i=pi[m], js=js[m])
+            outs = {(s, name): open(tmp / f"pairs-{s:05d}.{name}.bin", "wb") for s in range(n) for name, _ in _PAIR_FILES}
+            try:
+                cap = max(budget.index_bytes // _PAIR_TEMP_BYTES, 1)  # pairs per chunk
+                sketch_rows = int(np.clip(budget.index_bytes // (16 << 10), 256, 1 << 16))  # as NearDupIndex
+                cum = np.cumsum(per_j)
+                a = 0
+                while a < len(uj):
+                    b = max(a + 1, int(np.searchsorted(cum, (cum[a - 1] if a else 0) + cap, "right")))
+                    sel = byj[at[a] : at[b] if b < len(at) else len(byj)]
+                    pj = np.repeat(gid[sel], earlier[sel])
+                    pi = gather_runs(gid, first[sel], earlier[sel])
+                    keep = pj != pi  # one document with a key twice (two equal bands) is not a pair
+                    pj, pi = _unique_pairs(pj[keep], pi[keep])
+                    js = np.full(len(pj), -1.0)
+                    sj, si = pj >> _SHARD_BITS, pi >> _SHARD_BITS
+                    order = np.lexsort((pi, pj, si, sj))  # grouped by (shard of j, shard of i), j ascending inside
+                    grp = sj[order] * n + si[order]
+                    for lo, hi in equal_runs(grp):
+                        kk = order[lo:hi]
+                        c, d = int(sj[kk[0]]), int(si[kk[0]])
+                        js[kk], _ = pair_jaccard(mh, pj[kk] & _LOCAL, pi[kk] & _LOCAL, tables[c], tables[d], sketch_rows)
+                    for s in np.unique(sj).tolist():
+                        m = sj == s
+                        for (name, dtype), col in zip(_PAIR_FILES, (pj[m] & _LOCAL, pi[m], js[m])):
+                            outs[(s, name)].write(np.ascontiguousarray(col, dtype).tobytes())
+                    for sh in shards:
+                        sh.release()
+                    a = b
+            finally:
+                for f in outs.values():
+                    f.close()
 
 
 def _save_by_shard(folder: Path, name: str, gids: np.ndarray, shards: int) -> None:
@@ -259,32 +329,35 @@ class _ReplayDedup:
         self.plan, self.cfg = plan, plan.cfg.minhash_dedup
         # `candidates: prefix`: the one-process index itself, fed in input order from the sketch folders
         near = "minhash_dedup" in plan.cfg.stages and uses_prefix(self.cfg)
-        self.index = NearDupIndex(self.cfg, workdir=str(plan.work)) if near else None
+        budget = Budget.of(plan.cfg.memory_mb)
+        self.index = NearDupIndex(self.cfg, workdir=str(plan.work),
+                                  resident_bytes=budget.index_bytes if budget.memory_mb else None) if near else None
         self.near_stats = self.index.stats if self.index is not None else \
             NearDupStats(self.cfg, *lsh_params(self.cfg.threshold, self.cfg.num_perm))
         self.kept: list[np.ndarray] = []
         self.shards: list[_Shard] = []
+        self.pairs: list[tuple[np.ndarray, ...]] = []  # per buckets part: this shard's (j, i, js), sorted by (j, i)
 
     def batches(self):
         plan = self.plan
+        parts = [plan.bucket_dir(p) for p in range(plan.shards)]
         for s in range(plan.shards):
-            sh = _Shard(plan.sketch_dir(s))
+            sh = _Shard(plan.sketch_dir(s), plan.cfg)
             self.shards.append(sh)
             self.kept.append(np.zeros(sh.live, bool))
-            parts = [plan.bucket_dir(p) for p in range(plan.shards)]
             if "exact_dedup" in plan.cfg.stages:
                 self.exact = set(np.concatenate([np.load(d / f"exact-{s:05d}.npy") for d in parts]).tolist())
-            if "minhash_dedup" in plan.cfg.stages and self.index is None:
-                z = [np.load(d / f"pairs-{s:05d}.npz") for d in parts]
-                j, i, js = (np.concatenate([x[k] for x in z]) for k in ("j", "i", "js"))
-                _, first = np.unique(np.stack([j, i], axis=1), axis=0, return_index=True)  # a pair from 2 parts
-                self.pj, self.pi, self.pjs = j[first], i[first], js[first]
+            if "minhash_dedup" in plan.cfg.stages and self.index is None:  # memory-mapped: a document's pairs at a time
+                self.pairs = [tuple(sh._map(d / f"pairs-{s:05d}.{name}.bin", dtype, 1) for name, dtype in _PAIR_FILES)
+                              for d in parts]
             with open(plan.sketch_dir(s) / "docs.pkl", "rb") as f:
                 while True:
                     try:
                         yield pickle.load(f)
                     except EOFError:
                         break
+                    for x in self.shards:
+                        x.release()
 
     def exact_dup(self, o) -> bool:
         return (o.uid & _LOCAL) in self.exact
@@ -294,14 +367,20 @@ class _ReplayDedup:
             sh = [(self.shards[o.uid >> _SHARD_BITS], o.uid & _LOCAL) for o in outs]
             sets = [s.values[s.offsets[i] : s.offsets[i + 1]] for s, i in sh]
             offsets = np.concatenate([[0], np.cumsum([len(x) for x in sets])]).astype(np.int64)
-            return self.index.check_batch([f"{o.source}:{o.position}" for o in outs],
-                                          np.stack([s.sigs[i] for s, i in sh]), np.concatenate(sets), offsets)
+            return self.index.check_batch([f"{o.source}:{o.position}" for o in outs],  # prefix: no sketches
+                                          np.zeros((len(outs), 0), np.uint32), np.concatenate(sets), offsets)
         return [self._near_dup(o) for o in outs]
 
     def _near_dup(self, o) -> tuple[str | None, float]:
         s, jl = o.uid >> _SHARD_BITS, o.uid & _LOCAL
-        lo, hi = np.searchsorted(self.pj, [jl, jl + 1])
-        cand, js = self.pi[lo:hi], self.pjs[lo:hi]
+        cand, js = [], []
+        for pj, pi, pjs in self.pairs:
+            lo, hi = np.searchsorted(pj, [jl, jl + 1])
+            cand.append(pi[lo:hi])
+            js.append(pjs[lo:hi])
+        cand, js = np.concatenate(cand), np.concatenate(js)
+        cand, first = np.unique(cand, return_index=True)  # by earlier document; a pair from 2 parts once
+        js = js[first]
         live = np.array([self.kept[c >> _SHARD_BITS][c & _LOCAL] for c in cand.tolist()], bool)
         cand, js = cand[live], js[live]
         checked = int((js != -1.0).sum()) if self.cfg.decide == "exact" else len(js)

@@ -1,9 +1,11 @@
 """The curation pipeline: read -> per-document stages (worker processes) -> dedup (in order) -> write.
 
-Per-document work (normalize, langid, length, quality, hashing + MinHash signatures, PII) runs in
-`workers` processes over batches; the decisions that need global state (exact and near-duplicate) are
-made in the parent in input order, so the output is byte-identical for any worker count. At most
-`2 * workers` batches are in flight: memory stays bounded however large the input.
+Per-document work (normalize, langid, length, quality, hashing + MinHash signatures, PII, the output
+line) runs in `workers` processes over tasks: byte ranges of the files a worker can read itself, else
+batches of records read here; the decisions that need global state (exact and near-duplicate) are made
+in the parent in input order and a writer thread gzips the shards, so the output is byte-identical for
+any worker count. At most `2 * workers` tasks are in flight, and the batch, hashing and near-dup index
+sizes come from `memory_mb` (`spill.Budget`): memory stays bounded however large the input.
 
 Accounting: every record read is a kept document, a document removed by exactly one stage, or a
 malformed record (with file:line) -- `kept + sum(removed) + malformed == read` is checked at the end.
@@ -25,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt_megatron.curate.config import CurateConfig
-from cpt_megatron.curate.readers import DocumentReader, Malformed
+from cpt_megatron.curate.config import CurateConfig, result_config
+from cpt_megatron.curate.readers import Doc, DocumentReader, FilePart, Malformed
+from cpt_megatron.curate.spill import Budget
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
 
@@ -35,6 +38,11 @@ __all__ = ["curate", "CurateResult"]
 _BATCH = 256
 _MAX_MALFORMED_LISTED = 100
 _REJECT_TEXT_CHARS = 4000
+_PAIR_BYTES = 160  # a batch's temporaries per candidate pair in NearDupIndex.check_batch (ids, Jaccard, orders)
+_PART_BYTES = 256 << 10  # bytes of a file a worker reads itself (-j 2+; at most the budget's batch_bytes)
+_IO_CHUNK = 256 << 10  # serialized lines handed to the writer thread at once
+_IO_PENDING = 8  # chunks queued for it at most
+_CHECKED_BYTES = 8192  # per pair checked exactly: the kept set's mapped pages it reads (released per piece)
 
 
 @dataclasses.dataclass(slots=True)
@@ -54,6 +62,9 @@ class _Out:
     exact: bytes | None = None
     sig: object = None
     shingles: object = None  # sorted unique uint64 shingle hashes (decide: exact)
+    ranges: object = None  # dedup.hash_ranges / fine_sketches rows of the shingle set (decide: exact)
+    fine: object = None
+    line: bytes | None = None  # the output JSONL line, serialized in the worker (when nothing later changes it)
     pii_text: str | None = None
     pii: Counter | None = None
     uid: int | None = None  # the distributed executor's id of a live document (curate/distributed.py)
@@ -72,10 +83,11 @@ class CurateResult:
 class _Worker:
     """Per-process state: the stage objects, built once per process."""
 
-    def __init__(self, cfg: CurateConfig):
+    def __init__(self, cfg: CurateConfig, budget: Budget | None = None):
         from cpt_megatron.curate.filters import LengthFilter
 
         self.cfg = cfg
+        self.hash_bytes = (budget or Budget.of(None)).hash_bytes
         self.stages = set(cfg.stages)
         self.length = LengthFilter(cfg.length)
         self.hasher = None
@@ -120,13 +132,40 @@ class _Worker:
             out.append(o)
         if self.hasher is not None:
             live = [o for o in out if isinstance(o, _Out) and o.removed is None]
-            values, offsets = self.hasher.hash_sets([o.text for o in live])
+            from cpt_megatron.curate.dedup import fine_sketches, hash_ranges, uses_prefix
+
+            values, offsets = self._hash_sets([o.text for o in live])
             exact = self.cfg.minhash_dedup.decide == "exact"
+            filters = exact and not uses_prefix(self.cfg.minhash_dedup, self.cfg.lsh)  # the bands' pre-filters
+            if filters:
+                ranges, fine = hash_ranges(values, offsets), fine_sketches(values, offsets)
             for k, (o, sig) in enumerate(zip(live, self.hasher.signatures(values, offsets))):
                 o.sig = sig
                 if exact:
                     o.shingles = values[offsets[k] : offsets[k + 1]]
+                if filters:
+                    o.ranges, o.fine = ranges[k], fine[k]
+        if "perplexity" not in st:  # the output record is final: serialize it here, not in the parent
+            for o in out:
+                if isinstance(o, _Out) and o.removed is None:
+                    o.line = _line(_record(o, st))
         return out
+
+    def _hash_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`MinHasher.hash_sets` over pieces of at most `hash_bytes` of text (its temporaries are ~60 bytes
+        per text byte): the same sets, bounded memory."""
+        pieces, lo, size = [], 0, 0
+        for i, t in enumerate(texts):
+            size += len(t)
+            if size >= self.hash_bytes or i == len(texts) - 1:
+                pieces.append(self.hasher.hash_sets(texts[lo : i + 1]))
+                lo, size = i + 1, 0
+        if len(pieces) <= 1:
+            return pieces[0] if pieces else self.hasher.hash_sets([])
+        values = np.concatenate([v for v, _ in pieces])
+        starts = np.cumsum([0] + [len(v) for v, _ in pieces[:-1]])
+        offsets = np.concatenate([[0]] + [o[1:] + s for (_, o), s in zip(pieces, starts)]).astype(np.int64)
+        return values, offsets
 
     @staticmethod
     def _stage(name: str, o: _Out, text: str, reason: str | None):
@@ -154,75 +193,208 @@ class _Worker:
 _WORKER: _Worker | None = None
 
 
-def _init_worker(cfg: CurateConfig) -> None:
+def _init_worker(cfg: CurateConfig, budget: Budget) -> None:
     global _WORKER
-    _WORKER = _Worker(cfg)
+    _WORKER = _Worker(cfg, budget)
 
 
-def _run_batch(records: list) -> list:
-    return _WORKER.run(records)
+_ARRAYS = ("sig", "shingles", "ranges", "fine")  # a live document's arrays, shipped per batch (`_pack`)
 
 
-def _batches(reader, size: int):
-    batch = []
+def _pack(out: list) -> tuple[list, dict]:
+    """Move the live documents' arrays into one array per field: pickling 4 small arrays per document
+    costs more than the per-document work itself. `_unpack` puts views back."""
+    live = [o for o in out if isinstance(o, _Out) and o.sig is not None]
+    arrays = {}
+    for name in _ARRAYS:
+        rows = [getattr(o, name) for o in live]
+        if rows and rows[0] is not None:
+            arrays[name] = np.concatenate(rows) if name == "shingles" else np.stack(rows)
+            if name == "shingles":
+                arrays["offsets"] = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        for o in live:
+            setattr(o, name, None)
+    return out, arrays
+
+
+def _unpack(out: list, arrays: dict) -> list:
+    live = [o for o in out if isinstance(o, _Out) and o.removed is None] if arrays else []
+    off = arrays.get("offsets")
+    for k, o in enumerate(live):
+        for name, a in arrays.items():
+            if name == "shingles":
+                o.shingles = a[off[k] : off[k + 1]]
+            elif name != "offsets":
+                setattr(o, name, a[k])
+    return out
+
+
+def _run_task(task) -> tuple[int, list, dict]:
+    """(records read, per-record results, their arrays) of a list of records, or of a `FilePart` read here."""
+    records = list(DocumentReader([task], _WORKER.cfg.input)) if isinstance(task, FilePart) else task
+    return len(records), *_pack(_WORKER.run(records))
+
+
+def _batches(reader, size: int, max_chars: int = 1 << 62):
+    """Lists of `size` records, or fewer holding `max_chars` characters of text (decisions do not depend
+    on where batches end)."""
+    batch, chars = [], 0
     for rec in reader:
         batch.append(rec)
-        if len(batch) >= size:
+        chars += len(rec.text) if isinstance(rec, Doc) else 0
+        if len(batch) >= size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
 
-def _ordered_map(records_iter, cfg: CurateConfig, workers: int):
-    """Yield per-batch results in input order, with at most 2*workers batches in flight."""
+def _tasks(reader: DocumentReader, size: int, max_chars: int, part_bytes: int):
+    """Worker tasks in input order: `FilePart`s of the files a worker reads itself (uncompressed JSONL,
+    plain text with a separator: the parent only finds line ends and counts lines) and batches of the
+    records the parent reads (the rest)."""
+    batch, chars = [], 0
+    for u in reader.units(part_bytes):
+        if isinstance(u, FilePart):
+            if batch:
+                yield batch
+                batch, chars = [], 0
+            yield u
+            continue
+        batch.append(u)
+        chars += len(u.text) if isinstance(u, Doc) else 0
+        if len(batch) >= size or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _ordered_map(tasks, cfg: CurateConfig, workers: int, budget: Budget | None = None):
+    """Yield (records read, results) per task (a batch of records or a `FilePart`) in input order, with
+    at most 2*workers tasks in flight."""
+    budget = budget or Budget.of(None)
     if workers <= 1:
-        w = _Worker(cfg)
-        for b in records_iter:
+        w = _Worker(cfg, budget)
+        for b in tasks:
+            b = list(DocumentReader([b], cfg.input)) if isinstance(b, FilePart) else b
             yield len(b), w.run(b)
         return
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, budget)) as pool:
         pending: collections.deque = collections.deque()
-        for b in records_iter:
-            pending.append((len(b), pool.submit(_run_batch, b)))
+        for t in tasks:
+            pending.append(pool.submit(_run_task, t))
             if len(pending) >= 2 * workers:
-                n, f = pending.popleft()
-                yield n, f.result()
+                n, out, arrays = pending.popleft().result()
+                yield n, _unpack(out, arrays)
         while pending:
-            n, f = pending.popleft()
-            yield n, f.result()
+            n, out, arrays = pending.popleft().result()
+            yield n, _unpack(out, arrays)
+
+
+def _record(o: _Out, stages, ppl: float | None = None) -> dict:
+    """The output record of a kept document."""
+    rec = {"id": o.id, "source": o.source, "position": o.position}
+    if "pii" in stages and o.pii:
+        rec["pii"] = dict(sorted(o.pii.items()))
+    rec["text"] = o.pii_text if "pii" in stages else o.text
+    if o.lang:
+        rec.update({k: o.lang[k] for k in ("lang", "script", "lang_score")})
+    if ppl is not None:
+        rec["perplexity"] = ppl
+    return rec
+
+
+def _line(rec: dict) -> bytes:
+    return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class _IoThread:
+    """One background thread that runs file work (gzip compression and writes) in submission order, off
+    the accounting loop's critical path (zlib and file writes release the GIL). At most `_IO_PENDING`
+    jobs wait (bounded memory); the first error (e.g. a full disk) is raised in the caller by the next
+    `submit` or by `close`."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cpt-curate-io")
+        self._pending: collections.deque = collections.deque()
+
+    def submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > _IO_PENDING or (self._pending and self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class _ShardWriter:
-    """Deterministic gzip JSONL shards (mtime 0, no file name in the header)."""
+    """Deterministic gzip JSONL shards (mtime 0, no file name in the header). Lines are serialized here
+    and handed to the `_IoThread` in chunks of `_IO_CHUNK` bytes, which compresses and writes them."""
 
-    def __init__(self, folder: Path, shard_docs: int, prefix: str = "shard"):
+    def __init__(self, folder: Path, shard_docs: int, prefix: str = "shard", io: _IoThread | None = None):
         self.folder, self.shard_docs, self.prefix = folder, shard_docs, prefix
         self.n_in_shard = 0
         self.files: list[str] = []
+        self._io = io
         self._f = None
-        self._raw = None
+        self._buf: list[bytes] = []
+        self._buf_bytes = 0
 
-    def write(self, obj: dict) -> None:
-        if self._f is None or self.n_in_shard >= self.shard_docs:
+    def write(self, obj: dict | bytes) -> None:
+        """One record (a dict, or its line from `_line`)."""
+        if not self.files or self.n_in_shard >= self.shard_docs:
             self.close()
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / f"{self.prefix}-{len(self.files):05d}.jsonl.gz"
-            self._raw = open(path, "wb")
-            self._f = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
+            self._run(self._open, path)
             self.files.append(str(path))
             self.n_in_shard = 0
-        self._f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        line = obj if isinstance(obj, bytes) else _line(obj)
+        self._buf.append(line)
+        self._buf_bytes += len(line)
         self.n_in_shard += 1
+        if self._buf_bytes >= _IO_CHUNK:
+            self._flush()
+
+    def _run(self, fn, *args) -> None:
+        if self._io is None:
+            fn(*args)
+        else:
+            self._io.submit(fn, *args)
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._run(self._write, b"".join(self._buf))
+            self._buf, self._buf_bytes = [], 0
+
+    def _open(self, path: Path) -> None:
+        self._f = gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)
+
+    def _write(self, data: bytes) -> None:
+        self._f.write(data)
+
+    def _close(self) -> None:
+        if self._f is not None:
+            raw = self._f.fileobj
+            self._f.close()
+            raw.close()
+            self._f = None
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._raw.close()
-            self._f = None
+        """Finish the open shard (queued after its last lines)."""
+        if self.files:
+            self._flush()
+            self._run(self._close)
 
 
 class _StageStats:
@@ -284,15 +456,18 @@ class _LocalDedup:
     """The global decisions of one process: a set of exact keys and a `NearDupIndex`, in input order.
     curate/distributed.py supplies the same interface from precomputed decisions."""
 
-    def __init__(self, cfg: CurateConfig, tmp: Path, final_out: Path):
+    def __init__(self, cfg: CurateConfig, tmp: Path, final_out: Path, budget: Budget | None = None):
         self.seen: set[bytes] = set()
         self.near = None
         if "minhash_dedup" in cfg.stages:
             from cpt_megatron.curate.dedup import NearDupIndex
 
             base = "cpt_curate:" + hashlib.sha1(str(final_out.resolve()).encode()).hexdigest()[:12]
-            self.near = NearDupIndex(cfg.minhash_dedup, cfg.lsh, basename=base, workdir=str(tmp))
+            self.near = NearDupIndex(cfg.minhash_dedup, cfg.lsh, basename=base, workdir=str(tmp),
+                                     resident_bytes=budget.index_bytes if budget and budget.memory_mb else None)
         self.near_stats = self.near.stats if self.near is not None else None
+        self.n_docs = 0
+        self.pair_bytes = budget.index_bytes if budget is not None and budget.memory_mb else None
 
     def exact_dup(self, o: _Out) -> bool:
         if o.exact in self.seen:
@@ -301,13 +476,27 @@ class _LocalDedup:
         return False
 
     def near_dups(self, outs: list[_Out]) -> list[tuple[str | None, float]]:
-        """(dup_of or None, Jaccard) per document, decided in order (one batch)."""
+        """(dup_of or None, Jaccard) per document, decided in order (one batch; under a memory budget in
+        pieces whose expected candidate and checked pairs, at the run's rates so far, fit its share:
+        templated text gives hundreds of pairs per document; the decisions do not depend on the pieces)."""
+        size = len(outs)
+        if self.pair_bytes is not None and self.n_docs:
+            st = self.near.stats
+            per_doc = max((st.candidate_pairs * _PAIR_BYTES + st.checked_pairs * _CHECKED_BYTES) / self.n_docs, 1.0)
+            size = int(min(max(self.pair_bytes / per_doc, 16), len(outs)))
+        self.n_docs += len(outs)
+        return [r for lo in range(0, len(outs), size) for r in self._near_dups(outs[lo : lo + size])]
+
+    def _near_dups(self, outs: list[_Out]) -> list[tuple[str | None, float]]:
         sigs = np.stack([o.sig for o in outs])
         values = offsets = None
+        ranges = fine = None
         if self.near.cfg.decide == "exact":
             values = np.concatenate([o.shingles for o in outs])
             offsets = np.concatenate([[0], np.cumsum([len(o.shingles) for o in outs])]).astype(np.int64)
-        return self.near.check_batch([f"{o.source}:{o.position}" for o in outs], sigs, values, offsets)
+            if outs[0].ranges is not None:  # computed by the workers (`candidates: bands`)
+                ranges, fine = np.stack([o.ranges for o in outs]), np.stack([o.fine for o in outs])
+        return self.near.check_batch([f"{o.source}:{o.position}" for o in outs], sigs, values, offsets, ranges, fine)
 
     def close(self) -> None:
         if self.near is not None:
@@ -330,7 +519,8 @@ class _Accounts:
         self.code_mixed = 0
         self.malformed: list[str] = []
         self.n_read = self.n_malformed = self.n_kept = 0
-        self.writers: dict[str | None, _ShardWriter] = {None: _ShardWriter(tmp, cfg.shard_docs)}
+        self.io = _IoThread()
+        self.writers: dict[str | None, _ShardWriter] = {None: _ShardWriter(tmp, cfg.shard_docs, io=self.io)}
         self.rejects: dict[str, _ShardWriter] = {}
         self.reject_counts: Counter = Counter()
         self.scorer = None
@@ -394,7 +584,9 @@ class _Accounts:
         self.removed[stage] += 1
         if self.reject_counts[stage] < self.cfg.rejected_samples:
             self.reject_counts[stage] += 1
-            w = self.rejects.setdefault(stage, _ShardWriter(self.tmp / "rejected", 1 << 62, prefix=stage))
+            if stage not in self.rejects:
+                self.rejects[stage] = _ShardWriter(self.tmp / "rejected", 1 << 62, prefix=stage, io=self.io)
+            w = self.rejects[stage]
             rec = {"id": o.id, "source": o.source, "position": o.position, "reason": reason, **(extra or {})}
             rec["text"] = o.text[:_REJECT_TEXT_CHARS]
             w.write(rec)
@@ -406,24 +598,14 @@ class _Accounts:
             if why:
                 self.reject(o, "perplexity", why, {"perplexity": ppl})
                 return
-        rec = {"id": o.id, "source": o.source, "position": o.position}
-        text = o.text
         if "pii" in self.stages:
-            text = o.pii_text
-            self.stats["pii"].add(len(o.text), len(text), None)
+            self.stats["pii"].add(len(o.text), len(o.pii_text), None)
             self.pii.update(o.pii)
-            if o.pii:
-                rec["pii"] = dict(sorted(o.pii.items()))
-        rec["text"] = text
-        if o.lang:
-            rec.update({k: o.lang[k] for k in ("lang", "script", "lang_score")})
-        if ppl is not None:
-            rec["perplexity"] = ppl
         if o.route:
             self.routes[o.route] += 1
             if o.route not in self.writers:
-                self.writers[o.route] = _ShardWriter(self.tmp / "routes" / o.route, self.cfg.shard_docs)
-        self.writers[o.route].write(rec)
+                self.writers[o.route] = _ShardWriter(self.tmp / "routes" / o.route, self.cfg.shard_docs, io=self.io)
+        self.writers[o.route].write(o.line if o.line is not None else _record(o, self.stages, ppl))
         self.n_kept += 1
 
     def flush_ppl(self) -> None:
@@ -433,9 +615,12 @@ class _Accounts:
             self.ppl_pending.clear()
 
     def close(self) -> None:
-        for w in list(self.writers.values()) + list(self.rejects.values()):
-            w.close()
-        self.dedup.close()
+        try:
+            for w in list(self.writers.values()) + list(self.rejects.values()):
+                w.close()
+        finally:
+            self.io.close()
+            self.dedup.close()
 
     def report(self, reader: DocumentReader) -> dict:
         stages, tmp = self.stages, self.tmp
@@ -455,7 +640,7 @@ class _Accounts:
             "malformed_records": self.malformed,
             "shards": [rel(p) for w in self.writers.values() for p in w.files],
             "rejected": {s: rel(w.files[0]) for s, w in sorted(self.rejects.items())},
-            "config": dataclasses.asdict(self.cfg),
+            "config": result_config(self.cfg),
         }
         if "minhash_dedup" in stages:
             report["near_dup"] = self.dedup.near_stats.as_dict()
@@ -471,9 +656,12 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
          batches=None, dedup=None) -> dict:
     """The accounting loop. `batches` (default: the worker pool over `reader`) yields (records read,
     per-record results) in input order; `dedup` (default `_LocalDedup`) makes the exact/near decisions."""
-    acc = _Accounts(tmp, cfg, dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out))
+    budget = Budget.of(cfg.memory_mb, workers)
+    acc = _Accounts(tmp, cfg, dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out, budget))
     if batches is None:
-        batches = _ordered_map(_batches(reader, _BATCH), cfg, workers)
+        tasks = _batches(reader, _BATCH, budget.batch_bytes) if workers <= 1 else \
+            _tasks(reader, _BATCH, budget.batch_bytes, min(budget.batch_bytes, _PART_BYTES))
+        batches = _ordered_map(tasks, cfg, workers, budget)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -51,12 +51,17 @@ _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".ndjson")
 
 @dataclass(frozen=True)
 class FilePart:
-    """The lines of an uncompressed JSONL file that START in bytes [lo, hi): one task's share of a file
-    too big for one task (line numbers, hence positions and ids, are those of the whole file)."""
+    """The records of an uncompressed file that START in bytes [lo, hi): one task's share of a file too
+    big for one task. JSONL: the lines starting in it; plain text split by `input.doc_separator`: the
+    documents whose first line starts in it (the last one read to its end, past hi). Line numbers, hence
+    positions and ids, are those of the whole file."""
 
     path: Path
     lo: int
     hi: int
+    first_line: int | None = None
+    """The line number of the first line starting at or after lo, when the caller counted it (else the
+    reader counts the newlines before lo: a sequential read)."""
 
     @property
     def name(self) -> str:
@@ -69,9 +74,13 @@ class FilePart:
         return f"{self.path}[{self.lo}:{self.hi}]"
 
 
-def splittable(path: Path) -> bool:
-    """An input whose documents can be split across tasks by byte range (uncompressed JSONL)."""
-    return path.name.lower().endswith((".jsonl", ".ndjson"))
+def splittable(path: Path, separated: bool = False) -> bool:
+    """An input whose documents can be split across tasks by byte range: uncompressed JSONL, and (with
+    `separated`: `input.doc_separator` is set) uncompressed plain text."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".ndjson")):
+        return True
+    return separated and _kind(path) == "text" and not name.endswith((".gz", ".zst"))
 
 
 def _newlines_before(path: Path, end: int, chunk: int = 1 << 24) -> int:
@@ -84,6 +93,15 @@ def _newlines_before(path: Path, end: int, chunk: int = 1 << 24) -> int:
             n += b.count(b"\n")
             done += len(b)
     return n
+
+
+def _seek_line(raw, path: Path, lo: int, first_line: int | None = None) -> tuple[int, int]:
+    """Position `raw` at the first line starting at or after byte lo: (its 1-based line number, its byte)."""
+    if lo <= 0:
+        return 1, 0
+    raw.seek(lo - 1)  # skip the rest of the line byte lo - 1 belongs to
+    at = lo - 1 + len(raw.readline())
+    return (first_line if first_line is not None else 1 + _newlines_before(path, at)), at
 
 
 def _kind(path: Path) -> str:
@@ -170,13 +188,38 @@ class DocumentReader:
             if n >= self.config.max_docs:
                 return
 
+    def units(self, part_bytes: int) -> Iterator[Doc | Malformed | FilePart]:
+        """The inputs in order as records, except that each file a worker can read by byte range
+        (`splittable`) comes as `FilePart`s of about `part_bytes` ending at line ends, their first line
+        numbers counted here (one sequential read): the caller hands the parts to worker processes.
+        With `max_docs` set everything comes as records."""
+        if self.config.max_docs is not None:
+            yield from self
+            return
+        for path in self.files:
+            if isinstance(path, FilePart) or not splittable(path, self._sep is not None):
+                yield from self._records_of(path)
+                continue
+            with open(path, "rb") as f:
+                lo, line = 0, 1
+                while chunk := f.read(part_bytes):
+                    chunk += f.readline()  # end at a line end
+                    yield FilePart(path, lo, lo + len(chunk), line)
+                    lo, line = lo + len(chunk), line + chunk.count(b"\n")
+                    self._done_bytes += len(chunk)
+
     def _records(self) -> Iterator[Doc | Malformed]:
         for path in self.files:
-            if isinstance(path, FilePart):
-                yield from self._jsonl(path.path, path.lo, path.hi)
-                self._done_bytes += path.hi - path.lo
-                self._raw = None
-                continue
+            yield from self._records_of(path)
+
+    def _records_of(self, path) -> Iterator[Doc | Malformed]:
+        if isinstance(path, FilePart):
+            if _kind(path.path) == "jsonl":
+                yield from self._jsonl(path.path, path.lo, path.hi, path.first_line)
+            else:
+                yield from self._separated(path.path, path.lo, path.hi, path.first_line)
+            self._done_bytes += path.hi - path.lo
+        else:
             kind = _kind(path)
             if kind == "jsonl":
                 yield from self._jsonl(path)
@@ -187,18 +230,15 @@ class DocumentReader:
             else:
                 yield from self._whole(path)
             self._done_bytes += path.stat().st_size
-            self._raw = None
+        self._raw = None
 
-    def _jsonl(self, path: Path, lo: int = 0, hi: int | None = None) -> Iterator[Doc | Malformed]:
+    def _jsonl(self, path: Path, lo: int = 0, hi: int | None = None, first_line: int | None = None
+               ) -> Iterator[Doc | Malformed]:
         """The records of `path`, or (uncompressed files) those of the lines starting in bytes [lo, hi)."""
         src, tf, idf = str(path), self.config.text_field, self.config.id_field
         raw, f = _open_binary(path)
         self._raw = raw
-        first, at = 1, 0
-        if lo > 0:  # the first line starting at or after lo: skip the one byte lo - 1 belongs to
-            raw.seek(lo - 1)
-            at = lo - 1 + len(raw.readline())
-            first = 1 + _newlines_before(path, at)
+        first, at = _seek_line(raw, path, lo, first_line)
         with raw, f:
             for lineno, line in enumerate(f, first):
                 if hi is not None:
@@ -223,9 +263,9 @@ class DocumentReader:
                     why = "missing" if text is None else f"not a string ({type(text).__name__})"
                     yield Malformed(src, lineno, f"field {tf!r} {why}")
                     continue
-                if b"\\u" in line and (at := lone_surrogate(text)) is not None:  # only an escape makes one
+                if b"\\u" in line and (bad := lone_surrogate(text)) is not None:  # only an escape makes one
                     yield Malformed(src, lineno, f"field {tf!r} holds a lone surrogate "
-                                                 f"(U+{ord(text[at]):04X} at character {at})")
+                                                 f"(U+{ord(text[bad]):04X} at character {bad})")
                     continue
                 doc_id = obj.get(idf)
                 yield Doc(text, str(doc_id) if doc_id is not None else f"{path.name}:{lineno}", src, lineno)
@@ -259,10 +299,18 @@ class DocumentReader:
         return (first_line + data.count(nl, 0, e.start),
                 f"undecodable bytes (not UTF-8: {e.reason} at byte {col} of the line); convert the file to UTF-8")
 
-    def _separated(self, path: Path) -> Iterator[Doc | Malformed]:
+    def _separated(self, path: Path, lo: int = 0, hi: int | None = None, first_line: int | None = None
+                   ) -> Iterator[Doc | Malformed]:
+        """The documents of `path`, or (uncompressed files) those whose first line starts in bytes [lo, hi):
+        a range after the first skips the lines before its first separator line (the end of a document
+        that started earlier) and reads its last document to its end."""
         src = str(path)
+        if hi is not None and hi <= lo:
+            return
         raw, f = _open_binary(path)
         self._raw = raw
+        first, at = _seek_line(raw, path, lo, first_line)
+        inside = lo == 0  # in a document that starts in the range (the text before the first separator too)
         lines: list[str] = []
         start, bad = 0, None  # bad: the document's first undecodable line, as a Malformed
 
@@ -273,7 +321,8 @@ class DocumentReader:
             return Doc(text, f"{path.name}:{start}", src, start) if text.strip() else None
 
         with raw, f:
-            for lineno, bline in enumerate(f, 1):
+            for lineno, bline in enumerate(f, first):
+                line_at, at = at, at + len(bline)
                 line_bad = None
                 try:
                     line = bline.decode("utf-8")
@@ -283,7 +332,14 @@ class DocumentReader:
                 if self._sep.search(line.rstrip("\r\n")):
                     if lines and (d := flush()) is not None:
                         yield d
+                    if hi is not None and line_at >= hi:  # the next document starts in the next range
+                        return
+                    inside = True
                     lines, start, bad = [], lineno, line_bad
+                elif not inside:  # the end of a document that started before lo
+                    if hi is not None and line_at >= hi:
+                        return
+                    continue
                 else:
                     if not lines and start == 0:
                         start = lineno  # text before the first separator is a document too

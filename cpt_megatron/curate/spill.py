@@ -1,0 +1,249 @@
+"""Bounded memory for curation: append-only arrays in nameless memory-mapped temp files, and the
+in-memory budget they are released against.
+
+A `SpillArray` lives in a temp file that is unlinked as soon as it is created (a killed run leaves
+nothing behind). Its pages are the page cache's: writing and reading them costs no anonymous memory,
+and `release()` drops the ones this process has mapped (madvise DONTNEED on a shared file mapping keeps
+the data, in the file or the page cache, and takes it out of the process's resident set), so a
+process's peak RSS stays near its budget however many documents it has indexed.
+
+`SortedBands` is the near-dup index's LSH table on top of them: (band key, row) entries in one sorted
+main run (spilled) plus a few small sorted runs of recent batches, merged into a new main run when they
+outgrow their share of the budget (a streaming merge, `_MERGE_CHUNK` entries at a time).
+
+`Budget` turns `CurateConfig.memory_mb` (peak RSS per process) into the sizes the pipeline works in.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from cpt_megatron.utils import gather_runs
+
+__all__ = ["Budget", "SpillArray", "SpillBytes", "SortedBands", "rss_mib"]
+
+_MIB = 1 << 20
+
+
+def rss_mib() -> float:
+    """This process's resident set (MiB) from /proc (0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / _MIB
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The working sizes derived from a per-process peak-RSS budget (`memory_mb`, None: unbounded).
+
+    work: what the run may hold beyond the interpreter and libraries (the budget minus the RSS when the
+    run starts, at least 16 MiB). Of it: text hashed in one numpy pass (`hash_bytes`; the pass and its
+    cached power tables need ~70 bytes per text byte), text per batch sent to a worker (`batch_bytes`, 2 x workers batches in
+    flight, each ~6x its text once hashed and sketched: short documents carry 2.5 KB of sketches), and the near-dup index's resident share (`index_bytes`: above it the mapped pages are
+    released after every batch; its band table's recent runs are merged into the spilled main run)."""
+
+    memory_mb: float | None
+    work_bytes: int
+    hash_bytes: int
+    batch_bytes: int
+    index_bytes: int
+
+    @classmethod
+    def of(cls, memory_mb: float | None, workers: int = 1) -> Budget:
+        if memory_mb is None:
+            big = 1 << 62
+            return cls(None, big, 8 * _MIB, big, big)
+        work = max(int((memory_mb - rss_mib()) * _MIB), 16 * _MIB)
+        clamp = lambda v, lo, hi: int(min(max(v, lo), hi))  # noqa: E731
+        return cls(memory_mb, work, clamp(work // 256, 32 << 10, 8 * _MIB),
+                   clamp(work // (64 * max(workers, 1)), 64 << 10, 64 * _MIB), clamp(work // 8, 2 * _MIB, 1 << 40))
+
+
+class SpillArray:
+    """Append-only rows (`width` values of `dtype` each) in a nameless memory-mapped temp file; the
+    capacity doubles as it grows (remapped O(log n) times). `view()` is the filled part (valid until
+    the next `append`)."""
+
+    def __init__(self, dtype, width: int = 1, folder: str | None = None, capacity: int = 1024):
+        self.dtype, self.width = np.dtype(dtype), int(width)
+        fd, path = tempfile.mkstemp(prefix="cpt-spill-", suffix=".bin", dir=folder)
+        self._file = os.fdopen(fd, "r+b")
+        os.unlink(path)  # nameless from the start: nothing is left behind, even by a killed process
+        self._n, self._cap, self._mm, self._arr = 0, 0, None, None
+        self._grow(max(capacity, 1))
+
+    def _row_bytes(self) -> int:
+        return self.dtype.itemsize * self.width
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self._cap)
+        self._arr = None  # the old mapping closes when its last view goes
+        self._file.truncate(cap * self._row_bytes())
+        self._mm = mmap.mmap(self._file.fileno(), cap * self._row_bytes())
+        self._arr = np.frombuffer(self._mm, self.dtype).reshape(cap, self.width)
+        self._cap = cap
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, self.dtype).reshape(-1, self.width)
+        k = len(rows)
+        if self._n + k > self._cap:
+            self._grow(self._n + k)
+        self._arr[self._n : self._n + k] = rows
+        self._n += k
+
+    def view(self) -> np.ndarray:
+        a = self._arr[: self._n]
+        return a[:, 0] if self.width == 1 else a
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def nbytes(self) -> int:
+        return self._n * self._row_bytes()
+
+    def release(self) -> None:
+        """Take the mapped pages out of this process's resident set (the data stays)."""
+        if self._mm is not None and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self._arr = self._mm = None
+        self._file.close()
+
+
+class SpillBytes:
+    """Append-only byte strings (document keys) in a `SpillArray`, read back one at a time."""
+
+    def __init__(self, folder: str | None = None):
+        self._data = SpillArray(np.uint8, 1, folder, 1 << 16)
+        self._off = SpillArray(np.int64, 1, folder)
+        self._off.append(np.zeros(1, np.int64))
+
+    def extend(self, items: list[bytes]) -> None:
+        if items:
+            self._data.append(np.frombuffer(b"".join(items), np.uint8))
+            self._off.append(len(self._data) - sum(map(len, items)) + np.cumsum([len(b) for b in items]))
+
+    def __getitem__(self, i: int) -> bytes:
+        off = self._off.view()
+        return self._data.view()[int(off[i]) : int(off[i + 1])].tobytes()
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self._data.nbytes + self._off.nbytes
+
+    def release(self) -> None:
+        self._data.release()
+        self._off.release()
+
+    def close(self) -> None:
+        self._data.close()
+        self._off.close()
+
+
+_MERGE_CHUNK = 1 << 16  # entries of the older run merged per step (bounded memory)
+
+
+class SortedBands:
+    """The LSH table (`dedup._Bands`' interface before it): which earlier rows have each band key.
+
+    A log-structured table: each insert adds a sorted run, and a run at least half as big as the one
+    before it is merged into it (streaming, `_MERGE_CHUNK` entries at a time), so there are O(log n)
+    runs and each entry is merged O(log n) times. A merged run bigger than `resident_bytes` goes to a
+    `SpillArray` (released after every batch with `release()`); smaller ones stay in memory."""
+
+    def __init__(self, folder: str | None = None, resident_bytes: int = 8 * _MIB):
+        self.folder, self.resident_bytes = folder, max(int(resident_bytes), 1 << 16)
+        self._runs: list[tuple] = []  # (keys, rows, spill arrays or None), oldest first
+
+    def query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(document index, row) for every row sharing a key with keys[document] (repeats possible)."""
+        q = np.asarray(keys, np.uint64).reshape(len(keys), -1)
+        width = max(q.shape[1], 1)
+        uq, inv = np.unique(q.ravel(), return_inverse=True)  # sorted needles: local binary searches
+        docs, rows = [], []
+        for rk, rr, _ in self._runs:
+            if len(rk) == 0:
+                continue
+            lo = np.searchsorted(rk, uq, "left")
+            found = np.flatnonzero(rk[np.minimum(lo, len(rk) - 1)] == uq)  # most keys are in no run
+            if len(found) == 0:
+                continue
+            n = np.zeros(len(uq), np.int64)
+            n[found] = np.searchsorted(rk, uq[found], "right") - lo[found]
+            hit = np.flatnonzero(n[inv])  # positions in the query (document * width + band)
+            docs.append(np.repeat(hit // width, n[inv[hit]]))
+            rows.append(gather_runs(rr, lo[inv[hit]], n[inv[hit]]))
+        if not docs:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(docs).astype(np.int64), np.concatenate(rows).astype(np.int64)
+
+    def insert(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        keys = np.asarray(keys, np.uint64)
+        if keys.size == 0:
+            return
+        k = keys.ravel()
+        r = np.repeat(np.asarray(rows, np.int64), keys.shape[1] if keys.ndim > 1 else 1)
+        order = np.argsort(k, kind="stable")
+        self._runs.append((k[order], r[order], None))
+        while len(self._runs) > 1 and 2 * len(self._runs[-1][0]) >= len(self._runs[-2][0]):
+            b, a = self._runs.pop(), self._runs.pop()
+            self._runs.append(self._merge(a, b))
+
+    def _merge(self, a: tuple, b: tuple) -> tuple:
+        """Two sorted runs -> one, `_MERGE_CHUNK` entries of `a` at a time (into a SpillArray when big)."""
+        (ak, ar, asp), (bk, br, bsp) = a, b
+        n = len(ak) + len(bk)
+        spill = None
+        if 16 * n > self.resident_bytes:
+            spill = (SpillArray(np.uint64, 1, self.folder, n), SpillArray(np.int64, 1, self.folder, n))
+        else:
+            outk, outr = np.empty(n, np.uint64), np.empty(n, np.int64)
+        at = taken = 0
+        for lo in range(0, len(ak) + 1, _MERGE_CHUNK):
+            ck, cr = ak[lo : lo + _MERGE_CHUNK], ar[lo : lo + _MERGE_CHUNK]
+            last = lo + _MERGE_CHUNK >= len(ak)
+            upto = len(bk) if last else int(np.searchsorted(bk, ck[-1], "right"))
+            mk, mr = np.concatenate([ck, bk[taken:upto]]), np.concatenate([cr, br[taken:upto]])
+            o = np.argsort(mk, kind="stable")  # two sorted pieces: a linear merge
+            if spill is None:
+                outk[at : at + len(o)], outr[at : at + len(o)] = mk[o], mr[o]
+            else:
+                spill[0].append(mk[o])
+                spill[1].append(mr[o])
+                for s in (asp or ()) + spill:
+                    s.release()
+            at, taken = at + len(o), upto
+            if last:
+                break
+        for s in (asp or ()) + (bsp or ()):
+            s.close()
+        if spill is None:
+            return outk, outr, None
+        return spill[0].view(), spill[1].view(), spill
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for _, _, sp in self._runs for s in (sp or ()))
+
+    def release(self) -> None:
+        for _, _, sp in self._runs:
+            for s in sp or ():
+                s.release()
+
+    def close(self) -> None:
+        for _, _, sp in self._runs:
+            for s in sp or ():
+                s.close()
+        self._runs = []

@@ -1,0 +1,102 @@
+"""Bounded memory (`memory_mb`, curate/spill.py): peak RSS of a whole `cpt curate` process stays under the
+budget, and the outputs are byte-identical to the unbounded run's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpt_megatron.curate.spill import SortedBands, SpillArray, SpillBytes
+
+REPO = Path(__file__).resolve().parents[1]
+
+_CHILD = """
+import json, sys
+from cpt_megatron.curate import curate, load_config
+cfg = load_config(None, json.loads(sys.argv[3]))
+res = curate([sys.argv[1]], sys.argv[2], cfg, workers=int(sys.argv[4]))
+# VmHWM: this process's peak RSS (ru_maxrss would also hold the forking pytest's size from before exec)
+hwm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
+print(json.dumps({"maxrss_mib": hwm / 1024, "kept": res.kept}))
+"""
+
+
+def _corpus(path: Path, n_docs: int = 16_000, words: int = 120, seed: int = 3) -> None:
+    """Random-vocabulary documents (~10 MB), every 10th a near copy (2 words changed) of an earlier one."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}x{'abcdefgh'[i % 8]}" for i in range(5000)])
+    docs: list[str] = []
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            if i % 10 == 9:
+                w = docs[int(rng.integers(len(docs)))].split()
+                for k in rng.integers(0, len(w), 2):
+                    w[k] = "edited"
+                text = " ".join(w)
+            else:
+                text = " ".join(vocab[rng.integers(0, len(vocab), words)])
+            docs.append(text)
+            f.write(json.dumps({"id": str(i), "text": text}) + "\n")
+
+
+def _run(inp: Path, out: Path, memory_mb, workers: int = 1) -> dict:
+    over = {"stages": ["normalize", "exact_dedup", "minhash_dedup"], "memory_mb": memory_mb}
+    p = subprocess.run([sys.executable, "-c", _CHILD, str(inp), str(out), json.dumps(over), str(workers)],
+                       cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                                                      "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_peak_rss_stays_under_the_budget_and_outputs_equal_the_unbounded_run(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    _corpus(inp)
+    free = _run(inp, tmp_path / "free", None)
+    bounded = _run(inp, tmp_path / "bounded", 64)
+    assert free["maxrss_mib"] > 80, free  # the corpus needs more than the budget when nothing bounds it
+    assert bounded["maxrss_mib"] <= 64, bounded
+    assert bounded["kept"] == free["kept"] < 16_000
+    assert _files(tmp_path / "bounded") == _files(tmp_path / "free")  # shards, rejected samples, report.json
+
+
+def test_spill_array_and_bytes_grow_release_and_read_back(tmp_path):
+    a, b = SpillArray(np.uint32, 3, str(tmp_path), capacity=2), SpillBytes(str(tmp_path))
+    rows = np.arange(3 * 1000, dtype=np.uint32).reshape(-1, 3)
+    for lo in range(0, 1000, 7):
+        a.append(rows[lo : lo + 7])
+        b.extend([f"doc:{i}".encode() for i in range(lo, min(lo + 7, 1000))])
+        a.release()
+        b.release()
+    assert np.array_equal(a.view(), rows) and len(b) == 1000 and b[0] == b"doc:0" and b[999] == b"doc:999"
+    assert list(tmp_path.iterdir()) == []  # nameless files
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("resident", [1 << 16, 1 << 30])  # spilled runs / all runs in memory
+def test_sorted_bands_answer_like_a_dict(tmp_path, resident):
+    rng = np.random.default_rng(0)
+    bands, table, row = SortedBands(str(tmp_path), resident), {}, 0
+    for _ in range(60):
+        keys = rng.integers(0, 3000, (rng.integers(1, 200), 4)).astype(np.uint64)
+        doc, got = bands.query(keys)
+        want = sorted((d, r) for d, ks in enumerate(keys.tolist()) for k in ks for r in table.get(k, []))
+        assert sorted(zip(doc.tolist(), got.tolist())) == want
+        rows = np.arange(row, row + len(keys))
+        bands.insert(rows, keys)
+        for r, ks in zip(rows.tolist(), keys.tolist()):
+            for k in ks:
+                table.setdefault(k, []).append(r)
+        row += len(keys)
+        bands.release()
+    assert len(bands._runs) <= 2 * np.log2(row) + 2
+    bands.close()
