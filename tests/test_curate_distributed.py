@@ -134,12 +134,14 @@ def test_buckets_in_one_pair_chunks_equal_one_process(corpus, tmp_path, monkeypa
     root, inputs, ref = corpus
     import cpt_megatron.curate.dedup as dedup
 
+    cfg = load_config(None, {**_OVERRIDES, "minhash_dedup": {"candidates": "bands"}})  # pairs made in `buckets`
+    curate(inputs, tmp_path / "ref", cfg)
     calls, real = [], dedup._unique_pairs
     monkeypatch.setattr(dedup, "_unique_pairs", lambda *a: calls.append(len(a[0])) or real(*a))
     monkeypatch.setattr(dist, "_PAIR_TEMP_BYTES", 1 << 50)
-    run_stage(inputs, tmp_path / "out", _cfg(), 3)
+    run_stage(inputs, tmp_path / "out", cfg, 3)
     assert len(calls) > 50  # one chunk per later document (3 without the patch: one per task)
-    assert _kept(tmp_path / "out") == _kept(ref) and _report(tmp_path / "out") == _report(ref)
+    assert _kept(tmp_path / "out") == _kept(tmp_path / "ref") and _report(tmp_path / "out") == _report(tmp_path / "ref")
 
 
 def test_shards_are_contiguous_and_balanced(tmp_path):

@@ -719,7 +719,9 @@ class NearDupIndex:
 
         self.cfg = cfg
         self.bands, self.rows = lsh_params(cfg.threshold, cfg.num_perm)
-        self.prefix = PrefixIndex(cfg.threshold) if uses_prefix(cfg, lsh_url) else None
+        # under a memory budget a 1 MiB probe bitmap (more probes pass it; the same candidates) instead of 4
+        self.prefix = PrefixIndex(cfg.threshold, bitmap_bits=25 if resident_bytes is None else 23,
+                                  folder=workdir) if uses_prefix(cfg, lsh_url) else None
         self.stats = NearDupStats(cfg, self.bands, self.rows, "prefix" if self.prefix is not None else "bands")
         # the kept documents' state lives in nameless memory-mapped files (spill.py); above
         # `resident_bytes` (None: never) their mapped pages are released after every batch
@@ -740,7 +742,7 @@ class NearDupIndex:
         self._fine = ShingleStore(workdir) if cfg.decide == "exact" and self._filters else None
 
     def _spills(self) -> list:
-        return [s for s in (self.lsh, self._keys, self._sigs, self._ranges, self._store, self._fine)
+        return [s for s in (self.lsh, self.prefix, self._keys, self._sigs, self._ranges, self._store, self._fine)
                 if hasattr(s, "release")]
 
     def _key(self, i: int) -> str:
@@ -830,3 +832,5 @@ class NearDupIndex:
                 s.close()
         if self.lsh is not None:
             self.lsh.close()
+        if self.prefix is not None:
+            self.prefix.close()

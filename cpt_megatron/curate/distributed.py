@@ -325,11 +325,12 @@ class _ReplayDedup:
 
     def __init__(self, plan: _Plan):
         from cpt_megatron.curate.dedup import NearDupIndex, NearDupStats, lsh_params
+        from cpt_megatron.curate.pipeline import _index_reserve
 
         self.plan, self.cfg = plan, plan.cfg.minhash_dedup
         # `candidates: prefix`: the one-process index itself, fed in input order from the sketch folders
         near = "minhash_dedup" in plan.cfg.stages and uses_prefix(self.cfg)
-        budget = Budget.of(plan.cfg.memory_mb)
+        budget = Budget.of(plan.cfg.memory_mb, 1, _index_reserve(plan.cfg))
         self.index = NearDupIndex(self.cfg, workdir=str(plan.work),
                                   resident_bytes=budget.index_bytes if budget.memory_mb else None) if near else None
         self.near_stats = self.index.stats if self.index is not None else \

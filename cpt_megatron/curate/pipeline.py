@@ -652,11 +652,20 @@ class _Accounts:
         return report
 
 
+def _index_reserve(cfg: CurateConfig) -> int:
+    """Bytes the near-dup index allocates up front (the prefix index's count slots and bitmap)."""
+    from cpt_megatron.curate.dedup import uses_prefix
+    from cpt_megatron.curate.prefix_index import PrefixIndex
+
+    near = "minhash_dedup" in cfg.stages and uses_prefix(cfg.minhash_dedup, cfg.lsh)
+    return PrefixIndex.FIXED_BYTES if near else 0
+
+
 def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, workers: int, progress: bool,
          batches=None, dedup=None) -> dict:
     """The accounting loop. `batches` (default: the worker pool over `reader`) yields (records read,
     per-record results) in input order; `dedup` (default `_LocalDedup`) makes the exact/near decisions."""
-    budget = Budget.of(cfg.memory_mb, workers)
+    budget = Budget.of(cfg.memory_mb, workers, _index_reserve(cfg))
     acc = _Accounts(tmp, cfg, dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out, budget))
     if batches is None:
         tasks = _batches(reader, _BATCH, budget.batch_bytes) if workers <= 1 else \

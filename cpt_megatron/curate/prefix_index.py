@@ -83,8 +83,14 @@ class PrefixIndex:
     """P(y) of the kept documents; `candidates` proposes, for a batch, every (document, earlier kept
     document) pair that can have J >= t, with the count filter applied."""
 
-    def __init__(self, threshold: float, count_bits: int = 21, bitmap_bits: int = 25):
+    FIXED_BYTES = 2 * (1 << 21) + (1 << 20)  # the count slots and the budgeted (23-bit) bitmap, allocated up front
+
+    SPILL_ENTRIES = 1 << 13  # runs this long live in nameless memory-mapped files (`release()` drops their pages)
+
+    def __init__(self, threshold: float, count_bits: int = 21, bitmap_bits: int = 25, folder: str | None = None):
         self.t = threshold
+        self._folder = folder
+        self._files: dict[int, tuple] = {}  # id(keys) -> the SpillArrays holding a spilled run
         self._count_shift = np.uint64(64 - count_bits)
         self._counts = np.zeros(1 << count_bits, np.uint16)  # saturating
         self._bit_shift = np.uint64(64 - bitmap_bits)
@@ -188,9 +194,33 @@ class PrefixIndex:
         while self._runs and len(self._runs[-1][0]) <= 2 * len(keys):  # binary counter: O(log n) runs
             k2, r2 = self._runs.pop()
             keys, rows = np.concatenate([k2, keys]), np.concatenate([r2, rows])
+            for f in self._files.pop(id(k2), ()):
+                f.close()
             o = np.argsort(keys, kind="stable")
             keys, rows = keys[o], rows[o]
+        if len(keys) >= self.SPILL_ENTRIES:
+            from cpt_megatron.curate.spill import SpillArray
+
+            files = (SpillArray(np.uint64, 1, self._folder, len(keys)), SpillArray(np.int32, 1, self._folder, len(keys)))
+            files[0].append(keys)
+            files[1].append(rows)
+            keys, rows = files[0].view(), files[1].view()
+            self._files[id(keys)] = files
         self._runs.append((keys, rows))
 
+    @property
     def nbytes(self) -> int:
         return self._counts.nbytes + self._bitmap.nbytes + sum(k.nbytes + r.nbytes for k, r in self._runs)
+
+    def release(self) -> None:
+        """Drop the resident pages of the spilled runs (they are read back from their files on demand)."""
+        for files in self._files.values():
+            for f in files:
+                f.release()
+
+    def close(self) -> None:
+        for files in self._files.values():
+            for f in files:
+                f.close()
+        self._files.clear()
+        self._runs.clear()

@@ -56,11 +56,12 @@ class Budget:
     index_bytes: int
 
     @classmethod
-    def of(cls, memory_mb: float | None, workers: int = 1) -> Budget:
+    def of(cls, memory_mb: float | None, workers: int = 1, reserve_bytes: int = 0) -> Budget:
+        """reserve_bytes: fixed allocations made later that the working sizes must leave room for."""
         if memory_mb is None:
             big = 1 << 62
             return cls(None, big, 8 * _MIB, big, big)
-        work = max(int((memory_mb - rss_mib()) * _MIB), 16 * _MIB)
+        work = max(int((memory_mb - rss_mib()) * _MIB) - reserve_bytes, 16 * _MIB)
         clamp = lambda v, lo, hi: int(min(max(v, lo), hi))  # noqa: E731
         return cls(memory_mb, work, clamp(work // 256, 32 << 10, 8 * _MIB),
                    clamp(work // (64 * max(workers, 1)), 64 << 10, 64 * _MIB), clamp(work // 8, 2 * _MIB, 1 << 40))
