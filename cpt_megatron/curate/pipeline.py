@@ -35,6 +35,7 @@ from cpt_megatron.utils import atomic_dir, write_json
 
 __all__ = ["curate", "CurateResult"]
 
+GZIP_LEVEL = 6  # output shards
 _BATCH = 256
 _MAX_MALFORMED_LISTED = 100
 _REJECT_TEXT_CHARS = 4000
@@ -378,7 +379,8 @@ class _ShardWriter:
             self._buf, self._buf_bytes = [], 0
 
     def _open(self, path: Path) -> None:
-        self._f = gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)
+        # level 6, gzip's and pigz's default (Python's 9 costs ~2x the CPU for ~1% smaller shards)
+        self._f = gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0, compresslevel=GZIP_LEVEL)
 
     def _write(self, data: bytes) -> None:
         self._f.write(data)
