@@ -72,7 +72,7 @@ def test_dry_run_prints_every_arm_merge_and_eval(shared_data, tmp_path, capsys):
         assert f"run.dir={tmp_path / arm} " in out
     assert "train.ewc.kind=l2sp" in out and "eval.monitor.policy=adapt" in out
     assert out.count(" merge --base ") == 3 and "--merge-grid 0.25,0.5,0.75" in out
-    assert "--benchmark-data" in out and "arc_easy,hellaswag,piqa,sciq" in out and "--limit 1000" in out
+    assert "--benchmark-data" in out and "arc_easy,hellaswag,piqa,sciq" in out and "--limit 100 " in out
     held = (tmp_path / "data" / "medquad_heldout.txt").read_text()
     train = (tmp_path / "data" / "medquad_train.txt").read_text()
     assert held.count("\n# ") + held.startswith("# ") == 150 and held[:50] not in train

@@ -387,10 +387,12 @@ class _ShardWriter:
 
     def _close(self) -> None:
         if self._f is not None:
-            raw = self._f.fileobj
-            self._f.close()
-            raw.close()
+            raw, f = self._f.fileobj, self._f
             self._f = None
+            try:
+                f.close()  # may fail (a full disk): the file is closed all the same, its blocks freed
+            finally:
+                raw.close()
 
     def close(self) -> None:
         """Finish the open shard (queued after its last lines)."""
