@@ -35,6 +35,7 @@ import numpy as np
 
 from cpt_megatron.curate.config import MinHashConfig
 from cpt_megatron.curate.prefix_index import PrefixIndex
+from cpt_megatron.curate.spill import SpillRuns
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import gather_runs
 
@@ -358,42 +359,12 @@ class MinHasher:
         return oph_sketches(values, offsets, self.cfg.num_perm)
 
 
-class ShingleStore:
-    """Append-only store of uint64 sets: values and offsets in `spill.SpillArray`s (nameless memory-mapped
-    temp files): resident memory is the page cache's business, not the process's (`release()`)."""
+class ShingleStore(SpillRuns):
+    """Append-only store of uint64 sets (nameless memory-mapped temp files): resident memory is the page
+    cache's business, not the process's (`release()`)."""
 
     def __init__(self, folder: str | None = None, capacity: int = 1 << 20):
-        from cpt_megatron.curate.spill import SpillArray
-
-        self._vals = SpillArray(np.uint64, 1, folder, capacity)
-        self._offs = SpillArray(np.int64, 1, folder)
-        self._offs.append(np.zeros(1, np.int64))
-        self.count = 0
-
-    def add_many(self, values: np.ndarray, lens: np.ndarray) -> None:
-        """Append len(lens) sets: values holds them back to back."""
-        n = len(self._vals)
-        self._vals.append(values)
-        self._offs.append(n + np.cumsum(lens, dtype=np.int64))
-        self.count += len(lens)
-
-    def offsets_array(self) -> np.ndarray:
-        return self._offs.view()
-
-    def values(self) -> np.ndarray:
-        return self._vals.view()
-
-    @property
-    def nbytes(self) -> int:
-        return self._vals.nbytes + self._offs.nbytes
-
-    def release(self) -> None:
-        self._vals.release()
-        self._offs.release()
-
-    def close(self) -> None:
-        self._vals.close()
-        self._offs.close()
+        super().__init__(np.uint64, folder, capacity)
 
 
 def _redis_conn(url: str) -> dict:
@@ -704,8 +675,8 @@ class NearDupIndex:
     order: document j is a near-duplicate iff an earlier KEPT document (before the batch, or earlier in
     it) is a candidate of it at Jaccard >= threshold; the best is the highest Jaccard, ties to the
     earliest kept document. Candidates (`candidates`): `prefix` (`prefix_index.PrefixIndex`: every
-    earlier kept document with J >= threshold, so with `decide: exact` the decisions are
-    `brute_force_removed`'s, up to the sketch pre-filters' < 1e-8 per pair) or `bands` (documents
+    earlier kept document with J >= threshold, each checked exactly, so the decisions are
+    `brute_force_removed`'s) or `bands` (documents
     sharing an LSH band key: < 0.5% of pairs AT the threshold missed; in memory, or on Redis with
     `lsh_url`). The decisions and the report equal one `check_batch` per document whatever the batch
     size (a pair's Jaccard depends only on the two documents, the prefix index chooses with the counts

@@ -236,26 +236,11 @@ def _run_task(task) -> tuple[int, list, dict]:
     return len(records), *_pack(_WORKER.run(records))
 
 
-def _batches(reader, size: int, max_chars: int = 1 << 62):
+def _batches(items, size: int, max_chars: int = 1 << 62):
     """Lists of `size` records, or fewer holding `max_chars` characters of text (decisions do not depend
-    on where batches end)."""
+    on where batches end); a `FilePart` among the items (`DocumentReader.units`) passes through alone."""
     batch, chars = [], 0
-    for rec in reader:
-        batch.append(rec)
-        chars += len(rec.text) if isinstance(rec, Doc) else 0
-        if len(batch) >= size or chars >= max_chars:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def _tasks(reader: DocumentReader, size: int, max_chars: int, part_bytes: int):
-    """Worker tasks in input order: `FilePart`s of the files a worker reads itself (uncompressed JSONL,
-    plain text with a separator: the parent only finds line ends and counts lines) and batches of the
-    records the parent reads (the rest)."""
-    batch, chars = [], 0
-    for u in reader.units(part_bytes):
+    for u in items:
         if isinstance(u, FilePart):
             if batch:
                 yield batch
@@ -269,6 +254,13 @@ def _tasks(reader: DocumentReader, size: int, max_chars: int, part_bytes: int):
             batch, chars = [], 0
     if batch:
         yield batch
+
+
+def _tasks(reader: DocumentReader, size: int, max_chars: int, part_bytes: int):
+    """Worker tasks in input order: `FilePart`s of the files a worker reads itself (uncompressed JSONL,
+    plain text with a separator: the parent only finds line ends and counts lines) and batches of the
+    records the parent reads (the rest)."""
+    return _batches(reader.units(part_bytes), size, max_chars)
 
 
 def _ordered_map(tasks, cfg: CurateConfig, workers: int, budget: Budget | None = None):

@@ -120,37 +120,59 @@ class SpillArray:
         self._file.close()
 
 
-class SpillBytes:
-    """Append-only byte strings (document keys) in a `SpillArray`, read back one at a time."""
+class SpillRuns:
+    """Append-only variable-length runs of `dtype` values, back to back in one `SpillArray` with their
+    offsets in another: run i is values()[offsets[i]:offsets[i+1]]."""
 
-    def __init__(self, folder: str | None = None):
-        self._data = SpillArray(np.uint8, 1, folder, 1 << 16)
-        self._off = SpillArray(np.int64, 1, folder)
-        self._off.append(np.zeros(1, np.int64))
+    def __init__(self, dtype, folder: str | None = None, capacity: int = 1 << 16):
+        self._vals = SpillArray(dtype, 1, folder, capacity)
+        self._offs = SpillArray(np.int64, 1, folder)
+        self._offs.append(np.zeros(1, np.int64))
 
-    def extend(self, items: list[bytes]) -> None:
-        if items:
-            self._data.append(np.frombuffer(b"".join(items), np.uint8))
-            self._off.append(len(self._data) - sum(map(len, items)) + np.cumsum([len(b) for b in items]))
+    def add_many(self, values: np.ndarray, lens) -> None:
+        """Append len(lens) runs: values holds them back to back."""
+        n = len(self._vals)
+        self._vals.append(values)
+        self._offs.append(n + np.cumsum(lens, dtype=np.int64))
 
-    def __getitem__(self, i: int) -> bytes:
-        off = self._off.view()
-        return self._data.view()[int(off[i]) : int(off[i + 1])].tobytes()
+    def values(self) -> np.ndarray:
+        return self._vals.view()
+
+    def offsets_array(self) -> np.ndarray:
+        return self._offs.view()
+
+    def run(self, i: int) -> np.ndarray:
+        off = self._offs.view()
+        return self._vals.view()[int(off[i]) : int(off[i + 1])]
 
     def __len__(self) -> int:
-        return len(self._off) - 1
+        return len(self._offs) - 1
 
     @property
     def nbytes(self) -> int:
-        return self._data.nbytes + self._off.nbytes
+        return self._vals.nbytes + self._offs.nbytes
 
     def release(self) -> None:
-        self._data.release()
-        self._off.release()
+        self._vals.release()
+        self._offs.release()
 
     def close(self) -> None:
-        self._data.close()
-        self._off.close()
+        self._vals.close()
+        self._offs.close()
+
+
+class SpillBytes(SpillRuns):
+    """Append-only byte strings (document keys), read back one at a time."""
+
+    def __init__(self, folder: str | None = None):
+        super().__init__(np.uint8, folder, 1 << 16)
+
+    def extend(self, items: list[bytes]) -> None:
+        if items:
+            self.add_many(np.frombuffer(b"".join(items), np.uint8), [len(b) for b in items])
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.run(i).tobytes()
 
 
 _MERGE_CHUNK = 1 << 16  # entries of the older run merged per step (bounded memory)
