@@ -170,21 +170,23 @@ def _whitespace(data: np.ndarray) -> np.ndarray:
 _HASH_CHUNK_CHARS = 1 << 19  # texts hashed together: the byte-level temporaries are ~40 bytes per byte
 
 
-def shingle_hashes(texts: list[str], n: int = 5, lowercase: bool = False, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes(texts: list[str], n: int = 5, lowercase: bool = False, seed: int = 1,
+                   chunk_chars: int = _HASH_CHUNK_CHARS) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique 64-bit shingle hashes of each text: (values uint64, offsets int64[len(texts)+1]).
 
     Document d's set is values[offsets[d]:offsets[d+1]] and equals
     sorted({shingle_hash_reference(s, seed) for s in shingles(text, n, lowercase)}).
-    Texts go through in runs of ~_HASH_CHUNK_CHARS characters (a longer text alone): the temporaries
-    (and the cached power tables) stay ~20-80 MiB whatever the batch, not 40x its bytes.
+    Texts go through in runs of ~chunk_chars characters (a longer text alone): the temporaries (and the
+    cached power tables) stay ~40x chunk_chars bytes (20-80 MiB by default) whatever the batch, not 40x its
+    bytes; a memory budget passes a smaller chunk (`spill.Budget.hash_bytes`).
     """
     ends = np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)))
-    if len(texts) < 2 or ends[-1] <= _HASH_CHUNK_CHARS:
+    if len(texts) < 2 or ends[-1] <= chunk_chars:
         return _shingle_hashes(texts, n, lowercase, seed)
     cuts = [0]
     while cuts[-1] < len(texts):  # each run ends at the first text that reaches the chunk size
         base = ends[cuts[-1] - 1] if cuts[-1] else 0
-        cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, base + _HASH_CHUNK_CHARS, "left"))))
+        cuts.append(max(cuts[-1] + 1, int(np.searchsorted(ends, base + chunk_chars, "left"))))
     parts = [_shingle_hashes(texts[a:b], n, lowercase, seed) for a, b in zip(cuts[:-1], cuts[1:])]
     values = np.concatenate([v for v, _ in parts])
     offsets = np.concatenate([[0]] + [o[1:] + base for (_, o), base in
@@ -345,12 +347,13 @@ class MinHasher:
     """The configured shingling (`hash_sets`) and LSH sketches (`signatures`: num_perm densified bins).
     Only candidates come from the sketch (and the `estimate` decision); `exact` decisions never do."""
 
-    def __init__(self, cfg: MinHashConfig | None = None, sketch: bool = True):
+    def __init__(self, cfg: MinHashConfig | None = None, sketch: bool = True, chunk_chars: int = _HASH_CHUNK_CHARS):
         self.cfg = cfg or MinHashConfig()
         self.sketch = sketch  # False (`uses_prefix`: nothing reads them): zero-width signatures
+        self.chunk_chars = chunk_chars  # text hashed in one numpy pass (`shingle_hashes`)
 
     def hash_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        return shingle_hashes(texts, self.cfg.ngram, self.cfg.lowercase, self.cfg.seed)
+        return shingle_hashes(texts, self.cfg.ngram, self.cfg.lowercase, self.cfg.seed, self.chunk_chars)
 
     def signatures(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """uint32[num_sets, num_perm] sketches of the sets from `hash_sets`; an empty set gets all-ones."""

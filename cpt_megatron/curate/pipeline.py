@@ -88,14 +88,15 @@ class _Worker:
         from cpt_megatron.curate.filters import LengthFilter
 
         self.cfg = cfg
-        self.hash_bytes = (budget or Budget.of(None)).hash_bytes
+        hash_bytes = (budget or Budget.of(None)).hash_bytes
         self.stages = set(cfg.stages)
         self.length = LengthFilter(cfg.length)
         self.hasher = None
         if "minhash_dedup" in self.stages:
-            from cpt_megatron.curate.dedup import MinHasher, uses_prefix
+            from cpt_megatron.curate.dedup import _HASH_CHUNK_CHARS, MinHasher, uses_prefix
 
-            self.hasher = MinHasher(cfg.minhash_dedup, sketch=not uses_prefix(cfg.minhash_dedup, cfg.lsh))
+            self.hasher = MinHasher(cfg.minhash_dedup, sketch=not uses_prefix(cfg.minhash_dedup, cfg.lsh),
+                                    chunk_chars=min(hash_bytes, _HASH_CHUNK_CHARS))
 
     def run(self, records: list) -> list:
         from cpt_megatron.curate.dedup import exact_key
@@ -135,7 +136,7 @@ class _Worker:
             live = [o for o in out if isinstance(o, _Out) and o.removed is None]
             from cpt_megatron.curate.dedup import fine_sketches, hash_ranges, uses_prefix
 
-            values, offsets = self._hash_sets([o.text for o in live])
+            values, offsets = self.hasher.hash_sets([o.text for o in live])
             exact = self.cfg.minhash_dedup.decide == "exact"
             filters = exact and not uses_prefix(self.cfg.minhash_dedup, self.cfg.lsh)  # the bands' pre-filters
             if filters:
@@ -151,22 +152,6 @@ class _Worker:
                 if isinstance(o, _Out) and o.removed is None:
                     o.line = _line(_record(o, st))
         return out
-
-    def _hash_sets(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """`MinHasher.hash_sets` over pieces of at most `hash_bytes` of text (its temporaries are ~60 bytes
-        per text byte): the same sets, bounded memory."""
-        pieces, lo, size = [], 0, 0
-        for i, t in enumerate(texts):
-            size += len(t)
-            if size >= self.hash_bytes or i == len(texts) - 1:
-                pieces.append(self.hasher.hash_sets(texts[lo : i + 1]))
-                lo, size = i + 1, 0
-        if len(pieces) <= 1:
-            return pieces[0] if pieces else self.hasher.hash_sets([])
-        values = np.concatenate([v for v, _ in pieces])
-        starts = np.cumsum([0] + [len(v) for v, _ in pieces[:-1]])
-        offsets = np.concatenate([[0]] + [o[1:] + s for (_, o), s in zip(pieces, starts)]).astype(np.int64)
-        return values, offsets
 
     @staticmethod
     def _stage(name: str, o: _Out, text: str, reason: str | None):
