@@ -125,7 +125,9 @@ def test_workers_read_byte_ranges_themselves_same_output(tmp_path, monkeypatch, 
                              "rejected_samples": 5})
     curate([path], tmp_path / "w1", cfg, workers=1)
     monkeypatch.setattr(pipeline, "_PART_BYTES", 1500)
-    tasks = list(pipeline._tasks(DocumentReader([path], cfg.input), 256, 1 << 30, 1500))
+    from cpt_megatron.curate.spill import Budget
+
+    tasks = list(pipeline._tasks(DocumentReader([path], cfg.input), 2, Budget.of(None)))  # parts of _PART_BYTES
     assert len(tasks) > 5 and all(isinstance(t, FilePart) and t.first_line for t in tasks)
     for w in (2, 3):
         curate([path], tmp_path / f"w{w}", cfg, workers=w)

@@ -416,6 +416,12 @@ class NearDupStats:
                 "verified_pairs": self.verified_pairs, "removed": self.removed, "removed_jaccard_histogram": hist}
 
 
+def prefilter_chunk(resident_bytes: int | None) -> int:
+    """Pairs pre-filtered at once (`pair_jaccard`): their gathered sketches (2 KiB a side with 512 bins) in
+    ~1/16 of the index's resident share (None: unbounded)."""
+    return 1 << 16 if resident_bytes is None else int(np.clip(resident_bytes // (16 << 10), 256, 1 << 16))
+
+
 def uses_prefix(cfg: MinHashConfig, lsh_url: str | None = None) -> bool:
     """Whether `NearDupIndex` proposes candidates with the prefix index (else LSH bands)."""
     return cfg.decide == "exact" and cfg.candidates == "prefix" and not lsh_url
@@ -700,8 +706,7 @@ class NearDupIndex:
         # the kept documents' state lives in nameless memory-mapped files (spill.py); above
         # `resident_bytes` (None: never) their mapped pages are released after every batch
         self.resident_bytes = resident_bytes
-        # pairs pre-filtered at once: their gathered sketches (2 KiB a side with 512 bins) in ~1/16 of it
-        self._chunk = 1 << 16 if resident_bytes is None else int(np.clip(resident_bytes // (16 << 10), 256, 1 << 16))
+        self._chunk = prefilter_chunk(resident_bytes)
         self.lsh = None if self.prefix is not None else _RedisBands(lsh_url, basename) if lsh_url else \
             SortedBands(workdir, (resident_bytes or 32 << 20) // 4)
         self._keys = SpillBytes(workdir)

@@ -132,7 +132,7 @@ def _columns(cfg: CurateConfig) -> dict[str, tuple[np.dtype, int]]:
 def _sketch(plan: _Plan, k: int, workers: int) -> None:
     """Task k of stage 1, streaming: each batch's results go to docs.pkl and its live documents' arrays are
     appended to the column files (memory: a few batches, whatever the shard's size)."""
-    from cpt_megatron.curate.pipeline import _BATCH, _PART_BYTES, _batches, _ordered_map, _tasks
+    from cpt_megatron.curate.pipeline import _ordered_map, _tasks
 
     cfg = plan.cfg
     exact_sets = cfg.minhash_dedup.decide == "exact"
@@ -147,8 +147,7 @@ def _sketch(plan: _Plan, k: int, workers: int) -> None:
                 tasks = []
                 if plan.files[k]:
                     reader = DocumentReader(plan.files[k], cfg.input)
-                    tasks = _batches(reader, _BATCH, budget.batch_bytes) if workers <= 1 else \
-                        _tasks(reader, _BATCH, budget.batch_bytes, min(budget.batch_bytes, _PART_BYTES))
+                    tasks = _tasks(reader, workers, budget)
                 for n_batch, results in _ordered_map(tasks, cfg, workers, budget):
                     live = [o for o in results if not isinstance(o, Malformed) and o.removed is None]
                     for i, o in enumerate(live):
@@ -233,6 +232,7 @@ def _buckets(plan: _Plan, p: int) -> None:
         equal_runs,
         lsh_params,
         pair_jaccard,
+        prefilter_chunk,
     )
     from cpt_megatron.utils import gather_runs
 
@@ -284,7 +284,7 @@ def _buckets(plan: _Plan, p: int) -> None:
             outs = {(s, name): open(tmp / f"pairs-{s:05d}.{name}.bin", "wb") for s in range(n) for name, _ in _PAIR_FILES}
             try:
                 cap = max(budget.index_bytes // _PAIR_TEMP_BYTES, 1)  # pairs per chunk
-                sketch_rows = int(np.clip(budget.index_bytes // (16 << 10), 256, 1 << 16))  # as NearDupIndex
+                sketch_rows = prefilter_chunk(budget.index_bytes)
                 cum = np.cumsum(per_j)
                 a = 0
                 while a < len(uj):

@@ -241,11 +241,13 @@ def _batches(items, size: int, max_chars: int = 1 << 62):
         yield batch
 
 
-def _tasks(reader: DocumentReader, size: int, max_chars: int, part_bytes: int):
-    """Worker tasks in input order: `FilePart`s of the files a worker reads itself (uncompressed JSONL,
-    plain text with a separator: the parent only finds line ends and counts lines) and batches of the
-    records the parent reads (the rest)."""
-    return _batches(reader.units(part_bytes), size, max_chars)
+def _tasks(reader: DocumentReader, workers: int, budget: Budget):
+    """Tasks in input order: batches of records sized from the budget; with 2+ workers, also `FilePart`s of
+    the files a worker reads itself (uncompressed JSONL, plain text with a separator: the parent only finds
+    line ends and counts lines)."""
+    if workers <= 1:
+        return _batches(reader, _BATCH, budget.batch_bytes)
+    return _batches(reader.units(min(budget.batch_bytes, _PART_BYTES)), _BATCH, budget.batch_bytes)
 
 
 def _ordered_map(tasks, cfg: CurateConfig, workers: int, budget: Budget | None = None):
@@ -649,8 +651,7 @@ def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, 
     budget = Budget.of(cfg.memory_mb, workers, _index_reserve(cfg))
     acc = _Accounts(tmp, cfg, dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out, budget))
     if batches is None:
-        tasks = _batches(reader, _BATCH, budget.batch_bytes) if workers <= 1 else \
-            _tasks(reader, _BATCH, budget.batch_bytes, min(budget.batch_bytes, _PART_BYTES))
+        tasks = _tasks(reader, workers, budget)
         batches = _ordered_map(tasks, cfg, workers, budget)
     bar = None
     if progress:
