@@ -40,7 +40,7 @@ from cpt_megatron.curate.config import CurateConfig, result_config
 from cpt_megatron.curate.dedup import _splitmix64 as _mix
 from cpt_megatron.curate.dedup import uses_prefix
 from cpt_megatron.curate.readers import DocumentReader, FilePart, Malformed, splittable
-from cpt_megatron.curate.spill import Budget
+from cpt_megatron.curate.spill import Budget, map_sparse
 from cpt_megatron.errors import CptError
 from cpt_megatron.utils import atomic_dir, write_json
 
@@ -194,6 +194,7 @@ class _Shard:
             return np.zeros((0, width) if width > 1 else 0, dtype)
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        map_sparse(mm)
         self._maps.append(mm)
         a = np.frombuffer(mm, dtype)
         return a.reshape(-1, width) if width > 1 else a

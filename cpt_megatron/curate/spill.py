@@ -25,7 +25,7 @@ import numpy as np
 
 from cpt_megatron.utils import gather_runs
 
-__all__ = ["Budget", "SpillArray", "SpillBytes", "SortedBands", "rss_mib"]
+__all__ = ["Budget", "SpillArray", "SpillBytes", "SortedBands", "map_sparse", "rss_mib"]
 
 _MIB = 1 << 20
 
@@ -37,6 +37,15 @@ def rss_mib() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / _MIB
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def map_sparse(mm: mmap.mmap) -> None:
+    """Fault this mapping in page by page (MADV_RANDOM). Spilled data is read and written sparsely, and
+    where the page cache holds large folios (ext4 since Linux 6.16) one touched page would otherwise map
+    its whole folio into the resident set: measured 212 KiB per sparse write fault, and a budgeted run
+    5 MiB over its budget."""
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,7 @@ class SpillArray:
         self._arr = None  # the old mapping closes when its last view goes
         self._file.truncate(cap * self._row_bytes())
         self._mm = mmap.mmap(self._file.fileno(), cap * self._row_bytes())
+        map_sparse(self._mm)
         self._arr = np.frombuffer(self._mm, self.dtype).reshape(cap, self.width)
         self._cap = cap
 
