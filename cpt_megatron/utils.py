@@ -434,6 +434,17 @@ def gather_runs(values, starts, lens):
     return values[base + np.arange(total)]
 
 
+def equal_runs(sorted_keys) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values in a sorted array."""
+    import numpy as np
+
+    if len(sorted_keys) == 0:
+        return []
+    cut = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
+    edges = np.concatenate([[0], cut, [len(sorted_keys)]])
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
 def flatten_ids(ids):
     """(lists of token ids back to back as int64, each list's length), the shape `encode_flat` returns."""
     from itertools import chain

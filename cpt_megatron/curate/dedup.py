@@ -37,7 +37,7 @@ from cpt_megatron.curate.config import MinHashConfig
 from cpt_megatron.curate.prefix_index import PrefixIndex
 from cpt_megatron.curate.spill import SpillRuns
 from cpt_megatron.errors import CptError
-from cpt_megatron.utils import gather_runs
+from cpt_megatron.utils import equal_runs, gather_runs
 
 __all__ = [
     "MinHasher",
@@ -594,15 +594,6 @@ def _estimate(pa: np.ndarray, pb: np.ndarray, sa: np.ndarray, sb: np.ndarray, ch
         eq = np.asarray(sa)[pa[lo : lo + chunk]] == np.asarray(sb)[pb[lo : lo + chunk]]
         est[lo : lo + chunk] = np.count_nonzero(eq, axis=1)
     return est / max(sa.shape[1], 1)
-
-
-def equal_runs(sorted_keys: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each run of equal values in a sorted array."""
-    if len(sorted_keys) == 0:
-        return []
-    cut = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
-    edges = np.concatenate([[0], cut, [len(sorted_keys)]])
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
 def same_key_pairs(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

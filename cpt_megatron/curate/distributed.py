@@ -326,12 +326,12 @@ class _ReplayDedup:
 
     def __init__(self, plan: _Plan):
         from cpt_megatron.curate.dedup import NearDupIndex, NearDupStats, lsh_params
-        from cpt_megatron.curate.pipeline import _index_reserve
+        from cpt_megatron.curate.pipeline import _fixed_bytes
 
         self.plan, self.cfg = plan, plan.cfg.minhash_dedup
         # `candidates: prefix`: the one-process index itself, fed in input order from the sketch folders
         near = "minhash_dedup" in plan.cfg.stages and uses_prefix(self.cfg)
-        budget = Budget.of(plan.cfg.memory_mb, 1, _index_reserve(plan.cfg))
+        budget = Budget.of(plan.cfg.memory_mb, 1, _fixed_bytes(plan.cfg))
         self.index = NearDupIndex(self.cfg, workdir=str(plan.work),
                                   resident_bytes=budget.index_bytes if budget.memory_mb else None) if near else None
         self.near_stats = self.index.stats if self.index is not None else \
@@ -361,8 +361,8 @@ class _ReplayDedup:
                     for x in self.shards:
                         x.release()
 
-    def exact_dup(self, o) -> bool:
-        return (o.uid & _LOCAL) in self.exact
+    def exact_dups(self, outs: list) -> list[bool]:
+        return [(o.uid & _LOCAL) in self.exact for o in outs]
 
     def near_dups(self, outs: list) -> list[tuple[str | None, float]]:
         if self.index is not None:

@@ -436,11 +436,16 @@ def curate(
 
 
 class _LocalDedup:
-    """The global decisions of one process: a set of exact keys and a `NearDupIndex`, in input order.
-    curate/distributed.py supplies the same interface from precomputed decisions."""
+    """The global decisions of one process: the exact keys seen (a `SortedBands` of the keys' first 8
+    bytes, their last 8 as the row: 16 bytes per kept document, spilled under a budget) and a
+    `NearDupIndex`, in input order. curate/distributed.py supplies the same interface from precomputed
+    decisions."""
 
     def __init__(self, cfg: CurateConfig, tmp: Path, final_out: Path, budget: Budget | None = None):
-        self.seen: set[bytes] = set()
+        from cpt_megatron.curate.spill import SortedBands
+
+        bounded = budget is not None and budget.memory_mb is not None
+        self.seen = SortedBands(str(tmp), budget.index_bytes // 4 if bounded else 1 << 62)
         self.near = None
         if "minhash_dedup" in cfg.stages:
             from cpt_megatron.curate.dedup import NearDupIndex
@@ -452,11 +457,19 @@ class _LocalDedup:
         self.n_docs = 0
         self.pair_bytes = budget.index_bytes if budget is not None and budget.memory_mb else None
 
-    def exact_dup(self, o: _Out) -> bool:
-        if o.exact in self.seen:
-            return True
-        self.seen.add(o.exact)
-        return False
+    def exact_dups(self, outs: list[_Out]) -> list[bool]:
+        """Per document, in order: is its exact key that of an earlier one (earlier batches or earlier in
+        this batch)?"""
+        if not outs:
+            return []
+        key = np.frombuffer(b"".join(o.exact for o in outs), np.uint64).reshape(len(outs), 2)
+        hi, lo = key[:, 0], key[:, 1].view(np.int64)
+        doc, row = self.seen.query(hi)
+        dup = np.ones(len(outs), bool)
+        dup[np.unique(key, axis=0, return_index=True)[1]] = False  # first in the batch
+        dup[doc[row == lo[doc]]] = True
+        self.seen.insert(lo[~dup], hi[~dup])
+        return dup.tolist()
 
     def near_dups(self, outs: list[_Out]) -> list[tuple[str | None, float]]:
         """(dup_of or None, Jaccard) per document, decided in order (one batch; under a memory budget in
@@ -482,6 +495,7 @@ class _LocalDedup:
         return self.near.check_batch([f"{o.source}:{o.position}" for o in outs], sigs, values, offsets, ranges, fine)
 
     def close(self) -> None:
+        self.seen.close()
         if self.near is not None:
             self.near.close()
 
@@ -517,7 +531,10 @@ class _Accounts:
         """One batch in input order: per-document stages and exact dedup, the batch's near-dup decisions
         at once, then perplexity (batched) and the output."""
         self.n_read += n_batch
-        live = [o for o in results if self._account(o)]
+        dups = iter([])
+        if "exact_dedup" in self.stages:  # the documents that reach it, in order
+            dups = iter(self.dedup.exact_dups([o for o in results if not isinstance(o, Malformed) and not o.removed]))
+        live = [o for o in results if self._account(o, dups)]
         if "minhash_dedup" in self.stages and live:
             survivors = []
             for o, (dup_of, j) in zip(live, self.dedup.near_dups(live)):
@@ -536,8 +553,9 @@ class _Accounts:
             if len(self.ppl_pending) >= self.cfg.perplexity.batch_size:
                 self.flush_ppl()
 
-    def _account(self, o) -> bool:
-        """Count one record's per-document results; True if it is still live after exact dedup."""
+    def _account(self, o, dups) -> bool:
+        """Count one record's per-document results; True if it is still live after exact dedup (`dups`:
+        the exact-dedup verdicts of the batch's documents that reach it, in order)."""
         if isinstance(o, Malformed):
             self.n_malformed += 1
             if len(self.malformed) < _MAX_MALFORMED_LISTED:
@@ -556,7 +574,7 @@ class _Accounts:
             return False
         if "exact_dedup" in self.stages:
             n = len(o.text)
-            dup = self.dedup.exact_dup(o)
+            dup = next(dups)
             self.stats["exact_dedup"].add(n, n, "exact_duplicate" if dup else None)
             if dup:
                 self.reject(o, "exact_dedup", "exact_duplicate")
@@ -635,20 +653,21 @@ class _Accounts:
         return report
 
 
-def _index_reserve(cfg: CurateConfig) -> int:
-    """Bytes the near-dup index allocates up front (the prefix index's count slots and bitmap)."""
+def _fixed_bytes(cfg: CurateConfig) -> int:
+    """Bytes a run holds whatever its budget: the near-dup prefix index's count slots and bitmap, and the
+    writer thread's queue."""
     from cpt_megatron.curate.dedup import uses_prefix
     from cpt_megatron.curate.prefix_index import PrefixIndex
 
     near = "minhash_dedup" in cfg.stages and uses_prefix(cfg.minhash_dedup, cfg.lsh)
-    return PrefixIndex.FIXED_BYTES if near else 0
+    return (PrefixIndex.FIXED_BYTES if near else 0) + _IO_PENDING * _IO_CHUNK
 
 
 def _run(reader: DocumentReader, tmp: Path, final_out: Path, cfg: CurateConfig, workers: int, progress: bool,
          batches=None, dedup=None) -> dict:
     """The accounting loop. `batches` (default: the worker pool over `reader`) yields (records read,
     per-record results) in input order; `dedup` (default `_LocalDedup`) makes the exact/near decisions."""
-    budget = Budget.of(cfg.memory_mb, workers, _index_reserve(cfg))
+    budget = Budget.of(cfg.memory_mb, workers, _fixed_bytes(cfg))
     acc = _Accounts(tmp, cfg, dedup if dedup is not None else _LocalDedup(cfg, tmp, final_out, budget))
     if batches is None:
         tasks = _tasks(reader, workers, budget)

@@ -15,7 +15,7 @@ y, at most |y| - m(y) of them outside P(y), so x holds >= i_min - |y| + m(y) shi
 Counts: `count_bits` hashed slots (uint16, saturating; 2^21 = 4 MiB) of every document checked so far, in input
 order: the same choice one document at a time or a batch at a time. A collision only makes a shingle
 look commoner; the candidates stay complete. Index: sorted runs of (shingle hash, row), merged
-geometrically (binary counter), behind a bitmap of the indexed hashes' top bits (2^25 bits = 4 MiB) so
+geometrically and streaming (`spill.SortedBands`, spilled to disk), behind a bitmap of the indexed hashes' top bits (2^25 bits = 4 MiB) so
 that most of a probe's shingles never reach a binary search.
 """
 
@@ -85,18 +85,19 @@ class PrefixIndex:
 
     FIXED_BYTES = 2 * (1 << 21) + (1 << 20)  # the count slots and the budgeted (23-bit) bitmap, allocated up front
 
-    SPILL_ENTRIES = 1 << 13  # runs this long live in nameless memory-mapped files (`release()` drops their pages)
+    SPILL_ENTRIES = 1 << 13  # merged runs this long live in nameless memory-mapped files (`release()` drops their pages)
 
     def __init__(self, threshold: float, count_bits: int = 21, bitmap_bits: int = 25, folder: str | None = None):
+        from cpt_megatron.curate.spill import SortedBands, SpillArray
+
         self.t = threshold
-        self._folder = folder
-        self._files: dict[int, tuple] = {}  # id(keys) -> the SpillArrays holding a spilled run
         self._count_shift = np.uint64(64 - count_bits)
         self._counts = np.zeros(1 << count_bits, np.uint16)  # saturating
         self._bit_shift = np.uint64(64 - bitmap_bits)
         self._bitmap = np.zeros(1 << (bitmap_bits - 3), np.uint8)
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # sorted (hash, row), sizes halving or more
-        self._sizes = np.zeros(1024, np.int64)  # |y| of indexed row y
+        # sorted (hash, row) runs, merged geometrically and streaming (16 bytes per P entry, spilled)
+        self._runs = SortedBands(folder, 16 * self.SPILL_ENTRIES)
+        self._sizes = SpillArray(np.int64, 1, folder)  # |y| of indexed row y
         self._n = 0  # rows indexed (kept documents)
         self._empty_row = -1  # the first kept empty set
         self.probed = 0  # shingles past the bitmap (binary searches per run)
@@ -147,12 +148,8 @@ class PrefixIndex:
         o = np.argsort(values[maybe])  # sorted queries: each binary search starts where the last ended
         q, qd = values[maybe][o], doc[maybe][o]
         self.probed += len(q)
-        xs, ys = [], []
-        for keys, rows in self._runs:
-            x, y = _probe(keys, rows, q, qd)
-            xs.append(x), ys.append(y)
-        ox, oy, oh = _pairs_with_hits(np.concatenate([np.zeros(0, np.int64), *xs]),
-                                      np.concatenate([np.zeros(0, np.int64), *ys]))
+        qi, oy = self._runs.query(q)
+        ox, oy, oh = _pairs_with_hits(qd[qi], oy)
         local = np.zeros(1 << 17, np.uint8)  # the batch's own P entries: a 2^20-bit map first
         _mark(local, p_keys, np.uint64(44))
         maybe = np.flatnonzero(_marked(local, values, np.uint64(44)))
@@ -160,7 +157,7 @@ class PrefixIndex:
         wx, wy = _probe(p_keys, p_doc, values[o], doc[o])
         later = wx > wy
         wx, wy, wh = _pairs_with_hits(wx[later], wy[later])
-        keep_o = self._count_ok(lens[ox], self._sizes[oy], oh)
+        keep_o = self._count_ok(lens[ox], self._sizes.view()[oy], oh)
         keep_w = self._count_ok(lens[wx], lens[wy], wh)
         ox, oy, wx, wy = ox[keep_o], oy[keep_o], wx[keep_w], wy[keep_w]
         empty = np.flatnonzero(lens == 0)  # two empty sets have J = 1 and no shingle to meet on
@@ -181,46 +178,24 @@ class PrefixIndex:
         row = np.full(len(lens), -1, np.int64)
         row[kept] = self._n + np.arange(len(kept))
         sel = row[p_doc] >= 0
-        keys, rows = p_keys[sel], row[p_doc[sel]].astype(np.int32)  # 12 bytes per entry
-        while self._n + len(kept) > len(self._sizes):
-            self._sizes = np.concatenate([self._sizes, np.zeros_like(self._sizes)])
-        self._sizes[self._n : self._n + len(kept)] = lens[kept]
+        self._sizes.append(lens[kept])
         if self._empty_row < 0 and (lens[kept] == 0).any():
             self._empty_row = self._n + int(np.argmax(lens[kept] == 0))
         self._n += len(kept)
-        if len(keys) == 0:
-            return
-        _mark(self._bitmap, keys, self._bit_shift)
-        while self._runs and len(self._runs[-1][0]) <= 2 * len(keys):  # binary counter: O(log n) runs
-            k2, r2 = self._runs.pop()
-            keys, rows = np.concatenate([k2, keys]), np.concatenate([r2, rows])
-            for f in self._files.pop(id(k2), ()):
-                f.close()
-            o = np.argsort(keys, kind="stable")
-            keys, rows = keys[o], rows[o]
-        if len(keys) >= self.SPILL_ENTRIES:
-            from cpt_megatron.curate.spill import SpillArray
-
-            files = (SpillArray(np.uint64, 1, self._folder, len(keys)), SpillArray(np.int32, 1, self._folder, len(keys)))
-            files[0].append(keys)
-            files[1].append(rows)
-            keys, rows = files[0].view(), files[1].view()
-            self._files[id(keys)] = files
-        self._runs.append((keys, rows))
+        keys = p_keys[sel]
+        if len(keys):
+            _mark(self._bitmap, keys, self._bit_shift)
+            self._runs.insert(row[p_doc[sel]], keys)
 
     @property
     def nbytes(self) -> int:
-        return self._counts.nbytes + self._bitmap.nbytes + sum(k.nbytes + r.nbytes for k, r in self._runs)
+        return self._counts.nbytes + self._bitmap.nbytes + self._runs.nbytes + self._sizes.nbytes
 
     def release(self) -> None:
-        """Drop the resident pages of the spilled runs (they are read back from their files on demand)."""
-        for files in self._files.values():
-            for f in files:
-                f.release()
+        """Drop the resident pages of the spilled runs and sizes (read back from their files on demand)."""
+        self._runs.release()
+        self._sizes.release()
 
     def close(self) -> None:
-        for files in self._files.values():
-            for f in files:
-                f.close()
-        self._files.clear()
-        self._runs.clear()
+        self._runs.close()
+        self._sizes.close()

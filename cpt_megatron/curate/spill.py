@@ -23,11 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpt_megatron.utils import gather_runs
+from cpt_megatron.utils import equal_runs, gather_runs
 
 __all__ = ["Budget", "SpillArray", "SpillBytes", "SortedBands", "map_sparse", "rss_mib"]
 
 _MIB = 1 << 20
+# what a run adds beyond its working sizes: library code pages first run after the budget is set
+# (measured 2.3 MiB of numpy, zlib, json) and the allocator's slack over the bytes it hands out (~3 MiB)
+_SLACK = 4 * _MIB
 
 
 def rss_mib() -> float:
@@ -53,7 +56,7 @@ class Budget:
     """The working sizes derived from a per-process peak-RSS budget (`memory_mb`, None: unbounded).
 
     work: what the run may hold beyond the interpreter and libraries (the budget minus the RSS when the
-    run starts, at least 16 MiB). Of it: text hashed in one numpy pass (`hash_bytes`; the pass and its
+    run starts, the fixed allocations `reserve_bytes` and `_SLACK`; at least 8 MiB). Of it: text hashed in one numpy pass (`hash_bytes`; the pass and its
     cached power tables need ~70 bytes per text byte), text per batch sent to a worker (`batch_bytes`, 2 x workers batches in
     flight, each ~6x its text once hashed and sketched: short documents carry 2.5 KB of sketches), and the near-dup index's resident share (`index_bytes`: above it the mapped pages are
     released after every batch; its band table's recent runs are merged into the spilled main run)."""
@@ -70,7 +73,7 @@ class Budget:
         if memory_mb is None:
             big = 1 << 62
             return cls(None, big, 8 * _MIB, big, big)
-        work = max(int((memory_mb - rss_mib()) * _MIB) - reserve_bytes, 16 * _MIB)
+        work = max(int((memory_mb - rss_mib()) * _MIB) - reserve_bytes - _SLACK, 8 * _MIB)
         clamp = lambda v, lo, hi: int(min(max(v, lo), hi))  # noqa: E731
         return cls(memory_mb, work, clamp(work // 256, 32 << 10, 8 * _MIB),
                    clamp(work // (64 * max(workers, 1)), 64 << 10, 64 * _MIB), clamp(work // 8, 2 * _MIB, 1 << 40))
@@ -119,6 +122,17 @@ class SpillArray:
     @property
     def nbytes(self) -> int:
         return self._n * self._row_bytes()
+
+    def read(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) into `out` with pread: the page cache's pages, copied, never mapped (a
+        mapped read maps its neighbours too: 64 KiB of fault-around per touched page)."""
+        view = memoryview(out).cast("B")
+        got, size, at = 0, (stop - start) * self._row_bytes(), start * self._row_bytes()
+        while got < size:
+            k = os.preadv(self._file.fileno(), [view[got:size]], at + got)
+            if k <= 0:
+                raise OSError(f"short read from a spill file ({got} of {size} bytes)")
+            got += k
 
     def release(self) -> None:
         """Take the mapped pages out of this process's resident set (the data stays)."""
@@ -185,39 +199,90 @@ class SpillBytes(SpillRuns):
         return self.run(i).tobytes()
 
 
-_MERGE_CHUNK = 1 << 16  # entries of the older run merged per step (bounded memory)
+_MERGE_CHUNK = 1 << 16  # entries of the older run merged per step at most (a 64th of `resident_bytes`)
+_BLOCK = 512  # entries per block of a spilled run (4 KiB of keys): what a query reads
+_READ_BLOCKS = 64  # blocks read per query step (512 KiB of keys and rows)
+
+
+def _lookup(keys: np.ndarray, rows: np.ndarray, uq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(entries equal to each sorted needle, their rows needle after needle) in a sorted run in memory."""
+    lo = np.searchsorted(keys, uq, "left")
+    n = np.zeros(len(uq), np.int64)
+    found = np.flatnonzero(keys[np.minimum(lo, len(keys) - 1)] == uq)  # most needles are in no run
+    if len(found) == 0:
+        return n, rows[:0]
+    n[found] = np.searchsorted(keys, uq[found], "right") - lo[found]
+    return n, gather_runs(rows, lo[found], n[found])
+
+
+def _lookup_blocks(spill: tuple, fence: np.ndarray, uq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_lookup` in a spilled run, reading only its blocks that can hold a needle: needle u's entries lie
+    in blocks [b_lo, b_hi] (fence[b_lo] < u <= ... , fence[b_hi] <= u), contiguous, so the blocks read,
+    in order, form a sorted array in which u's entries are as contiguous as in the run."""
+    keys, rows = spill
+    b_hi = np.searchsorted(fence, uq, "right") - 1  # -1: below the run's first key
+    b_lo = np.maximum(np.searchsorted(fence, uq, "left") - 1, 0)
+    live = np.flatnonzero(b_hi >= 0)
+    n, got = np.zeros(len(uq), np.int64), []
+    if len(live) == 0:
+        return n, np.zeros(0, np.int64)
+    b_lo, b_hi = b_lo[live], b_hi[live]
+    # blocks each needle adds to those of the needles before it (b_lo, b_hi ascend with the needles)
+    before = np.maximum.accumulate(np.concatenate([[-1], b_hi[:-1]]))
+    new = np.maximum(b_hi - np.maximum(b_lo - 1, before), 0)
+    step = np.cumsum(new) // _READ_BLOCKS
+    bk, br = np.empty(0, np.uint64), np.empty(0, np.int64)
+    for lo, hi in equal_runs(step):
+        blocks = np.unique(gather_runs(np.arange(len(fence)), b_lo[lo:hi], b_hi[lo:hi] - b_lo[lo:hi] + 1))
+        if len(bk) < len(blocks) * _BLOCK:
+            bk, br = np.empty(len(blocks) * _BLOCK, np.uint64), np.empty(len(blocks) * _BLOCK, np.int64)
+        filled = 0
+        for a, b in equal_runs(blocks - np.arange(len(blocks))):  # one pread per stretch of adjacent blocks
+            start, stop = int(blocks[a]) * _BLOCK, min((int(blocks[b - 1]) + 1) * _BLOCK, len(keys))
+            keys.read(start, stop, bk[filled : filled + stop - start])
+            rows.read(start, stop, br[filled : filled + stop - start])
+            filled += stop - start
+        m, r = _lookup(bk[:filled], br[:filled], uq[live[lo:hi]])
+        n[live[lo:hi]] = m
+        got.append(r)  # a copy (fancy indexing)
+    return n, np.concatenate(got)
 
 
 class SortedBands:
     """The LSH table (`dedup._Bands`' interface before it): which earlier rows have each band key.
 
     A log-structured table: each insert adds a sorted run, and a run at least half as big as the one
-    before it is merged into it (streaming, `_MERGE_CHUNK` entries at a time), so there are O(log n)
+    before it is merged into it (streaming, at most `_MERGE_CHUNK` entries at a time), so there are O(log n)
     runs and each entry is merged O(log n) times. A merged run bigger than `resident_bytes` goes to a
-    `SpillArray` (released after every batch with `release()`); smaller ones stay in memory."""
+    `SpillArray` (released after every batch with `release()`); smaller ones stay in memory. A query
+    reads a spilled run block by block (its first key of every `_BLOCK` entries, the fence, stays in
+    memory: 1/512 of the run): only the blocks that can hold a needle, `_READ_BLOCKS` at a time, with
+    pread, so a query costs its blocks, not the run's pages."""
 
     def __init__(self, folder: str | None = None, resident_bytes: int = 8 * _MIB):
         self.folder, self.resident_bytes = folder, max(int(resident_bytes), 1 << 16)
-        self._runs: list[tuple] = []  # (keys, rows, spill arrays or None), oldest first
+        self._runs: list[tuple] = []  # (keys, rows, spill arrays or None, fence or None), oldest first
 
     def query(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(document index, row) for every row sharing a key with keys[document] (repeats possible)."""
-        q = np.asarray(keys, np.uint64).reshape(len(keys), -1)
-        width = max(q.shape[1], 1)
+        q = np.asarray(keys, np.uint64)
+        if q.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        q = q.reshape(len(q), -1)
+        width = q.shape[1]
         uq, inv = np.unique(q.ravel(), return_inverse=True)  # sorted needles: local binary searches
         docs, rows = [], []
-        for rk, rr, _ in self._runs:
+        for rk, rr, sp, fence in self._runs:
             if len(rk) == 0:
                 continue
-            lo = np.searchsorted(rk, uq, "left")
-            found = np.flatnonzero(rk[np.minimum(lo, len(rk) - 1)] == uq)  # most keys are in no run
-            if len(found) == 0:
-                continue
-            n = np.zeros(len(uq), np.int64)
-            n[found] = np.searchsorted(rk, uq[found], "right") - lo[found]
+            # n[i]: the run's entries equal to needle i; got: their rows, needle after needle
+            n, got = _lookup(rk, rr, uq) if sp is None else _lookup_blocks(sp, fence, uq)
             hit = np.flatnonzero(n[inv])  # positions in the query (document * width + band)
+            if len(hit) == 0:
+                continue
+            starts = np.cumsum(n) - n
             docs.append(np.repeat(hit // width, n[inv[hit]]))
-            rows.append(gather_runs(rr, lo[inv[hit]], n[inv[hit]]))
+            rows.append(gather_runs(got, starts[inv[hit]], n[inv[hit]]))
         if not docs:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(docs).astype(np.int64), np.concatenate(rows).astype(np.int64)
@@ -229,33 +294,39 @@ class SortedBands:
         k = keys.ravel()
         r = np.repeat(np.asarray(rows, np.int64), keys.shape[1] if keys.ndim > 1 else 1)
         order = np.argsort(k, kind="stable")
-        self._runs.append((k[order], r[order], None))
+        self._runs.append((k[order], r[order], None, None))
         while len(self._runs) > 1 and 2 * len(self._runs[-1][0]) >= len(self._runs[-2][0]):
             b, a = self._runs.pop(), self._runs.pop()
             self._runs.append(self._merge(a, b))
 
     def _merge(self, a: tuple, b: tuple) -> tuple:
-        """Two sorted runs -> one, `_MERGE_CHUNK` entries of `a` at a time (into a SpillArray when big)."""
-        (ak, ar, asp), (bk, br, bsp) = a, b
+        """Two sorted runs -> one, a chunk of `a` at a time (into a SpillArray when big,
+        with its fence)."""
+        (ak, ar, asp, _), (bk, br, bsp, _) = a, b
         n = len(ak) + len(bk)
         spill = None
         if 16 * n > self.resident_bytes:
             spill = (SpillArray(np.uint64, 1, self.folder, n), SpillArray(np.int64, 1, self.folder, n))
+            fence = np.empty((n + _BLOCK - 1) // _BLOCK, np.uint64)
         else:
             outk, outr = np.empty(n, np.uint64), np.empty(n, np.int64)
         at = taken = 0
-        for lo in range(0, len(ak) + 1, _MERGE_CHUNK):
-            ck, cr = ak[lo : lo + _MERGE_CHUNK], ar[lo : lo + _MERGE_CHUNK]
-            last = lo + _MERGE_CHUNK >= len(ak)
+        step = int(min(max(self.resident_bytes // 64, 4096), _MERGE_CHUNK))  # ~4 copies of 16 bytes a chunk entry
+        for lo in range(0, len(ak) + 1, step):
+            ck, cr = ak[lo : lo + step], ar[lo : lo + step]
+            last = lo + step >= len(ak)
             upto = len(bk) if last else int(np.searchsorted(bk, ck[-1], "right"))
             mk, mr = np.concatenate([ck, bk[taken:upto]]), np.concatenate([cr, br[taken:upto]])
             o = np.argsort(mk, kind="stable")  # two sorted pieces: a linear merge
             if spill is None:
                 outk[at : at + len(o)], outr[at : at + len(o)] = mk[o], mr[o]
             else:
-                spill[0].append(mk[o])
+                mk = mk[o]
+                first = -at % _BLOCK  # the chunk's first entry that starts a block
+                fence[(at + first) // _BLOCK : (at + len(o) + _BLOCK - 1) // _BLOCK] = mk[first::_BLOCK]
+                spill[0].append(mk)
                 spill[1].append(mr[o])
-                for s in (asp or ()) + spill:
+                for s in (asp or ()) + (bsp or ()) + spill:
                     s.release()
             at, taken = at + len(o), upto
             if last:
@@ -263,20 +334,20 @@ class SortedBands:
         for s in (asp or ()) + (bsp or ()):
             s.close()
         if spill is None:
-            return outk, outr, None
-        return spill[0].view(), spill[1].view(), spill
+            return outk, outr, None, None
+        return spill[0].view(), spill[1].view(), spill, fence
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for _, _, sp in self._runs for s in (sp or ()))
+        return sum(s.nbytes for _, _, sp, _ in self._runs for s in (sp or ()))
 
     def release(self) -> None:
-        for _, _, sp in self._runs:
+        for _, _, sp, _ in self._runs:
             for s in sp or ():
                 s.release()
 
     def close(self) -> None:
-        for _, _, sp in self._runs:
+        for _, _, sp, _ in self._runs:
             for s in sp or ():
                 s.close()
         self._runs = []
