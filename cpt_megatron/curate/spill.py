@@ -80,9 +80,9 @@ class Budget:
 
 
 class SpillArray:
-    """Append-only rows (`width` values of `dtype` each) in a nameless memory-mapped temp file; the
-    capacity doubles as it grows (remapped O(log n) times). `view()` is the filled part (valid until
-    the next `append`)."""
+    """Append-only rows (`width` values of `dtype` each) in a nameless temp file, written with pwrite and
+    read through a map (`view()`, the filled part, valid until the next `append`) or with pread
+    (`read`); the capacity doubles as it grows (remapped O(log n) times)."""
 
     def __init__(self, dtype, width: int = 1, folder: str | None = None, capacity: int = 1024):
         self.dtype, self.width = np.dtype(dtype), int(width)
@@ -109,7 +109,12 @@ class SpillArray:
         k = len(rows)
         if self._n + k > self._cap:
             self._grow(self._n + k)
-        self._arr[self._n : self._n + k] = rows
+        # written with pwrite, not through the map: the page cache takes the rows without a fault per
+        # page, and none of them enters the resident set until it is read
+        data = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+        done, at = 0, self._n * self._row_bytes()
+        while done < len(data):
+            done += os.pwrite(self._file.fileno(), data[done:], at + done)
         self._n += k
 
     def view(self) -> np.ndarray:
@@ -201,7 +206,8 @@ class SpillBytes(SpillRuns):
 
 _MERGE_CHUNK = 1 << 16  # entries of the older run merged per step at most (a 64th of `resident_bytes`)
 _BLOCK = 512  # entries per block of a spilled run (4 KiB of keys): what a query reads
-_READ_BLOCKS = 64  # blocks read per query step (512 KiB of keys and rows)
+_READ_BLOCKS = 32  # needed blocks read per query step (256 KiB of keys and rows, up to 1 MiB with gaps)
+_GAP_BLOCKS = 3
 
 
 def _lookup(keys: np.ndarray, rows: np.ndarray, uq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -234,11 +240,16 @@ def _lookup_blocks(spill: tuple, fence: np.ndarray, uq: np.ndarray) -> tuple[np.
     bk, br = np.empty(0, np.uint64), np.empty(0, np.int64)
     for lo, hi in equal_runs(step):
         blocks = np.unique(gather_runs(np.arange(len(fence)), b_lo[lo:hi], b_hi[lo:hi] - b_lo[lo:hi] + 1))
-        if len(bk) < len(blocks) * _BLOCK:
-            bk, br = np.empty(len(blocks) * _BLOCK, np.uint64), np.empty(len(blocks) * _BLOCK, np.int64)
+        # one pread per stretch of blocks, gaps of up to _GAP_BLOCKS unneeded blocks read through (a
+        # syscall costs more than copying them); the blocks read stay a sorted piece of the run
+        cut = np.flatnonzero(np.diff(blocks) > _GAP_BLOCKS + 1) + 1
+        spans = [(int(blocks[a]) * _BLOCK, min((int(blocks[b - 1]) + 1) * _BLOCK, len(keys)))
+                 for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(blocks)])]
+        need = sum(b - a for a, b in spans)
+        if len(bk) < need:
+            bk, br = np.empty(need, np.uint64), np.empty(need, np.int64)
         filled = 0
-        for a, b in equal_runs(blocks - np.arange(len(blocks))):  # one pread per stretch of adjacent blocks
-            start, stop = int(blocks[a]) * _BLOCK, min((int(blocks[b - 1]) + 1) * _BLOCK, len(keys))
+        for start, stop in spans:
             keys.read(start, stop, bk[filled : filled + stop - start])
             rows.read(start, stop, br[filled : filled + stop - start])
             filled += stop - start
