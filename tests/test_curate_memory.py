@@ -145,3 +145,31 @@ def test_exact_keys_are_decided_across_batches_and_within_one(tmp_path):
         got += dedup.exact_dups(outs)
     assert got == [i >= 700 for i in range(3000)]
     dedup.close()
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from cpt_megatron.runtime.procs import keep_freed_heap
+ok = keep_freed_heap() if sys.argv[1] == "1" else None
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(200):
+    a = np.ones(1 << 17)  # 1 MiB temporaries, as the curation loop makes
+    del a
+print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_heap_stops_a_page_fault_per_page_of_every_temporary():
+    def faults(on: str) -> tuple[str, int]:
+        p = subprocess.run([sys.executable, "-c", _FAULTS, on], capture_output=True, text=True, cwd=REPO,
+                           env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+        assert p.returncode == 0, p.stderr
+        ok, n = p.stdout.split()
+        return ok, int(n)
+
+    (_, plain), (ok, kept) = faults("0"), faults("1")
+    assert ok == "True"
+    assert plain > 200 * 200  # each 1 MiB temporary: a fresh map, 256 faulted pages
+    assert kept < 1000, (plain, kept)

@@ -45,7 +45,9 @@ def register(subparsers) -> None:
 
 def run(args) -> dict:
     from cpt_megatron.curate import curate, load_config
+    from cpt_megatron.runtime.procs import keep_freed_heap
 
+    keep_freed_heap()  # this process and its workers loop over array temporaries
     overrides: dict = {}
     if args.stages:
         overrides["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
