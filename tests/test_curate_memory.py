@@ -153,9 +153,9 @@ import numpy as np
 from cpt_megatron.runtime.procs import keep_freed_heap
 ok = keep_freed_heap() if sys.argv[1] == "1" else None
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(200):
-    a = np.ones(1 << 17)  # 1 MiB temporaries, as the curation loop makes
-    del a
+for i in range(200):
+    a = np.ones((1 << 17) + 512 * i)  # 1 MiB temporaries, each a little bigger (glibc's dynamic threshold
+    del a  # then maps every one afresh), as the curation loop's batches make
 print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
