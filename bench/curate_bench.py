@@ -3,7 +3,7 @@ corpus, decisions checked against exact Jaccard.
 
     python bench/curate_bench.py [--corpus ../shared/data/domain/medquad_qa.txt --sep '^# '] [--json]
     # whole processes: `cpt curate` (near-dup stage only) vs datatrove 0.10.1's MinHash pipeline, -j 1 and 2
-    python bench/curate_bench.py --processes [--workers 1,2] [--repeat 3] [--tools ours,ours-bands,datatrove]
+    python bench/curate_bench.py --processes [--workers 1,2] [--repeat 3] [--tools ours,ours-bands,datatrove,tutorial]
     python bench/curate_bench.py --processes --corpus ../shared/data/domain/cuad_contracts.txt --sep '\n' --min-words 30
 
 Every method gets the raw documents and returns the set it removes at threshold 0.8 (a removed document
@@ -19,7 +19,8 @@ is never inserted, so "earlier kept document" is the semantics everywhere); shin
 corpus cut into contiguous runs, not timed): ours is `tools/curate.py --stages minhash_dedup -j W`
 (reads, decides, writes gzip shards and report.json), datatrove is its 4-stage MinHash example
 (signatures, buckets, cluster, filter; `LocalPipelineExecutor` with W tasks/workers, 5-gram shingles,
-`--dt-buckets` x `--dt-rows`, default 12 x 10: ~0.78 target, without writing the kept documents). Wall
+`--dt-buckets` x `--dt-rows`, default 12 x 10: ~0.78 target, without writing the kept documents), and
+`tutorial` is the tutorial loop below in a process of its own (reads the JSONL; once, at -j 1). Wall
 time and peak RSS of the largest process (`/usr/bin/time`: the process and the workers it reaped) per run, runs
 alternated, the fastest of `--repeat` counts; removed ids scored against the same brute-force truth.
 Ground truth: exact Jaccard greedy over ALL earlier kept documents (brute force, with the size bound).
@@ -160,10 +161,18 @@ def datatrove_child(inp: Path, work: Path, workers: int, buckets: int, rows: int
     flt.run()
 
 
+def tutorial_child(inp: Path, work: Path, thr: float) -> None:
+    """The datasketch tutorial loop as a process of its own: reads the JSONL files, writes the removed ids."""
+    docs = [json.loads(line) for f in sorted(inp.glob("part-*.jsonl")) for line in open(f)]
+    removed = tutorial([d["text"] for d in docs], thr)
+    (work / "removed.txt").write_text("".join(f"{docs[i]['id']}\n" for i in sorted(removed)))
+
+
 def processes(docs: list[str], truth: set[int], workers: list[int], repeat: int, buckets: int, rows: int,
-              tools: tuple[str, ...] = ("ours", "datatrove")) -> dict:
-    """Whole-process runs of `tools` (ours, ours-bands: `candidates: bands`, datatrove), alternated; the
-    fastest of `repeat` per (tool, workers)."""
+              tools: tuple[str, ...] = ("ours", "datatrove"), thr: float = 0.8) -> dict:
+    """Whole-process runs of `tools` (ours, ours-bands: `candidates: bands`, datatrove, tutorial: the
+    datasketch tutorial loop, one process, run once at -j 1: ~25 s), alternated; the fastest of `repeat` per
+    (tool, workers)."""
     repo = Path(__file__).resolve().parents[1]
     rows_out: dict = {}
     with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:
@@ -182,8 +191,13 @@ def processes(docs: list[str], truth: set[int], workers: list[int], repeat: int,
         for r in range(repeat):
             for w in workers:
                 for tool in tools:
+                    if tool == "tutorial" and (w != 1 or r):
+                        continue
                     out = tmp / f"{tool}-{w}-{r}"
-                    if tool.startswith("ours"):
+                    if tool == "tutorial":
+                        cmd = [sys.executable, __file__, "--tutorial-child", str(tmp / f"in{w}"), str(out), str(thr)]
+                        out.mkdir()
+                    elif tool.startswith("ours"):
                         cmd = [sys.executable, str(repo / "tools/curate.py"), "-i", str(tmp / f"in{w}"), "-o", str(out),
                                "--stages", "minhash_dedup", "-j", str(w), "-c", str(tmp / f"{tool}.yaml")]
                     else:
@@ -193,6 +207,8 @@ def processes(docs: list[str], truth: set[int], workers: list[int], repeat: int,
                     wall, rss, cpu = _run_process(cmd, repo)
                     if tool.startswith("ours"):
                         removed = _ours_removed(out)
+                    elif tool == "tutorial":
+                        removed = {int(x) for x in (out / "removed.txt").read_text().split()}
                     else:
                         kept = {int(x) for f in out.glob("kept-*.txt") for x in f.read_text().split()}
                         removed = set(range(len(docs))) - kept
@@ -222,6 +238,10 @@ def processes(docs: list[str], truth: set[int], workers: list[int], repeat: int,
         if dt and us:
             print(f"-j {w}: datatrove / ours = {dt['wall_s'] / us['wall_s']:.2f}x wall (min), "
                   f"{dt['median_wall_s'] / us['median_wall_s']:.2f}x (median), {dt['min_cpu_s'] / us['min_cpu_s']:.2f}x CPU")
+    tu, us = rows_out.get("tutorial -j 1"), rows_out.get("ours -j 1")
+    if tu and us:
+        print(f"-j 1: tutorial loop / ours = {tu['wall_s'] / us['wall_s']:.1f}x wall (ours fastest of {repeat}), "
+              f"{tu['cpu_s'] / us['min_cpu_s']:.1f}x CPU")
     return rows_out
 
 
@@ -295,11 +315,15 @@ def main() -> None:
     ap.add_argument("--min-words", type=int, default=0, help="keep documents of at least N words (CUAD paragraphs: 30)")
     ap.add_argument("--processes", action="store_true", help="whole processes: cpt curate vs datatrove")
     ap.add_argument("--workers", default="1,2", help="--processes: worker counts")
-    ap.add_argument("--tools", default="ours,datatrove", help="--processes: of ours, ours-bands, datatrove")
+    ap.add_argument("--tools", default="ours,datatrove", help="--processes: of ours, ours-bands, datatrove, tutorial")
     ap.add_argument("--dt-buckets", type=int, default=12)
     ap.add_argument("--dt-rows", type=int, default=10)
     ap.add_argument("--datatrove-child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--tutorial-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tutorial_child:
+        inp, work, thr = args.tutorial_child
+        return tutorial_child(Path(inp), Path(work), float(thr))
     if args.datatrove_child:
         inp, work, w, b, r = args.datatrove_child
         return datatrove_child(Path(inp), Path(work), int(w), int(b), int(r))
@@ -314,7 +338,7 @@ def main() -> None:
     print(f"exact Jaccard >= {thr} to an earlier kept document (brute force): {len(truth)}")
     if args.processes:
         rows = processes(docs, truth, [int(w) for w in args.workers.split(",")], max(1, args.repeat),
-                         args.dt_buckets, args.dt_rows, tuple(args.tools.split(",")))
+                         args.dt_buckets, args.dt_rows, tuple(args.tools.split(",")), thr)
         if args.json:
             print(json.dumps({"docs": len(docs), "exact_truth": len(truth), "rows": rows}))
         return
