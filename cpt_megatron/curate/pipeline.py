@@ -35,7 +35,7 @@ from cpt_megatron.utils import atomic_dir, write_json
 
 __all__ = ["curate", "CurateResult"]
 
-GZIP_LEVEL = 6  # output shards
+GZIP_LEVEL = 4  # output shards (`_ShardWriter._open`: 2.5x less CPU than 6 for 7% more bytes)
 _BATCH = 256
 _MAX_MALFORMED_LISTED = 100
 _REJECT_TEXT_CHARS = 4000
@@ -358,7 +358,9 @@ class _ShardWriter:
             self._buf, self._buf_bytes = [], 0
 
     def _open(self, path: Path) -> None:
-        # level 6, gzip's and pigz's default (Python's 9 costs ~2x the CPU for ~1% smaller shards)
+        # level 4 (GZIP_LEVEL): measured on the kept text of CUAD paragraphs / MedQuAD (26 / 22 MB), zlib's
+        # 6 (gzip's default) costs 2.5-2.7x the CPU (0.75 vs 0.28 s / 0.55 vs 0.22 s) for 6-7% smaller
+        # shards, 9 more still: with 2 workers on 2 cores that CPU is taken from the decisions
         self._f = gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0, compresslevel=GZIP_LEVEL)
 
     def _write(self, data: bytes) -> None:
