@@ -516,6 +516,29 @@ def test_workers_1_and_2_byte_identical(tmp_path, shared_data):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
 
 
+
+def test_worker_ships_kept_text_once_and_rejected_samples_keep_it(tmp_path):
+    """A worker drops a kept document's text once its output line holds it (pickled once, not twice);
+    the samples of documents the parent removes later (exact and near duplicates) still hold their text,
+    cut at 4000 characters, with 1 and 2 workers."""
+    from cpt_megatron.curate.pipeline import _Worker
+
+    base = " ".join(f"word{i}" for i in range(900))  # 7,000+ characters
+    near = base.replace("word7 ", "changed ")
+    docs = [base, base, near, " ".join(f"other{i}" for i in range(60))]
+    _write_jsonl(tmp_path / "in.jsonl", [{"id": str(i), "text": d} for i, d in enumerate(docs)])
+    cfg = load_config(overrides={"stages": ["normalize", "exact_dedup", "minhash_dedup"], "rejected_samples": 10})
+    outs = _Worker(cfg).run(list(read_documents([tmp_path / "in.jsonl"])))
+    assert [o.text for o in outs] == [None] * 4
+    assert [json.loads(o.line)["text"] for o in outs] == docs and [o.length for o in outs] == list(map(len, docs))
+    for w in (1, 2):
+        res = curate([tmp_path / "in.jsonl"], tmp_path / f"w{w}", cfg, workers=w)
+        assert res.removed["exact_dedup"] == res.removed["minhash_dedup"] == 1
+        exact = _read_out(tmp_path / f"w{w}", "rejected/exact_dedup-*.jsonl.gz")
+        near_dup = _read_out(tmp_path / f"w{w}", "rejected/minhash_dedup-*.jsonl.gz")
+        assert [r["text"] for r in exact] == [base[:4000]] and [r["text"] for r in near_dup] == [near[:4000]]
+        assert res.report["stages"]["minhash_dedup"]["chars_in"] == len(base) + len(near) + len(docs[3])
+
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
     exe = shutil.which("redis-server")
