@@ -141,6 +141,10 @@ def test_shingle_hashes_equal_reference_definition():
             ref = sorted({shingle_hash_reference(s, seed=3) for s in shingles(t, 5, lower)})
             assert values[offsets[k] : offsets[k + 1]].tolist() == ref, (k, lower)
     assert shingles("w1" + ws + "w2") == [("w1", "w2")] and shingles(" \n ") == []
+    for end in ("\u00a0", "\x85", "\u3000"):  # a multi-byte whitespace as the batch's last bytes
+        values, offsets = shingle_hashes(["a b", "c d e f g h" + end], 5, seed=3)
+        assert values[offsets[1] :].tolist() == sorted({shingle_hash_reference(s, seed=3) for s in shingles("c d e f g h")})
+    values, offsets = shingle_hashes(texts, 5, True, seed=3)
     assert jaccard(values[offsets[0] : offsets[1]], values[offsets[-2] : offsets[-1]]) == 1.0
 
 
