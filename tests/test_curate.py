@@ -544,6 +544,25 @@ def test_worker_ships_kept_text_once_and_rejected_samples_keep_it(tmp_path):
         assert res.report["stages"]["minhash_dedup"]["chars_in"] == len(base) + len(near) + len(docs[3])
 
 
+def test_worker_result_pickles_as_constructor_arguments():
+    """A worker's per-document result crosses to the parent as its constructor's arguments (the slots
+    dataclass default measured 2.7x slower to unpickle): every field survives the round trip."""
+    import dataclasses
+    import pickle
+    from collections import Counter
+
+    from cpt_megatron.curate.pipeline import _Out
+
+    values = {f.name: f"v-{f.name}" for f in dataclasses.fields(_Out)}
+    values.update(position=7, length=11, chars=[("normalize", 12, 11)], changes=Counter(nfc=2),
+                  shingles=np.arange(3, dtype=np.uint64), line=b'{"text": "x"}\n', uid=5)
+    o = _Out(**values)
+    back = pickle.loads(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL))
+    for f in dataclasses.fields(_Out):
+        got, want = getattr(back, f.name), getattr(o, f.name)
+        assert (got == want).all() if isinstance(want, np.ndarray) else got == want, f.name
+    assert _Out.__reduce__(o)[0] is _Out
+
 def test_progress_bar_redraws_at_most_every_half_second(monkeypatch, capsys):
     """A redraw per batch cost ~3% of a run's CPU: the bar appears at the first redraw, 0.5 s in, then
     redraws at most every 0.5 s, and once more (the final counts) when it closes."""

@@ -72,6 +72,14 @@ class _Out:
     pii: Counter | None = None
     uid: int | None = None  # the distributed executor's id of a live document (curate/distributed.py)
 
+    def __reduce__(self):
+        # pickled as the constructor's arguments: the slots dataclass default (`__setstate__` sets each field
+        # in Python) measured 2.7x slower to load in the parent (30,000 CUAD paragraphs: 0.123 vs 0.045 s)
+        return _Out, tuple(getattr(self, f) for f in _OUT_FIELDS)
+
+
+_OUT_FIELDS = tuple(f.name for f in dataclasses.fields(_Out))
+
 
 @dataclasses.dataclass
 class CurateResult:
