@@ -695,8 +695,10 @@ class NearDupIndex:
         self.cfg = cfg
         self.bands, self.rows = lsh_params(cfg.threshold, cfg.num_perm)
         # under a memory budget a 1 MiB probe bitmap (more probes pass it; the same candidates) instead of 4
-        self.prefix = PrefixIndex(cfg.threshold, bitmap_bits=25 if resident_bytes is None else 23,
-                                  folder=workdir) if uses_prefix(cfg, lsh_url) else None
+        # its runs: in memory up to a quarter of the resident share (all of them without a budget)
+        self.prefix = PrefixIndex(cfg.threshold, bitmap_bits=25 if resident_bytes is None else 23, folder=workdir,
+                                  resident_bytes=1 << 62 if resident_bytes is None else resident_bytes // 4) \
+            if uses_prefix(cfg, lsh_url) else None
         self.stats = NearDupStats(cfg, self.bands, self.rows, "prefix" if self.prefix is not None else "bands")
         # the kept documents' state lives in nameless memory-mapped files (spill.py); above
         # `resident_bytes` (None: never) their mapped pages are released after every batch

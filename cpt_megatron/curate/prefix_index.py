@@ -85,9 +85,9 @@ class PrefixIndex:
 
     FIXED_BYTES = 2 * (1 << 21) + (1 << 20)  # the count slots and the budgeted (23-bit) bitmap, allocated up front
 
-    SPILL_ENTRIES = 1 << 13  # merged runs this long live in nameless memory-mapped files (`release()` drops their pages)
-
-    def __init__(self, threshold: float, count_bits: int = 21, bitmap_bits: int = 25, folder: str | None = None):
+    def __init__(self, threshold: float, count_bits: int = 21, bitmap_bits: int = 25, folder: str | None = None,
+                 resident_bytes: int = 1 << 62):
+        """resident_bytes: merged runs bigger than this go to nameless temp files (`spill.SortedBands`)."""
         from cpt_megatron.curate.spill import SortedBands, SpillArray
 
         self.t = threshold
@@ -96,7 +96,7 @@ class PrefixIndex:
         self._bit_shift = np.uint64(64 - bitmap_bits)
         self._bitmap = np.zeros(1 << (bitmap_bits - 3), np.uint8)
         # sorted (hash, row) runs, merged geometrically and streaming (16 bytes per P entry, spilled)
-        self._runs = SortedBands(folder, 16 * self.SPILL_ENTRIES)
+        self._runs = SortedBands(folder, resident_bytes)
         self._sizes = SpillArray(np.int64, 1, folder)  # |y| of indexed row y
         self._n = 0  # rows indexed (kept documents)
         self._empty_row = -1  # the first kept empty set
