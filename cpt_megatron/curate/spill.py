@@ -43,10 +43,10 @@ def rss_mib() -> float:
 
 
 def map_sparse(mm: mmap.mmap) -> None:
-    """Fault this mapping in page by page (MADV_RANDOM). Spilled data is read and written sparsely, and
-    where the page cache holds large folios (ext4 since Linux 6.16) one touched page would otherwise map
-    its whole folio into the resident set: measured 212 KiB per sparse write fault, and a budgeted run
-    5 MiB over its budget."""
+    """No readahead for this mapping (MADV_RANDOM): a touched page maps at most the kernel's fault-around
+    window (64 KiB). Spilled data is read sparsely, and where the page cache holds large folios (ext4
+    since Linux 6.16) a fault would otherwise map a whole folio into the resident set (measured: 212 KiB
+    per sparse write fault)."""
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)
 
