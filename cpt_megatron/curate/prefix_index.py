@@ -15,15 +15,15 @@ y, at most |y| - m(y) of them outside P(y), so x holds >= i_min - |y| + m(y) shi
 Counts: `count_bits` hashed slots (uint16, saturating; 2^21 = 4 MiB) of every document checked so far, in input
 order: the same choice one document at a time or a batch at a time. A collision only makes a shingle
 look commoner; the candidates stay complete. Index: sorted runs of (shingle hash, row), merged
-geometrically and streaming (`spill.SortedBands`, spilled to disk), behind a bitmap of the indexed hashes' top bits (2^25 bits = 4 MiB) so
-that most of a probe's shingles never reach a binary search.
+geometrically and streaming (`spill.SortedBands`, spilled to disk), behind a bitmap of the indexed hashes'
+top bits (2^25 bits = 4 MiB) so that most of a probe's shingles never reach a binary search.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from cpt_megatron.utils import gather_runs
+from cpt_megatron.curate.spill import SortedBands, SpillArray, sorted_lookup
 
 __all__ = ["PrefixIndex", "prefix_sizes"]
 
@@ -42,14 +42,11 @@ def _min_overlap(sx: np.ndarray, sy: np.ndarray, t: float) -> np.ndarray:
 
 
 def _probe(keys: np.ndarray, rows: np.ndarray, q: np.ndarray, qdoc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(qdoc, row) for every (q[i], row) entry of the sorted run (keys, rows) with keys == q[i]."""
+    """(qdoc, row) for every (q[i], row) entry of the sorted run (keys, rows) with keys == q[i] (q sorted)."""
     if len(keys) == 0 or len(q) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    lo = np.searchsorted(keys, q, "left")
-    hit = np.flatnonzero(keys[np.minimum(lo, len(keys) - 1)] == q)
-    lo, q = lo[hit], q[hit]
-    n = np.searchsorted(keys, q, "right") - lo
-    return np.repeat(qdoc[hit], n), gather_runs(rows, lo, n)
+    n, got = sorted_lookup(keys, rows, q)
+    return np.repeat(qdoc, n), got
 
 
 def _pairs_with_hits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,8 +85,6 @@ class PrefixIndex:
     def __init__(self, threshold: float, count_bits: int = 21, bitmap_bits: int = 25, folder: str | None = None,
                  resident_bytes: int = 1 << 62):
         """resident_bytes: merged runs bigger than this go to nameless temp files (`spill.SortedBands`)."""
-        from cpt_megatron.curate.spill import SortedBands, SpillArray
-
         self.t = threshold
         self._count_shift = np.uint64(64 - count_bits)
         self._counts = np.zeros(1 << count_bits, np.uint16)  # saturating

@@ -25,7 +25,7 @@ import numpy as np
 
 from cpt_megatron.utils import equal_runs, gather_runs
 
-__all__ = ["Budget", "SpillArray", "SpillBytes", "SortedBands", "map_sparse", "rss_mib"]
+__all__ = ["Budget", "SpillArray", "SpillBytes", "SortedBands", "map_sparse", "rss_mib", "sorted_lookup"]
 
 _MIB = 1 << 20
 # what a run adds beyond its working sizes: library code pages first run after the budget is set
@@ -210,8 +210,9 @@ _READ_BLOCKS = 32  # needed blocks read per query step (256 KiB of keys and rows
 _GAP_BLOCKS = 3
 
 
-def _lookup(keys: np.ndarray, rows: np.ndarray, uq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(entries equal to each sorted needle, their rows needle after needle) in a sorted run in memory."""
+def sorted_lookup(keys: np.ndarray, rows: np.ndarray, uq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(entries equal to each needle, their rows needle after needle) in a sorted run in memory; the
+    needles sorted (repeats allowed)."""
     lo = np.searchsorted(keys, uq, "left")
     n = np.zeros(len(uq), np.int64)
     found = np.flatnonzero(keys[np.minimum(lo, len(keys) - 1)] == uq)  # most needles are in no run
@@ -222,7 +223,7 @@ def _lookup(keys: np.ndarray, rows: np.ndarray, uq: np.ndarray) -> tuple[np.ndar
 
 
 def _lookup_blocks(spill: tuple, fence: np.ndarray, uq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`_lookup` in a spilled run, reading only its blocks that can hold a needle: needle u's entries lie
+    """`sorted_lookup` in a spilled run, reading only its blocks that can hold a needle: needle u's entries lie
     in blocks [b_lo, b_hi] (fence[b_lo] < u <= ... , fence[b_hi] <= u), contiguous, so the blocks read,
     in order, form a sorted array in which u's entries are as contiguous as in the run."""
     keys, rows = spill
@@ -253,7 +254,7 @@ def _lookup_blocks(spill: tuple, fence: np.ndarray, uq: np.ndarray) -> tuple[np.
             keys.read(start, stop, bk[filled : filled + stop - start])
             rows.read(start, stop, br[filled : filled + stop - start])
             filled += stop - start
-        m, r = _lookup(bk[:filled], br[:filled], uq[live[lo:hi]])
+        m, r = sorted_lookup(bk[:filled], br[:filled], uq[live[lo:hi]])
         n[live[lo:hi]] = m
         got.append(r)  # a copy (fancy indexing)
     return n, np.concatenate(got)
@@ -287,7 +288,7 @@ class SortedBands:
             if len(rk) == 0:
                 continue
             # n[i]: the run's entries equal to needle i; got: their rows, needle after needle
-            n, got = _lookup(rk, rr, uq) if sp is None else _lookup_blocks(sp, fence, uq)
+            n, got = sorted_lookup(rk, rr, uq) if sp is None else _lookup_blocks(sp, fence, uq)
             hit = np.flatnonzero(n[inv])  # positions in the query (document * width + band)
             if len(hit) == 0:
                 continue
